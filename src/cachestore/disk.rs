@@ -1,0 +1,531 @@
+//! The local disk cache: one file per chunk under `<dir>/chunks/<xx>/<yy>/<chunk id hex>`.
+//!
+//! A file is a header followed by the chunk's bytes. The header repeats the key fields (so a
+//! foreign file at a colliding path is detected), the data length, and a CRC32C per 64 KiB block,
+//! and ends with its own CRC. A read verifies only the blocks it touches, so a 4 KiB read of a
+//! cached 8 MiB chunk reads 64 KiB, not 8 MiB, and still never serves a corrupt byte: any
+//! mismatch, truncation or foreign header makes the file a miss and it is removed.
+//!
+//! Writes go to `<dir>/tmp/` and are renamed into place, so a crash leaves only temp files,
+//! which are swept at start. An in-memory LRU index of the files bounds the total size; it is
+//! rebuilt at start from the files themselves, ordered by modification time.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::{Bytes, BytesMut};
+use lru::LruCache;
+
+use crate::chunk::{ChunkId, ChunkKey};
+use crate::metrics::Metrics;
+
+const MAGIC: &[u8; 8] = b"ORCACHK1";
+const BLOCK: u64 = 64 << 10;
+/// Enough for the fixed fields and typical key names; longer headers take a second read.
+const FIRST_READ: usize = 4096;
+const MAX_HEADER: u64 = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("cache I/O error at {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DiskError + '_ {
+    move |source| DiskError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+pub struct DiskStore {
+    root: PathBuf,
+    max_bytes: u64,
+    index: Mutex<Index>,
+    metrics: Arc<Metrics>,
+}
+
+struct Index {
+    lru: LruCache<ChunkId, u64>,
+    bytes: u64,
+}
+
+/// What start-up found in the cache directory.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ScanReport {
+    pub chunks: u64,
+    pub bytes: u64,
+    pub temp_removed: u64,
+    pub orphans_removed: u64,
+}
+
+impl DiskStore {
+    /// Opens (creating) the cache at `root`, sweeps temp files and orphans, and indexes the chunks.
+    pub fn open(root: &Path, max_bytes: u64, metrics: Arc<Metrics>) -> Result<(DiskStore, ScanReport), DiskError> {
+        for sub in ["chunks", "tmp"] {
+            let p = root.join(sub);
+            fs::create_dir_all(&p).map_err(io_err(&p))?;
+        }
+        let store = DiskStore {
+            root: root.to_owned(),
+            max_bytes,
+            index: Mutex::new(Index {
+                lru: LruCache::unbounded(),
+                bytes: 0,
+            }),
+            metrics,
+        };
+        let report = store.scan()?;
+        store.evict_to_fit(0);
+        Ok((store, report))
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Bytes held, as the index counts them.
+    pub fn used_bytes(&self) -> u64 {
+        self.lock().bytes
+    }
+
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.lock().lru.contains(id)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Index> {
+        // A panic while holding the index lock leaves plain data behind; keep going.
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn path_of(&self, id: &ChunkId) -> PathBuf {
+        let hex = id.to_hex();
+        self.root
+            .join("chunks")
+            .join(&hex[0..2])
+            .join(&hex[2..4])
+            .join(hex)
+    }
+
+    /// Reads `len` bytes at `offset` inside the chunk; `Ok(None)` on a miss (absent, or found bad
+    /// and removed).
+    pub fn read(&self, key: &ChunkKey, offset: u64, len: u64) -> Result<Option<Bytes>, DiskError> {
+        let id = key.id();
+        let path = self.path_of(&id);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Metrics::inc(&self.metrics.disk_misses);
+                return Ok(None);
+            }
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        match read_verified(&file, key, offset, len).map_err(io_err(&path))? {
+            Some(bytes) => {
+                self.lock().lru.promote(&id);
+                Metrics::inc(&self.metrics.disk_hits);
+                Metrics::add(&self.metrics.disk_bytes_read, bytes.len() as u64);
+                Ok(Some(bytes))
+            }
+            None => {
+                tracing::warn!(?key, path = %path.display(), "corrupt, truncated or foreign cache file: dropping it");
+                Metrics::inc(&self.metrics.disk_corrupt);
+                Metrics::inc(&self.metrics.disk_misses);
+                self.remove(&id);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Stores a complete chunk given as pieces: temp file, then rename into place.
+    pub fn write(&self, key: &ChunkKey, pieces: &[Bytes]) -> Result<(), DiskError> {
+        let id = key.id();
+        let data_len: u64 = pieces.iter().map(|p| p.len() as u64).sum();
+        let header = encode_header(key, data_len, &block_crcs(pieces, data_len));
+        let final_path = self.path_of(&id);
+        let tmp = self
+            .root
+            .join("tmp")
+            .join(format!("{}.{:016x}", id.to_hex(), fastrand::u64(..)));
+        let result = (|| {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&header)?;
+            for p in pieces {
+                f.write_all(p)?;
+            }
+            drop(f);
+            if let Some(dir) = final_path.parent() {
+                fs::create_dir_all(dir)?;
+            }
+            fs::rename(&tmp, &final_path)
+        })();
+        if let Err(e) = result {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err(&final_path)(e));
+        }
+        let file_bytes = header.len() as u64 + data_len;
+        {
+            let mut idx = self.lock();
+            if let Some(old) = idx.lru.put(id, file_bytes) {
+                idx.bytes -= old;
+            }
+            idx.bytes += file_bytes;
+        }
+        Metrics::inc(&self.metrics.disk_commits);
+        Metrics::add(&self.metrics.disk_bytes_written, data_len);
+        self.evict_to_fit(0);
+        Ok(())
+    }
+
+    fn remove(&self, id: &ChunkId) {
+        {
+            let mut idx = self.lock();
+            if let Some(size) = idx.lru.pop(id) {
+                idx.bytes -= size;
+            }
+        }
+        let _ = fs::remove_file(self.path_of(id));
+    }
+
+    /// Evicts least recently used chunks until `extra` more bytes fit under the bound.
+    fn evict_to_fit(&self, extra: u64) {
+        loop {
+            // Decide under the lock, unlink outside it.
+            let victim = {
+                let mut idx = self.lock();
+                if idx.bytes + extra <= self.max_bytes {
+                    return;
+                }
+                match idx.lru.pop_lru() {
+                    Some((id, size)) => {
+                        idx.bytes -= size;
+                        id
+                    }
+                    None => return,
+                }
+            };
+            let _ = fs::remove_file(self.path_of(&victim));
+            Metrics::inc(&self.metrics.disk_evictions);
+        }
+    }
+
+    /// Removes temp files (a crashed or interrupted writer's) and anything that is not a chunk
+    /// file, then indexes the chunk files oldest first.
+    fn scan(&self) -> Result<ScanReport, DiskError> {
+        let mut report = ScanReport {
+            temp_removed: self.sweep_temp(),
+            ..Default::default()
+        };
+        let mut found: Vec<(std::time::SystemTime, ChunkId, u64)> = Vec::new();
+        let chunks = self.root.join("chunks");
+        for l1 in read_dir_paths(&chunks) {
+            for l2 in read_dir_paths(&l1) {
+                for file in read_dir_paths(&l2) {
+                    let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                    let meta = fs::symlink_metadata(&file);
+                    match (ChunkId::from_hex(name), meta) {
+                        (Some(id), Ok(m)) if m.is_file() && self.path_of(&id) == file => {
+                            let mtime = m.modified().unwrap_or(std::time::UNIX_EPOCH);
+                            found.push((mtime, id, m.len()));
+                        }
+                        _ => {
+                            let _ = fs::remove_file(&file);
+                            report.orphans_removed += 1;
+                        }
+                    }
+                }
+            }
+        }
+        found.sort();
+        let mut idx = self.lock();
+        for (_, id, size) in found {
+            idx.lru.put(id, size);
+            idx.bytes += size;
+            report.chunks += 1;
+            report.bytes += size;
+        }
+        Ok(report)
+    }
+
+    /// Deletes every temp file; returns how many.
+    pub fn sweep_temp(&self) -> u64 {
+        let mut n = 0;
+        for p in read_dir_paths(&self.root.join("tmp")) {
+            if fs::remove_file(&p).is_ok() {
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+fn read_dir_paths(dir: &Path) -> Vec<PathBuf> {
+    match fs::read_dir(dir) {
+        Ok(rd) => rd.filter_map(|e| e.ok().map(|e| e.path())).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// CRC32C of each `BLOCK`-sized block of the data, computed across piece boundaries.
+fn block_crcs(pieces: &[Bytes], data_len: u64) -> Vec<u32> {
+    let mut crcs = Vec::with_capacity(data_len.div_ceil(BLOCK) as usize);
+    let mut crc = 0u32;
+    let mut in_block = 0u64;
+    for piece in pieces {
+        let mut rest: &[u8] = piece;
+        while !rest.is_empty() {
+            let take = ((BLOCK - in_block) as usize).min(rest.len());
+            crc = crc32c::crc32c_append(crc, &rest[..take]);
+            in_block += take as u64;
+            rest = &rest[take..];
+            if in_block == BLOCK {
+                crcs.push(crc);
+                crc = 0;
+                in_block = 0;
+            }
+        }
+    }
+    if in_block > 0 {
+        crcs.push(crc);
+    }
+    crcs
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn encode_header(key: &ChunkKey, data_len: u64, crcs: &[u32]) -> Vec<u8> {
+    let o = &key.object;
+    let mut h = Vec::with_capacity(128 + o.key.len() + crcs.len() * 4);
+    h.extend_from_slice(MAGIC);
+    h.extend_from_slice(&0u32.to_le_bytes()); // header length, patched below
+    h.extend_from_slice(&(BLOCK as u32).to_le_bytes());
+    h.extend_from_slice(&data_len.to_le_bytes());
+    h.extend_from_slice(&key.chunk_size.to_le_bytes());
+    h.extend_from_slice(&key.index.to_le_bytes());
+    for field in [&*o.origin_id, &*o.bucket, &*o.key, &*o.etag] {
+        put_str(&mut h, field);
+    }
+    h.extend_from_slice(&(crcs.len() as u32).to_le_bytes());
+    for c in crcs {
+        h.extend_from_slice(&c.to_le_bytes());
+    }
+    let total = (h.len() + 4) as u32;
+    h[8..12].copy_from_slice(&total.to_le_bytes());
+    let crc = crc32c::crc32c(&h);
+    h.extend_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// A parsed, checked header.
+struct Header {
+    len: u64,
+    data_len: u64,
+    crcs: Vec<u32>,
+}
+
+/// Cursor over header bytes; every getter fails (None) past the end.
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Some(a)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn str(&mut self) -> Option<&'a [u8]> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+}
+
+/// Parses and checks the header against the key; None if it is not this chunk's intact header.
+fn decode_header(bytes: &[u8], key: &ChunkKey) -> Option<Header> {
+    let mut c = Cursor(bytes);
+    if c.take(8)? != MAGIC {
+        return None;
+    }
+    let len = c.u32()? as usize;
+    if len < 12 || len > bytes.len() {
+        return None;
+    }
+    let stored_crc = u32::from_le_bytes(bytes[len - 4..len].try_into().ok()?);
+    if crc32c::crc32c(&bytes[..len - 4]) != stored_crc {
+        return None;
+    }
+    if c.u32()? as u64 != BLOCK {
+        return None;
+    }
+    let data_len = c.u64()?;
+    let o = &key.object;
+    let same = c.u64()? == key.chunk_size
+        && c.u64()? == key.index
+        && c.str()? == o.origin_id.as_bytes()
+        && c.str()? == o.bucket.as_bytes()
+        && c.str()? == o.key.as_bytes()
+        && c.str()? == o.etag.as_bytes()
+        && data_len == key.len();
+    if !same {
+        return None;
+    }
+    let n = c.u32()? as usize;
+    if n as u64 != data_len.div_ceil(BLOCK) {
+        return None;
+    }
+    let crcs = (0..n).map(|_| c.u32()).collect::<Option<Vec<u32>>>()?;
+    Some(Header {
+        len: len as u64,
+        data_len,
+        crcs,
+    })
+}
+
+/// Reads and checks the header, then only the blocks covering `[offset, offset+len)`.
+/// `Ok(None)`: the file is not an intact copy of this chunk.
+fn read_verified(file: &File, key: &ChunkKey, offset: u64, len: u64) -> io::Result<Option<Bytes>> {
+    let file_len = file.metadata()?.len();
+    let mut head = vec![0u8; FIRST_READ.min(file_len as usize)];
+    file.read_exact_at(&mut head, 0)?;
+    if head.len() >= 12 {
+        let want = u32::from_le_bytes(head[8..12].try_into().unwrap_or_default()) as u64;
+        if want > head.len() as u64 && want <= MAX_HEADER.min(file_len) {
+            head.resize(want as usize, 0);
+            file.read_exact_at(&mut head, 0)?;
+        }
+    }
+    let Some(h) = decode_header(&head, key) else {
+        return Ok(None);
+    };
+    if file_len != h.len + h.data_len {
+        return Ok(None);
+    }
+    let end = (offset + len).min(h.data_len);
+    if offset >= end {
+        return Ok(Some(Bytes::new()));
+    }
+    let first = offset / BLOCK;
+    let last = (end - 1) / BLOCK;
+    let span_start = first * BLOCK;
+    let span_end = ((last + 1) * BLOCK).min(h.data_len);
+    let mut buf = BytesMut::zeroed((span_end - span_start) as usize);
+    file.read_exact_at(&mut buf, h.len + span_start)?;
+    for (i, block) in buf.chunks(BLOCK as usize).enumerate() {
+        if crc32c::crc32c(block) != h.crcs[first as usize + i] {
+            return Ok(None);
+        }
+    }
+    let from = (offset - span_start) as usize;
+    let to = (end - span_start) as usize;
+    Ok(Some(buf.freeze().slice(from..to)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::ObjectVersion;
+
+    fn key(etag: &str, size: u64, chunk: u64, index: u64) -> ChunkKey {
+        ChunkKey::new(
+            Arc::new(ObjectVersion {
+                origin_id: "o".into(),
+                bucket: "b".into(),
+                key: "dir/file".into(),
+                etag: etag.into(),
+                size,
+            }),
+            chunk,
+            index,
+        )
+    }
+
+    fn data(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    fn store(dir: &Path, max: u64) -> DiskStore {
+        DiskStore::open(dir, max, Arc::default()).unwrap().0
+    }
+
+    #[test]
+    fn round_trip_any_range_across_pieces() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), 1 << 30);
+        let size = 3 * BLOCK as usize + 123;
+        let d = data(size);
+        let k = key("e", size as u64, 1 << 20, 0);
+        let pieces: Vec<Bytes> = d.chunks(10_000).map(Bytes::copy_from_slice).collect();
+        s.write(&k, &pieces).unwrap();
+        for (off, len) in [(0, size), (1, 5), (BLOCK as usize - 3, 10), (size - 1, 1), (100, 200_000)] {
+            let got = s.read(&k, off as u64, len as u64).unwrap().unwrap();
+            assert_eq!(&got[..], &d[off..(off + len).min(size)]);
+        }
+    }
+
+    #[test]
+    fn corrupt_truncated_or_foreign_is_a_miss() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), 1 << 30);
+        let size = 2 * BLOCK as usize;
+        let k = key("e", size as u64, 1 << 20, 0);
+        let path = s.path_of(&k.id());
+
+        s.write(&k, &[Bytes::from(data(size))]).unwrap();
+        let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(b"X", 5000 + BLOCK).unwrap();
+        assert!(s.read(&k, 0, 10).unwrap().is_some(), "untouched block still verifies");
+        assert!(s.read(&k, BLOCK, 10).unwrap().is_none(), "flipped byte detected");
+        assert!(!path.exists(), "bad file removed");
+
+        s.write(&k, &[Bytes::from(data(size))]).unwrap();
+        let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(f.metadata().unwrap().len() - 1).unwrap();
+        assert!(s.read(&k, 0, 10).unwrap().is_none(), "truncation detected");
+
+        // Another chunk's file copied to this chunk's path.
+        let other = key("other-etag", size as u64, 1 << 20, 0);
+        s.write(&other, &[Bytes::from(data(size))]).unwrap();
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::copy(s.path_of(&other.id()), &path).unwrap();
+        assert!(s.read(&k, 0, 10).unwrap().is_none(), "foreign header detected");
+
+        fs::write(&path, b"garbage").unwrap();
+        assert!(s.read(&k, 0, 10).unwrap().is_none());
+    }
+
+    #[test]
+    fn evicts_least_recently_used_and_reindexes_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = BLOCK as usize;
+        let s = store(dir.path(), 3 * (one as u64 + 200));
+        let keys: Vec<ChunkKey> = (0..4).map(|i| key("e", 4 * one as u64, one as u64, i)).collect();
+        for k in &keys[..3] {
+            s.write(k, &[Bytes::from(data(one))]).unwrap();
+        }
+        assert!(s.read(&keys[0], 0, 1).unwrap().is_some()); // 0 is now most recent
+        s.write(&keys[3], &[Bytes::from(data(one))]).unwrap();
+        assert!(s.read(&keys[1], 0, 1).unwrap().is_none(), "LRU victim gone");
+        assert!(s.read(&keys[0], 0, 1).unwrap().is_some());
+        assert!(s.used_bytes() <= 3 * (one as u64 + 200));
+
+        fs::write(dir.path().join("tmp/leftover"), b"half").unwrap();
+        drop(s);
+        let (s, report) = DiskStore::open(dir.path(), 1 << 30, Arc::default()).unwrap();
+        assert_eq!(report.chunks, 3);
+        assert_eq!(report.temp_removed, 1);
+        assert!(s.read(&keys[3], 0, 1).unwrap().is_some());
+    }
+}

@@ -1,0 +1,441 @@
+//! fs: the fuser adapter. Maps FUSE operations onto `namespace` (names, attributes) and `fetch`
+//! (bytes), and errors onto errno in one place ([`errno_of`]).
+//!
+//! Every operation that may touch the network is answered from a task on the tokio runtime, so
+//! the FUSE threads never wait on the network and a slow read never blocks other requests. The
+//! mount is read-only: everything that would change it answers EROFS.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
+};
+
+use crate::chunk::{ChunkKey, ObjectVersion};
+use crate::fetch::{Coordinator, FetchError};
+use crate::namespace::{Attr, Kind, Namespace, NsError};
+use crate::origin::OriginError;
+
+/// Largest read the kernel may send (and `max_read`).
+pub const MAX_READ: u32 = 1 << 20;
+/// Chunks prefetched ahead of a sequential reader.
+const READAHEAD_CHUNKS: u64 = 2;
+
+/// Ownership and permissions shown for every node.
+#[derive(Debug, Clone, Copy)]
+pub struct Presentation {
+    pub uid: u32,
+    pub gid: u32,
+    pub file_mode: u16,
+    pub dir_mode: u16,
+    pub ttl: Duration,
+}
+
+struct OpenFile {
+    object: Arc<ObjectVersion>,
+    ino: u64,
+    /// Where the last read ended, to tell sequential readers from random ones.
+    next_offset: AtomicU64,
+}
+
+type Handles = Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>;
+
+fn lock_handles(h: &Handles) -> MutexGuard<'_, HashMap<u64, Arc<OpenFile>>> {
+    h.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub struct OrcaFs {
+    ns: Arc<Namespace>,
+    fetch: Arc<Coordinator>,
+    rt: tokio::runtime::Handle,
+    show: Presentation,
+    origin_id: Arc<str>,
+    bucket: Arc<str>,
+    handles: Handles,
+    next_fh: AtomicU64,
+}
+
+/// The one place errors become errno.
+pub fn errno_of(e: &NsError) -> Errno {
+    match e {
+        NsError::NotFound => Errno::ENOENT,
+        NsError::UnknownInode(_) => Errno::ESTALE,
+        NsError::NotADirectory => Errno::ENOTDIR,
+        NsError::IsADirectory => Errno::EISDIR,
+        NsError::Origin(o) => errno_of_origin(o),
+    }
+}
+
+fn errno_of_origin(e: &OriginError) -> Errno {
+    match e {
+        OriginError::NotFound(_) => Errno::ENOENT,
+        OriginError::AccessDenied(_) => Errno::EACCES,
+        OriginError::EtagChanged { .. } => Errno::ESTALE,
+        OriginError::NoSuchBucket(_)
+        | OriginError::Unreachable(_)
+        | OriginError::Transient(_)
+        | OriginError::Other(_) => Errno::EIO,
+    }
+}
+
+fn errno_of_fetch(e: &FetchError) -> Errno {
+    match e {
+        FetchError::Origin(o) => errno_of_origin(o),
+        FetchError::Abandoned => Errno::EIO,
+    }
+}
+
+impl OrcaFs {
+    pub fn new(
+        ns: Arc<Namespace>,
+        fetch: Arc<Coordinator>,
+        rt: tokio::runtime::Handle,
+        show: Presentation,
+        origin_id: &str,
+        bucket: &str,
+    ) -> OrcaFs {
+        OrcaFs {
+            ns,
+            fetch,
+            rt,
+            show,
+            origin_id: origin_id.into(),
+            bucket: bucket.into(),
+            handles: Handles::default(),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    fn handles(&self) -> MutexGuard<'_, HashMap<u64, Arc<OpenFile>>> {
+        lock_handles(&self.handles)
+    }
+
+    fn file_attr(show: &Presentation, a: &Attr) -> FileAttr {
+        let (kind, perm, nlink) = match a.kind {
+            Kind::Dir => (FileType::Directory, show.dir_mode, 2),
+            Kind::File => (FileType::RegularFile, show.file_mode, 1),
+        };
+        FileAttr {
+            ino: INodeNo(a.ino),
+            size: a.size,
+            blocks: a.size.div_ceil(512),
+            atime: a.mtime,
+            mtime: a.mtime,
+            ctime: a.mtime,
+            crtime: a.mtime,
+            kind,
+            perm,
+            nlink,
+            uid: show.uid,
+            gid: show.gid,
+            rdev: 0,
+            blksize: 128 * 1024,
+            flags: 0,
+        }
+    }
+}
+
+impl Filesystem for OrcaFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_readahead(MAX_READ);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Some(name) = name.to_str().map(str::to_string) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let ns = self.ns.clone();
+        let show = self.show;
+        self.rt.spawn(async move {
+            match ns.lookup(parent.0, &name).await {
+                Ok(a) => reply.entry(&show.ttl, &Self::file_attr(&show, &a), Generation(0)),
+                Err(e) => {
+                    if !matches!(e, NsError::NotFound) {
+                        tracing::warn!(parent = parent.0, name, error = %e, "lookup failed");
+                    }
+                    reply.error(errno_of(&e))
+                }
+            }
+        });
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.ns.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let ns = self.ns.clone();
+        let show = self.show;
+        self.rt.spawn(async move {
+            match ns.getattr(ino.0).await {
+                Ok(a) => reply.attr(&show.ttl, &Self::file_attr(&show, &a)),
+                Err(e) => reply.error(errno_of(&e)),
+            }
+        });
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
+            return reply.error(Errno::EROFS);
+        }
+        let ns = self.ns.clone();
+        let (origin_id, bucket) = (self.origin_id.clone(), self.bucket.clone());
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let handles = self.handles.clone();
+        self.rt.spawn(async move {
+            match ns.open(ino.0).await {
+                Ok(o) => {
+                    let object = Arc::new(ObjectVersion {
+                        origin_id,
+                        bucket,
+                        key: o.key.into(),
+                        etag: o.etag.into(),
+                        size: o.size,
+                    });
+                    lock_handles(&handles).insert(
+                        fh,
+                        Arc::new(OpenFile {
+                            object,
+                            ino: ino.0,
+                            next_offset: AtomicU64::new(0),
+                        }),
+                    );
+                    let flags = if o.keep_cache {
+                        FopenFlags::FOPEN_KEEP_CACHE
+                    } else {
+                        FopenFlags::empty()
+                    };
+                    reply.opened(FileHandle(fh), flags);
+                }
+                Err(e) => reply.error(errno_of(&e)),
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(file) = self.handles().get(&fh.0).cloned() else {
+            return reply.error(Errno::EBADF);
+        };
+        let fetch = self.fetch.clone();
+        let ns = self.ns.clone();
+        self.rt.spawn(async move {
+            readahead(&fetch, &file, offset, size as u64);
+            match fetch.read_object(&file.object, offset, size as u64).await {
+                Ok(bytes) => reply.data(&bytes),
+                Err(e) => {
+                    tracing::warn!(bucket = %file.object.bucket, key = %file.object.key, offset, error = %e, "read failed");
+                    if e.is_etag_changed() {
+                        ns.invalidate(file.ino);
+                    }
+                    reply.error(errno_of_fetch(&e))
+                }
+            }
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.handles().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, _ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        reply.opened(FileHandle(0), FopenFlags::empty());
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let ns = self.ns.clone();
+        self.rt.spawn(async move {
+            // Offsets: 1 = ".", 2 = "..", 3 + i = entry i. The listing is cached for the TTL,
+            // so the calls of one `readdir` pass see the same snapshot.
+            let entries = match ns.readdir(ino.0).await {
+                Ok(e) => e,
+                Err(e) => return reply.error(errno_of(&e)),
+            };
+            let parent = ns.parent_of(ino.0);
+            let dots = [(ino.0, "."), (parent, "..")];
+            for (i, (dino, name)) in dots.iter().enumerate().skip(offset as usize) {
+                if reply.add(INodeNo(*dino), i as u64 + 1, FileType::Directory, name) {
+                    return reply.ok();
+                }
+            }
+            let start = offset.saturating_sub(2) as usize;
+            for (i, e) in entries.iter().enumerate().skip(start) {
+                let kind = match e.kind {
+                    Kind::Dir => FileType::Directory,
+                    Kind::File => FileType::RegularFile,
+                };
+                if reply.add(INodeNo(e.ino), i as u64 + 3, kind, &e.name) {
+                    break;
+                }
+            }
+            reply.ok();
+        });
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        // An object store has no fixed capacity: report a large, full-looking volume, as other
+        // S3 mounts do, so `df` works and nothing tries to write.
+        const BLOCKS: u64 = 1 << 40;
+        reply.statfs(BLOCKS, 0, 0, 1 << 32, 0, 4096, 255, 4096);
+    }
+
+    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENODATA);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if size == 0 {
+            reply.size(0)
+        } else {
+            reply.data(&[])
+        }
+    }
+
+    // Everything below would change the bucket: the mount is read-only.
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mknod(&self, _r: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _d: u32, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mkdir(&self, _r: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn unlink(&self, _r: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rmdir(&self, _r: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn symlink(&self, _r: &Request, _p: INodeNo, _n: &OsStr, _t: &std::path::Path, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rename(
+        &self,
+        _r: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _np: INodeNo,
+        _nn: &OsStr,
+        _f: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn link(&self, _r: &Request, _i: INodeNo, _np: INodeNo, _nn: &OsStr, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn write(
+        &self,
+        _r: &Request,
+        _i: INodeNo,
+        _fh: FileHandle,
+        _o: u64,
+        _d: &[u8],
+        _wf: WriteFlags,
+        _f: OpenFlags,
+        _l: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn create(
+        &self,
+        _r: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _m: u32,
+        _u: u32,
+        _f: i32,
+        reply: ReplyCreate,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn setxattr(&self, _r: &Request, _i: INodeNo, _n: &OsStr, _v: &[u8], _f: i32, _p: u32, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn removexattr(&self, _r: &Request, _i: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+}
+
+/// Prefetches the next chunks when a read continues where the previous one ended.
+fn readahead(fetch: &Arc<Coordinator>, file: &OpenFile, offset: u64, size: u64) {
+    let expected = file.next_offset.swap(offset + size, Ordering::Relaxed);
+    let sequential = offset == expected || (offset == 0 && expected == 0);
+    if !sequential {
+        return;
+    }
+    let cs = fetch.chunk_size();
+    let this_chunk = offset / cs;
+    let last = file.object.size.div_ceil(cs);
+    for index in this_chunk + 1..=(this_chunk + READAHEAD_CHUNKS).min(last.saturating_sub(1)) {
+        fetch.prefetch(ChunkKey::new(file.object.clone(), cs, index));
+    }
+}

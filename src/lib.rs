@@ -1,0 +1,17 @@
+//! orcafs: mount an S3 bucket read-only through FUSE, fetching objects lazily in
+//! content-addressed chunks and caching them on local disk.
+//!
+//! The data path reads top to bottom: [`fs`] (FUSE adapter) → [`namespace`] (names) and
+//! [`fetch`] (bytes) → [`cachestore`] and [`origin`]. [`mount`] wires them together and
+//! [`cli`] is the command line.
+
+pub mod cachestore;
+pub mod chunk;
+pub mod cli;
+pub mod config;
+pub mod fetch;
+pub mod fs;
+pub mod metrics;
+pub mod mount;
+pub mod namespace;
+pub mod origin;

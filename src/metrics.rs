@@ -1,0 +1,59 @@
+//! metrics: every counter orcafs keeps, defined once by name, so no name is spelled twice.
+//!
+//! Plain atomics, cheap to bump from any thread. This module only counts; who reads the counters
+//! (the exit log line, `orcafs stats`, a future Prometheus endpoint) is not its business.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($name:ident: $help:literal,)*) => {
+        /// The process-wide counters.
+        #[derive(Debug, Default)]
+        pub struct Metrics { $(#[doc = $help] pub $name: AtomicU64,)* }
+
+        impl Metrics {
+            /// `(name, help, value)` for every counter, in definition order.
+            pub fn snapshot(&self) -> Vec<(&'static str, &'static str, u64)> {
+                vec![$((stringify!($name), $help, self.$name.load(Ordering::Relaxed)),)*]
+            }
+        }
+    };
+}
+
+counters! {
+    origin_get_requests: "ranged GETs sent to the origin",
+    origin_get_bytes: "body bytes received from origin GETs",
+    origin_get_retries: "origin GETs retried or resumed after a retryable failure",
+    origin_head_requests: "HEAD requests sent to the origin",
+    origin_list_requests: "ListObjectsV2 pages requested from the origin",
+    origin_errors: "origin requests that failed for good",
+    fills_started: "chunk fills started on this host",
+    fill_joins: "reads that joined a fill already in flight (singleflight)",
+    fills_failed: "chunk fills that failed and were not committed",
+    disk_hits: "chunk reads served from the local disk cache",
+    disk_misses: "chunk reads the local disk cache could not serve",
+    disk_bytes_read: "bytes served from the local disk cache",
+    disk_commits: "chunks written to the local disk cache",
+    disk_bytes_written: "bytes written to the local disk cache",
+    disk_evictions: "chunks evicted from the local disk cache",
+    disk_corrupt: "cache files found corrupt, truncated or foreign (dropped, refetched)",
+}
+
+impl Metrics {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One `name=value` line for logs.
+    pub fn summary(&self) -> String {
+        self.snapshot()
+            .iter()
+            .map(|(n, _, v)| format!("{n}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}

@@ -1,0 +1,276 @@
+//! mount: brings one configured mount to life and takes it down cleanly.
+//!
+//! Order matters: check the mount point, prove the bucket answers with these credentials, open
+//! the cache, and only then mount, so every bad input fails with one clear sentence and leaves no
+//! mount behind. SIGINT/SIGTERM and an external `umount` both end in the same shutdown: the FUSE
+//! session ends, in-flight commits get a few seconds, and temp files are swept.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{MountOption, SessionACL};
+
+use crate::cachestore::disk::DiskError;
+use crate::cachestore::DiskStore;
+use crate::config::Config;
+use crate::fetch::Coordinator;
+use crate::fs::{OrcaFs, Presentation, MAX_READ};
+use crate::metrics::Metrics;
+use crate::namespace::Namespace;
+use crate::origin::{OriginError, S3Origin};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("mount point {0} does not exist")]
+    MountpointMissing(PathBuf),
+    #[error("mount point {0} is not a directory")]
+    MountpointNotDir(PathBuf),
+    #[error("mount point {0} is already a mount point; unmount it first")]
+    AlreadyMounted(PathBuf),
+    #[error("cannot use mount point {path}: {source}")]
+    Mountpoint { path: PathBuf, source: io::Error },
+    #[error("bucket {bucket:?} does not exist at {endpoint}")]
+    NoSuchBucket { bucket: String, endpoint: String },
+    #[error("the origin at {endpoint} refused access to bucket {bucket:?} ({detail}); check the credentials")]
+    AccessDenied {
+        bucket: String,
+        endpoint: String,
+        detail: String,
+    },
+    #[error("cannot reach the origin at {endpoint}: {detail}")]
+    Unreachable { endpoint: String, detail: String },
+    #[error("checking bucket {bucket:?} at {endpoint} failed: {source}")]
+    Origin {
+        bucket: String,
+        endpoint: String,
+        source: OriginError,
+    },
+    #[error("cannot open the cache directory: {0}")]
+    Cache(#[from] DiskError),
+    #[error("FUSE mount at {path} failed: {source}")]
+    Fuse { path: PathBuf, source: io::Error },
+    #[error("cannot start the runtime: {0}")]
+    Runtime(io::Error),
+}
+
+/// Tells whoever started us (the detaching parent) that the mount is live or has failed.
+pub trait ReadyNotifier {
+    fn ready(&mut self);
+    fn failed(&mut self, _reason: &str) {}
+}
+
+/// Runs the mount until it is unmounted or signalled. Returns once it is down.
+pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountError> {
+    let mountpoint = check_mountpoint(&cfg.mountpoint)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("orcafs-io")
+        .build()
+        .map_err(MountError::Runtime)?;
+    let metrics = Arc::new(Metrics::default());
+
+    let origin = Arc::new(rt.block_on(S3Origin::new(&cfg, metrics.clone())));
+    rt.block_on(probe_origin(&cfg, &origin))?;
+
+    let (disk, scan) = DiskStore::open(&cfg.cache_dir, cfg.cache_max_size, metrics.clone())?;
+    tracing::info!(
+        dir = %cfg.cache_dir.display(),
+        chunks = scan.chunks,
+        bytes = scan.bytes,
+        temp_removed = scan.temp_removed,
+        orphans_removed = scan.orphans_removed,
+        "disk cache opened"
+    );
+    let disk = Arc::new(disk);
+    let fetch = Coordinator::new(
+        origin.clone(),
+        disk.clone(),
+        cfg.chunk_size,
+        cfg.origin_max_attempts,
+        metrics.clone(),
+    );
+    let ns = Arc::new(Namespace::new(
+        origin,
+        &cfg.prefix,
+        cfg.metadata_ttl,
+        cfg.negative_ttl,
+    ));
+    let show = Presentation {
+        uid: cfg.uid,
+        gid: cfg.gid,
+        file_mode: cfg.file_mode,
+        dir_mode: cfg.dir_mode,
+        ttl: cfg.metadata_ttl,
+    };
+    let fs = OrcaFs::new(ns, fetch, rt.handle().clone(), show, &cfg.origin_id, &cfg.bucket);
+
+    let mut session = fuser::Session::new(fs, &mountpoint, &fuse_config(&cfg)).map_err(|source| {
+        MountError::Fuse {
+            path: mountpoint.clone(),
+            source,
+        }
+    })?;
+    tracing::info!(bucket = %cfg.bucket, prefix = %cfg.prefix, mountpoint = %mountpoint.display(), "mounted");
+
+    let mut unmounter = session.unmount_callable();
+    rt.spawn(async move {
+        wait_for_stop_signal().await;
+        tracing::info!("signal received: unmounting");
+        if let Err(e) = unmounter.unmount() {
+            tracing::warn!(error = %e, "unmount after signal failed");
+        }
+    });
+    notifier.ready();
+
+    let result = session.run();
+    tracing::info!(metrics = %metrics.summary(), "unmounted");
+    // In-flight fills finish or are dropped; a commit cut short leaves only a temp file.
+    rt.shutdown_timeout(Duration::from_secs(5));
+    disk.sweep_temp();
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "FUSE session ended with an error");
+    }
+    Ok(())
+}
+
+async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn fuse_config(cfg: &Config) -> fuser::Config {
+    let mut c = fuser::Config::default();
+    c.mount_options = vec![
+        MountOption::FSName(format!("{}{}", cfg.bucket, slash_prefix(&cfg.prefix))),
+        MountOption::Subtype("orcafs".into()),
+        MountOption::RO,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::DefaultPermissions,
+        MountOption::CUSTOM(format!("max_read={MAX_READ}")),
+    ];
+    c.acl = if cfg.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    c.n_threads = Some(cfg.fuse_threads);
+    c.clone_fd = true;
+    c
+}
+
+fn slash_prefix(prefix: &str) -> String {
+    if prefix.is_empty() {
+        String::new()
+    } else {
+        format!("/{}", prefix.trim_end_matches('/'))
+    }
+}
+
+async fn probe_origin(cfg: &Config, origin: &S3Origin) -> Result<(), MountError> {
+    let endpoint = cfg
+        .endpoint_url
+        .clone()
+        .unwrap_or_else(|| "AWS S3".to_string());
+    let bucket = cfg.bucket.clone();
+    match origin.probe(&cfg.prefix).await {
+        Ok(()) => Ok(()),
+        Err(OriginError::NoSuchBucket(_)) => Err(MountError::NoSuchBucket { bucket, endpoint }),
+        Err(OriginError::AccessDenied(detail)) => Err(MountError::AccessDenied {
+            bucket,
+            endpoint,
+            detail,
+        }),
+        Err(OriginError::Unreachable(detail)) => Err(MountError::Unreachable {
+            endpoint,
+            detail: first_line(&detail),
+        }),
+        Err(source) => Err(MountError::Origin {
+            bucket,
+            endpoint,
+            source,
+        }),
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").to_string()
+}
+
+/// The mount point must exist, be a directory, and not be a mount point already.
+fn check_mountpoint(path: &Path) -> Result<PathBuf, MountError> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(MountError::MountpointMissing(path.to_owned()))
+        }
+        Err(source) => {
+            return Err(MountError::Mountpoint {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
+    if !meta.is_dir() {
+        return Err(MountError::MountpointNotDir(path.to_owned()));
+    }
+    let abs = path.canonicalize().map_err(|source| MountError::Mountpoint {
+        path: path.to_owned(),
+        source,
+    })?;
+    if is_mount_point(&abs) {
+        return Err(MountError::AlreadyMounted(abs));
+    }
+    Ok(abs)
+}
+
+/// Whether `abs` (canonical) is listed as a mount point in /proc/self/mountinfo.
+pub fn is_mount_point(abs: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = abs.to_string_lossy();
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|m| unescape_mountinfo(m) == want)
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo("/mnt/a\\040b"), "/mnt/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+        assert!(is_mount_point(Path::new("/")));
+        assert!(!is_mount_point(Path::new("/definitely/not/mounted/here")));
+    }
+}

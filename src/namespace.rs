@@ -1,0 +1,546 @@
+//! namespace: the directory tree seen through the mount. Inodes, lookups and listings built from
+//! HEAD and ListObjectsV2 (delimiter `/`), with positive and negative TTL caches.
+//!
+//! Directories are `/`-delimited prefixes; a name that is both an object and a prefix is shown as
+//! the directory. Keys that cannot be a path component (`.`, `..`, empty components, names over
+//! 255 bytes) are hidden. Inode numbers are a hash of the path (with collision probing), so a
+//! name keeps its number while mounted even after the kernel forgets it; nodes live only while the
+//! kernel holds a lookup reference (`forget` frees them), so memory does not grow with every name
+//! ever seen. Never holds its lock across a network call. Knows nothing of FUSE or chunks.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::origin::{ObjectMeta, OriginError, S3Origin};
+
+pub const ROOT_INO: u64 = 1;
+const MAX_NAME: usize = 255;
+const LIST_PAGE: i32 = 1000;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NsError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("unknown inode {0}")]
+    UnknownInode(u64),
+    #[error("not a directory")]
+    NotADirectory,
+    #[error("is a directory")]
+    IsADirectory,
+    #[error(transparent)]
+    Origin(#[from] OriginError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    File,
+}
+
+/// Attributes of one node, as FUSE needs them.
+#[derive(Debug, Clone)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub size: u64,
+    pub mtime: SystemTime,
+}
+
+/// One entry of a directory listing.
+#[derive(Debug, Clone)]
+pub struct DirEntry {
+    pub name: String,
+    pub ino: u64,
+    pub kind: Kind,
+    pub size: u64,
+    pub mtime: SystemTime,
+    pub etag: Option<String>,
+}
+
+/// The version of an object an open file pins.
+#[derive(Debug, Clone)]
+pub struct OpenedObject {
+    pub key: String,
+    pub etag: String,
+    pub size: u64,
+    /// The kernel may keep its page cache: this inode was last opened at the same ETag.
+    pub keep_cache: bool,
+}
+
+struct Node {
+    parent: u64,
+    name: String,
+    /// Object key of a file; prefix (empty or ending in `/`) of a directory.
+    path: String,
+    kind: Kind,
+    lookups: u64,
+    size: u64,
+    mtime: SystemTime,
+    etag: Option<String>,
+    fresh_until: Instant,
+    listing: Option<Listing>,
+    opened_etag: Option<String>,
+}
+
+struct Listing {
+    entries: Arc<Vec<DirEntry>>,
+    fresh_until: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    nodes: HashMap<u64, Node>,
+    by_name: HashMap<(u64, String), u64>,
+    negative: HashMap<(u64, String), Instant>,
+}
+
+pub struct Namespace {
+    origin: Arc<S3Origin>,
+    ttl: Duration,
+    negative_ttl: Duration,
+    state: Mutex<State>,
+}
+
+/// Whether a key component can be shown as a file name.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name.len() <= MAX_NAME
+        && !name.contains('/')
+        && !name.contains('\0')
+}
+
+fn path_hash(kind: Kind, path: &str) -> u64 {
+    let mut h = DefaultHasher::new();
+    (kind == Kind::Dir).hash(&mut h);
+    path.hash(&mut h);
+    // Keep clear of the root and of 0, which FUSE reserves.
+    h.finish().max(2)
+}
+
+impl State {
+    /// The inode number for a path: its hash, probed past numbers held by other paths.
+    fn ino_for(&self, kind: Kind, path: &str) -> u64 {
+        let mut ino = path_hash(kind, path);
+        while let Some(n) = self.nodes.get(&ino) {
+            if n.path == path && n.kind == kind {
+                break;
+            }
+            ino = ino.wrapping_add(1).max(2);
+        }
+        ino
+    }
+
+    /// Records one kernel lookup of `entry` under `parent` and returns its attributes.
+    fn remember(&mut self, parent: u64, parent_path: &str, e: &DirEntry, fresh_until: Instant) -> Attr {
+        let path = match e.kind {
+            Kind::Dir => format!("{parent_path}{}/", e.name),
+            Kind::File => format!("{parent_path}{}", e.name),
+        };
+        let ino = self.ino_for(e.kind, &path);
+        let node = self.nodes.entry(ino).or_insert_with(|| Node {
+            parent,
+            name: e.name.clone(),
+            path,
+            kind: e.kind,
+            lookups: 0,
+            size: 0,
+            mtime: SystemTime::UNIX_EPOCH,
+            etag: None,
+            fresh_until,
+            listing: None,
+            opened_etag: None,
+        });
+        node.lookups += 1;
+        node.size = e.size;
+        node.mtime = e.mtime;
+        if e.etag.is_some() || node.etag.is_none() || node.fresh_until < Instant::now() {
+            node.etag = e.etag.clone();
+        }
+        node.fresh_until = fresh_until;
+        self.by_name.insert((parent, e.name.clone()), ino);
+        self.negative.remove(&(parent, e.name.clone()));
+        attr_of(ino, node)
+    }
+}
+
+fn attr_of(ino: u64, n: &Node) -> Attr {
+    Attr {
+        ino,
+        kind: n.kind,
+        size: if n.kind == Kind::File { n.size } else { 0 },
+        mtime: n.mtime,
+    }
+}
+
+impl Namespace {
+    pub fn new(origin: Arc<S3Origin>, root_prefix: &str, ttl: Duration, negative_ttl: Duration) -> Namespace {
+        let mut state = State::default();
+        state.nodes.insert(
+            ROOT_INO,
+            Node {
+                parent: ROOT_INO,
+                name: String::new(),
+                path: root_prefix.to_string(),
+                kind: Kind::Dir,
+                lookups: 1,
+                size: 0,
+                mtime: SystemTime::now(),
+                etag: None,
+                fresh_until: Instant::now(),
+                listing: None,
+                opened_etag: None,
+            },
+        );
+        Namespace {
+            origin,
+            ttl,
+            negative_ttl,
+            state: Mutex::new(state),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn dir_path(&self, ino: u64) -> Result<String, NsError> {
+        let st = self.lock();
+        let node = st.nodes.get(&ino).ok_or(NsError::UnknownInode(ino))?;
+        match node.kind {
+            Kind::Dir => Ok(node.path.clone()),
+            Kind::File => Err(NsError::NotADirectory),
+        }
+    }
+
+    /// Resolves `name` in directory `parent`, counting one kernel lookup on success.
+    pub async fn lookup(&self, parent: u64, name: &str) -> Result<Attr, NsError> {
+        if !valid_name(name) {
+            return Err(NsError::NotFound);
+        }
+        let now = Instant::now();
+        let parent_path = {
+            let mut st = self.lock();
+            let st = &mut *st;
+            let p = st.nodes.get(&parent).ok_or(NsError::UnknownInode(parent))?;
+            if p.kind != Kind::Dir {
+                return Err(NsError::NotADirectory);
+            }
+            let parent_path = p.path.clone();
+            if let Some(l) = p.listing.as_ref().filter(|l| l.fresh_until > now) {
+                let fresh_until = l.fresh_until;
+                return match l.entries.binary_search_by(|e| e.name.as_str().cmp(name)) {
+                    Ok(i) => {
+                        let e = l.entries[i].clone();
+                        Ok(st.remember(parent, &parent_path, &e, fresh_until))
+                    }
+                    Err(_) => Err(NsError::NotFound),
+                };
+            }
+            let key = (parent, name.to_string());
+            if let Some(ino) = st.by_name.get(&key).copied() {
+                if let Some(n) = st.nodes.get_mut(&ino).filter(|n| n.fresh_until > now) {
+                    n.lookups += 1;
+                    return Ok(attr_of(ino, n));
+                }
+            }
+            if st.negative.get(&key).is_some_and(|t| *t > now) {
+                return Err(NsError::NotFound);
+            }
+            parent_path
+        };
+
+        let entry = self.resolve_remote(&parent_path, name).await?;
+        let mut st = self.lock();
+        match entry {
+            Some(e) => Ok(st.remember(parent, &parent_path, &e, Instant::now() + self.ttl)),
+            None => {
+                st.negative
+                    .insert((parent, name.to_string()), Instant::now() + self.negative_ttl);
+                Err(NsError::NotFound)
+            }
+        }
+    }
+
+    /// Asks the origin what `name` is: a directory if anything lives under `name/`, else a file
+    /// if HEAD finds it. Both requests start together; the HEAD is dropped when it is a directory.
+    async fn resolve_remote(&self, parent_path: &str, name: &str) -> Result<Option<DirEntry>, NsError> {
+        let full = format!("{parent_path}{name}");
+        let origin = self.origin.clone();
+        let head_key = full.clone();
+        let head = tokio::spawn(async move { origin.head(&head_key).await });
+        let page = self.origin.list_page(&format!("{full}/"), None, 1).await;
+        let is_dir = match page {
+            Ok(p) => !p.prefixes.is_empty() || !p.objects.is_empty(),
+            Err(e) => {
+                head.abort();
+                return Err(e.into());
+            }
+        };
+        if is_dir {
+            head.abort();
+            return Ok(Some(DirEntry {
+                name: name.to_string(),
+                ino: 0,
+                kind: Kind::Dir,
+                size: 0,
+                mtime: SystemTime::now(),
+                etag: None,
+            }));
+        }
+        match head.await {
+            Ok(Ok(meta)) => Ok(Some(file_entry(name, &meta))),
+            Ok(Err(OriginError::NotFound(_))) => Ok(None),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(NsError::Origin(OriginError::Other("HEAD task failed".into()))),
+        }
+    }
+
+    /// Attributes of a known inode. A file whose attributes are older than the TTL is re-read
+    /// with HEAD so a replaced object shows its new size.
+    pub async fn getattr(&self, ino: u64) -> Result<Attr, NsError> {
+        let key = {
+            let st = self.lock();
+            let n = st.nodes.get(&ino).ok_or(NsError::UnknownInode(ino))?;
+            if n.kind == Kind::Dir || n.fresh_until > Instant::now() {
+                return Ok(attr_of(ino, n));
+            }
+            n.path.clone()
+        };
+        match self.origin.head(&key).await {
+            Ok(meta) => Ok(self.update_file(ino, &meta).1),
+            Err(OriginError::NotFound(_)) => Err(NsError::NotFound),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn update_file(&self, ino: u64, meta: &ObjectMeta) -> (Option<String>, Attr) {
+        let mut st = self.lock();
+        let fresh_until = Instant::now() + self.ttl;
+        match st.nodes.get_mut(&ino) {
+            Some(n) => {
+                n.size = meta.size;
+                n.mtime = meta.last_modified;
+                n.etag = Some(meta.etag.clone());
+                n.fresh_until = fresh_until;
+                (n.opened_etag.clone(), attr_of(ino, n))
+            }
+            None => (
+                None,
+                Attr {
+                    ino,
+                    kind: Kind::File,
+                    size: meta.size,
+                    mtime: meta.last_modified,
+                },
+            ),
+        }
+    }
+
+    /// Pins the object version an open file will read: the cached ETag if fresh, else HEAD.
+    pub async fn open(&self, ino: u64) -> Result<OpenedObject, NsError> {
+        let (key, cached) = {
+            let st = self.lock();
+            let n = st.nodes.get(&ino).ok_or(NsError::UnknownInode(ino))?;
+            if n.kind == Kind::Dir {
+                return Err(NsError::IsADirectory);
+            }
+            let cached = match (&n.etag, n.fresh_until > Instant::now()) {
+                (Some(etag), true) => Some((etag.clone(), n.size)),
+                _ => None,
+            };
+            (n.path.clone(), cached)
+        };
+        let (etag, size) = match cached {
+            Some(c) => c,
+            None => match self.origin.head(&key).await {
+                Ok(meta) => {
+                    self.update_file(ino, &meta);
+                    (meta.etag, meta.size)
+                }
+                Err(OriginError::NotFound(_)) => return Err(NsError::NotFound),
+                Err(e) => return Err(e.into()),
+            },
+        };
+        let mut st = self.lock();
+        let keep_cache = match st.nodes.get_mut(&ino) {
+            Some(n) => {
+                let same = n.opened_etag.as_deref() == Some(etag.as_str());
+                n.opened_etag = Some(etag.clone());
+                same
+            }
+            None => false,
+        };
+        Ok(OpenedObject {
+            key,
+            etag,
+            size,
+            keep_cache,
+        })
+    }
+
+    /// Forgets what is cached about an inode's object (it changed at the origin), so the next
+    /// open asks the origin again.
+    pub fn invalidate(&self, ino: u64) {
+        let mut st = self.lock();
+        let parent = st.nodes.get_mut(&ino).map(|n| {
+            n.fresh_until = Instant::now();
+            n.etag = None;
+            n.parent
+        });
+        if let Some(p) = parent.and_then(|p| st.nodes.get_mut(&p)) {
+            p.listing = None;
+        }
+    }
+
+    /// The entries of a directory: the cached listing while fresh, else a full paginated LIST.
+    pub async fn readdir(&self, ino: u64) -> Result<Arc<Vec<DirEntry>>, NsError> {
+        {
+            let st = self.lock();
+            let n = st.nodes.get(&ino).ok_or(NsError::UnknownInode(ino))?;
+            if n.kind != Kind::Dir {
+                return Err(NsError::NotADirectory);
+            }
+            if let Some(l) = n.listing.as_ref().filter(|l| l.fresh_until > Instant::now()) {
+                return Ok(l.entries.clone());
+            }
+        }
+        let prefix = self.dir_path(ino)?;
+        let mut merged: BTreeMap<String, DirEntry> = BTreeMap::new();
+        let mut token = None;
+        loop {
+            let page = self.origin.list_page(&prefix, token, LIST_PAGE).await?;
+            for o in &page.objects {
+                let name = &o.key[prefix.len().min(o.key.len())..];
+                if valid_name(name) && !merged.contains_key(name) {
+                    merged.insert(
+                        name.to_string(),
+                        DirEntry {
+                            name: name.to_string(),
+                            ino: 0,
+                            kind: Kind::File,
+                            size: o.size,
+                            mtime: o.last_modified,
+                            etag: o.etag.clone(),
+                        },
+                    );
+                }
+            }
+            for p in &page.prefixes {
+                let name = p[prefix.len().min(p.len())..].trim_end_matches('/');
+                // `a//b` lists the prefix `a//`, whose name is empty: hidden.
+                if p.ends_with('/') && p.len() == prefix.len() + name.len() + 1 && valid_name(name) {
+                    // A directory wins over an object of the same name.
+                    merged.insert(
+                        name.to_string(),
+                        DirEntry {
+                            name: name.to_string(),
+                            ino: 0,
+                            kind: Kind::Dir,
+                            size: 0,
+                            mtime: SystemTime::now(),
+                            etag: None,
+                        },
+                    );
+                }
+            }
+            match page.next_token {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        let mut st = self.lock();
+        let entries: Vec<DirEntry> = merged
+            .into_values()
+            .map(|mut e| {
+                let path = match e.kind {
+                    Kind::Dir => format!("{prefix}{}/", e.name),
+                    Kind::File => format!("{prefix}{}", e.name),
+                };
+                e.ino = st.ino_for(e.kind, &path);
+                e
+            })
+            .collect();
+        let entries = Arc::new(entries);
+        if let Some(n) = st.nodes.get_mut(&ino) {
+            n.listing = Some(Listing {
+                entries: entries.clone(),
+                fresh_until: Instant::now() + self.ttl,
+            });
+        }
+        Ok(entries)
+    }
+
+    /// The parent of a directory inode (for `..`).
+    pub fn parent_of(&self, ino: u64) -> u64 {
+        self.lock().nodes.get(&ino).map_or(ROOT_INO, |n| n.parent)
+    }
+
+    /// The kernel dropped `n` references to `ino`; frees the node at zero.
+    pub fn forget(&self, ino: u64, n: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        let mut st = self.lock();
+        let Some(node) = st.nodes.get_mut(&ino) else {
+            return;
+        };
+        node.lookups = node.lookups.saturating_sub(n);
+        if node.lookups > 0 {
+            return;
+        }
+        if let Some(node) = st.nodes.remove(&ino) {
+            let key = (node.parent, node.name);
+            if st.by_name.get(&key) == Some(&ino) {
+                st.by_name.remove(&key);
+            }
+        }
+        let now = Instant::now();
+        if st.negative.len() > 10_000 {
+            st.negative.retain(|_, t| *t > now);
+        }
+    }
+
+    /// Nodes currently held (for tests and stats).
+    pub fn node_count(&self) -> usize {
+        self.lock().nodes.len()
+    }
+}
+
+fn file_entry(name: &str, meta: &ObjectMeta) -> DirEntry {
+    DirEntry {
+        name: name.to_string(),
+        ino: 0,
+        kind: Kind::File,
+        size: meta.size,
+        mtime: meta.last_modified,
+        etag: Some(meta.etag.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_that_cannot_be_paths_are_invalid() {
+        for bad in ["", ".", "..", "a/b", &"x".repeat(256)] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
+        for good in ["a", "...", "with space", "ü名前", "%+", &"x".repeat(255)] {
+            assert!(valid_name(good), "{good:?}");
+        }
+    }
+
+    #[test]
+    fn inode_numbers_are_stable_and_distinct() {
+        let st = State::default();
+        let a = st.ino_for(Kind::File, "a/b");
+        assert_eq!(a, st.ino_for(Kind::File, "a/b"));
+        assert_ne!(a, st.ino_for(Kind::Dir, "a/b/"));
+        assert!(a >= 2);
+    }
+}
