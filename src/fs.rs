@@ -309,6 +309,28 @@ impl Filesystem for OrcaFs {
         });
     }
 
+    fn flush(&self, _r: &Request, _i: INodeNo, _fh: FileHandle, _l: LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn fsync(&self, _r: &Request, _i: INodeNo, _fh: FileHandle, _d: bool, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn ioctl(
+        &self,
+        _r: &Request,
+        _i: INodeNo,
+        _fh: FileHandle,
+        _f: fuser::IoctlFlags,
+        _cmd: u32,
+        _in: &[u8],
+        _out: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOTTY);
+    }
+
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         // An object store has no fixed capacity: report a large, full-looking volume, as other
         // S3 mounts do, so `df` works and nothing tries to write.

@@ -5,7 +5,9 @@
 //! mount behind. SIGINT/SIGTERM and an external `umount` both end in the same shutdown: the FUSE
 //! session ends, in-flight commits get a few seconds, and temp files are swept.
 
+use std::ffi::CString;
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -106,25 +108,19 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
     };
     let fs = OrcaFs::new(ns, fetch, rt.handle().clone(), show, &cfg.origin_id, &cfg.bucket);
 
-    let mut session = fuser::Session::new(fs, &mountpoint, &fuse_config(&cfg)).map_err(|source| {
-        MountError::Fuse {
-            path: mountpoint.clone(),
-            source,
-        }
-    })?;
+    let mounted = mount_fuse(fs, &mountpoint, &cfg)?;
     tracing::info!(bucket = %cfg.bucket, prefix = %cfg.prefix, mountpoint = %mountpoint.display(), "mounted");
-
-    let mut unmounter = session.unmount_callable();
+    let mut unmount = mounted.unmounter;
     rt.spawn(async move {
         wait_for_stop_signal().await;
         tracing::info!("signal received: unmounting");
-        if let Err(e) = unmounter.unmount() {
+        if let Err(e) = unmount() {
             tracing::warn!(error = %e, "unmount after signal failed");
         }
     });
     notifier.ready();
 
-    let result = session.run();
+    let result = mounted.session.run();
     tracing::info!(metrics = %metrics.summary(), "unmounted");
     // In-flight fills finish or are dropped; a commit cut short leaves only a temp file.
     rt.shutdown_timeout(Duration::from_secs(5));
@@ -147,22 +143,121 @@ async fn wait_for_stop_signal() {
     }
 }
 
-fn fuse_config(cfg: &Config) -> fuser::Config {
-    let mut c = fuser::Config::default();
-    c.mount_options = vec![
-        MountOption::FSName(format!("{}{}", cfg.bucket, slash_prefix(&cfg.prefix))),
-        MountOption::Subtype("orcafs".into()),
-        MountOption::RO,
-        MountOption::NoDev,
-        MountOption::NoSuid,
-        MountOption::DefaultPermissions,
-        MountOption::CUSTOM(format!("max_read={MAX_READ}")),
-    ];
-    c.acl = if cfg.allow_other {
+struct Mounted {
+    session: fuser::Session<OrcaFs>,
+    unmounter: Box<dyn FnMut() -> io::Result<()> + Send>,
+}
+
+/// Mounts with type `fuse.orcafs` and the bucket as source, as `mount -t fuse.orcafs` would:
+/// directly with mount(2) when we may (root), else through fusermount3 via fuser.
+fn mount_fuse(fs: OrcaFs, mountpoint: &Path, cfg: &Config) -> Result<Mounted, MountError> {
+    let fuse_err = |source: io::Error| MountError::Fuse {
+        path: mountpoint.to_owned(),
+        source,
+    };
+    match mount_syscall(mountpoint, cfg) {
+        Ok(fd) => {
+            let session = fuser::Session::from_fd(fs, fd, acl(cfg), fuse_config(cfg)).map_err(|e| {
+                let _ = detach_mount(mountpoint);
+                fuse_err(e)
+            })?;
+            let path = mountpoint.to_owned();
+            Ok(Mounted {
+                session,
+                unmounter: Box::new(move || detach_mount(&path)),
+            })
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            let mut config = fuse_config(cfg);
+            config.mount_options.extend([
+                MountOption::FSName(source_name(cfg)),
+                MountOption::Subtype("orcafs".into()),
+                MountOption::RO,
+                MountOption::NoDev,
+                MountOption::NoSuid,
+                MountOption::DefaultPermissions,
+                MountOption::CUSTOM(format!("max_read={MAX_READ}")),
+            ]);
+            let mut session = fuser::Session::new(fs, mountpoint, &config).map_err(fuse_err)?;
+            let mut u = session.unmount_callable();
+            Ok(Mounted {
+                session,
+                unmounter: Box::new(move || u.unmount()),
+            })
+        }
+        Err(e) => Err(fuse_err(e)),
+    }
+}
+
+fn source_name(cfg: &Config) -> String {
+    format!("{}{}", cfg.bucket, slash_prefix(&cfg.prefix))
+}
+
+fn cstring(s: &str) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in mount argument"))
+}
+
+fn mount_syscall(mountpoint: &Path, cfg: &Config) -> io::Result<OwnedFd> {
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")?;
+    let fd = OwnedFd::from(dev);
+    // SAFETY: getuid/getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let mut opts = format!(
+        "fd={},rootmode=40000,user_id={uid},group_id={gid},default_permissions,max_read={MAX_READ}",
+        fd.as_raw_fd()
+    );
+    if cfg.allow_other {
+        opts.push_str(",allow_other");
+    }
+    let source = cstring(&source_name(cfg))?;
+    let target = cstring(&mountpoint.to_string_lossy())?;
+    let fstype = cstring("fuse.orcafs")?;
+    let data = cstring(&opts)?;
+    let flags = libc::MS_RDONLY | libc::MS_NODEV | libc::MS_NOSUID;
+    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// Lazy unmount: the mount disappears now; open files finish, then the session ends.
+fn detach_mount(path: &Path) -> io::Result<()> {
+    let target = cstring(&path.to_string_lossy())?;
+    // SAFETY: target is a valid NUL-terminated path.
+    if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
+        let e = io::Error::last_os_error();
+        // Already gone (unmounted from outside) is fine.
+        if e.raw_os_error() != Some(libc::EINVAL) {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+fn acl(cfg: &Config) -> SessionACL {
+    if cfg.allow_other {
         SessionACL::All
     } else {
         SessionACL::Owner
-    };
+    }
+}
+
+fn fuse_config(cfg: &Config) -> fuser::Config {
+    let mut c = fuser::Config::default();
+    c.acl = acl(cfg);
     c.n_threads = Some(cfg.fuse_threads);
     c.clone_fd = true;
     c
@@ -202,8 +297,10 @@ async fn probe_origin(cfg: &Config, origin: &S3Origin) -> Result<(), MountError>
     }
 }
 
+/// The SDK's error text ends with a debug dump of the error chain; keep the readable part.
 fn first_line(s: &str) -> String {
-    s.lines().next().unwrap_or("").to_string()
+    let line = s.lines().next().unwrap_or("");
+    line.split(" (DispatchFailure").next().unwrap_or(line).to_string()
 }
 
 /// The mount point must exist, be a directory, and not be a mount point already.
