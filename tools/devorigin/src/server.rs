@@ -1,0 +1,180 @@
+//! The HTTP side: accept loop, and the hyper service that counts requests,
+//! injects GetObject faults and forwards to s3s.
+
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder as ConnBuilder;
+use s3s::auth::SimpleAuth;
+use s3s::service::{S3Service, S3ServiceBuilder};
+use s3s::HttpError;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+use crate::body::{BodyFaults, OriginBody};
+use crate::classify::{classify, RequestKind};
+use crate::faults::{Faults, GetPlan};
+use crate::stats::Stats;
+use crate::{ACCESS_KEY, SECRET_KEY};
+
+/// Everything a request handler needs.
+pub(crate) struct Shared {
+    pub s3: S3Service,
+    pub stats: Arc<Stats>,
+    pub faults: Arc<Faults>,
+}
+
+/// The s3s-fs service over `root`, with SigV4 auth for the fixed test keys.
+pub(crate) fn s3_service(root: &Path) -> io::Result<S3Service> {
+    let fs = s3s_fs::FileSystem::new(root)
+        .map_err(|e| io::Error::other(format!("s3s-fs over {}: {e:?}", root.display())))?;
+    let mut builder = S3ServiceBuilder::new(fs);
+    builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+    Ok(builder.build())
+}
+
+/// Accepts connections until `shutdown` fires (or its sender is dropped).
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: oneshot::Receiver<()>,
+) {
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok((socket, _peer)) => {
+                    tokio::spawn(serve_connection(socket, Arc::clone(&shared)));
+                }
+                Err(e) => {
+                    // Typically EMFILE; back off instead of spinning.
+                    eprintln!("orcafs-devorigin: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
+async fn serve_connection(socket: TcpStream, shared: Arc<Shared>) {
+    // Best effort: latency matters for benchmarks, correctness does not depend on it.
+    let _ = socket.set_nodelay(true);
+    let service = service_fn(move |req| handle(Arc::clone(&shared), req));
+    // Connection errors (client hang-ups, injected cuts) are expected here.
+    let _ = ConnBuilder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(socket), service)
+        .await;
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<OriginBody>, HttpError> {
+    let kind = classify(req.method(), req.uri());
+    shared.stats.count_request(kind);
+    let req = req.map(s3s::Body::from);
+    if kind == RequestKind::GetObject {
+        return handle_get_object(&shared, req).await;
+    }
+    let resp = shared.s3.call(req).await?;
+    Ok(resp.map(OriginBody::passthrough))
+}
+
+async fn handle_get_object(
+    shared: &Shared,
+    req: Request<s3s::Body>,
+) -> Result<Response<OriginBody>, HttpError> {
+    let delay = shared.faults.get_delay();
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let (cut, stall) = match shared.faults.plan_get() {
+        GetPlan::Fail(status) => return Ok(fault_response(status, req.uri().path())),
+        GetPlan::Serve { cut, stall } => (cut, stall),
+    };
+    let resp = shared.s3.call(req).await?;
+    if !resp.status().is_success() {
+        return Ok(resp.map(OriginBody::passthrough));
+    }
+    let faults = BodyFaults {
+        cut_at: cut.then(|| content_length(&resp) / 2),
+        stall,
+    };
+    let stats = Arc::clone(&shared.stats);
+    Ok(resp.map(|body| OriginBody::metered(body, stats, faults)))
+}
+
+fn content_length<B>(resp: &Response<B>) -> u64 {
+    resp.headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// An S3-style XML error response for an injected failure.
+pub(crate) fn fault_response(status: StatusCode, resource: &str) -> Response<OriginBody> {
+    static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+    let request_id = format!(
+        "devorigin-fault-{}",
+        NEXT_ID.fetch_add(1, Ordering::Relaxed)
+    );
+    let xml = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code>\
+         <Message>{message}</Message><Resource>{resource}</Resource>\
+         <RequestId>{request_id}</RequestId></Error>",
+        code = error_code(status),
+        message = "Fault injected by orcafs-devorigin",
+        resource = xml_escape(resource),
+    );
+    let mut resp = Response::new(OriginBody::fixed(Bytes::from(xml.clone())));
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/xml"),
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(xml.len()));
+    if let Ok(id) = HeaderValue::from_str(&request_id) {
+        headers.insert("x-amz-request-id", id);
+    }
+    resp
+}
+
+/// The S3 error code S3 itself uses for a status, as close as it gets.
+fn error_code(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "InvalidRequest",
+        403 => "AccessDenied",
+        404 => "NoSuchKey",
+        412 => "PreconditionFailed",
+        416 => "InvalidRange",
+        429 | 503 => "SlowDown",
+        500 => "InternalError",
+        501 => "NotImplemented",
+        _ => "InjectedFault",
+    }
+}
+
+fn xml_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
