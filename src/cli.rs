@@ -5,7 +5,7 @@
 //! Re-executing instead of `fork()` keeps the tokio runtime and the SDK out of a forked child.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -101,7 +101,10 @@ fn init_logging(cfg: &Config, detached: bool) -> Result<(), String> {
                 .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
             builder.with_ansi(false).with_writer(Mutex::new(f)).init();
         }
-        None => builder.with_writer(std::io::stderr).init(),
+        None => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .init(),
     }
     Ok(())
 }

@@ -1,0 +1,242 @@
+//! Shared harness for the end-to-end tests: a real S3 server on 127.0.0.1, the real `orcafs`
+//! binary mounted for real, and a guard that always unmounts.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+pub use orcafs_devorigin::{DevOrigin, ACCESS_KEY, SECRET_KEY};
+
+pub const KIB: usize = 1024;
+/// Chunk size used by the tests: small, so edge cases need little data.
+pub const CHUNK: usize = 256 * KIB;
+
+pub fn orcafs_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_orcafs")
+}
+
+/// Deterministic bytes that differ per seed.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// A temp dir holding an s3s-fs root, a cache dir and mount points.
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        Scratch {
+            dir: tempfile::Builder::new().prefix("orcafs-test-").tempdir().expect("tempdir"),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::create_dir_all(&p).expect("mkdir");
+        p
+    }
+}
+
+/// Starts a DevOrigin with a fresh root and one bucket.
+pub fn origin(scratch: &Scratch, bucket: &str) -> DevOrigin {
+    let o = DevOrigin::start(&scratch.path("s3root")).expect("start dev origin");
+    o.create_bucket(bucket);
+    o
+}
+
+/// Connection settings for any S3 server (DevOrigin or Garage).
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub endpoint: String,
+    pub access_key: String,
+    pub secret_key: String,
+}
+
+impl Target {
+    pub fn of(o: &DevOrigin) -> Target {
+        Target {
+            endpoint: o.endpoint(),
+            access_key: ACCESS_KEY.into(),
+            secret_key: SECRET_KEY.into(),
+        }
+    }
+}
+
+/// The `orcafs mount` command for a target, with the test environment.
+pub fn mount_command(t: &Target, source: &str, mnt: &Path, cache: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(orcafs_bin());
+    c.arg("mount")
+        .arg(source)
+        .arg(mnt)
+        .args(["--endpoint-url", &t.endpoint, "--force-path-style"])
+        .arg("--cache-dir")
+        .arg(cache)
+        .args(["--chunk-size", "256KiB", "--log-level", "info,orcafs=debug"])
+        .args(extra)
+        .env("AWS_ACCESS_KEY_ID", &t.access_key)
+        .env("AWS_SECRET_ACCESS_KEY", &t.secret_key)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("AWS_PROFILE")
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_ENDPOINT_URL")
+        .stdin(Stdio::null());
+    c
+}
+
+pub fn is_mounted(p: &Path) -> bool {
+    let abs = p.canonicalize().unwrap_or_else(|_| p.to_owned());
+    orcafs::mount::is_mount_point(&abs)
+}
+
+/// A live foreground `orcafs mount`; dropping it unmounts and reaps the process.
+pub struct Mount {
+    pub mnt: PathBuf,
+    pub cache: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Mount {
+    pub fn start(t: &Target, source: &str, mnt: &Path, cache: &Path, extra: &[&str]) -> Mount {
+        let log = cache.with_extension("log");
+        let logf = std::fs::File::create(&log).expect("log file");
+        let child = mount_command(t, source, mnt, cache, extra)
+            .arg("--foreground")
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .expect("spawn orcafs");
+        let mut m = Mount {
+            mnt: mnt.to_owned(),
+            cache: cache.to_owned(),
+            child: Some(child),
+            log,
+        };
+        m.wait_mounted();
+        m
+    }
+
+    fn wait_mounted(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if is_mounted(&self.mnt) {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("orcafs exited with {status} before mounting:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("orcafs did not mount within 30 s:\n{}", self.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Unmounts with `umount` and waits for the process to exit; returns its exit code.
+    pub fn unmount(mut self) -> i32 {
+        let ok = Command::new("umount").arg(&self.mnt).status().map(|s| s.success()).unwrap_or(false);
+        assert!(ok, "umount failed:\n{}", self.log_text());
+        self.wait_exit()
+    }
+
+    /// Sends a signal and waits for the process to exit; returns its exit code.
+    pub fn signal(mut self, sig: i32) -> i32 {
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(self.pid() as i32, sig) };
+        self.wait_exit()
+    }
+
+    pub fn wait_exit(&mut self) -> i32 {
+        let mut child = self.child.take().expect("child");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status.code().unwrap_or(-1);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("orcafs did not exit within 20 s:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if is_mounted(&self.mnt) {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+        if let Some(mut c) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs a program, asserting success; returns stdout.
+pub fn run(cmd: &str, args: &[&str]) -> Vec<u8> {
+    let out = run_output(cmd, args);
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+pub fn run_output(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
+}
+
+/// `sha256sum FILE` through the real program.
+pub fn sha256sum(path: &Path) -> String {
+    let out = run("sha256sum", &[path.to_str().expect("utf8 path")]);
+    String::from_utf8_lossy(&out).split_whitespace().next().unwrap_or("").to_string()
+}
+
+pub fn read_all(path: &Path) -> Vec<u8> {
+    let mut v = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut v))
+        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    v
+}
