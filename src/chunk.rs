@@ -188,9 +188,21 @@ mod tests {
         assert_eq!(
             v,
             vec![
-                ChunkSpan { index: 0, offset: 5, len: 5 },
-                ChunkSpan { index: 1, offset: 0, len: 10 },
-                ChunkSpan { index: 2, offset: 0, len: 5 },
+                ChunkSpan {
+                    index: 0,
+                    offset: 5,
+                    len: 5
+                },
+                ChunkSpan {
+                    index: 1,
+                    offset: 0,
+                    len: 10
+                },
+                ChunkSpan {
+                    index: 2,
+                    offset: 0,
+                    len: 5
+                },
             ]
         );
         assert_eq!(spans(30, 10, 25, 10).count(), 0);

@@ -188,7 +188,9 @@ fn detach(cfg: &Config) -> i32 {
     let status = child.wait();
     fail(&format!(
         "the mount process exited before the mount was live ({}); see {}",
-        status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+        status
+            .map(|s| s.to_string())
+            .unwrap_or_else(|e| e.to_string()),
         cfg.log_file
             .clone()
             .unwrap_or_else(|| cfg.cache_dir.join("orcafs.log"))

@@ -210,9 +210,13 @@ pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
 
 fn parse_toml(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
     toml::from_str(text).map_err(|e| {
-        let line = e
-            .span()
-            .map(|span| text.as_bytes()[..span.start.min(text.len())].iter().filter(|b| **b == b'\n').count() + 1);
+        let line = e.span().map(|span| {
+            text.as_bytes()[..span.start.min(text.len())]
+                .iter()
+                .filter(|b| **b == b'\n')
+                .count()
+                + 1
+        });
         let message = e.message().trim().to_string();
         ConfigError::Toml {
             path: path.to_owned(),
@@ -241,8 +245,8 @@ fn merge(args: &MountArgs, file: FileConfig) -> Result<Config, ConfigError> {
         .or(file.origin_id)
         .unwrap_or_else(|| default_origin_id(endpoint_url.as_deref(), region.as_deref()));
 
-    let chunk_size = pick_size("chunk size", &args.chunk_size, &file.chunk_size)?
-        .unwrap_or(DEFAULT_CHUNK_SIZE);
+    let chunk_size =
+        pick_size("chunk size", &args.chunk_size, &file.chunk_size)?.unwrap_or(DEFAULT_CHUNK_SIZE);
     if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
         return Err(invalid(
             "chunk size",
@@ -257,8 +261,9 @@ fn merge(args: &MountArgs, file: FileConfig) -> Result<Config, ConfigError> {
         .unwrap_or(Duration::from_secs(60));
     let negative_ttl = pick_duration("negative TTL", &args.negative_ttl, &file.negative_ttl)?
         .unwrap_or(Duration::from_secs(10));
-    let origin_timeout = pick_duration("origin timeout", &args.origin_timeout, &file.origin_timeout)?
-        .unwrap_or(Duration::from_secs(30));
+    let origin_timeout =
+        pick_duration("origin timeout", &args.origin_timeout, &file.origin_timeout)?
+            .unwrap_or(Duration::from_secs(30));
     if origin_timeout.is_zero() {
         return Err(invalid("origin timeout", "0", "must be positive"));
     }
@@ -348,10 +353,13 @@ pub fn parse_source(source: &str) -> Result<(String, String), ConfigError> {
 
 fn valid_bucket_name(name: &str) -> bool {
     (3..=63).contains(&name.len())
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.' || b == b'_'
+        })
         && name
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.' || b == b'_')
-        && name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
 }
 
 fn validate_url(url: &str) -> Result<(), ConfigError> {
@@ -440,8 +448,13 @@ pub fn parse_duration(what: &'static str, text: &str) -> Result<Duration, Config
     if let Ok(secs) = t.parse::<u64>() {
         return Ok(Duration::from_secs(secs));
     }
-    humantime::parse_duration(t)
-        .map_err(|_| invalid(what, text, "expected a duration such as 500ms, 60s, 5m or 1h"))
+    humantime::parse_duration(t).map_err(|_| {
+        invalid(
+            what,
+            text,
+            "expected a duration such as 500ms, 60s, 5m or 1h",
+        )
+    })
 }
 
 /// Octal permission bits: `644`, `0644`, `0o644`.
@@ -469,8 +482,14 @@ mod tests {
     #[test]
     fn source_forms() {
         assert_eq!(parse_source("bkt").unwrap(), ("bkt".into(), "".into()));
-        assert_eq!(parse_source("bkt/a/b").unwrap(), ("bkt".into(), "a/b/".into()));
-        assert_eq!(parse_source("s3://bkt/a/").unwrap(), ("bkt".into(), "a/".into()));
+        assert_eq!(
+            parse_source("bkt/a/b").unwrap(),
+            ("bkt".into(), "a/b/".into())
+        );
+        assert_eq!(
+            parse_source("s3://bkt/a/").unwrap(),
+            ("bkt".into(), "a/".into())
+        );
         assert_eq!(parse_source("s3://bkt").unwrap(), ("bkt".into(), "".into()));
         assert!(parse_source("B").is_err());
         assert!(parse_source("s3://").is_err());
@@ -485,7 +504,10 @@ mod tests {
         assert!(parse_size("s", "ten").is_err());
         assert!(parse_size("s", "5 parsecs").is_err());
         assert_eq!(parse_duration("d", "60s").unwrap(), Duration::from_secs(60));
-        assert_eq!(parse_duration("d", "250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(
+            parse_duration("d", "250ms").unwrap(),
+            Duration::from_millis(250)
+        );
         assert_eq!(parse_duration("d", "7").unwrap(), Duration::from_secs(7));
         assert!(parse_duration("d", "soon").is_err());
         assert_eq!(parse_mode("m", "0644").unwrap(), 0o644);

@@ -217,7 +217,9 @@ impl Coordinator {
                 let k = key.clone();
                 match tokio::task::spawn_blocking(move || disk.write(&k, &pieces)).await {
                     Ok(Ok(())) => tracing::debug!("chunk committed to disk cache"),
-                    Ok(Err(e)) => tracing::warn!(error = %e, "could not commit chunk to disk cache"),
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "could not commit chunk to disk cache")
+                    }
                     Err(e) => tracing::warn!(error = %e, "disk commit task failed"),
                 }
             }
@@ -245,7 +247,9 @@ impl Coordinator {
                 while let Some(piece) = body.next().await {
                     let piece = piece?;
                     if have + piece.len() as u64 > len {
-                        return Err(OriginError::Other("origin sent more bytes than asked".into()));
+                        return Err(OriginError::Other(
+                            "origin sent more bytes than asked".into(),
+                        ));
                     }
                     have += piece.len() as u64;
                     fill.push(piece);
@@ -364,7 +368,9 @@ impl Fill {
     /// The bytes `[start, end)`, all of which have arrived. Zero-copy when inside one piece.
     fn copy_range(&self, start: u64, end: u64) -> Bytes {
         let p = self.lock();
-        let first = p.list.partition_point(|(at, b)| at + b.len() as u64 <= start);
+        let first = p
+            .list
+            .partition_point(|(at, b)| at + b.len() as u64 <= start);
         let (at, piece) = &p.list[first];
         if end <= at + piece.len() as u64 {
             return piece.slice((start - at) as usize..(end - at) as usize);
@@ -405,7 +411,9 @@ mod tests {
         broken.push(Bytes::from_static(b"01"));
         let b = broken.clone();
         let waiting = tokio::spawn(async move { b.read(0, 10).await });
-        broken.finish(Err(FetchError::Origin(OriginError::Transient("cut".into()))));
+        broken.finish(Err(FetchError::Origin(OriginError::Transient(
+            "cut".into(),
+        ))));
         assert!(waiting.await.unwrap().is_err());
         assert_eq!(&broken.read(0, 2).await.unwrap()[..], b"01");
     }

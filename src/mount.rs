@@ -106,7 +106,14 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
         dir_mode: cfg.dir_mode,
         ttl: cfg.metadata_ttl,
     };
-    let fs = OrcaFs::new(ns, fetch, rt.handle().clone(), show, &cfg.origin_id, &cfg.bucket);
+    let fs = OrcaFs::new(
+        ns,
+        fetch,
+        rt.handle().clone(),
+        show,
+        &cfg.origin_id,
+        &cfg.bucket,
+    );
 
     let mounted = mount_fuse(fs, &mountpoint, &cfg)?;
     tracing::info!(bucket = %cfg.bucket, prefix = %cfg.prefix, mountpoint = %mountpoint.display(), "mounted");
@@ -133,8 +140,10 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
 
 async fn wait_for_stop_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         return std::future::pending().await;
     };
     tokio::select! {
@@ -157,10 +166,11 @@ fn mount_fuse(fs: OrcaFs, mountpoint: &Path, cfg: &Config) -> Result<Mounted, Mo
     };
     match mount_syscall(mountpoint, cfg) {
         Ok(fd) => {
-            let session = fuser::Session::from_fd(fs, fd, acl(cfg), fuse_config(cfg)).map_err(|e| {
-                let _ = detach_mount(mountpoint);
-                fuse_err(e)
-            })?;
+            let session =
+                fuser::Session::from_fd(fs, fd, acl(cfg), fuse_config(cfg)).map_err(|e| {
+                    let _ = detach_mount(mountpoint);
+                    fuse_err(e)
+                })?;
             let path = mountpoint.to_owned();
             Ok(Mounted {
                 session,
@@ -194,7 +204,8 @@ fn source_name(cfg: &Config) -> String {
 }
 
 fn cstring(s: &str) -> io::Result<CString> {
-    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in mount argument"))
+    CString::new(s)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in mount argument"))
 }
 
 fn mount_syscall(mountpoint: &Path, cfg: &Config) -> io::Result<OwnedFd> {
@@ -300,7 +311,10 @@ async fn probe_origin(cfg: &Config, origin: &S3Origin) -> Result<(), MountError>
 /// The SDK's error text ends with a debug dump of the error chain; keep the readable part.
 fn first_line(s: &str) -> String {
     let line = s.lines().next().unwrap_or("");
-    line.split(" (DispatchFailure").next().unwrap_or(line).to_string()
+    line.split(" (DispatchFailure")
+        .next()
+        .unwrap_or(line)
+        .to_string()
 }
 
 /// The mount point must exist, be a directory, and not be a mount point already.
@@ -320,10 +334,12 @@ fn check_mountpoint(path: &Path) -> Result<PathBuf, MountError> {
     if !meta.is_dir() {
         return Err(MountError::MountpointNotDir(path.to_owned()));
     }
-    let abs = path.canonicalize().map_err(|source| MountError::Mountpoint {
-        path: path.to_owned(),
-        source,
-    })?;
+    let abs = path
+        .canonicalize()
+        .map_err(|source| MountError::Mountpoint {
+            path: path.to_owned(),
+            source,
+        })?;
     if is_mount_point(&abs) {
         return Err(MountError::AlreadyMounted(abs));
     }
@@ -347,7 +363,10 @@ fn unescape_mountinfo(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;

@@ -135,7 +135,13 @@ impl State {
     }
 
     /// Records one kernel lookup of `entry` under `parent` and returns its attributes.
-    fn remember(&mut self, parent: u64, parent_path: &str, e: &DirEntry, fresh_until: Instant) -> Attr {
+    fn remember(
+        &mut self,
+        parent: u64,
+        parent_path: &str,
+        e: &DirEntry,
+        fresh_until: Instant,
+    ) -> Attr {
         let path = match e.kind {
             Kind::Dir => format!("{parent_path}{}/", e.name),
             Kind::File => format!("{parent_path}{}", e.name),
@@ -177,7 +183,12 @@ fn attr_of(ino: u64, n: &Node) -> Attr {
 }
 
 impl Namespace {
-    pub fn new(origin: Arc<S3Origin>, root_prefix: &str, ttl: Duration, negative_ttl: Duration) -> Namespace {
+    pub fn new(
+        origin: Arc<S3Origin>,
+        root_prefix: &str,
+        ttl: Duration,
+        negative_ttl: Duration,
+    ) -> Namespace {
         let mut state = State::default();
         state.nodes.insert(
             ROOT_INO,
@@ -258,8 +269,10 @@ impl Namespace {
         match entry {
             Some(e) => Ok(st.remember(parent, &parent_path, &e, Instant::now() + self.ttl)),
             None => {
-                st.negative
-                    .insert((parent, name.to_string()), Instant::now() + self.negative_ttl);
+                st.negative.insert(
+                    (parent, name.to_string()),
+                    Instant::now() + self.negative_ttl,
+                );
                 Err(NsError::NotFound)
             }
         }
@@ -267,7 +280,11 @@ impl Namespace {
 
     /// Asks the origin what `name` is: a directory if anything lives under `name/`, else a file
     /// if HEAD finds it. Both requests start together; the HEAD is dropped when it is a directory.
-    async fn resolve_remote(&self, parent_path: &str, name: &str) -> Result<Option<DirEntry>, NsError> {
+    async fn resolve_remote(
+        &self,
+        parent_path: &str,
+        name: &str,
+    ) -> Result<Option<DirEntry>, NsError> {
         let full = format!("{parent_path}{name}");
         let origin = self.origin.clone();
         let head_key = full.clone();
@@ -295,7 +312,9 @@ impl Namespace {
             Ok(Ok(meta)) => Ok(Some(file_entry(name, &meta))),
             Ok(Err(OriginError::NotFound(_))) => Ok(None),
             Ok(Err(e)) => Err(e.into()),
-            Err(_) => Err(NsError::Origin(OriginError::Other("HEAD task failed".into()))),
+            Err(_) => Err(NsError::Origin(OriginError::Other(
+                "HEAD task failed".into(),
+            ))),
         }
     }
 
@@ -404,7 +423,11 @@ impl Namespace {
             if n.kind != Kind::Dir {
                 return Err(NsError::NotADirectory);
             }
-            if let Some(l) = n.listing.as_ref().filter(|l| l.fresh_until > Instant::now()) {
+            if let Some(l) = n
+                .listing
+                .as_ref()
+                .filter(|l| l.fresh_until > Instant::now())
+            {
                 return Ok(l.entries.clone());
             }
         }
@@ -432,7 +455,8 @@ impl Namespace {
             for p in &page.prefixes {
                 let name = p[prefix.len().min(p.len())..].trim_end_matches('/');
                 // `a//b` lists the prefix `a//`, whose name is empty: hidden.
-                if p.ends_with('/') && p.len() == prefix.len() + name.len() + 1 && valid_name(name) {
+                if p.ends_with('/') && p.len() == prefix.len() + name.len() + 1 && valid_name(name)
+                {
                     // A directory wins over an object of the same name.
                     merged.insert(
                         name.to_string(),

@@ -26,7 +26,9 @@ pub enum OriginError {
     NoSuchBucket(String),
     #[error("access denied by the origin ({0}); check the credentials")]
     AccessDenied(String),
-    #[error("object changed at the origin: ETag {expected} was pinned, the origin now has {actual}")]
+    #[error(
+        "object changed at the origin: ETag {expected} was pinned, the origin now has {actual}"
+    )]
     EtagChanged { expected: String, actual: String },
     #[error("cannot reach the origin: {0}")]
     Unreachable(String),
@@ -39,7 +41,10 @@ pub enum OriginError {
 impl OriginError {
     /// Whether trying the same request again may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, OriginError::Transient(_) | OriginError::Unreachable(_))
+        matches!(
+            self,
+            OriginError::Transient(_) | OriginError::Unreachable(_)
+        )
     }
 }
 

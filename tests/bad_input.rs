@@ -9,7 +9,13 @@ use common::*;
 const BUCKET: &str = "bkt";
 
 /// Runs `orcafs mount` in the foreground (so a hang would show) and returns (code, stderr).
-fn mount_fails(t: &Target, source: &str, mnt: &Path, cache: &Path, extra: &[&str]) -> (i32, String) {
+fn mount_fails(
+    t: &Target,
+    source: &str,
+    mnt: &Path,
+    cache: &Path,
+    extra: &[&str],
+) -> (i32, String) {
     let out = mount_command(t, source, mnt, cache, extra)
         .arg("--foreground")
         .output()
@@ -29,7 +35,11 @@ fn assert_clear(code: i32, stderr: &str, needle: &str) {
         .filter(|l| l.starts_with("orcafs: error:") || l.starts_with("error:"))
         .collect();
     assert_eq!(lines.len(), 1, "one error sentence, got:\n{stderr}");
-    assert!(lines[0].contains(needle), "{needle:?} not in {:?}", lines[0]);
+    assert!(
+        lines[0].contains(needle),
+        "{needle:?} not in {:?}",
+        lines[0]
+    );
 }
 
 #[test]
@@ -58,7 +68,13 @@ fn each_bad_input_gets_one_clear_error_and_no_mount() {
         endpoint: dead,
         ..t.clone()
     };
-    let (c, e) = mount_fails(&unreachable, BUCKET, &mnt, &cache, &["--origin-max-attempts", "2"]);
+    let (c, e) = mount_fails(
+        &unreachable,
+        BUCKET,
+        &mnt,
+        &cache,
+        &["--origin-max-attempts", "2"],
+    );
     assert_clear(c, &e, "cannot reach the origin");
 
     let (c, e) = mount_fails(&t, BUCKET, &s.dir.path().join("missing"), &cache, &[]);
@@ -70,13 +86,29 @@ fn each_bad_input_gets_one_clear_error_and_no_mount() {
     assert_clear(c, &e, "is not a directory");
 
     let toml = s.dir.path().join("bad.toml");
-    std::fs::write(&toml, "region = \"us-east-1\"\nchunk_size = \"8MiB\"\ncache_dir = [\n").unwrap();
-    let (c, e) = mount_fails(&t, BUCKET, &mnt, &cache, &["--config", toml.to_str().unwrap()]);
+    std::fs::write(
+        &toml,
+        "region = \"us-east-1\"\nchunk_size = \"8MiB\"\ncache_dir = [\n",
+    )
+    .unwrap();
+    let (c, e) = mount_fails(
+        &t,
+        BUCKET,
+        &mnt,
+        &cache,
+        &["--config", toml.to_str().unwrap()],
+    );
     assert_clear(c, &e, "line 3");
 
     let unknown = s.dir.path().join("unknown.toml");
     std::fs::write(&unknown, "chunk_sise = \"8MiB\"\n").unwrap();
-    let (c, e) = mount_fails(&t, BUCKET, &mnt, &cache, &["--config", unknown.to_str().unwrap()]);
+    let (c, e) = mount_fails(
+        &t,
+        BUCKET,
+        &mnt,
+        &cache,
+        &["--config", unknown.to_str().unwrap()],
+    );
     assert_clear(c, &e, "unknown field `chunk_sise`");
 
     let (c, e) = mount_fails(&t, BUCKET, &mnt, &cache, &["--cache-max-size", "lots"]);
@@ -96,9 +128,16 @@ fn second_mount_on_the_same_mountpoint_is_refused() {
     let t = Target::of(&o);
     let mnt = s.path("mnt");
     let m = Mount::start(&t, BUCKET, &mnt, &s.path("cache"), &[]);
-    let out = mount_command(&t, BUCKET, &mnt, &s.path("cache2"), &[]).arg("--foreground").output().unwrap();
+    let out = mount_command(&t, BUCKET, &mnt, &s.path("cache2"), &[])
+        .arg("--foreground")
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_clear(out.status.code().unwrap_or(-1), &err, "already a mount point");
+    assert_clear(
+        out.status.code().unwrap_or(-1),
+        &err,
+        "already a mount point",
+    );
     assert!(is_mounted(&mnt), "the first mount is untouched");
     assert_eq!(m.unmount(), 0);
 }
@@ -108,9 +147,22 @@ fn help_explains_every_option() {
     let out = run(orcafs_bin(), &["mount", "--help"]);
     let help = String::from_utf8(out).unwrap();
     for flag in [
-        "--config", "--endpoint-url", "--region", "--force-path-style", "--cache-dir",
-        "--cache-max-size", "--chunk-size", "--metadata-ttl", "--negative-ttl", "--uid", "--gid",
-        "--file-mode", "--dir-mode", "--allow-other", "--foreground", "--log-level",
+        "--config",
+        "--endpoint-url",
+        "--region",
+        "--force-path-style",
+        "--cache-dir",
+        "--cache-max-size",
+        "--chunk-size",
+        "--metadata-ttl",
+        "--negative-ttl",
+        "--uid",
+        "--gid",
+        "--file-mode",
+        "--dir-mode",
+        "--allow-other",
+        "--foreground",
+        "--log-level",
     ] {
         assert!(help.contains(flag), "{flag} missing from mount --help");
     }

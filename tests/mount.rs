@@ -42,7 +42,11 @@ fn edge_sized_objects_read_byte_exact_with_real_tools() {
         let want = pattern(*size, i as u64);
         let p = m.path(&format!("sizes/{name}"));
         let ps = p.to_str().unwrap();
-        assert_eq!(std::fs::metadata(&p).unwrap().len(), *size as u64, "{name} size");
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().len(),
+            *size as u64,
+            "{name} size"
+        );
         assert_eq!(sha256sum(&p), sha256_hex(&want), "sha256sum {name}");
         assert_eq!(run("cat", &[ps]), want, "cat {name}");
         for bs in ["1", "4096", "65537", "1M"] {
@@ -50,15 +54,31 @@ fn edge_sized_objects_read_byte_exact_with_real_tools() {
                 continue; // byte-by-byte dd of a megabyte is slow and proves nothing more
             }
             let of = s.path("out").join(format!("{name}.{bs}"));
-            run("dd", &[&format!("if={ps}"), &format!("of={}", of.display()), &format!("bs={bs}"), "status=none"]);
+            run(
+                "dd",
+                &[
+                    &format!("if={ps}"),
+                    &format!("of={}", of.display()),
+                    &format!("bs={bs}"),
+                    "status=none",
+                ],
+            );
             assert_eq!(read_all(&of), want, "dd bs={bs} {name}");
         }
         let copy = s.path("out").join(format!("{name}.cp"));
         run("cp", &[ps, copy.to_str().unwrap()]);
         assert_eq!(read_all(&copy), want, "cp {name}");
         let n = 1000.min(*size);
-        assert_eq!(run("tail", &["-c", "1000", ps]), want[size - n..], "tail -c {name}");
-        assert_eq!(run("head", &["-c", "1000", ps]), want[..n], "head -c {name}");
+        assert_eq!(
+            run("tail", &["-c", "1000", ps]),
+            want[size - n..],
+            "tail -c {name}"
+        );
+        assert_eq!(
+            run("head", &["-c", "1000", ps]),
+            want[..n],
+            "head -c {name}"
+        );
         if *size > 0 {
             let py = format!(
                 "import mmap,hashlib;f=open({ps:?},'rb');m=mmap.mmap(f.fileno(),0,access=mmap.ACCESS_READ);print(hashlib.sha256(m).hexdigest())"
@@ -70,7 +90,12 @@ fn edge_sized_objects_read_byte_exact_with_real_tools() {
     // Random preads across chunk boundaries.
     let want = pattern(3 * CHUNK + 12_345, 5);
     let f = std::fs::File::open(m.path("sizes/multi")).unwrap();
-    for (off, len) in [(CHUNK - 10, 20), (0, 3 * CHUNK + 12_345), (2 * CHUNK + 7, CHUNK + 100), (3 * CHUNK + 12_000, 1000)] {
+    for (off, len) in [
+        (CHUNK - 10, 20),
+        (0, 3 * CHUNK + 12_345),
+        (2 * CHUNK + 7, CHUNK + 100),
+        (3 * CHUNK + 12_000, 1000),
+    ] {
         let mut buf = vec![0u8; len];
         let n = f.read_at(&mut buf, off as u64).unwrap();
         let end = (off + len).min(want.len());
@@ -92,7 +117,11 @@ fn grep_finds_text_and_names_with_odd_characters_work() {
         "odd/semi;colon,comma",
     ];
     for (i, n) in names.iter().enumerate() {
-        o.put_object(BUCKET, n, format!("line one\nneedle {i}\nline three\n").into_bytes());
+        o.put_object(
+            BUCKET,
+            n,
+            format!("line one\nneedle {i}\nline three\n").into_bytes(),
+        );
     }
     // 150 bytes: s3s-fs keeps metadata in files named after the base64 of the key, so it cannot
     // hold 255-byte names; the 255/256-byte edge is tested against Garage.
@@ -102,7 +131,10 @@ fn grep_finds_text_and_names_with_odd_characters_work() {
     let listed = String::from_utf8(run("ls", &[m.path("odd").to_str().unwrap()])).unwrap();
     for n in names.iter().chain([&long.as_str()]) {
         let base = n.strip_prefix("odd/").unwrap();
-        assert!(listed.lines().any(|l| l == base), "{base:?} listed in {listed:?}");
+        assert!(
+            listed.lines().any(|l| l == base),
+            "{base:?} listed in {listed:?}"
+        );
     }
     for (i, n) in names.iter().enumerate() {
         let out = String::from_utf8(run("grep", &["needle", m.path(n).to_str().unwrap()])).unwrap();
@@ -134,9 +166,18 @@ fn tree_of_10000_objects_lists_and_relists_from_cache() {
     assert_eq!(found.lines().count(), 10_000);
     let du = String::from_utf8(run("du", &["-s", "--apparent-size", "-b", t])).unwrap();
     let bytes: u64 = du.split_whitespace().next().unwrap().parse().unwrap();
-    let expected: u64 = (0..100).flat_map(|d| (0..100).map(move |f| format!("{d}-{f}").len() as u64)).sum();
-    assert!(bytes >= expected, "du counted {bytes}, objects hold {expected}");
-    let st = String::from_utf8(run("stat", &["-c", "%s %F", m.path("tree/d42/f07").to_str().unwrap()])).unwrap();
+    let expected: u64 = (0..100)
+        .flat_map(|d| (0..100).map(move |f| format!("{d}-{f}").len() as u64))
+        .sum();
+    assert!(
+        bytes >= expected,
+        "du counted {bytes}, objects hold {expected}"
+    );
+    let st = String::from_utf8(run(
+        "stat",
+        &["-c", "%s %F", m.path("tree/d42/f07").to_str().unwrap()],
+    ))
+    .unwrap();
     assert_eq!(st.trim(), "4 regular file"); // "42-7"
 
     let first = run("ls", &["-lR", t]);
@@ -144,11 +185,18 @@ fn tree_of_10000_objects_lists_and_relists_from_cache() {
     let second = run("ls", &["-lR", t]);
     assert_eq!(first, second);
     let stats = o.stats();
-    assert_eq!(stats.requests, 0, "a second ls -lR within the TTL asks the origin nothing: {stats:?}");
+    assert_eq!(
+        stats.requests, 0,
+        "a second ls -lR within the TTL asks the origin nothing: {stats:?}"
+    );
 
     // Listing pages of 1000: the directory of 100 subdirectories and 10,000 files in one prefix.
-    let inode_a = std::fs::metadata(m.path("tree/d01/f01")).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap();
-    let inode_b = std::fs::metadata(m.path("tree/d01/f01")).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap();
+    let inode_a = std::fs::metadata(m.path("tree/d01/f01"))
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .unwrap();
+    let inode_b = std::fs::metadata(m.path("tree/d01/f01"))
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .unwrap();
     assert_eq!(inode_a, inode_b, "inode numbers are stable");
 }
 
@@ -165,7 +213,11 @@ fn big_flat_directory_paginates() {
     o.reset_stats();
     let n = std::fs::read_dir(m.path("flat")).unwrap().count();
     assert_eq!(n, 2500);
-    assert!(o.stats().list_requests >= 3, "2500 keys take 3 pages of 1000: {:?}", o.stats());
+    assert!(
+        o.stats().list_requests >= 3,
+        "2500 keys take 3 pages of 1000: {:?}",
+        o.stats()
+    );
 }
 
 #[test]
@@ -191,12 +243,18 @@ fn writes_are_refused_with_erofs() {
         assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
     };
     rofs(std::fs::write(m.path("new.txt"), b"x"));
-    rofs(std::fs::OpenOptions::new().append(true).open(m.path("f.txt")).map(|_| ()));
+    rofs(
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(m.path("f.txt"))
+            .map(|_| ()),
+    );
     rofs(std::fs::create_dir(m.path("dir")));
     rofs(std::fs::remove_file(m.path("f.txt")));
     rofs(std::fs::rename(m.path("f.txt"), m.path("g.txt")));
     assert_eq!(read_all(&m.path("f.txt")), b"data");
-    let df = String::from_utf8(run("stat", &["-f", "-c", "%T %l", m.mnt.to_str().unwrap()])).unwrap();
+    let df =
+        String::from_utf8(run("stat", &["-f", "-c", "%T %l", m.mnt.to_str().unwrap()])).unwrap();
     assert!(df.contains("255"), "statfs answers: {df}");
 }
 
@@ -209,14 +267,25 @@ fn warm_remount_reads_with_zero_origin_gets() {
     let m = mounted(&s, &o, &[]);
     assert_eq!(sha256sum(&m.path("warm.bin")), sha256_hex(&data));
     assert_eq!(m.unmount(), 0);
-    assert_eq!(o.stats().get_bytes, data.len() as u64, "cold read fetched each byte once");
-    let leftovers = std::fs::read_dir(s.path("cache").join("tmp")).unwrap().count();
+    assert_eq!(
+        o.stats().get_bytes,
+        data.len() as u64,
+        "cold read fetched each byte once"
+    );
+    let leftovers = std::fs::read_dir(s.path("cache").join("tmp"))
+        .unwrap()
+        .count();
     assert_eq!(leftovers, 0, "no temp files after unmount");
 
     o.reset_stats();
     let m = mounted(&s, &o, &[]);
     assert_eq!(sha256sum(&m.path("warm.bin")), sha256_hex(&data));
-    assert_eq!(o.stats().get_requests, 0, "warm remount sends no GET: {:?}", o.stats());
+    assert_eq!(
+        o.stats().get_requests,
+        0,
+        "warm remount sends no GET: {:?}",
+        o.stats()
+    );
     assert_eq!(m.unmount(), 0);
 }
 
@@ -233,7 +302,11 @@ fn corrupt_cache_file_is_refetched_never_served() {
     // Flip one byte in the data of every cached chunk file.
     let mut corrupted = 0;
     for f in walk(&s.path("cache").join("chunks")) {
-        let file = std::fs::OpenOptions::new().read(true).write(true).open(&f).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&f)
+            .unwrap();
         let len = file.metadata().unwrap().len();
         let mut b = [0u8; 1];
         file.read_at(&mut b, len - 100).unwrap();
@@ -245,7 +318,12 @@ fn corrupt_cache_file_is_refetched_never_served() {
     o.reset_stats();
     let m = mounted(&s, &o, &[]);
     assert_eq!(sha256sum(&m.path("c.bin")), sha256_hex(&data));
-    assert_eq!(o.stats().get_requests, 2, "both corrupt chunks refetched: {:?}", o.stats());
+    assert_eq!(
+        o.stats().get_requests,
+        2,
+        "both corrupt chunks refetched: {:?}",
+        o.stats()
+    );
     assert_eq!(m.unmount(), 0);
 }
 
@@ -272,9 +350,15 @@ fn cache_stays_under_its_max_size() {
     let m = mounted(&s, &o, &["--cache-max-size", &max.to_string()]);
     assert_eq!(sha256sum(&m.path("big.bin")), sha256_hex(&data));
     assert_eq!(m.unmount(), 0);
-    let used: u64 = walk(&s.path("cache").join("chunks")).iter().map(|p| p.metadata().unwrap().len()).sum();
+    let used: u64 = walk(&s.path("cache").join("chunks"))
+        .iter()
+        .map(|p| p.metadata().unwrap().len())
+        .sum();
     assert!(used <= max, "cache holds {used} bytes, bound is {max}");
-    assert!(used >= 3 * CHUNK as u64, "cache still holds recent chunks: {used}");
+    assert!(
+        used >= 3 * CHUNK as u64,
+        "cache still holds recent chunks: {used}"
+    );
 }
 
 #[test]
@@ -304,7 +388,11 @@ fn object_replaced_while_open_never_mixes_versions() {
     drop(f);
 
     std::thread::sleep(Duration::from_millis(2100));
-    assert_eq!(sha256sum(&m.path("v.bin")), sha256_hex(&new), "a new open after the TTL sees the new object");
+    assert_eq!(
+        sha256sum(&m.path("v.bin")),
+        sha256_hex(&new),
+        "a new open after the TTL sees the new object"
+    );
 }
 
 #[test]
@@ -318,7 +406,12 @@ fn sigterm_and_sigint_unmount_cleanly() {
         let mnt = m.mnt.clone();
         assert_eq!(m.signal(sig), 0, "exit 0 after signal {sig}");
         assert!(!is_mounted(&mnt), "no stale mount after signal {sig}");
-        assert_eq!(std::fs::read_dir(s.path("cache").join("tmp")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(s.path("cache").join("tmp"))
+                .unwrap()
+                .count(),
+            0
+        );
     }
 }
 
@@ -328,7 +421,11 @@ fn fusermount_unmount_ends_the_process() {
     let o = origin(&s, BUCKET);
     let mut m = mounted(&s, &o, &[]);
     let out = run_output("fusermount3", &["-u", m.mnt.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(m.wait_exit(), 0);
     assert!(!is_mounted(&m.mnt));
 }
@@ -342,7 +439,11 @@ fn detached_mount_returns_once_live() {
     let out = mount_command(&Target::of(&o), BUCKET, &mnt, &s.path("cache"), &[])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Live at the moment the command returned: no waiting.
     let live = is_mounted(&mnt);
     let content = std::fs::read(mnt.join("d.txt"));
@@ -370,7 +471,11 @@ fn eight_concurrent_readers_fetch_each_byte_once() {
         assert_eq!(r.join().unwrap(), sha256_hex(&data));
     }
     let st = o.stats();
-    assert_eq!(st.get_bytes, data.len() as u64, "origin served each byte once: {st:?}");
+    assert_eq!(
+        st.get_bytes,
+        data.len() as u64,
+        "origin served each byte once: {st:?}"
+    );
     assert_eq!(st.get_requests, 9, "one GET per chunk: {st:?}");
 }
 
@@ -381,15 +486,22 @@ fn a_stalled_read_does_not_block_other_requests() {
     o.put_object(BUCKET, "slow.bin", pattern(CHUNK, 14));
     o.put_object(BUCKET, "fast.txt", b"fast\n".to_vec());
     let m = mounted(&s, &o, &[]);
-    o.faults().stall_next_bodies(1, 1024, Duration::from_secs(6));
+    o.faults()
+        .stall_next_bodies(1, 1024, Duration::from_secs(6));
     let slow = m.path("slow.bin");
     let slow_reader = std::thread::spawn(move || read_all(&slow));
     std::thread::sleep(Duration::from_millis(300));
     // While the first read waits on the network, other operations complete.
-    assert!(!slow_reader.is_finished(), "the stalled read is still waiting");
+    assert!(
+        !slow_reader.is_finished(),
+        "the stalled read is still waiting"
+    );
     assert_eq!(read_all(&m.path("fast.txt")), b"fast\n");
     assert!(std::fs::read_dir(&m.mnt).unwrap().count() >= 2);
-    assert!(!slow_reader.is_finished(), "and was still waiting while the others were served");
+    assert!(
+        !slow_reader.is_finished(),
+        "and was still waiting while the others were served"
+    );
     assert_eq!(slow_reader.join().unwrap(), pattern(CHUNK, 14));
 }
 
@@ -404,7 +516,10 @@ fn transient_origin_errors_are_retried_and_cut_bodies_resumed() {
     assert_eq!(sha256sum(&m.path("flaky.bin")), sha256_hex(&data));
     o.put_object(BUCKET, "cut.bin", pattern(3 * CHUNK, 16));
     o.faults().cut_next_bodies(2);
-    assert_eq!(sha256sum(&m.path("cut.bin")), sha256_hex(&pattern(3 * CHUNK, 16)));
+    assert_eq!(
+        sha256sum(&m.path("cut.bin")),
+        sha256_hex(&pattern(3 * CHUNK, 16))
+    );
 }
 
 #[test]

@@ -64,7 +64,11 @@ pub struct ScanReport {
 
 impl DiskStore {
     /// Opens (creating) the cache at `root`, sweeps temp files and orphans, and indexes the chunks.
-    pub fn open(root: &Path, max_bytes: u64, metrics: Arc<Metrics>) -> Result<(DiskStore, ScanReport), DiskError> {
+    pub fn open(
+        root: &Path,
+        max_bytes: u64,
+        metrics: Arc<Metrics>,
+    ) -> Result<(DiskStore, ScanReport), DiskError> {
         for sub in ["chunks", "tmp"] {
             let p = root.join(sub);
             fs::create_dir_all(&p).map_err(io_err(&p))?;
@@ -469,7 +473,13 @@ mod tests {
         let k = key("e", size as u64, 1 << 20, 0);
         let pieces: Vec<Bytes> = d.chunks(10_000).map(Bytes::copy_from_slice).collect();
         s.write(&k, &pieces).unwrap();
-        for (off, len) in [(0, size), (1, 5), (BLOCK as usize - 3, 10), (size - 1, 1), (100, 200_000)] {
+        for (off, len) in [
+            (0, size),
+            (1, 5),
+            (BLOCK as usize - 3, 10),
+            (size - 1, 1),
+            (100, 200_000),
+        ] {
             let got = s.read(&k, off as u64, len as u64).unwrap().unwrap();
             assert_eq!(&got[..], &d[off..(off + len).min(size)]);
         }
@@ -486,8 +496,14 @@ mod tests {
         s.write(&k, &[Bytes::from(data(size))]).unwrap();
         let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
         f.write_all_at(b"X", 5000 + BLOCK).unwrap();
-        assert!(s.read(&k, 0, 10).unwrap().is_some(), "untouched block still verifies");
-        assert!(s.read(&k, BLOCK, 10).unwrap().is_none(), "flipped byte detected");
+        assert!(
+            s.read(&k, 0, 10).unwrap().is_some(),
+            "untouched block still verifies"
+        );
+        assert!(
+            s.read(&k, BLOCK, 10).unwrap().is_none(),
+            "flipped byte detected"
+        );
         assert!(!path.exists(), "bad file removed");
 
         s.write(&k, &[Bytes::from(data(size))]).unwrap();
@@ -500,7 +516,10 @@ mod tests {
         s.write(&other, &[Bytes::from(data(size))]).unwrap();
         fs::create_dir_all(path.parent().unwrap()).unwrap();
         fs::copy(s.path_of(&other.id()), &path).unwrap();
-        assert!(s.read(&k, 0, 10).unwrap().is_none(), "foreign header detected");
+        assert!(
+            s.read(&k, 0, 10).unwrap().is_none(),
+            "foreign header detected"
+        );
 
         fs::write(&path, b"garbage").unwrap();
         assert!(s.read(&k, 0, 10).unwrap().is_none());
@@ -511,7 +530,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let one = BLOCK as usize;
         let s = store(dir.path(), 3 * (one as u64 + 200));
-        let keys: Vec<ChunkKey> = (0..4).map(|i| key("e", 4 * one as u64, one as u64, i)).collect();
+        let keys: Vec<ChunkKey> = (0..4)
+            .map(|i| key("e", 4 * one as u64, one as u64, i))
+            .collect();
         for k in &keys[..3] {
             s.write(k, &[Bytes::from(data(one))]).unwrap();
         }

@@ -45,7 +45,10 @@ pub struct Scratch {
 impl Scratch {
     pub fn new() -> Scratch {
         Scratch {
-            dir: tempfile::Builder::new().prefix("orcafs-test-").tempdir().expect("tempdir"),
+            dir: tempfile::Builder::new()
+                .prefix("orcafs-test-")
+                .tempdir()
+                .expect("tempdir"),
         }
     }
 
@@ -82,7 +85,13 @@ impl Target {
 }
 
 /// The `orcafs mount` command for a target, with the test environment.
-pub fn mount_command(t: &Target, source: &str, mnt: &Path, cache: &Path, extra: &[&str]) -> Command {
+pub fn mount_command(
+    t: &Target,
+    source: &str,
+    mnt: &Path,
+    cache: &Path,
+    extra: &[&str],
+) -> Command {
     let mut c = Command::new(orcafs_bin());
     c.arg("mount")
         .arg(source)
@@ -141,8 +150,15 @@ impl Mount {
             if is_mounted(&self.mnt) {
                 return;
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("orcafs exited with {status} before mounting:\n{}", self.log_text());
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "orcafs exited with {status} before mounting:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -163,7 +179,11 @@ impl Mount {
 
     /// Unmounts with `umount` and waits for the process to exit; returns its exit code.
     pub fn unmount(mut self) -> i32 {
-        let ok = Command::new("umount").arg(&self.mnt).status().map(|s| s.success()).unwrap_or(false);
+        let ok = Command::new("umount")
+            .arg(&self.mnt)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
         assert!(ok, "umount failed:\n{}", self.log_text());
         self.wait_exit()
     }
@@ -224,13 +244,20 @@ pub fn run(cmd: &str, args: &[&str]) -> Vec<u8> {
 }
 
 pub fn run_output(cmd: &str, args: &[&str]) -> Output {
-    Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
 }
 
 /// `sha256sum FILE` through the real program.
 pub fn sha256sum(path: &Path) -> String {
     let out = run("sha256sum", &[path.to_str().expect("utf8 path")]);
-    String::from_utf8_lossy(&out).split_whitespace().next().unwrap_or("").to_string()
+    String::from_utf8_lossy(&out)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string()
 }
 
 pub fn read_all(path: &Path) -> Vec<u8> {
