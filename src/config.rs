@@ -38,8 +38,16 @@ pub struct Config {
     pub fuse_threads: usize,
     /// Attempts per origin request (first try included) for retryable failures.
     pub origin_max_attempts: u32,
-    /// Connect timeout and per-read stall timeout towards the origin.
+    /// Connect timeout, per-read stall timeout and origin queue timeout.
     pub origin_timeout: Duration,
+    /// Total time one chunk fill may spend retrying before it fails.
+    pub origin_retry_time: Duration,
+    /// Cap on concurrent origin GETs from this host.
+    pub max_origin_requests: usize,
+    /// Chunks prefetched ahead of a sequential reader.
+    pub readahead_chunks: u64,
+    /// Bound on bytes held by fill buffers (readers' fills and readahead).
+    pub memory_limit: u64,
 }
 
 pub const DEFAULT_CHUNK_SIZE: u64 = 8 << 20;
@@ -114,6 +122,10 @@ pub struct FileConfig {
     pub fuse_threads: Option<usize>,
     pub origin_max_attempts: Option<u32>,
     pub origin_timeout: Option<Value>,
+    pub origin_retry_time: Option<Value>,
+    pub max_origin_requests: Option<usize>,
+    pub readahead_chunks: Option<u64>,
+    pub memory_limit: Option<Value>,
 }
 
 /// `orcafs mount` flags. Every flag has a TOML key of the same name (dashes become underscores).
@@ -186,6 +198,18 @@ pub struct MountArgs {
     /// Origin connect timeout and stall timeout of a body read [default: 30s]
     #[arg(long, value_name = "DURATION")]
     pub origin_timeout: Option<String>,
+    /// Total time a chunk fill may spend retrying the origin before it fails [default: 60s]
+    #[arg(long, value_name = "DURATION")]
+    pub origin_retry_time: Option<String>,
+    /// Most origin GETs in flight at once from this host [default: 16]
+    #[arg(long, value_name = "N")]
+    pub max_origin_requests: Option<usize>,
+    /// Chunks prefetched ahead of a sequential reader, 0 to disable [default: 4]
+    #[arg(long, value_name = "N")]
+    pub readahead_chunks: Option<u64>,
+    /// Memory for chunk fills and readahead; new fills wait when it is used [default: 512MiB]
+    #[arg(long, value_name = "SIZE")]
+    pub memory_limit: Option<String>,
 }
 
 impl MountArgs {
@@ -268,6 +292,34 @@ fn merge(args: &MountArgs, file: FileConfig) -> Result<Config, ConfigError> {
         return Err(invalid("origin timeout", "0", "must be positive"));
     }
 
+    let origin_retry_time = pick_duration(
+        "origin retry time",
+        &args.origin_retry_time,
+        &file.origin_retry_time,
+    )?
+    .unwrap_or(Duration::from_secs(60));
+    let max_origin_requests = args
+        .max_origin_requests
+        .or(file.max_origin_requests)
+        .unwrap_or(16);
+    if !(1..=1024).contains(&max_origin_requests) {
+        return Err(invalid(
+            "max origin requests",
+            max_origin_requests.to_string(),
+            "must be between 1 and 1024",
+        ));
+    }
+    let readahead_chunks = args.readahead_chunks.or(file.readahead_chunks).unwrap_or(4);
+    let memory_limit =
+        pick_size("memory limit", &args.memory_limit, &file.memory_limit)?.unwrap_or(512 << 20);
+    if memory_limit < chunk_size {
+        return Err(invalid(
+            "memory limit",
+            memory_limit.to_string(),
+            "must hold at least one chunk (raise it or lower --chunk-size)",
+        ));
+    }
+
     let file_mode = pick_mode("file mode", &args.file_mode, &file.file_mode)?.unwrap_or(0o644);
     let dir_mode = pick_mode("dir mode", &args.dir_mode, &file.dir_mode)?.unwrap_or(0o755);
 
@@ -325,6 +377,10 @@ fn merge(args: &MountArgs, file: FileConfig) -> Result<Config, ConfigError> {
         fuse_threads,
         origin_max_attempts,
         origin_timeout,
+        origin_retry_time,
+        max_origin_requests,
+        readahead_chunks,
+        memory_limit,
     })
 }
 

@@ -10,18 +10,24 @@
 //! reader that started it has gone. A fill that fails or comes up short is never committed; every
 //! waiting reader gets the error and the next read starts a new fill.
 //!
-//! Origin policy: the SDK retries a request before its first byte; once bytes have been handed
-//! out, a broken body is resumed with a new ranged GET from the current offset (still pinned to
-//! the ETag), up to `origin_max_attempts` times.
+//! Origin policy ([`FetchPolicy`]): a failed GET (5xx, SlowDown, timeout, reset, a body that
+//! stalls or breaks) is retried with exponential backoff inside a budget of attempts and total
+//! time; once bytes have been received, the retry is a new ranged GET from the current offset
+//! (still pinned to the ETag), so readers never see a short chunk. 404, 403 and 412 (ETag
+//! changed) are final. A semaphore caps concurrent origin GETs per host (with a queue timeout).
+//!
+//! Memory: every fill holds permits for its length from one budget (`memory_limit`) until it is
+//! committed and dropped. A reader's fill waits for room; readahead is skipped when there is none.
+//! So fill memory is bounded by configuration, not by object sizes or the number of readers.
 //!
 //! Must not know about inodes or FUSE.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use crate::cachestore::DiskStore;
@@ -35,6 +41,8 @@ pub enum FetchError {
     Origin(#[from] OriginError),
     #[error("chunk fill stopped before completion")]
     Abandoned,
+    #[error("no origin connection slot free within {0:?}")]
+    QueueTimeout(Duration),
 }
 
 impl FetchError {
@@ -43,15 +51,34 @@ impl FetchError {
     }
 }
 
-/// Fills allowed in flight before readahead stops starting new ones.
-const MAX_PREFETCH_INFLIGHT: usize = 16;
+/// How fills talk to the origin and how much they may hold.
+#[derive(Debug, Clone)]
+pub struct FetchPolicy {
+    pub chunk_size: u64,
+    /// Attempts per fill, first included.
+    pub max_attempts: u32,
+    /// Total time a fill may spend before giving up.
+    pub retry_time: Duration,
+    /// A body that delivers nothing for this long is broken.
+    pub stall_timeout: Duration,
+    /// How long a fill waits for an origin connection slot.
+    pub queue_timeout: Duration,
+    pub max_origin_requests: usize,
+    pub readahead_chunks: u64,
+    pub memory_limit: u64,
+}
+
+/// Memory permits are counted in KiB so that large budgets fit a semaphore.
+const PERMIT_BYTES: u64 = 1024;
 
 pub struct Coordinator {
     origin: Arc<S3Origin>,
     disk: Arc<DiskStore>,
-    chunk_size: u64,
-    max_attempts: u32,
+    policy: FetchPolicy,
     inflight: Mutex<HashMap<ChunkId, Arc<Fill>>>,
+    origin_slots: Semaphore,
+    memory: Arc<Semaphore>,
+    memory_permits: u32,
     metrics: Arc<Metrics>,
 }
 
@@ -59,22 +86,33 @@ impl Coordinator {
     pub fn new(
         origin: Arc<S3Origin>,
         disk: Arc<DiskStore>,
-        chunk_size: u64,
-        max_attempts: u32,
+        policy: FetchPolicy,
         metrics: Arc<Metrics>,
     ) -> Arc<Coordinator> {
+        let memory_permits = (policy.memory_limit / PERMIT_BYTES).clamp(1, u32::MAX as u64) as u32;
         Arc::new(Coordinator {
             origin,
             disk,
-            chunk_size,
-            max_attempts,
+            origin_slots: Semaphore::new(policy.max_origin_requests),
+            memory: Arc::new(Semaphore::new(memory_permits as usize)),
+            memory_permits,
+            policy,
             inflight: Mutex::new(HashMap::new()),
             metrics,
         })
     }
 
     pub fn chunk_size(&self) -> u64 {
-        self.chunk_size
+        self.policy.chunk_size
+    }
+
+    /// Bytes of the memory budget held by fills right now.
+    pub fn memory_in_use(&self) -> u64 {
+        (self.memory_permits as u64 - self.memory.available_permits() as u64) * PERMIT_BYTES
+    }
+
+    fn permits_for(&self, len: u64) -> u32 {
+        (len.div_ceil(PERMIT_BYTES) as u32).clamp(1, self.memory_permits)
     }
 
     fn inflight(&self) -> MutexGuard<'_, HashMap<ChunkId, Arc<Fill>>> {
@@ -88,11 +126,12 @@ impl Coordinator {
         offset: u64,
         len: u64,
     ) -> Result<Bytes, FetchError> {
-        let spans: Vec<_> = chunk::spans(offset, len, object.size, self.chunk_size).collect();
+        let cs = self.policy.chunk_size;
+        let spans: Vec<_> = chunk::spans(offset, len, object.size, cs).collect();
         match spans.as_slice() {
             [] => Ok(Bytes::new()),
             [one] => {
-                let key = ChunkKey::new(object.clone(), self.chunk_size, one.index);
+                let key = ChunkKey::new(object.clone(), cs, one.index);
                 self.read_chunk(&key, one.offset, one.len).await
             }
             many => {
@@ -101,7 +140,7 @@ impl Coordinator {
                     .iter()
                     .map(|s| {
                         let this = self.clone();
-                        let key = ChunkKey::new(object.clone(), self.chunk_size, s.index);
+                        let key = ChunkKey::new(object.clone(), cs, s.index);
                         let (off, n) = (s.offset, s.len);
                         tokio::spawn(async move { this.read_chunk(&key, off, n).await })
                     })
@@ -124,56 +163,95 @@ impl Coordinator {
         len: u64,
     ) -> Result<Bytes, FetchError> {
         let id = key.id();
-        for _ in 0..2 {
-            let in_flight = self.inflight().get(&id).cloned();
-            if let Some(fill) = in_flight {
-                Metrics::inc(&self.metrics.fill_joins);
+        let mut permit = None;
+        loop {
+            if let Some(fill) = self.join(&id) {
                 return fill.read(offset, len).await;
             }
             if let Some(bytes) = self.read_disk(key, offset, len).await {
                 return Ok(bytes);
             }
+            // Room in the memory budget first (waiting here is the back pressure), then
+            // decide under the lock: someone may have started or committed it meanwhile.
+            let p = match permit.take() {
+                Some(p) => p,
+                None => self.memory_permit(key.len()).await?,
+            };
             let fill = {
                 let mut map = self.inflight();
                 if let Some(fill) = map.get(&id) {
                     Metrics::inc(&self.metrics.fill_joins);
                     Some(fill.clone())
                 } else if self.disk.contains(&id) {
-                    // Committed between our disk miss and now: read it from disk.
                     None
                 } else {
-                    Some(self.start_fill(&mut map, key.clone(), id))
+                    Some(self.start_fill(&mut map, key.clone(), id, p))
                 }
             };
-            if let Some(fill) = fill {
-                return fill.read(offset, len).await;
+            match fill {
+                Some(fill) => return fill.read(offset, len).await,
+                // Committed between our disk miss and the lock: read it from disk. A chunk
+                // evicted again in between just loops once more.
+                None => continue,
             }
         }
-        // The chunk keeps vanishing from disk under us (eviction races): fill it anyway.
-        let fill = {
-            let mut map = self.inflight();
-            match map.get(&id) {
-                Some(f) => f.clone(),
-                None => self.start_fill(&mut map, key.clone(), id),
+    }
+
+    fn join(&self, id: &ChunkId) -> Option<Arc<Fill>> {
+        let fill = self.inflight().get(id).cloned();
+        if fill.is_some() {
+            Metrics::inc(&self.metrics.fill_joins);
+        }
+        fill
+    }
+
+    async fn memory_permit(&self, len: u64) -> Result<OwnedSemaphorePermit, FetchError> {
+        let n = self.permits_for(len);
+        if let Ok(p) = self.memory.clone().try_acquire_many_owned(n) {
+            return Ok(p);
+        }
+        tracing::debug!(len, "memory budget in use: waiting for room");
+        self.memory
+            .clone()
+            .acquire_many_owned(n)
+            .await
+            .map_err(|_| FetchError::Abandoned)
+    }
+
+    /// Prefetches the chunks after `index` for a sequential reader, as far as memory allows.
+    pub fn readahead(self: &Arc<Self>, object: &Arc<ObjectVersion>, index: u64) {
+        let cs = self.policy.chunk_size;
+        let count = chunk::chunk_count(object.size, cs);
+        let last = (index + self.policy.readahead_chunks).min(count.saturating_sub(1));
+        for i in index + 1..=last {
+            if !self.prefetch(ChunkKey::new(object.clone(), cs, i)) {
+                break;
             }
-        };
-        fill.read(offset, len).await
+        }
     }
 
     /// Starts filling `key` in the background unless it is cached or already filling.
-    /// Readahead: never waits, and skips when too many fills are in flight.
-    pub fn prefetch(self: &Arc<Self>, key: ChunkKey) {
+    /// Never waits; returns false when the memory budget has no room (readahead stops).
+    pub fn prefetch(self: &Arc<Self>, key: ChunkKey) -> bool {
         if key.is_empty() {
-            return;
+            return true;
         }
         let id = key.id();
-        if self.disk.contains(&id) {
-            return;
+        if self.disk.contains(&id) || self.inflight().contains_key(&id) {
+            return true;
         }
+        let Ok(permit) = self
+            .memory
+            .clone()
+            .try_acquire_many_owned(self.permits_for(key.len()))
+        else {
+            return false;
+        };
         let mut map = self.inflight();
-        if map.len() < MAX_PREFETCH_INFLIGHT && !map.contains_key(&id) {
-            self.start_fill(&mut map, key, id);
+        if !map.contains_key(&id) {
+            self.start_fill(&mut map, key, id, permit);
         }
+        true
     }
 
     async fn read_disk(&self, key: &ChunkKey, offset: u64, len: u64) -> Option<Bytes> {
@@ -195,8 +273,9 @@ impl Coordinator {
         map: &mut HashMap<ChunkId, Arc<Fill>>,
         key: ChunkKey,
         id: ChunkId,
+        memory: OwnedSemaphorePermit,
     ) -> Arc<Fill> {
-        let fill = Arc::new(Fill::new(key.len()));
+        let fill = Arc::new(Fill::new(key.len(), Some(memory)));
         map.insert(id, fill.clone());
         Metrics::inc(&self.metrics.fills_started);
         let span = tracing::debug_span!("fill", bucket = %key.object.bucket, key = %key.object.key, chunk = key.index);
@@ -231,48 +310,68 @@ impl Coordinator {
         self.inflight().remove(&id);
     }
 
-    /// GETs the chunk into the fill, resuming after a broken body from where it stopped.
+    /// GETs the chunk into the fill, retrying and resuming from where it stopped.
     async fn fill_from_origin(&self, key: &ChunkKey, fill: &Fill) -> Result<(), FetchError> {
-        let o = &key.object;
-        let len = key.len();
+        let started = Instant::now();
         let mut attempt = 1;
         loop {
-            let got = fill.filled();
-            let result = async {
-                let mut body = self
-                    .origin
-                    .get_range(&o.key, &o.etag, key.start() + got, len - got)
-                    .await?;
-                let mut have = got;
-                while let Some(piece) = body.next().await {
-                    let piece = piece?;
-                    if have + piece.len() as u64 > len {
-                        return Err(OriginError::Other(
-                            "origin sent more bytes than asked".into(),
-                        ));
-                    }
-                    have += piece.len() as u64;
-                    fill.push(piece);
-                }
-                if have < len {
-                    return Err(OriginError::Transient(format!(
-                        "body ended after {have} of {len} bytes"
-                    )));
-                }
-                Ok(())
-            }
-            .await;
-            match result {
+            let result = self.fetch_rest(key, fill).await;
+            let e = match result {
                 Ok(()) => return Ok(()),
-                Err(e) if e.is_retryable() && attempt < self.max_attempts => {
-                    Metrics::inc(&self.metrics.origin_get_retries);
-                    tracing::info!(error = %e, attempt, resume_at = fill.filled(), "retrying chunk GET");
-                    tokio::time::sleep(backoff(attempt)).await;
-                    attempt += 1;
-                }
-                Err(e) => return Err(e.into()),
+                Err(FetchError::Origin(e)) if e.is_retryable() => e,
+                Err(e) => return Err(e),
+            };
+            let pause = backoff(attempt);
+            if attempt >= self.policy.max_attempts
+                || started.elapsed() + pause > self.policy.retry_time
+            {
+                tracing::warn!(error = %e, attempt, "origin retry budget spent");
+                return Err(e.into());
             }
+            Metrics::inc(&self.metrics.origin_get_retries);
+            tracing::info!(error = %e, attempt, resume_at = fill.filled(), "retrying chunk GET");
+            tokio::time::sleep(pause).await;
+            attempt += 1;
         }
+    }
+
+    /// One GET of the bytes the fill does not have yet, holding an origin slot throughout.
+    async fn fetch_rest(&self, key: &ChunkKey, fill: &Fill) -> Result<(), FetchError> {
+        let _slot = tokio::time::timeout(self.policy.queue_timeout, self.origin_slots.acquire())
+            .await
+            .map_err(|_| FetchError::QueueTimeout(self.policy.queue_timeout))?
+            .map_err(|_| FetchError::Abandoned)?;
+        let o = &key.object;
+        let len = key.len();
+        let got = fill.filled();
+        let mut body = self
+            .origin
+            .get_range(&o.key, &o.etag, key.start() + got, len - got)
+            .await?;
+        let mut have = got;
+        loop {
+            let piece = tokio::time::timeout(self.policy.stall_timeout, body.next())
+                .await
+                .map_err(|_| {
+                    OriginError::Transient(format!(
+                        "body stalled for {:?} after {have} of {len} bytes",
+                        self.policy.stall_timeout
+                    ))
+                })?;
+            let Some(piece) = piece else { break };
+            let piece = piece?;
+            if have + piece.len() as u64 > len {
+                return Err(OriginError::Other("origin sent more bytes than asked".into()).into());
+            }
+            have += piece.len() as u64;
+            fill.push(piece);
+        }
+        if have < len {
+            return Err(
+                OriginError::Transient(format!("body ended after {have} of {len} bytes")).into(),
+            );
+        }
+        Ok(())
     }
 }
 
@@ -287,6 +386,8 @@ pub struct Fill {
     len: u64,
     pieces: Mutex<Pieces>,
     progress: watch::Sender<Progress>,
+    /// This fill's share of the memory budget, returned when the fill is dropped.
+    _memory: Option<OwnedSemaphorePermit>,
 }
 
 #[derive(Default)]
@@ -303,11 +404,12 @@ struct Progress {
 }
 
 impl Fill {
-    fn new(len: u64) -> Fill {
+    fn new(len: u64, memory: Option<OwnedSemaphorePermit>) -> Fill {
         Fill {
             len,
             pieces: Mutex::new(Pieces::default()),
             progress: watch::Sender::new(Progress::default()),
+            _memory: memory,
         }
     }
 
@@ -394,7 +496,7 @@ mod tests {
 
     #[tokio::test]
     async fn readers_get_bytes_as_they_arrive_and_errors_when_it_fails() {
-        let fill = Arc::new(Fill::new(10));
+        let fill = Arc::new(Fill::new(10, None));
         fill.push(Bytes::from_static(b"0123"));
         // The first bytes are readable before the rest exists.
         assert_eq!(&fill.read(0, 3).await.unwrap()[..], b"012");
@@ -407,7 +509,7 @@ mod tests {
         fill.finish(Ok(()));
         assert_eq!(&fill.read(0, 100).await.unwrap()[..], b"0123456789");
 
-        let broken = Arc::new(Fill::new(10));
+        let broken = Arc::new(Fill::new(10, None));
         broken.push(Bytes::from_static(b"01"));
         let b = broken.clone();
         let waiting = tokio::spawn(async move { b.read(0, 10).await });

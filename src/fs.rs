@@ -18,15 +18,13 @@ use fuser::{
     Request, TimeOrNow, WriteFlags,
 };
 
-use crate::chunk::{ChunkKey, ObjectVersion};
+use crate::chunk::ObjectVersion;
 use crate::fetch::{Coordinator, FetchError};
 use crate::namespace::{Attr, Kind, Namespace, NsError};
 use crate::origin::OriginError;
 
 /// Largest read the kernel may send (and `max_read`).
 pub const MAX_READ: u32 = 1 << 20;
-/// Chunks prefetched ahead of a sequential reader.
-const READAHEAD_CHUNKS: u64 = 2;
 
 /// Ownership and permissions shown for every node.
 #[derive(Debug, Clone, Copy)]
@@ -88,7 +86,7 @@ fn errno_of_origin(e: &OriginError) -> Errno {
 fn errno_of_fetch(e: &FetchError) -> Errno {
     match e {
         FetchError::Origin(o) => errno_of_origin(o),
-        FetchError::Abandoned => Errno::EIO,
+        FetchError::Abandoned | FetchError::QueueTimeout(_) => Errno::EIO,
     }
 }
 
@@ -237,7 +235,6 @@ impl Filesystem for OrcaFs {
         let fetch = self.fetch.clone();
         let ns = self.ns.clone();
         self.rt.spawn(async move {
-            readahead(&fetch, &file, offset, size as u64);
             match fetch.read_object(&file.object, offset, size as u64).await {
                 Ok(bytes) => reply.data(&bytes),
                 Err(e) => {
@@ -245,9 +242,11 @@ impl Filesystem for OrcaFs {
                     if e.is_etag_changed() {
                         ns.invalidate(file.ino);
                     }
-                    reply.error(errno_of_fetch(&e))
+                    return reply.error(errno_of_fetch(&e));
                 }
             }
+            // After replying, so prefetches never delay this read or take its memory.
+            readahead(&fetch, &file, offset, size as u64);
         });
     }
 
@@ -479,17 +478,11 @@ impl Filesystem for OrcaFs {
     }
 }
 
-/// Prefetches the next chunks when a read continues where the previous one ended.
+/// Prefetches the next chunks when a read continues where the previous one ended; a random
+/// reader triggers nothing.
 fn readahead(fetch: &Arc<Coordinator>, file: &OpenFile, offset: u64, size: u64) {
     let expected = file.next_offset.swap(offset + size, Ordering::Relaxed);
-    let sequential = offset == expected || (offset == 0 && expected == 0);
-    if !sequential {
-        return;
-    }
-    let cs = fetch.chunk_size();
-    let this_chunk = offset / cs;
-    let last = file.object.size.div_ceil(cs);
-    for index in this_chunk + 1..=(this_chunk + READAHEAD_CHUNKS).min(last.saturating_sub(1)) {
-        fetch.prefetch(ChunkKey::new(file.object.clone(), cs, index));
+    if offset == expected {
+        fetch.readahead(&file.object, offset / fetch.chunk_size());
     }
 }

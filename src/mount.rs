@@ -17,7 +17,7 @@ use fuser::{MountOption, SessionACL};
 use crate::cachestore::disk::DiskError;
 use crate::cachestore::DiskStore;
 use crate::config::Config;
-use crate::fetch::Coordinator;
+use crate::fetch::{Coordinator, FetchPolicy};
 use crate::fs::{OrcaFs, Presentation, MAX_READ};
 use crate::metrics::Metrics;
 use crate::namespace::Namespace;
@@ -89,8 +89,7 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
     let fetch = Coordinator::new(
         origin.clone(),
         disk.clone(),
-        cfg.chunk_size,
-        cfg.origin_max_attempts,
+        fetch_policy(&cfg),
         metrics.clone(),
     );
     let ns = Arc::new(Namespace::new(
@@ -136,6 +135,19 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
         tracing::warn!(error = %e, "FUSE session ended with an error");
     }
     Ok(())
+}
+
+fn fetch_policy(cfg: &Config) -> FetchPolicy {
+    FetchPolicy {
+        chunk_size: cfg.chunk_size,
+        max_attempts: cfg.origin_max_attempts,
+        retry_time: cfg.origin_retry_time,
+        stall_timeout: cfg.origin_timeout,
+        queue_timeout: cfg.origin_timeout,
+        max_origin_requests: cfg.max_origin_requests,
+        readahead_chunks: cfg.readahead_chunks,
+        memory_limit: cfg.memory_limit,
+    }
 }
 
 async fn wait_for_stop_signal() {

@@ -224,6 +224,11 @@ impl S3Origin {
             .key(key)
             .if_match(etag)
             .range(format!("bytes={}-{}", start, start + len - 1))
+            // fetch owns the retry policy of GETs (budget, resume), so the SDK tries once.
+            .customize()
+            .config_override(
+                aws_sdk_s3::config::Builder::default().retry_config(RetryConfig::disabled()),
+            )
             .send()
             .await
             .map_err(|e| match self.classify(e, key) {
