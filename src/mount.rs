@@ -58,9 +58,14 @@ pub enum MountError {
 }
 
 /// Tells whoever started us (the detaching parent) that the mount is live or has failed.
-pub trait ReadyNotifier {
+/// Also how systemd (`Type=notify`) learns of readiness and shutdown.
+pub trait ReadyNotifier: Send {
+    /// The mount is live.
     fn ready(&mut self);
+    /// The mount failed before going live.
     fn failed(&mut self, _reason: &str) {}
+    /// Shutdown has begun (signal or external unmount).
+    fn stopping(&mut self) {}
 }
 
 /// Runs the mount until it is unmounted or signalled. Returns once it is down.
@@ -127,6 +132,7 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
     notifier.ready();
 
     let result = mounted.session.run();
+    notifier.stopping();
     tracing::info!(metrics = %metrics.summary(), "unmounted");
     // In-flight fills finish or are dropped; a commit cut short leaves only a temp file.
     rt.shutdown_timeout(Duration::from_secs(5));

@@ -42,15 +42,15 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DiskError + '_ {
 }
 
 pub struct DiskStore {
-    root: PathBuf,
-    max_bytes: u64,
-    index: Mutex<Index>,
-    metrics: Arc<Metrics>,
+    pub(super) root: PathBuf,
+    pub(super) max_bytes: u64,
+    pub(super) index: Mutex<Index>,
+    pub(super) metrics: Arc<Metrics>,
 }
 
-struct Index {
-    lru: LruCache<ChunkId, u64>,
-    bytes: u64,
+pub(super) struct Index {
+    pub(super) lru: LruCache<ChunkId, u64>,
+    pub(super) bytes: u64,
 }
 
 /// What start-up found in the cache directory.
@@ -100,12 +100,12 @@ impl DiskStore {
         self.lock().lru.contains(id)
     }
 
-    fn lock(&self) -> MutexGuard<'_, Index> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, Index> {
         // A panic while holding the index lock leaves plain data behind; keep going.
         self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn path_of(&self, id: &ChunkId) -> PathBuf {
+    pub(super) fn path_of(&self, id: &ChunkId) -> PathBuf {
         let hex = id.to_hex();
         self.root
             .join("chunks")
@@ -184,7 +184,7 @@ impl DiskStore {
         Ok(())
     }
 
-    fn remove(&self, id: &ChunkId) {
+    pub(super) fn remove(&self, id: &ChunkId) {
         {
             let mut idx = self.lock();
             if let Some(size) = idx.lru.pop(id) {
@@ -195,7 +195,7 @@ impl DiskStore {
     }
 
     /// Evicts least recently used chunks until `extra` more bytes fit under the bound.
-    fn evict_to_fit(&self, extra: u64) {
+    pub(super) fn evict_to_fit(&self, extra: u64) {
         loop {
             // Decide under the lock, unlink outside it.
             let victim = {
@@ -327,7 +327,7 @@ fn encode_header(key: &ChunkKey, data_len: u64, crcs: &[u32]) -> Vec<u8> {
 }
 
 /// A parsed, checked header.
-struct Header {
+pub(super) struct Header {
     len: u64,
     data_len: u64,
     crcs: Vec<u32>,
@@ -358,7 +358,7 @@ impl<'a> Cursor<'a> {
 }
 
 /// Parses and checks the header against the key; None if it is not this chunk's intact header.
-fn decode_header(bytes: &[u8], key: &ChunkKey) -> Option<Header> {
+pub(super) fn decode_header(bytes: &[u8], key: &ChunkKey) -> Option<Header> {
     let mut c = Cursor(bytes);
     if c.take(8)? != MAGIC {
         return None;
@@ -400,7 +400,12 @@ fn decode_header(bytes: &[u8], key: &ChunkKey) -> Option<Header> {
 
 /// Reads and checks the header, then only the blocks covering `[offset, offset+len)`.
 /// `Ok(None)`: the file is not an intact copy of this chunk.
-fn read_verified(file: &File, key: &ChunkKey, offset: u64, len: u64) -> io::Result<Option<Bytes>> {
+pub(super) fn read_verified(
+    file: &File,
+    key: &ChunkKey,
+    offset: u64,
+    len: u64,
+) -> io::Result<Option<Bytes>> {
     let file_len = file.metadata()?.len();
     let mut head = vec![0u8; FIRST_READ.min(file_len as usize)];
     file.read_exact_at(&mut head, 0)?;
