@@ -30,7 +30,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
-use crate::cachestore::DiskStore;
+use crate::cachestore::{collect, CacheStore, StoreError};
 use crate::chunk::{self, ChunkId, ChunkKey, ObjectVersion};
 use crate::metrics::Metrics;
 use crate::origin::{OriginError, S3Origin};
@@ -73,7 +73,7 @@ const PERMIT_BYTES: u64 = 1024;
 
 pub struct Coordinator {
     origin: Arc<S3Origin>,
-    disk: Arc<DiskStore>,
+    store: Arc<dyn CacheStore>,
     policy: FetchPolicy,
     inflight: Mutex<HashMap<ChunkId, Arc<Fill>>>,
     origin_slots: Semaphore,
@@ -85,14 +85,14 @@ pub struct Coordinator {
 impl Coordinator {
     pub fn new(
         origin: Arc<S3Origin>,
-        disk: Arc<DiskStore>,
+        store: Arc<dyn CacheStore>,
         policy: FetchPolicy,
         metrics: Arc<Metrics>,
     ) -> Arc<Coordinator> {
         let memory_permits = (policy.memory_limit / PERMIT_BYTES).clamp(1, u32::MAX as u64) as u32;
         Arc::new(Coordinator {
             origin,
-            disk,
+            store,
             origin_slots: Semaphore::new(policy.max_origin_requests),
             memory: Arc::new(Semaphore::new(memory_permits as usize)),
             memory_permits,
@@ -168,7 +168,7 @@ impl Coordinator {
             if let Some(fill) = self.join(&id) {
                 return fill.read(offset, len).await;
             }
-            if let Some(bytes) = self.read_disk(key, offset, len).await {
+            if let Some(bytes) = self.read_store(key, offset, len).await {
                 return Ok(bytes);
             }
             // Room in the memory budget first (waiting here is the back pressure), then
@@ -182,7 +182,7 @@ impl Coordinator {
                 if let Some(fill) = map.get(&id) {
                     Metrics::inc(&self.metrics.fill_joins);
                     Some(fill.clone())
-                } else if self.disk.contains(&id) {
+                } else if self.is_stored(key) {
                     None
                 } else {
                     Some(self.start_fill(&mut map, key.clone(), id, p))
@@ -237,7 +237,7 @@ impl Coordinator {
             return true;
         }
         let id = key.id();
-        if self.disk.contains(&id) || self.inflight().contains_key(&id) {
+        if self.is_stored(&key) || self.inflight().contains_key(&id) {
             return true;
         }
         let Ok(permit) = self
@@ -254,17 +254,20 @@ impl Coordinator {
         true
     }
 
-    async fn read_disk(&self, key: &ChunkKey, offset: u64, len: u64) -> Option<Bytes> {
-        let disk = self.disk.clone();
-        let k = key.clone();
-        match tokio::task::spawn_blocking(move || disk.read(&k, offset, len)).await {
-            Ok(Ok(found)) => found,
-            Ok(Err(e)) => {
+    fn is_stored(&self, key: &ChunkKey) -> bool {
+        self.store.contains_hint(key) == Some(true)
+    }
+
+    async fn read_store(&self, key: &ChunkKey, offset: u64, len: u64) -> Option<Bytes> {
+        let read = async { collect(self.store.get_chunk(key, offset, len).await?).await };
+        match read.await {
+            Ok(bytes) => Some(bytes),
+            Err(StoreError::NotFound) => None,
+            Err(e) => {
                 // A broken cache never fails a read the origin can serve.
-                tracing::warn!(?key, error = %e, "disk cache read failed; fetching from origin");
+                tracing::warn!(?key, error = %e, "cache read failed; fetching from origin");
                 None
             }
-            Err(_) => None,
         }
     }
 
@@ -291,15 +294,10 @@ impl Coordinator {
         match result {
             Ok(()) => {
                 // Commit after serve: readers already have their bytes.
-                let pieces = fill.pieces();
-                let disk = self.disk.clone();
-                let k = key.clone();
-                match tokio::task::spawn_blocking(move || disk.write(&k, &pieces)).await {
-                    Ok(Ok(())) => tracing::debug!("chunk committed to disk cache"),
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "could not commit chunk to disk cache")
-                    }
-                    Err(e) => tracing::warn!(error = %e, "disk commit task failed"),
+                match self.store.put_chunk(&key, key.len(), fill.pieces()).await {
+                    Ok(()) => tracing::debug!("chunk committed"),
+                    Err(StoreError::CommitLost) => tracing::debug!("chunk already committed"),
+                    Err(e) => tracing::warn!(error = %e, "could not commit chunk"),
                 }
             }
             Err(e) => {

@@ -37,6 +37,12 @@ counters! {
     disk_bytes_written: "bytes written to the local disk cache",
     disk_evictions: "chunks evicted from the local disk cache",
     disk_corrupt: "cache files found corrupt, truncated or foreign (dropped, refetched)",
+    shared_hits: "chunk reads served by the shared cache store (copied back to disk)",
+    shared_misses: "chunk reads the shared cache store could not serve",
+    shared_bytes_read: "bytes read from the shared cache store",
+    shared_commits: "chunks written behind to the shared cache store",
+    shared_errors: "shared cache store failures (reads skipped, writes dropped)",
+    commit_lost: "puts that found the chunk already committed by another writer",
 }
 
 impl Metrics {

@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use fuser::{MountOption, SessionACL};
 
+use crate::cachestore::disk::DiskDriver;
 use crate::cachestore::disk::DiskError;
-use crate::cachestore::DiskStore;
+use crate::cachestore::{CacheStore, DiskStore};
 use crate::config::Config;
 use crate::fetch::{Coordinator, FetchPolicy};
 use crate::fs::{OrcaFs, Presentation, MAX_READ};
@@ -91,12 +92,8 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
         "disk cache opened"
     );
     let disk = Arc::new(disk);
-    let fetch = Coordinator::new(
-        origin.clone(),
-        disk.clone(),
-        fetch_policy(&cfg),
-        metrics.clone(),
-    );
+    let store: Arc<dyn CacheStore> = Arc::new(DiskDriver(disk.clone()));
+    let fetch = Coordinator::new(origin.clone(), store, fetch_policy(&cfg), metrics.clone());
     let ns = Arc::new(Namespace::new(
         origin,
         &cfg.prefix,

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::{Bytes, BytesMut};
 use lru::LruCache;
 
+use super::{check_put, once, read_after_write, CacheStore, ChunkStream, Info, StoreError};
 use crate::chunk::{ChunkId, ChunkKey};
 use crate::metrics::Metrics;
 
@@ -440,6 +441,112 @@ pub(super) fn read_verified(
     let from = (offset - span_start) as usize;
     let to = (end - span_start) as usize;
     Ok(Some(buf.freeze().slice(from..to)))
+}
+
+/// The disk store behind the [`CacheStore`] trait; file I/O runs on the blocking pool.
+#[derive(Clone)]
+pub struct DiskDriver(pub Arc<DiskStore>);
+
+impl DiskStore {
+    /// Size and commit time of a stored chunk, after checking its header and length.
+    pub fn stat(&self, key: &ChunkKey) -> Result<Option<Info>, DiskError> {
+        let path = self.path_of(&key.id());
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let meta = file.metadata().map_err(io_err(&path))?;
+        match read_verified(&file, key, 0, 0).map_err(io_err(&path))? {
+            Some(_) => Ok(Some(Info {
+                size: key.len(),
+                committed: meta.modified().unwrap_or(std::time::UNIX_EPOCH),
+            })),
+            None => Ok(None),
+        }
+    }
+
+    /// Removes a chunk if present.
+    pub fn delete(&self, key: &ChunkKey) {
+        self.remove(&key.id());
+    }
+}
+
+fn store_err(e: DiskError) -> StoreError {
+    StoreError::Transient(e.to_string())
+}
+
+impl DiskDriver {
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&DiskStore) -> T + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.0.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| StoreError::Other(format!("disk task failed: {e}")))
+    }
+}
+
+#[async_trait::async_trait]
+impl CacheStore for DiskDriver {
+    fn name(&self) -> &str {
+        "disk"
+    }
+
+    async fn get_chunk(
+        &self,
+        key: &ChunkKey,
+        offset: u64,
+        len: u64,
+    ) -> Result<ChunkStream, StoreError> {
+        let k = key.clone();
+        match self
+            .blocking(move |d| d.read(&k, offset, len))
+            .await?
+            .map_err(store_err)?
+        {
+            Some(bytes) => Ok(once(bytes)),
+            None => Err(StoreError::NotFound),
+        }
+    }
+
+    async fn put_chunk(
+        &self,
+        key: &ChunkKey,
+        size: u64,
+        data: Vec<Bytes>,
+    ) -> Result<(), StoreError> {
+        check_put(key, size, &data)?;
+        if self.0.contains(&key.id()) {
+            return Err(StoreError::CommitLost);
+        }
+        let k = key.clone();
+        self.blocking(move |d| d.write(&k, &data))
+            .await?
+            .map_err(store_err)
+    }
+
+    async fn stat(&self, key: &ChunkKey) -> Result<Info, StoreError> {
+        let k = key.clone();
+        self.blocking(move |d| d.stat(&k))
+            .await?
+            .map_err(store_err)?
+            .ok_or(StoreError::NotFound)
+    }
+
+    async fn delete(&self, key: &ChunkKey) -> Result<(), StoreError> {
+        let k = key.clone();
+        self.blocking(move |d| d.delete(&k)).await
+    }
+
+    async fn self_test(&self) -> Result<(), StoreError> {
+        read_after_write(self).await
+    }
+
+    fn contains_hint(&self, key: &ChunkKey) -> Option<bool> {
+        Some(self.0.contains(&key.id()))
+    }
 }
 
 #[cfg(test)]

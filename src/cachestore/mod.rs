@@ -1,8 +1,176 @@
-//! cachestore: where chunks are kept once fetched. For now the local disk store ([`disk`]);
-//! the shared in-datacenter store, the replica and the common `CacheStore` trait come with
-//! the cache-store work. Stores keep bytes by [`crate::chunk::ChunkKey`] and never talk to the
-//! origin or know about FUSE.
+//! cachestore: where chunks are kept once fetched, behind one trait, [`CacheStore`].
+//!
+//! Drivers: [`disk`] (the local cache), [`memory`] (bounded, for tests), [`s3`] (the shared
+//! in-datacenter store) and [`replica`] (a synchronous set plus write-behind asynchronous sets;
+//! the default tiering is local disk + shared s3). Every driver passes the same contract suite
+//! (`tests/contract.rs`), so they are interchangeable.
+//!
+//! Stores keep bytes by [`ChunkKey`]; since a key is content addressed, two writers of one key
+//! write identical bytes, and losing a race to commit ([`StoreError::CommitLost`]) is success.
+//! Stores never talk to the origin and know nothing of FUSE.
 
+use std::pin::Pin;
+use std::time::SystemTime;
+
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt};
+
+use crate::chunk::ChunkKey;
+
+pub mod admin;
 pub mod disk;
+pub mod memory;
+pub mod replica;
 
 pub use disk::DiskStore;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("chunk not found")]
+    NotFound,
+    #[error("store unavailable, may succeed later: {0}")]
+    Transient(String),
+    #[error("store refused the credentials: {0}")]
+    Auth(String),
+    /// Another writer committed this chunk first; the stored bytes are the same.
+    #[error("another writer committed this chunk first")]
+    CommitLost,
+    #[error("stored chunk is corrupt or foreign: {0}")]
+    Corrupt(String),
+    #[error("store error: {0}")]
+    Other(String),
+}
+
+/// What a store knows about a stored chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Info {
+    pub size: u64,
+    /// When the chunk was committed (for age-based eviction).
+    pub committed: SystemTime,
+}
+
+/// The bytes of a stored chunk range, verified before they are yielded.
+pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<Bytes, StoreError>> + Send>>;
+
+/// One interface for every place chunks are kept.
+#[async_trait::async_trait]
+pub trait CacheStore: Send + Sync + 'static {
+    /// Short name for logs and metrics (`disk`, `s3`, `memory`, `replica`).
+    fn name(&self) -> &str;
+
+    /// `len` bytes at `offset` inside the chunk (clipped to its length). `NotFound` when absent;
+    /// corrupt, truncated or foreign data is never yielded.
+    async fn get_chunk(
+        &self,
+        key: &ChunkKey,
+        offset: u64,
+        len: u64,
+    ) -> Result<ChunkStream, StoreError>;
+
+    /// Stores a complete chunk of `size` bytes, given as pieces. Atomic: readers see all of it
+    /// or nothing. `CommitLost` if it was already stored.
+    async fn put_chunk(
+        &self,
+        key: &ChunkKey,
+        size: u64,
+        data: Vec<Bytes>,
+    ) -> Result<(), StoreError>;
+
+    async fn stat(&self, key: &ChunkKey) -> Result<Info, StoreError>;
+
+    /// Removes the chunk; removing an absent chunk succeeds.
+    async fn delete(&self, key: &ChunkKey) -> Result<(), StoreError>;
+
+    /// Proves read-after-write on this store (put, stat, get, compare, delete a probe chunk).
+    async fn self_test(&self) -> Result<(), StoreError>;
+
+    /// A cheap answer, without I/O, to "is this chunk here?", where the store can give one.
+    fn contains_hint(&self, _key: &ChunkKey) -> Option<bool> {
+        None
+    }
+}
+
+/// Collects a chunk stream into one buffer (zero-copy when it is one piece).
+pub async fn collect(mut stream: ChunkStream) -> Result<Bytes, StoreError> {
+    let Some(first) = stream.next().await.transpose()? else {
+        return Ok(Bytes::new());
+    };
+    let Some(second) = stream.next().await.transpose()? else {
+        return Ok(first);
+    };
+    let mut out = BytesMut::with_capacity(first.len() + second.len());
+    out.extend_from_slice(&first);
+    out.extend_from_slice(&second);
+    while let Some(piece) = stream.next().await.transpose()? {
+        out.extend_from_slice(&piece);
+    }
+    Ok(out.freeze())
+}
+
+/// Checks a put's arguments against the key; every driver calls it first.
+pub fn check_put(key: &ChunkKey, size: u64, data: &[Bytes]) -> Result<(), StoreError> {
+    let got: u64 = data.iter().map(|b| b.len() as u64).sum();
+    if got != size || size != key.len() {
+        return Err(StoreError::Other(format!(
+            "put of {got} bytes announced as {size}, chunk {key:?} has {}",
+            key.len()
+        )));
+    }
+    Ok(())
+}
+
+/// A stream of one piece.
+pub fn once(bytes: Bytes) -> ChunkStream {
+    Box::pin(futures::stream::once(async move { Ok(bytes) }))
+}
+
+/// The probe chunk every self test writes: unique per call, so concurrent tests don't collide.
+pub fn probe_key(store: &str) -> (ChunkKey, Bytes) {
+    use std::sync::Arc;
+    let data = Bytes::from(format!(
+        "orcafs self test of {store} {:016x}",
+        fastrand::u64(..)
+    ));
+    let object = Arc::new(crate::chunk::ObjectVersion {
+        origin_id: "orcafs-self-test".into(),
+        bucket: "self-test".into(),
+        key: format!("probe-{:016x}", fastrand::u64(..)).into(),
+        etag: "probe".into(),
+        size: data.len() as u64,
+    });
+    (ChunkKey::new(object, 1 << 20, 0), data)
+}
+
+/// The self test all drivers share: put, stat, get, compare, delete.
+pub async fn read_after_write(store: &dyn CacheStore) -> Result<(), StoreError> {
+    let (key, data) = probe_key(store.name());
+    match store
+        .put_chunk(&key, data.len() as u64, vec![data.clone()])
+        .await
+    {
+        Ok(()) | Err(StoreError::CommitLost) => {}
+        Err(e) => return Err(e),
+    }
+    let info = store.stat(&key).await?;
+    if info.size != data.len() as u64 {
+        return Err(StoreError::Other(format!(
+            "self test: stat says {} bytes, wrote {}",
+            info.size,
+            data.len()
+        )));
+    }
+    let back = collect(store.get_chunk(&key, 0, data.len() as u64).await?).await?;
+    if back != data {
+        return Err(StoreError::Other(
+            "self test: read back different bytes".into(),
+        ));
+    }
+    store.delete(&key).await?;
+    match store.stat(&key).await {
+        Err(StoreError::NotFound) => Ok(()),
+        Ok(_) => Err(StoreError::Other(
+            "self test: chunk still there after delete".into(),
+        )),
+        Err(e) => Err(e),
+    }
+}

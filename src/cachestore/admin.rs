@@ -1,0 +1,1 @@
+//! admin: operator commands on a cache directory (in progress).

@@ -1,0 +1,267 @@
+//! replica: one store made of several. Writes go to every store of the synchronous set (all must
+//! succeed) and are queued for every store of the asynchronous set: one bounded queue of
+//! `queue_len` chunks per store, drained by one writer task, so `put_chunk` blocks only while a
+//! queue is full and memory never grows. An asynchronous write that fails puts the replica in an
+//! error state, reported by [`Replica::errors`] and the metrics, and is not retried.
+//!
+//! Reads ask the synchronous stores and take the first success. When they all miss, the
+//! asynchronous stores are read through (the default tiering: local disk sync + shared s3 async),
+//! each read bounded by a timeout, and a hit is copied back to the synchronous stores. A store
+//! that fails or times out is skipped for a while and retried later, so a degraded shared store
+//! never fails a read: the caller just sees a miss and fills from the origin.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::{collect, once, CacheStore, ChunkStream, Info, StoreError};
+use crate::chunk::ChunkKey;
+use crate::metrics::Metrics;
+
+/// How long a failing asynchronous store is skipped by reads before it is tried again.
+const RETRY_AFTER: Duration = Duration::from_secs(10);
+
+type Job = (ChunkKey, u64, Vec<Bytes>);
+
+struct AsyncTier {
+    store: Arc<dyn CacheStore>,
+    queue: mpsc::Sender<Job>,
+    depth: Arc<AtomicU64>,
+    error: Arc<Mutex<Option<String>>>,
+    down_until: Mutex<Option<Instant>>,
+}
+
+pub struct Replica {
+    sync: Vec<Arc<dyn CacheStore>>,
+    tiers: Vec<AsyncTier>,
+    read_timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl Replica {
+    /// Starts one writer task per asynchronous store; call inside a tokio runtime.
+    pub fn new(
+        sync: Vec<Arc<dyn CacheStore>>,
+        asynchronous: Vec<Arc<dyn CacheStore>>,
+        queue_len: usize,
+        read_timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Replica {
+        let tiers = asynchronous
+            .into_iter()
+            .map(|store| start_tier(store, queue_len.max(1), metrics.clone()))
+            .collect();
+        Replica {
+            sync,
+            tiers,
+            read_timeout,
+            metrics,
+        }
+    }
+
+    /// `(store, last error)` for every asynchronous store in the error state.
+    pub fn errors(&self) -> Vec<(String, String)> {
+        self.tiers
+            .iter()
+            .filter_map(|t| {
+                let e = t.error.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                e.map(|e| (t.store.name().to_string(), e))
+            })
+            .collect()
+    }
+
+    /// Chunks waiting in each asynchronous queue.
+    pub fn queue_depths(&self) -> Vec<(String, u64)> {
+        self.tiers
+            .iter()
+            .map(|t| (t.store.name().to_string(), t.depth.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    fn is_down(t: &AsyncTier) -> bool {
+        let d = t.down_until.lock().unwrap_or_else(|p| p.into_inner());
+        d.is_some_and(|until| Instant::now() < until)
+    }
+
+    fn mark_down(&self, t: &AsyncTier, why: &str) {
+        tracing::warn!(
+            store = t.store.name(),
+            error = why,
+            "shared store degraded; reads skip it for a while"
+        );
+        Metrics::inc(&self.metrics.shared_errors);
+        *t.down_until.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(Instant::now() + RETRY_AFTER);
+    }
+
+    /// Reads the whole chunk from an asynchronous tier, within the read timeout.
+    async fn read_tier(&self, t: &AsyncTier, key: &ChunkKey) -> Option<Bytes> {
+        if Self::is_down(t) {
+            return None;
+        }
+        let read = async { collect(t.store.get_chunk(key, 0, key.len()).await?).await };
+        match tokio::time::timeout(self.read_timeout, read).await {
+            Ok(Ok(bytes)) if bytes.len() as u64 == key.len() => Some(bytes),
+            Ok(Ok(_)) => {
+                self.mark_down(t, "short chunk");
+                None
+            }
+            Ok(Err(StoreError::NotFound)) => None,
+            Ok(Err(e)) => {
+                self.mark_down(t, &e.to_string());
+                None
+            }
+            Err(_) => {
+                self.mark_down(t, "read timed out");
+                None
+            }
+        }
+    }
+
+    /// Copies a chunk found in a slower tier into the synchronous stores, in the background.
+    fn copy_back(&self, key: &ChunkKey, bytes: Bytes) {
+        for store in &self.sync {
+            let (store, key, bytes) = (store.clone(), key.clone(), bytes.clone());
+            tokio::spawn(async move {
+                let size = bytes.len() as u64;
+                match store.put_chunk(&key, size, vec![bytes]).await {
+                    Ok(()) | Err(StoreError::CommitLost) => {}
+                    Err(e) => tracing::warn!(store = store.name(), error = %e, "copy-back failed"),
+                }
+            });
+        }
+    }
+}
+
+fn start_tier(store: Arc<dyn CacheStore>, queue_len: usize, metrics: Arc<Metrics>) -> AsyncTier {
+    let (tx, mut rx) = mpsc::channel::<Job>(queue_len);
+    let depth = Arc::new(AtomicU64::new(0));
+    let error = Arc::new(Mutex::new(None));
+    let (s, d, e) = (store.clone(), depth.clone(), error.clone());
+    tokio::spawn(async move {
+        while let Some((key, size, data)) = rx.recv().await {
+            let result = s.put_chunk(&key, size, data).await;
+            d.fetch_sub(1, Ordering::Relaxed);
+            match result {
+                Ok(()) => Metrics::inc(&metrics.shared_commits),
+                Err(StoreError::CommitLost) => Metrics::inc(&metrics.commit_lost),
+                Err(err) => {
+                    tracing::warn!(store = s.name(), ?key, error = %err, "write-behind failed");
+                    Metrics::inc(&metrics.shared_errors);
+                    *e.lock().unwrap_or_else(|p| p.into_inner()) = Some(err.to_string());
+                }
+            }
+        }
+    });
+    AsyncTier {
+        store,
+        queue: tx,
+        depth,
+        error,
+        down_until: Mutex::new(None),
+    }
+}
+
+#[async_trait::async_trait]
+impl CacheStore for Replica {
+    fn name(&self) -> &str {
+        "replica"
+    }
+
+    async fn get_chunk(
+        &self,
+        key: &ChunkKey,
+        offset: u64,
+        len: u64,
+    ) -> Result<ChunkStream, StoreError> {
+        for store in &self.sync {
+            match store.get_chunk(key, offset, len).await {
+                Ok(stream) => return Ok(stream),
+                Err(StoreError::NotFound) => {}
+                Err(e) => tracing::warn!(store = store.name(), error = %e, "store read failed"),
+            }
+        }
+        for t in &self.tiers {
+            if let Some(bytes) = self.read_tier(t, key).await {
+                Metrics::inc(&self.metrics.shared_hits);
+                Metrics::add(&self.metrics.shared_bytes_read, bytes.len() as u64);
+                self.copy_back(key, bytes.clone());
+                let end = offset.saturating_add(len).min(bytes.len() as u64);
+                return Ok(once(bytes.slice(offset.min(end) as usize..end as usize)));
+            }
+            Metrics::inc(&self.metrics.shared_misses);
+        }
+        Err(StoreError::NotFound)
+    }
+
+    async fn put_chunk(
+        &self,
+        key: &ChunkKey,
+        size: u64,
+        data: Vec<Bytes>,
+    ) -> Result<(), StoreError> {
+        let mut lost = !self.sync.is_empty();
+        for store in &self.sync {
+            match store.put_chunk(key, size, data.clone()).await {
+                Ok(()) => lost = false,
+                Err(StoreError::CommitLost) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if lost {
+            // Already stored here, so it was queued for the other tiers when first stored.
+            Metrics::inc(&self.metrics.commit_lost);
+            return Err(StoreError::CommitLost);
+        }
+        for t in &self.tiers {
+            t.depth.fetch_add(1, Ordering::Relaxed);
+            if t.queue
+                .send((key.clone(), size, data.clone()))
+                .await
+                .is_err()
+            {
+                t.depth.fetch_sub(1, Ordering::Relaxed);
+                return Err(StoreError::Other(format!(
+                    "{} writer stopped",
+                    t.store.name()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn stat(&self, key: &ChunkKey) -> Result<Info, StoreError> {
+        for store in self.sync.iter().chain(self.tiers.iter().map(|t| &t.store)) {
+            match store.stat(key).await {
+                Ok(info) => return Ok(info),
+                Err(StoreError::NotFound) => {}
+                Err(e) => tracing::debug!(store = store.name(), error = %e, "stat failed"),
+            }
+        }
+        Err(StoreError::NotFound)
+    }
+
+    async fn delete(&self, key: &ChunkKey) -> Result<(), StoreError> {
+        for store in self.sync.iter().chain(self.tiers.iter().map(|t| &t.store)) {
+            store.delete(key).await?;
+        }
+        Ok(())
+    }
+
+    async fn self_test(&self) -> Result<(), StoreError> {
+        for store in self.sync.iter().chain(self.tiers.iter().map(|t| &t.store)) {
+            store
+                .self_test()
+                .await
+                .map_err(|e| StoreError::Other(format!("{}: {e}", store.name())))?;
+        }
+        Ok(())
+    }
+
+    fn contains_hint(&self, key: &ChunkKey) -> Option<bool> {
+        self.sync.first().and_then(|s| s.contains_hint(key))
+    }
+}
