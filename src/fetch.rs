@@ -23,14 +23,15 @@
 //! Must not know about inodes or FUSE.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
-use crate::cachestore::{collect, CacheStore, StoreError};
+use crate::cachestore::{collect, CacheStore, ChunkStream, StoreError};
 use crate::chunk::{self, ChunkId, ChunkKey, ObjectVersion};
 use crate::metrics::Metrics;
 use crate::origin::{OriginError, S3Origin};
@@ -68,6 +69,23 @@ pub struct FetchPolicy {
     pub memory_limit: u64,
 }
 
+/// Other hosts of the cluster that may fill a chunk for us (see `cluster`).
+#[async_trait::async_trait]
+pub trait Peers: Send + Sync + 'static {
+    /// The peer that coordinates this chunk, or None when this host does.
+    fn coordinator_for(&self, key: &ChunkKey) -> Option<String>;
+    /// The chunk's bytes as the peer fills them.
+    async fn fetch(&self, peer: &str, key: &ChunkKey) -> Result<ChunkStream, String>;
+}
+
+/// Whether a fill may be delegated to the chunk's coordinator peer. Fills started for a peer's
+/// request are `LocalOnly`: internal requests are never forwarded again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    ViaCoordinator,
+    LocalOnly,
+}
+
 /// Memory permits are counted in KiB so that large budgets fit a semaphore.
 const PERMIT_BYTES: u64 = 1024;
 
@@ -79,6 +97,7 @@ pub struct Coordinator {
     origin_slots: Semaphore,
     memory: Arc<Semaphore>,
     memory_permits: u32,
+    peers: OnceLock<Arc<dyn Peers>>,
     metrics: Arc<Metrics>,
 }
 
@@ -98,8 +117,14 @@ impl Coordinator {
             memory_permits,
             policy,
             inflight: Mutex::new(HashMap::new()),
+            peers: OnceLock::new(),
             metrics,
         })
+    }
+
+    /// Joins the cluster: from now on a chunk coordinated by a peer is streamed from it.
+    pub fn set_peers(&self, peers: Arc<dyn Peers>) {
+        let _ = self.peers.set(peers);
     }
 
     pub fn chunk_size(&self) -> u64 {
@@ -132,7 +157,8 @@ impl Coordinator {
             [] => Ok(Bytes::new()),
             [one] => {
                 let key = ChunkKey::new(object.clone(), cs, one.index);
-                self.read_chunk(&key, one.offset, one.len).await
+                self.read_chunk(&key, one.offset, one.len, Route::ViaCoordinator)
+                    .await
             }
             many => {
                 // A read across a chunk boundary: resolve the chunks concurrently.
@@ -142,7 +168,9 @@ impl Coordinator {
                         let this = self.clone();
                         let key = ChunkKey::new(object.clone(), cs, s.index);
                         let (off, n) = (s.offset, s.len);
-                        tokio::spawn(async move { this.read_chunk(&key, off, n).await })
+                        tokio::spawn(async move {
+                            this.read_chunk(&key, off, n, Route::ViaCoordinator).await
+                        })
                     })
                     .collect();
                 let mut out = BytesMut::with_capacity(len as usize);
@@ -161,6 +189,7 @@ impl Coordinator {
         key: &ChunkKey,
         offset: u64,
         len: u64,
+        route: Route,
     ) -> Result<Bytes, FetchError> {
         let id = key.id();
         let mut permit = None;
@@ -185,7 +214,7 @@ impl Coordinator {
                 } else if self.is_stored(key) {
                     None
                 } else {
-                    Some(self.start_fill(&mut map, key.clone(), id, p))
+                    Some(self.start_fill(&mut map, key.clone(), id, p, route))
                 }
             };
             match fill {
@@ -249,7 +278,7 @@ impl Coordinator {
         };
         let mut map = self.inflight();
         if !map.contains_key(&id) {
-            self.start_fill(&mut map, key, id, permit);
+            self.start_fill(&mut map, key, id, permit, Route::ViaCoordinator);
         }
         true
     }
@@ -277,6 +306,7 @@ impl Coordinator {
         key: ChunkKey,
         id: ChunkId,
         memory: OwnedSemaphorePermit,
+        route: Route,
     ) -> Arc<Fill> {
         let fill = Arc::new(Fill::new(key.len(), Some(memory)));
         map.insert(id, fill.clone());
@@ -284,12 +314,24 @@ impl Coordinator {
         let span = tracing::debug_span!("fill", bucket = %key.object.bucket, key = %key.object.key, chunk = key.index);
         let this = self.clone();
         let f = fill.clone();
-        tokio::spawn(async move { this.run_fill(key, id, f).await }.instrument(span));
+        tokio::spawn(async move { this.run_fill(key, id, f, route).await }.instrument(span));
         fill
     }
 
-    async fn run_fill(self: Arc<Self>, key: ChunkKey, id: ChunkId, fill: Arc<Fill>) {
-        let result = self.fill_from_origin(&key, &fill).await;
+    async fn run_fill(self: Arc<Self>, key: ChunkKey, id: ChunkId, fill: Arc<Fill>, route: Route) {
+        let result = match self.coordinator_peer(&key, route) {
+            Some((peers, peer)) => match self.fill_from_peer(&*peers, &peer, &key, &fill).await {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    // A peer that is gone, refuses (409) or breaks: fill here, from where the
+                    // peer's bytes stopped.
+                    Metrics::inc(&self.metrics.peer_fallbacks);
+                    tracing::info!(peer, error = %e, resume_at = fill.filled(), "peer fill failed; filling locally");
+                    self.fill_from_origin(&key, &fill).await
+                }
+            },
+            None => self.fill_from_origin(&key, &fill).await,
+        };
         fill.finish(result.clone());
         match result {
             Ok(()) => {
@@ -306,6 +348,105 @@ impl Coordinator {
             }
         }
         self.inflight().remove(&id);
+    }
+
+    fn coordinator_peer(&self, key: &ChunkKey, route: Route) -> Option<(Arc<dyn Peers>, String)> {
+        if route == Route::LocalOnly {
+            return None;
+        }
+        let peers = self.peers.get()?.clone();
+        let peer = peers.coordinator_for(key)?;
+        Some((peers, peer))
+    }
+
+    /// Streams the chunk from the peer that coordinates it into the fill.
+    async fn fill_from_peer(
+        &self,
+        peers: &dyn Peers,
+        peer: &str,
+        key: &ChunkKey,
+        fill: &Fill,
+    ) -> Result<(), String> {
+        let mut stream = peers.fetch(peer, key).await?;
+        let len = key.len();
+        loop {
+            let next = tokio::time::timeout(self.policy.stall_timeout, stream.next())
+                .await
+                .map_err(|_| "peer body stalled".to_string())?;
+            let Some(piece) = next else { break };
+            let piece = piece.map_err(|e| e.to_string())?;
+            if fill.filled() + piece.len() as u64 > len {
+                return Err("peer sent more bytes than the chunk holds".into());
+            }
+            fill.push(piece);
+        }
+        if fill.filled() < len {
+            return Err(format!(
+                "peer body ended after {} of {len} bytes",
+                fill.filled()
+            ));
+        }
+        Metrics::inc(&self.metrics.peer_fills_received);
+        Ok(())
+    }
+
+    /// The whole chunk as this host has or fills it, never asking a peer: what the cluster
+    /// server streams to a peer. Pieces are yielded as they arrive.
+    pub fn stream_local(self: &Arc<Self>, key: ChunkKey) -> ChunkStream {
+        enum State {
+            Start(Arc<Coordinator>, ChunkKey),
+            Fill(Arc<Fill>, usize),
+            Store(ChunkStream),
+        }
+        let stream =
+            futures::stream::unfold(Some(State::Start(self.clone(), key)), |state| async move {
+                let mut state = state?;
+                loop {
+                    state = match state {
+                        State::Start(this, key) => match this.open_local(&key).await {
+                            Ok(Ok(fill)) => State::Fill(fill, 0),
+                            Ok(Err(stream)) => State::Store(stream),
+                            Err(e) => {
+                                return Some((Err(StoreError::Transient(e.to_string())), None))
+                            }
+                        },
+                        State::Fill(fill, i) => {
+                            return match fill.piece(i).await {
+                                Some(Ok(b)) => Some((Ok(b), Some(State::Fill(fill, i + 1)))),
+                                Some(Err(e)) => {
+                                    Some((Err(StoreError::Transient(e.to_string())), None))
+                                }
+                                None => None,
+                            }
+                        }
+                        State::Store(mut s) => {
+                            return s.next().await.map(|item| (item, Some(State::Store(s))));
+                        }
+                    };
+                }
+            });
+        Box::pin(stream)
+    }
+
+    /// A local source for the whole chunk: a fill (joined or started, local only) or the store.
+    async fn open_local(
+        self: &Arc<Self>,
+        key: &ChunkKey,
+    ) -> Result<Result<Arc<Fill>, ChunkStream>, FetchError> {
+        let id = key.id();
+        if let Some(fill) = self.join(&id) {
+            return Ok(Ok(fill));
+        }
+        if let Ok(stream) = self.store.get_chunk(key, 0, key.len()).await {
+            return Ok(Err(stream));
+        }
+        let permit = self.memory_permit(key.len()).await?;
+        let mut map = self.inflight();
+        let fill = match map.get(&id) {
+            Some(f) => f.clone(),
+            None => self.start_fill(&mut map, key.clone(), id, permit, Route::LocalOnly),
+        };
+        Ok(Ok(fill))
     }
 
     /// GETs the chunk into the fill, retrying and resuming from where it stopped.
@@ -441,6 +582,25 @@ impl Fill {
         self.lock().list.iter().map(|(_, b)| b.clone()).collect()
     }
 
+    /// Piece `i` once it has arrived; None after the last piece of a complete fill.
+    async fn piece(&self, i: usize) -> Option<Result<Bytes, FetchError>> {
+        let mut rx = self.progress.subscribe();
+        loop {
+            let outcome = rx.borrow_and_update().outcome.clone();
+            if let Some((_, piece)) = self.lock().list.get(i) {
+                return Some(Ok(piece.clone()));
+            }
+            match outcome {
+                Some(Ok(())) => return None,
+                Some(Err(e)) => return Some(Err(e)),
+                None => {}
+            }
+            if rx.changed().await.is_err() {
+                return Some(Err(FetchError::Abandoned));
+            }
+        }
+    }
+
     /// Waits until `[offset, offset+len)` has arrived (or the fill failed) and returns it.
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, FetchError> {
         let end = offset.saturating_add(len).min(self.len);
@@ -506,6 +666,12 @@ mod tests {
         assert_eq!(&late.await.unwrap().unwrap()[..], b"234567");
         fill.finish(Ok(()));
         assert_eq!(&fill.read(0, 100).await.unwrap()[..], b"0123456789");
+        // Piece by piece, as the cluster server streams it.
+        assert_eq!(&fill.piece(1).await.unwrap().unwrap()[..], b"45");
+        assert!(
+            fill.piece(3).await.is_none(),
+            "no piece after the last of a complete fill"
+        );
 
         let broken = Arc::new(Fill::new(10, None));
         broken.push(Bytes::from_static(b"01"));

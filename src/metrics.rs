@@ -43,6 +43,8 @@ counters! {
     shared_commits: "chunks written behind to the shared cache store",
     shared_errors: "shared cache store failures (reads skipped, writes dropped)",
     commit_lost: "puts that found the chunk already committed by another writer",
+    peer_fills_received: "chunks streamed completely from their coordinator peer",
+    peer_fallbacks: "peer fills that failed (gone, 409, error, short) and were filled locally",
 }
 
 impl Metrics {
