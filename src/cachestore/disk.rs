@@ -10,11 +10,13 @@
 //! which are swept at start. An in-memory LRU index of the files bounds the total size; it is
 //! rebuilt at start from the files themselves, ordered by modification time.
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use lru::LruCache;
@@ -52,7 +54,13 @@ pub struct DiskStore {
 pub(super) struct Index {
     pub(super) lru: LruCache<ChunkId, u64>,
     pub(super) bytes: u64,
+    /// Last use of each chunk, mirrored into the file's mtime (at most once a minute), so the
+    /// LRU order and idle ages survive a restart.
+    pub(super) used: HashMap<ChunkId, SystemTime>,
 }
+
+/// How stale a file's mtime may get before a read refreshes it.
+const TOUCH_EVERY: Duration = Duration::from_secs(60);
 
 /// What start-up found in the cache directory.
 #[derive(Debug, Default, Clone, Copy)]
@@ -80,6 +88,7 @@ impl DiskStore {
             index: Mutex::new(Index {
                 lru: LruCache::unbounded(),
                 bytes: 0,
+                used: HashMap::new(),
             }),
             metrics,
         };
@@ -130,7 +139,10 @@ impl DiskStore {
         };
         match read_verified(&file, key, offset, len).map_err(io_err(&path))? {
             Some(bytes) => {
-                self.lock().lru.promote(&id);
+                if self.promote(&id) {
+                    // Best effort: a failed touch only makes the chunk look older after a restart.
+                    let _ = file.set_modified(SystemTime::now());
+                }
                 Metrics::inc(&self.metrics.disk_hits);
                 Metrics::add(&self.metrics.disk_bytes_read, bytes.len() as u64);
                 Ok(Some(bytes))
@@ -143,6 +155,42 @@ impl DiskStore {
                 Ok(None)
             }
         }
+    }
+
+    /// Marks a chunk used now; true when its file's mtime should be refreshed.
+    fn promote(&self, id: &ChunkId) -> bool {
+        let now = SystemTime::now();
+        let mut idx = self.lock();
+        idx.lru.promote(id);
+        let stale = idx
+            .used
+            .get(id)
+            .is_none_or(|t| now.duration_since(*t).unwrap_or_default() >= TOUCH_EVERY);
+        if stale {
+            idx.used.insert(*id, now);
+        }
+        stale
+    }
+
+    /// Evicts chunks not used for `max_age` (least recently used first); returns how many.
+    pub fn evict_idle(&self, max_age: Duration) -> u64 {
+        let Some(cutoff) = SystemTime::now().checked_sub(max_age) else {
+            return 0;
+        };
+        let victims: Vec<ChunkId> = {
+            let idx = self.lock();
+            idx.lru
+                .iter()
+                .rev()
+                .take_while(|(id, _)| idx.used.get(id).is_some_and(|t| *t < cutoff))
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        for id in &victims {
+            self.remove(id);
+            Metrics::inc(&self.metrics.disk_evictions);
+        }
+        victims.len() as u64
     }
 
     /// Stores a complete chunk given as pieces: temp file, then rename into place.
@@ -177,6 +225,7 @@ impl DiskStore {
             if let Some(old) = idx.lru.put(id, file_bytes) {
                 idx.bytes -= old;
             }
+            idx.used.insert(id, SystemTime::now());
             idx.bytes += file_bytes;
         }
         Metrics::inc(&self.metrics.disk_commits);
@@ -191,6 +240,7 @@ impl DiskStore {
             if let Some(size) = idx.lru.pop(id) {
                 idx.bytes -= size;
             }
+            idx.used.remove(id);
         }
         let _ = fs::remove_file(self.path_of(id));
     }
@@ -207,6 +257,7 @@ impl DiskStore {
                 match idx.lru.pop_lru() {
                     Some((id, size)) => {
                         idx.bytes -= size;
+                        idx.used.remove(&id);
                         id
                     }
                     None => return,
@@ -246,8 +297,9 @@ impl DiskStore {
         }
         found.sort();
         let mut idx = self.lock();
-        for (_, id, size) in found {
+        for (mtime, id, size) in found {
             idx.lru.put(id, size);
+            idx.used.insert(id, mtime);
             idx.bytes += size;
             report.chunks += 1;
             report.bytes += size;
@@ -635,6 +687,30 @@ mod tests {
 
         fs::write(&path, b"garbage").unwrap();
         assert!(s.read(&k, 0, 10).unwrap().is_none());
+    }
+
+    #[test]
+    fn idle_chunks_age_out_and_use_survives_restart_via_mtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), 1 << 30);
+        let old = key("e", 2 * BLOCK, BLOCK, 0);
+        let fresh = key("e", 2 * BLOCK, BLOCK, 1);
+        s.write(&old, &[Bytes::from(data(BLOCK as usize))]).unwrap();
+        s.write(&fresh, &[Bytes::from(data(BLOCK as usize))])
+            .unwrap();
+        // Pretend `old` was last used two hours ago, as a restart would read from its mtime.
+        let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
+        File::options()
+            .write(true)
+            .open(s.path_of(&old.id()))
+            .unwrap()
+            .set_modified(two_hours_ago)
+            .unwrap();
+        drop(s);
+        let (s, _) = DiskStore::open(dir.path(), 1 << 30, Arc::default()).unwrap();
+        assert_eq!(s.evict_idle(Duration::from_secs(3600)), 1);
+        assert!(s.read(&old, 0, 1).unwrap().is_none(), "idle chunk evicted");
+        assert!(s.read(&fresh, 0, 1).unwrap().is_some(), "recent chunk kept");
     }
 
     #[test]
