@@ -16,6 +16,7 @@
 mod body;
 mod classify;
 mod faults;
+pub mod garage;
 mod samples;
 mod server;
 mod stats;
@@ -37,6 +38,7 @@ use tokio::runtime::{Handle, Runtime};
 use tokio::sync::oneshot;
 
 pub use faults::Faults;
+pub use garage::Garage;
 pub use samples::{pseudo_random_bytes, sample_objects, SAMPLE_SEED};
 pub use stats::{Stats, StatsSnapshot};
 
