@@ -10,6 +10,9 @@ use std::time::Duration;
 use clap::Args;
 use serde::Deserialize;
 
+use crate::cachestore::s3::SharedCacheConfig;
+use crate::cluster::ClusterConfig;
+
 /// Everything a mount needs, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -48,6 +51,14 @@ pub struct Config {
     pub readahead_chunks: u64,
     /// Bound on bytes held by fill buffers (readers' fills and readahead).
     pub memory_limit: u64,
+    /// Local chunks not used for this long are evicted (besides the size bound).
+    pub cache_max_age: Option<Duration>,
+    /// The shared in-datacenter cache store, if any.
+    pub shared_cache: Option<SharedCacheConfig>,
+    /// Cluster membership and the internal RPC listener, if any.
+    pub cluster: Option<ClusterConfig>,
+    /// `/healthz`, `/readyz`, `/metrics` for a host without `[cluster]`.
+    pub metrics_addr: Option<String>,
 }
 
 pub const DEFAULT_CHUNK_SIZE: u64 = 8 << 20;
@@ -70,6 +81,10 @@ pub enum ConfigError {
         value: String,
         reason: String,
     },
+    #[error("unknown mount option {0:?} (options are the `orcafs mount` flags without the dashes, e.g. cache_dir=DIR or allow_other; see docs/configuration.md)")]
+    UnknownOption(String),
+    #[error("mount option {option:?} is not supported: {reason}")]
+    UnsupportedOption { option: String, reason: String },
 }
 
 fn invalid(what: &'static str, value: impl Into<String>, reason: impl Into<String>) -> ConfigError {
@@ -126,6 +141,10 @@ pub struct FileConfig {
     pub max_origin_requests: Option<usize>,
     pub readahead_chunks: Option<u64>,
     pub memory_limit: Option<Value>,
+    pub cache_max_age: Option<Value>,
+    pub metrics_addr: Option<String>,
+    pub shared_cache: Option<SharedCacheConfig>,
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// `orcafs mount` flags. Every flag has a TOML key of the same name (dashes become underscores).
@@ -210,13 +229,34 @@ pub struct MountArgs {
     /// Memory for chunk fills and readahead; new fills wait when it is used [default: 512MiB]
     #[arg(long, value_name = "SIZE")]
     pub memory_limit: Option<String>,
+    /// Evict local chunks not read for this long, e.g. 7d [default: none, size bound only]
+    #[arg(long, value_name = "DURATION")]
+    pub cache_max_age: Option<String>,
+    /// Shared cache store s3://BUCKET/PREFIX (TOML: the [shared_cache] section)
+    #[arg(long, value_name = "URL")]
+    pub shared_cache: Option<String>,
+    /// Endpoint of the shared cache store, e.g. http://127.0.0.1:3900
+    #[arg(long, value_name = "URL")]
+    pub shared_cache_endpoint_url: Option<String>,
+    /// Serve /healthz, /readyz and /metrics on ADDR (hosts without [cluster])
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
 }
 
 impl MountArgs {
     /// Reads the config file named by `--config` (if any) and merges it under the flags.
     pub fn resolve(&self) -> Result<Config, ConfigError> {
         let file = match &self.config {
-            Some(path) => load_file(path)?,
+            Some(path) => {
+                let mut f = load_file(path)?;
+                // A relative secret file is next to the config file, not wherever we started.
+                if let (Some(c), Some(dir)) = (f.cluster.as_mut(), path.parent()) {
+                    if c.secret_file.is_relative() {
+                        c.secret_file = dir.join(&c.secret_file);
+                    }
+                }
+                f
+            }
             None => FileConfig::default(),
         };
         merge(self, file)
@@ -320,6 +360,9 @@ fn merge(args: &MountArgs, file: FileConfig) -> Result<Config, ConfigError> {
         ));
     }
 
+    let cache_max_age = pick_duration("cache max age", &args.cache_max_age, &file.cache_max_age)?;
+    let shared_cache = shared_cache(args, file.shared_cache.clone())?;
+
     let file_mode = pick_mode("file mode", &args.file_mode, &file.file_mode)?.unwrap_or(0o644);
     let dir_mode = pick_mode("dir mode", &args.dir_mode, &file.dir_mode)?.unwrap_or(0o755);
 
@@ -381,7 +424,46 @@ fn merge(args: &MountArgs, file: FileConfig) -> Result<Config, ConfigError> {
         max_origin_requests,
         readahead_chunks,
         memory_limit,
+        cache_max_age,
+        shared_cache,
+        cluster: file.cluster,
+        metrics_addr: args.metrics_addr.clone().or(file.metrics_addr),
     })
+}
+
+/// The shared store from `--shared-cache` (which replaces the TOML section) or `[shared_cache]`,
+/// with `--shared-cache-endpoint-url` applied to either.
+fn shared_cache(
+    args: &MountArgs,
+    file: Option<SharedCacheConfig>,
+) -> Result<Option<SharedCacheConfig>, ConfigError> {
+    let mut sc = match &args.shared_cache {
+        Some(url) => Some(
+            SharedCacheConfig::from_url(url)
+                .map_err(|e| invalid("shared cache", url, e.to_string()))?,
+        ),
+        None => file,
+    };
+    if let (Some(sc), Some(url)) = (sc.as_mut(), &args.shared_cache_endpoint_url) {
+        validate_url(url)?;
+        sc.endpoint_url = Some(url.clone());
+    }
+    if let Some(sc) = &sc {
+        if let Some(url) = &sc.endpoint_url {
+            validate_url(url)?;
+        }
+        sc.timeout()
+            .map_err(|e| invalid("shared cache timeout", sc.timeout.clone().unwrap_or_default(), e.to_string()))?;
+        sc.max_age()
+            .map_err(|e| invalid("shared cache max age", sc.max_age.clone().unwrap_or_default(), e.to_string()))?;
+    } else if args.shared_cache_endpoint_url.is_some() {
+        return Err(invalid(
+            "shared cache endpoint URL",
+            args.shared_cache_endpoint_url.clone().unwrap_or_default(),
+            "needs --shared-cache s3://BUCKET/PREFIX or a [shared_cache] section",
+        ));
+    }
+    Ok(sc)
 }
 
 /// `BUCKET`, `BUCKET/PREFIX/` or `s3://BUCKET/PREFIX/` → (bucket, prefix ending in `/` or empty).
@@ -523,6 +605,166 @@ pub fn parse_mode(what: &'static str, text: &str) -> Result<u16, ConfigError> {
         .ok_or_else(|| invalid(what, text, "expected octal permission bits such as 0644"))
 }
 
+/// `-o` options (mount(8) and fstab form) turned into `orcafs mount` flags.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MountOptions {
+    /// `--flag` / `--flag=value` arguments, in the order the options were given.
+    pub flags: Vec<String>,
+    /// What was accepted without effect, and why (for the log).
+    pub notes: Vec<String>,
+}
+
+/// mount(8), fstab and systemd options that orcafs accepts without a flag of its own.
+const GENERIC_OPTIONS: &[(&str, &str)] = &[
+    (
+        "_netdev",
+        "network filesystem (ordering for mount(8) and systemd)",
+    ),
+    ("nofail", "for mount(8) and systemd"),
+    ("auto", "for mount(8) -a"),
+    ("noauto", "for mount(8) -a"),
+    ("defaults", "nothing to set"),
+    ("ro", "orcafs is always read-only"),
+    ("rw", "orcafs is always read-only; rw has no effect"),
+    ("nodev", "orcafs always mounts nodev"),
+    ("nosuid", "orcafs always mounts nosuid"),
+    ("dev", "orcafs always mounts nodev"),
+    ("suid", "orcafs always mounts nosuid"),
+    ("exec", "programs on the mount may run (the default)"),
+    (
+        "default_permissions",
+        "orcafs always checks permissions in the kernel",
+    ),
+    ("user", "for mount(8)"),
+    ("users", "for mount(8)"),
+    ("nouser", "for mount(8)"),
+    ("owner", "for mount(8)"),
+    ("group", "for mount(8)"),
+    ("async", "read-only: nothing is written"),
+    ("sync", "read-only: nothing is written"),
+    ("dirsync", "read-only: nothing is written"),
+    ("atime", "read-only: access times are not recorded"),
+    ("noatime", "read-only: access times are not recorded"),
+    ("relatime", "read-only: access times are not recorded"),
+    ("norelatime", "read-only: access times are not recorded"),
+    ("strictatime", "read-only: access times are not recorded"),
+    ("nostrictatime", "read-only: access times are not recorded"),
+    ("lazytime", "read-only: access times are not recorded"),
+    ("nolazytime", "read-only: access times are not recorded"),
+    ("diratime", "read-only: access times are not recorded"),
+    ("nodiratime", "read-only: access times are not recorded"),
+];
+
+/// Generic options that take a value (`name=…`) or a family of names (`x-…`).
+const GENERIC_PREFIXES: &[(&str, &str)] = &[
+    ("x-", "for systemd and mount(8)"),
+    ("comment=", "for mount(8)"),
+    ("user=", "for mount(8)"),
+    ("fsname=", "the source is the bucket"),
+    ("subtype=", "the type is fuse.orcafs"),
+];
+
+/// Options that would weaken what the admin asked for if silently ignored.
+const UNSUPPORTED_OPTIONS: &[(&str, &str)] = &[
+    (
+        "noexec",
+        "orcafs cannot mount noexec yet; leave it out or use a bind mount with noexec",
+    ),
+    ("allow_root", "use allow_other"),
+    ("remount", "unmount and mount again"),
+    ("bind", "mount orcafs first, then bind-mount its directory"),
+];
+
+/// Splits `a,b=c,d="e,f"` at commas outside double quotes; quotes around a value are removed.
+pub fn split_mount_options(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    for c in text.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => out.push(std::mem::take(&mut cur)),
+            c => cur.push(c),
+        }
+    }
+    out.push(cur);
+    out.into_iter().filter(|o| !o.is_empty()).collect()
+}
+
+/// Maps `-o` options to `orcafs mount` flags. Every flag is an option of the same name with
+/// underscores (`cache_dir=/var/cache/orcafs`, `metadata_ttl=5m`; dashes are accepted too), a
+/// switch without a value turns it on (`allow_other`, `force_path_style`, `foreground`; `=true`
+/// / `=false` also work). The generic mount(8)/fstab/systemd options are accepted as described
+/// in the `GENERIC_OPTIONS` table. Unknown options are an error naming the option, unless `sloppy`
+/// (mount's `-s`), which notes and skips them.
+pub fn mount_options_to_flags(
+    options: &[String],
+    sloppy: bool,
+) -> Result<MountOptions, ConfigError> {
+    use clap::Args as _;
+    let cmd = MountArgs::augment_args(clap::Command::new("orcafs-mount"));
+    let mut out = MountOptions::default();
+    for opt in options.iter().flat_map(|o| split_mount_options(o)) {
+        let (name, value) = match opt.split_once('=') {
+            Some((n, v)) => (n, Some(v)),
+            None => (opt.as_str(), None),
+        };
+        if let Some((_, why)) = GENERIC_OPTIONS.iter().find(|(n, _)| *n == opt) {
+            out.notes.push(format!("option {opt}: {why}"));
+            continue;
+        }
+        if let Some((_, why)) = GENERIC_PREFIXES.iter().find(|(p, _)| opt.starts_with(p)) {
+            out.notes.push(format!("option {opt}: {why}"));
+            continue;
+        }
+        if let Some((_, why)) = UNSUPPORTED_OPTIONS.iter().find(|(n, _)| *n == name) {
+            return Err(ConfigError::UnsupportedOption {
+                option: opt.clone(),
+                reason: why.to_string(),
+            });
+        }
+        let wanted = name.replace('-', "_");
+        let arg = cmd.get_arguments().find(|a| {
+            a.get_long()
+                .is_some_and(|l| l != "help" && l.replace('-', "_") == wanted)
+        });
+        let Some(arg) = arg else {
+            if sloppy {
+                out.notes
+                    .push(format!("option {opt}: unknown, ignored (sloppy)"));
+                continue;
+            }
+            return Err(ConfigError::UnknownOption(opt.clone()));
+        };
+        let long = arg.get_long().unwrap_or_default();
+        if arg.get_action().takes_values() {
+            match value {
+                Some(v) if !v.is_empty() => out.flags.push(format!("--{long}={v}")),
+                _ => {
+                    return Err(invalid(
+                        "mount option",
+                        opt.clone(),
+                        format!("needs a value: {wanted}=…"),
+                    ))
+                }
+            }
+        } else {
+            match value.map(|v| v.to_ascii_lowercase()).as_deref() {
+                None | Some("true" | "yes" | "on" | "1") => out.flags.push(format!("--{long}")),
+                Some("false" | "no" | "off" | "0") => {}
+                Some(_) => {
+                    return Err(invalid(
+                        "mount option",
+                        opt.clone(),
+                        format!("{wanted} is a switch: give it alone, or =true / =false"),
+                    ))
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -612,5 +854,45 @@ mod tests {
         let mut a = args("bkt");
         a.chunk_size = Some("1KiB".into());
         assert!(merge(&a, FileConfig::default()).is_err());
+    }
+
+    #[test]
+    fn mount_options_become_flags() {
+        let opts = vec![
+            "_netdev,ro,allow_other,cache_dir=/var/cache/orcafs,chunk-size=1MiB".to_string(),
+            "nodev,nosuid,defaults,x-systemd.automount,force_path_style=false,foreground".into(),
+            "endpoint_url=\"http://h:1\",comment=x".into(),
+        ];
+        let m = mount_options_to_flags(&opts, false).unwrap();
+        assert_eq!(
+            m.flags,
+            [
+                "--allow-other",
+                "--cache-dir=/var/cache/orcafs",
+                "--chunk-size=1MiB",
+                "--foreground",
+                "--endpoint-url=http://h:1",
+            ]
+        );
+        assert!(m.notes.iter().any(|n| n.contains("_netdev")));
+    }
+
+    #[test]
+    fn unknown_and_malformed_mount_options_are_errors() {
+        let one = |o: &str| mount_options_to_flags(&[o.to_string()], false);
+        let e = one("ro,bogus_option=1").unwrap_err().to_string();
+        assert!(e.contains("unknown mount option \"bogus_option=1\""), "{e}");
+        assert!(one("cache_dir")
+            .unwrap_err()
+            .to_string()
+            .contains("needs a value"));
+        assert!(one("allow_other=maybe").is_err());
+        assert!(one("noexec")
+            .unwrap_err()
+            .to_string()
+            .contains("not supported"));
+        assert!(one("help").is_err());
+        let sloppy = mount_options_to_flags(&["bogus".to_string()], true).unwrap();
+        assert!(sloppy.flags.is_empty() && sloppy.notes[0].contains("bogus"));
     }
 }

@@ -131,6 +131,11 @@ impl Coordinator {
         self.policy.chunk_size
     }
 
+    /// Chunk fills running on this host.
+    pub fn fills_in_flight(&self) -> usize {
+        self.inflight().len()
+    }
+
     /// Bytes of the memory budget held by fills right now.
     pub fn memory_in_use(&self) -> u64 {
         (self.memory_permits as u64 - self.memory.available_permits() as u64) * PERMIT_BYTES

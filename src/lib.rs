@@ -8,10 +8,13 @@
 pub mod cachestore;
 pub mod chunk;
 pub mod cli;
+pub mod cluster;
 pub mod config;
+pub mod control;
 pub mod fetch;
 pub mod fs;
 pub mod metrics;
 pub mod mount;
 pub mod namespace;
+pub mod notify;
 pub mod origin;

@@ -14,11 +14,17 @@ use std::time::Duration;
 
 use fuser::{MountOption, SessionACL};
 
-use crate::cachestore::disk::DiskDriver;
-use crate::cachestore::disk::DiskError;
-use crate::cachestore::{CacheStore, DiskStore};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::cachestore::disk::{DiskDriver, DiskError};
+use crate::cachestore::replica::Replica;
+use crate::cachestore::s3::S3Store;
+use crate::cachestore::{CacheStore, ChunkStream, DiskStore, StoreError};
+use crate::chunk::ChunkKey;
+use crate::cluster::{self, Cluster, LocalFills, Observe, PeerAddr};
 use crate::config::Config;
-use crate::fetch::{Coordinator, FetchPolicy};
+use crate::control;
+use crate::fetch::{Coordinator, FetchPolicy, Peers};
 use crate::fs::{OrcaFs, Presentation, MAX_READ};
 use crate::metrics::Metrics;
 use crate::namespace::Namespace;
@@ -56,6 +62,10 @@ pub enum MountError {
     Fuse { path: PathBuf, source: io::Error },
     #[error("cannot start the runtime: {0}")]
     Runtime(io::Error),
+    #[error("{store} failed its self test: {source}")]
+    Store { store: String, source: StoreError },
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// Tells whoever started us (the detaching parent) that the mount is live or has failed.
@@ -92,8 +102,34 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
         "disk cache opened"
     );
     let disk = Arc::new(disk);
-    let store: Arc<dyn CacheStore> = Arc::new(DiskDriver(disk.clone()));
+    let (store, shared) = rt.block_on(build_store(&cfg, &disk, &metrics))?;
     let fetch = Coordinator::new(origin.clone(), store, fetch_policy(&cfg), metrics.clone());
+    let _evictors = rt.block_on(async { start_eviction(&cfg, &disk, shared.as_ref()) });
+    let observe = Arc::new(MountObserve {
+        fetch: fetch.clone(),
+        metrics: metrics.clone(),
+        ready: AtomicBool::new(false),
+    });
+    let cluster = match &cfg.cluster {
+        Some(cc) => {
+            let c = rt.block_on(Cluster::start(cc))?;
+            fetch.set_peers(Arc::new(ClusterPeers(c.clone())));
+            Some(c)
+        }
+        None => None,
+    };
+    // Kept alive until the session ends.
+    let _listener = match (&cluster, &cfg.metrics_addr) {
+        (Some(c), _) => {
+            let fills = Arc::new(CoordinatorFills(fetch.clone()));
+            Some(rt.block_on(c.serve(fills, observe.clone()))?)
+        }
+        (None, Some(addr)) => {
+            Some(rt.block_on(cluster::serve_metrics_only(addr, observe.clone()))?)
+        }
+        (None, None) => None,
+    };
+    let _control = serve_control(&cfg, &mountpoint, &metrics, &disk, cluster.clone());
     let ns = Arc::new(Namespace::new(
         origin,
         &cfg.prefix,
@@ -127,8 +163,10 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
         }
     });
     notifier.ready();
+    observe.ready.store(true, Ordering::Relaxed);
 
     let result = mounted.session.run();
+    observe.ready.store(false, Ordering::Relaxed);
     notifier.stopping();
     tracing::info!(metrics = %metrics.summary(), "unmounted");
     // In-flight fills finish or are dropped; a commit cut short leaves only a temp file.
@@ -138,6 +176,179 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
         tracing::warn!(error = %e, "FUSE session ended with an error");
     }
     Ok(())
+}
+
+/// The local disk cache, tiered with the shared store when one is configured (disk synchronous,
+/// shared write-behind). Every store proves read-after-write before the mount goes live.
+async fn build_store(
+    cfg: &Config,
+    disk: &Arc<DiskStore>,
+    metrics: &Arc<Metrics>,
+) -> Result<(Arc<dyn CacheStore>, Option<Arc<S3Store>>), MountError> {
+    let local: Arc<dyn CacheStore> = Arc::new(DiskDriver(disk.clone()));
+    local
+        .self_test()
+        .await
+        .map_err(|source| MountError::Store {
+            store: "the local disk cache".into(),
+            source,
+        })?;
+    let Some(sc) = &cfg.shared_cache else {
+        return Ok((local, None));
+    };
+    let what = format!("the shared cache s3://{}/{}", sc.bucket, sc.prefix);
+    let shared = async {
+        let s = Arc::new(S3Store::new(sc).await?);
+        s.self_test().await?;
+        Ok::<_, StoreError>(s)
+    }
+    .await;
+    let shared = match shared {
+        Ok(s) => s,
+        Err(source) if sc.required => {
+            return Err(MountError::Store {
+                store: what,
+                source,
+            })
+        }
+        Err(e) => {
+            tracing::warn!(store = %what, error = %e, "shared cache failed its self test; running without it (required = false)");
+            return Ok((local, None));
+        }
+    };
+    tracing::info!(store = %what, "shared cache self-tested");
+    let read_timeout = sc.timeout().unwrap_or(Duration::from_secs(5));
+    let replica = Replica::new(
+        vec![local],
+        vec![shared.clone() as Arc<dyn CacheStore>],
+        SHARED_QUEUE_LEN,
+        read_timeout,
+        metrics.clone(),
+    );
+    Ok((Arc::new(replica), Some(shared)))
+}
+
+/// Chunks queued for the shared store before a commit waits (write-behind back pressure).
+const SHARED_QUEUE_LEN: usize = 64;
+
+/// Background eviction: idle local chunks (`cache_max_age`) and old shared ones (`max_age`).
+fn start_eviction(
+    cfg: &Config,
+    disk: &Arc<DiskStore>,
+    shared: Option<&Arc<S3Store>>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    if let Some(age) = cfg.cache_max_age {
+        let disk = disk.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(
+                (age / 10).clamp(Duration::from_secs(1), Duration::from_secs(300)),
+            );
+            loop {
+                tick.tick().await;
+                let d = disk.clone();
+                if let Ok(n) = tokio::task::spawn_blocking(move || d.evict_idle(age)).await {
+                    if n > 0 {
+                        tracing::info!(evicted = n, "idle local chunks evicted");
+                    }
+                }
+            }
+        }));
+    }
+    if let Some((s, age)) = shared.and_then(|s| s.max_age().map(|a| (s, a))) {
+        tasks.push(s.spawn_eviction(
+            age,
+            (age / 10).clamp(Duration::from_secs(1), Duration::from_secs(600)),
+        ));
+    }
+    tasks
+}
+
+/// `orcafs status` answers from this socket; a failure to serve it only costs the command.
+fn serve_control(
+    cfg: &Config,
+    mountpoint: &Path,
+    metrics: &Arc<Metrics>,
+    disk: &Arc<DiskStore>,
+    cluster: Option<Arc<Cluster>>,
+) -> Option<control::ControlServer> {
+    let d = disk.clone();
+    let report = control::mount_report_with_peers(
+        cfg,
+        mountpoint,
+        metrics.clone(),
+        move || d.used_bytes(),
+        move || {
+            let peers = cluster.as_ref().map(|c| c.peers()).unwrap_or_default();
+            serde_json::Value::Array(
+                peers
+                    .into_iter()
+                    .map(|(addr, alive)| serde_json::json!({"addr": addr.to_string(), "state": if alive { "up" } else { "down" }}))
+                    .collect(),
+            )
+        },
+    );
+    match control::serve(&control::socket_path(mountpoint), report) {
+        Ok(server) => Some(server),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot serve the status socket; `orcafs status` will not see this mount");
+            None
+        }
+    }
+}
+
+/// The cluster as fetch sees it.
+struct ClusterPeers(Arc<Cluster>);
+
+#[async_trait::async_trait]
+impl Peers for ClusterPeers {
+    fn coordinator_for(&self, key: &ChunkKey) -> Option<String> {
+        self.0.coordinator_for(&key.id()).map(|p| p.to_string())
+    }
+
+    async fn fetch(&self, peer: &str, key: &ChunkKey) -> Result<ChunkStream, String> {
+        self.0
+            .fetch_from_peer(&PeerAddr::new(peer), key)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Fills served to peers: local only, never forwarded again.
+struct CoordinatorFills(Arc<Coordinator>);
+
+impl LocalFills for CoordinatorFills {
+    fn stream_local(&self, key: ChunkKey) -> ChunkStream {
+        self.0.stream_local(key)
+    }
+}
+
+/// What /readyz and /metrics report.
+struct MountObserve {
+    fetch: Arc<Coordinator>,
+    metrics: Arc<Metrics>,
+    ready: AtomicBool,
+}
+
+impl Observe for MountObserve {
+    fn ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    fn metrics_text(&self) -> String {
+        let mut t = cluster::render_counters("orcafs", &self.metrics.snapshot());
+        t.push_str(&cluster::render_gauge(
+            "orcafs_fill_memory_in_use_bytes",
+            "bytes of the fill memory budget in use",
+            self.fetch.memory_in_use() as f64,
+        ));
+        t.push_str(&cluster::render_gauge(
+            "orcafs_fills_in_flight",
+            "chunk fills in flight on this host",
+            self.fetch.fills_in_flight() as f64,
+        ));
+        t
+    }
 }
 
 fn fetch_policy(cfg: &Config) -> FetchPolicy {

@@ -113,9 +113,9 @@ fn a_failed_fill_is_never_committed_and_the_next_read_refills() {
         &["--origin-max-attempts", "1", "--readahead-chunks", "0"],
     );
     o.faults().cut_next_bodies(1);
-    let err = direct_read(&m.path("f.bin"))
-        .err()
-        .expect("a cut body with no retry left fails");
+    let Err(err) = direct_read(&m.path("f.bin")) else {
+        panic!("a cut body with no retry left fails");
+    };
     assert!(err.contains("Input/output error"), "EIO, got {err}");
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(chunk_files(&m.cache), 0, "the half chunk was not committed");
@@ -241,9 +241,9 @@ fn a_spent_retry_budget_fails_with_eio_instead_of_hanging() {
     );
     o.reset_stats();
     o.faults().fail_fraction(100, 503);
-    let err = direct_read(&m.path("dead.bin"))
-        .err()
-        .expect("every GET fails");
+    let Err(err) = direct_read(&m.path("dead.bin")) else {
+        panic!("every GET fails");
+    };
     assert!(err.contains("Input/output error"), "EIO, got {err}");
     assert_eq!(o.stats().get_requests, 3, "exactly the attempt budget");
     o.faults().clear();

@@ -21,6 +21,7 @@ pub mod admin;
 pub mod disk;
 pub mod memory;
 pub mod replica;
+pub mod s3;
 
 pub use disk::DiskStore;
 

@@ -1,0 +1,1078 @@
+//! s3: the shared store, a bucket (or a prefix of one) on any S3-compatible server, written by
+//! every orcafs host of a site so that a chunk fetched once from the origin is fetched from here
+//! by the others.
+//!
+//! One object per chunk, at `<prefix><origin id>/<object hash>/<index>`: the origin id sanitized
+//! to `[A-Za-z0-9._-]`, the object hash the hex SHA-256 of the length-prefixed (origin id, bucket,
+//! key, ETag) and the chunk size, the index in decimal. The body is the raw chunk; user metadata
+//! carries what makes it verifiable: `orcafs-id` (the [`ChunkKey::id`]), `orcafs-len`,
+//! `orcafs-block` (the block size, a power of two ≥ 64 KiB chosen so a chunk has at most 128
+//! blocks) and `orcafs-crcs` (the CRC32C of every block, hex). A read is one ranged GET of the
+//! blocks covering the range; every block is checked before any of its bytes is yielded, and a
+//! short, foreign, metadata-less or damaged object is [`StoreError::Corrupt`] (and deleted, so
+//! the next fill stores it afresh), never bytes.
+//!
+//! A put is stat-then-put: when an intact copy is already there it reports
+//! [`StoreError::CommitLost`] and uploads nothing. Two hosts racing both upload identical bytes,
+//! which S3 makes atomic per object, so that race is harmless. Every request is bounded by the
+//! configured timeout with at most two attempts, so a dead or hung store answers
+//! [`StoreError::Transient`] within seconds. The self test refuses a versioned bucket (deletes
+//! and eviction would only hide old versions, never free them) and then proves
+//! read-after-write. Optional active eviction deletes chunks older than a maximum age.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime};
+
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::BucketVersioningStatus;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use sha2::{Digest as _, Sha256};
+
+use super::{check_put, read_after_write, CacheStore, ChunkStream, Info, StoreError};
+use crate::chunk::ChunkKey;
+use crate::origin::HasStatus;
+
+/// Smallest block with its own CRC.
+const MIN_BLOCK: u64 = 64 << 10;
+/// Most blocks a chunk has, so `orcafs-crcs` stays within S3's 2 KiB of user metadata.
+const MAX_BLOCKS: u64 = 128;
+/// Attempts per request, the first included.
+const ATTEMPTS: u32 = 2;
+/// Default per-request timeout.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Deletes in flight during an eviction pass.
+const EVICT_PARALLEL: usize = 8;
+/// Shortest interval between eviction passes.
+const MIN_EVICT_EVERY: Duration = Duration::from_millis(100);
+
+const META_ID: &str = "orcafs-id";
+const META_LEN: &str = "orcafs-len";
+const META_BLOCK: &str = "orcafs-block";
+const META_CRCS: &str = "orcafs-crcs";
+
+fn yes() -> bool {
+    true
+}
+
+/// `[shared_cache]` in the TOML config (these names are an interface; keep them).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedCacheConfig {
+    /// S3 endpoint, e.g. `http://10.0.0.5:3900` (default: AWS S3).
+    pub endpoint_url: Option<String>,
+    pub bucket: String,
+    /// Key prefix of every chunk object; a `/` is added when missing.
+    #[serde(default)]
+    pub prefix: String,
+    /// Default us-east-1 when `endpoint_url` is set, else the AWS chain's.
+    pub region: Option<String>,
+    #[serde(default)]
+    pub force_path_style: bool,
+    /// With `secret_access_key`: static credentials of the shared store's own.
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    /// Without static credentials: the AWS chain with this profile.
+    pub profile: Option<String>,
+    /// false: a failed self test is a warning and the mount runs without the shared store.
+    #[serde(default = "yes")]
+    pub required: bool,
+    /// Optional active eviction: delete chunks older than this (humantime, e.g. "7d").
+    pub max_age: Option<String>,
+    /// Per-request timeout, default "5s".
+    pub timeout: Option<String>,
+}
+
+impl SharedCacheConfig {
+    /// The store at `s3://BUCKET/PREFIX` (as `--shared-cache` takes it), every other setting at
+    /// its default.
+    pub fn from_url(url: &str) -> Result<SharedCacheConfig, StoreError> {
+        let rest = url.strip_prefix("s3://").ok_or_else(|| {
+            StoreError::Other(format!(
+                "shared cache {url:?}: expected s3://BUCKET or s3://BUCKET/PREFIX"
+            ))
+        })?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(StoreError::Other(format!(
+                "shared cache {url:?}: no bucket name"
+            )));
+        }
+        Ok(SharedCacheConfig {
+            endpoint_url: None,
+            bucket: bucket.to_string(),
+            prefix: prefix.to_string(),
+            region: None,
+            force_path_style: false,
+            access_key_id: None,
+            secret_access_key: None,
+            profile: None,
+            required: true,
+            max_age: None,
+            timeout: None,
+        })
+    }
+
+    /// The per-request timeout (default 5s).
+    pub fn timeout(&self) -> Result<Duration, StoreError> {
+        match &self.timeout {
+            None => Ok(DEFAULT_TIMEOUT),
+            Some(t) => parse_duration("shared_cache.timeout", t).and_then(|d| {
+                if d.is_zero() {
+                    Err(StoreError::Other(
+                        "shared_cache.timeout must be more than 0".into(),
+                    ))
+                } else {
+                    Ok(d)
+                }
+            }),
+        }
+    }
+
+    /// The eviction age, if active eviction is on.
+    pub fn max_age(&self) -> Result<Option<Duration>, StoreError> {
+        self.max_age
+            .as_deref()
+            .map(|t| parse_duration("shared_cache.max_age", t))
+            .transpose()
+    }
+
+    /// The prefix as used in object keys: no leading `/`, a trailing `/` unless empty.
+    pub fn normalized_prefix(&self) -> String {
+        let p = self.prefix.trim_start_matches('/');
+        if p.is_empty() || p.ends_with('/') {
+            p.to_string()
+        } else {
+            format!("{p}/")
+        }
+    }
+}
+
+fn parse_duration(what: &'static str, text: &str) -> Result<Duration, StoreError> {
+    crate::config::parse_duration(what, text).map_err(|e| StoreError::Other(e.to_string()))
+}
+
+/// The shared store over one bucket and prefix.
+pub struct S3Store {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    prefix: String,
+    timeout: Duration,
+    max_age: Option<Duration>,
+    required: bool,
+}
+
+impl std::fmt::Debug for S3Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Store")
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a HEAD or GET found about a stored chunk object.
+struct Meta {
+    block: u64,
+    crcs: Vec<u32>,
+    committed: SystemTime,
+}
+
+impl S3Store {
+    /// Builds the client; no request is sent (that is [`CacheStore::self_test`]'s job).
+    pub async fn new(cfg: &SharedCacheConfig) -> Result<S3Store, StoreError> {
+        if cfg.bucket.is_empty() || cfg.bucket.contains('/') {
+            return Err(StoreError::Other(format!(
+                "shared_cache.bucket {:?} is not a bucket name",
+                cfg.bucket
+            )));
+        }
+        let timeout = cfg.timeout()?;
+        let max_age = cfg.max_age()?;
+        let client = build_client(cfg, timeout).await?;
+        Ok(S3Store {
+            client,
+            bucket: cfg.bucket.clone(),
+            prefix: cfg.normalized_prefix(),
+            timeout,
+            max_age,
+            required: cfg.required,
+        })
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    /// The normalized prefix (empty, or ending in `/`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Whether a failed self test must stop the mount (`required`, default true).
+    pub fn required(&self) -> bool {
+        self.required
+    }
+
+    /// The configured `max_age` of active eviction, if any.
+    pub fn max_age(&self) -> Option<Duration> {
+        self.max_age
+    }
+
+    /// The object key of a chunk: `<prefix><origin id>/<object hash>/<index>`.
+    pub fn object_key(&self, key: &ChunkKey) -> String {
+        object_key(&self.prefix, key)
+    }
+
+    /// One eviction pass: deletes this store's chunks whose commit time is older than `max_age`;
+    /// returns how many. Only keys of the chunk layout under the prefix are considered, so other
+    /// objects in the bucket are never touched.
+    pub async fn evict_older_than(&self, max_age: Duration) -> Result<u64, StoreError> {
+        let mut token = None;
+        let mut deleted = 0u64;
+        loop {
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&self.prefix)
+                .set_continuation_token(token.take())
+                .send()
+                .await
+                .map_err(|e| self.classify(e, "list"))?;
+            let now = SystemTime::now();
+            let victims: Vec<String> = page
+                .contents()
+                .iter()
+                .filter_map(|o| {
+                    let key = o.key()?;
+                    let rest = key.strip_prefix(self.prefix.as_str())?;
+                    if !is_chunk_path(rest) {
+                        return None;
+                    }
+                    let modified = SystemTime::try_from(*o.last_modified()?).ok()?;
+                    let age = now.duration_since(modified).unwrap_or(Duration::ZERO);
+                    (age >= max_age).then(|| key.to_string())
+                })
+                .collect();
+            let mut results = futures::stream::iter(victims)
+                .map(|k| async move { self.delete_object(&k).await })
+                .buffer_unordered(EVICT_PARALLEL);
+            while let Some(r) = results.next().await {
+                r?;
+                deleted += 1;
+            }
+            match (page.is_truncated(), page.next_continuation_token()) {
+                (Some(true), Some(t)) => token = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Runs [`S3Store::evict_older_than`] every `every` (at least 100 ms; the first pass at once)
+    /// on a tokio task. The task stops when it is aborted or when the store is dropped: it holds
+    /// the store weakly. Dropping the handle alone detaches the task (tokio semantics), so
+    /// `abort()` it to stop eviction while the store lives.
+    pub fn spawn_eviction(
+        self: &Arc<Self>,
+        max_age: Duration,
+        every: Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        let weak: Weak<S3Store> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every.max(MIN_EVICT_EVERY));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(store) = weak.upgrade() else {
+                    return;
+                };
+                match store.evict_older_than(max_age).await {
+                    Ok(0) => {
+                        tracing::debug!(bucket = %store.bucket, "shared cache eviction: nothing to evict")
+                    }
+                    Ok(n) => {
+                        tracing::info!(bucket = %store.bucket, evicted = n, ?max_age, "shared cache eviction")
+                    }
+                    Err(e) => {
+                        tracing::warn!(bucket = %store.bucket, error = %e, "shared cache eviction failed")
+                    }
+                }
+            }
+        })
+    }
+
+    async fn delete_object(&self, object: &str) -> Result<(), StoreError> {
+        match self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(object)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => match self.classify(e, object) {
+                StoreError::NotFound => Ok(()),
+                e => Err(e),
+            },
+        }
+    }
+
+    /// HEAD the chunk's object and check its metadata against the key: `Ok` only for an intact
+    /// copy (as far as HEAD can tell: the CRCs are checked by reads), `Corrupt` otherwise.
+    async fn head(&self, key: &ChunkKey) -> Result<Meta, StoreError> {
+        let object = self.object_key(key);
+        let out = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(&object)
+            .send()
+            .await
+            .map_err(|e| self.classify(e, &object))?;
+        let meta = check_meta(key, out.metadata(), out.last_modified())
+            .map_err(|why| corrupt(&object, &why))?;
+        let stored = out.content_length().unwrap_or(-1);
+        if stored != key.len() as i64 {
+            return Err(corrupt(
+                &object,
+                &format!("object holds {stored} bytes, the chunk has {}", key.len()),
+            ));
+        }
+        Ok(meta)
+    }
+
+    /// Deletes an object found bad, so the next fill stores it afresh; best effort.
+    async fn drop_corrupt(&self, object: &str, why: &str) -> StoreError {
+        tracing::warn!(bucket = %self.bucket, object, why, "corrupt shared cache object: deleting it");
+        if let Err(e) = self.delete_object(object).await {
+            tracing::warn!(bucket = %self.bucket, object, error = %e, "cannot delete corrupt shared cache object");
+        }
+        corrupt(object, why)
+    }
+
+    fn classify<E, R>(&self, err: SdkError<E, R>, what: &str) -> StoreError
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+        R: std::fmt::Debug + HasStatus,
+    {
+        classify(&self.bucket, err, what)
+    }
+}
+
+/// The decision on a bucket's versioning status: only an unversioned bucket will do. A bucket
+/// whose versioning is suspended still keeps the versions written while it was enabled, and
+/// cannot become unversioned again, so it is refused too. `None` (never enabled, or a server
+/// without versioning) is accepted.
+pub fn check_versioning(
+    bucket: &str,
+    status: Option<&BucketVersioningStatus>,
+) -> Result<(), StoreError> {
+    let what = match status {
+        None => return Ok(()),
+        Some(BucketVersioningStatus::Enabled) => "has versioning enabled",
+        Some(BucketVersioningStatus::Suspended) => {
+            "has versioning suspended (it was enabled once, so it still keeps old versions)"
+        }
+        Some(other) if other.as_str().is_empty() => return Ok(()),
+        Some(_) => "reports an unknown versioning status",
+    };
+    Err(StoreError::Other(format!(
+        "shared cache bucket {bucket:?} {what}; orcafs needs an unversioned bucket, because on a \
+         versioned one deleted and evicted chunks only become hidden old versions that are never \
+         freed. Use a bucket that never had versioning enabled."
+    )))
+}
+
+#[async_trait::async_trait]
+impl CacheStore for S3Store {
+    fn name(&self) -> &str {
+        "s3"
+    }
+
+    async fn get_chunk(
+        &self,
+        key: &ChunkKey,
+        offset: u64,
+        len: u64,
+    ) -> Result<ChunkStream, StoreError> {
+        let klen = key.len();
+        let end = offset.saturating_add(len).min(klen);
+        if offset >= end {
+            // Nothing to read; still tell a miss (or a bad object) from a hit.
+            let object = self.object_key(key);
+            return match self.head(key).await {
+                Ok(_) => Ok(Box::pin(futures::stream::empty())),
+                Err(StoreError::Corrupt(why)) => Err(self.drop_corrupt(&object, &why).await),
+                Err(e) => Err(e),
+            };
+        }
+        let block = block_size(klen);
+        let first = offset / block;
+        let last = (end - 1) / block;
+        let span_start = first * block;
+        let span_end = ((last + 1) * block).min(klen);
+        let object = self.object_key(key);
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&object)
+            .range(format!("bytes={}-{}", span_start, span_end - 1))
+            .send()
+            .await;
+        let out = match out {
+            Ok(out) => out,
+            Err(SdkError::ServiceError(s)) if s.raw().status().as_u16() == 416 => {
+                let why = "object is shorter than the chunk (range not satisfiable)";
+                return Err(self.drop_corrupt(&object, why).await);
+            }
+            Err(e) => return Err(self.classify(e, &object)),
+        };
+        let whole = span_start == 0 && span_end == klen;
+        if out.content_range().is_none() && !whole && out.content_length() == Some(klen as i64) {
+            // The whole object instead of the range: a server that ignores Range, not damage.
+            return Err(StoreError::Other(format!(
+                "{}/{object}: the store ignored the Range header",
+                self.bucket
+            )));
+        }
+        let checked = check_meta(key, out.metadata(), out.last_modified()).and_then(|meta| {
+            check_range(out.content_range(), span_start, span_end, klen)?;
+            let got = out.content_length().unwrap_or(-1);
+            if got != (span_end - span_start) as i64 {
+                return Err(format!(
+                    "asked for {} bytes at {span_start}, the store answers {got}",
+                    span_end - span_start
+                ));
+            }
+            Ok(meta)
+        });
+        let meta = match checked {
+            Ok(meta) => meta,
+            Err(why) => return Err(self.drop_corrupt(&object, &why).await),
+        };
+        let reader = BlockReader {
+            store: self.clone_handle(),
+            object,
+            body: out.body,
+            pending: BytesMut::new(),
+            block: meta.block,
+            next: first,
+            last,
+            klen,
+            want: (offset, end),
+            crcs: meta.crcs,
+        };
+        Ok(Box::pin(futures::stream::unfold(
+            Some(reader),
+            |state| async move {
+                let mut reader = state?;
+                match reader.next_block().await {
+                    Some(Ok(bytes)) => Some((Ok(bytes), Some(reader))),
+                    Some(Err(e)) => Some((Err(e), None)),
+                    None => None,
+                }
+            },
+        )))
+    }
+
+    async fn put_chunk(
+        &self,
+        key: &ChunkKey,
+        size: u64,
+        data: Vec<Bytes>,
+    ) -> Result<(), StoreError> {
+        check_put(key, size, &data)?;
+        match self.head(key).await {
+            Ok(_) => return Err(StoreError::CommitLost),
+            // Absent, or a bad copy to be replaced.
+            Err(StoreError::NotFound) | Err(StoreError::Corrupt(_)) => {}
+            Err(e) => return Err(e),
+        }
+        let body = match <[Bytes; 1]>::try_from(data) {
+            Ok([one]) => one,
+            Err(pieces) => {
+                let mut buf = BytesMut::with_capacity(size as usize);
+                for p in &pieces {
+                    buf.extend_from_slice(p);
+                }
+                buf.freeze()
+            }
+        };
+        let block = block_size(size);
+        let crcs: String = body
+            .chunks(block as usize)
+            .map(|b| format!("{:08x}", crc32c::crc32c(b)))
+            .collect();
+        let object = self.object_key(key);
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&object)
+            .content_length(size as i64)
+            .content_type("application/octet-stream")
+            .metadata(META_ID, key.id().to_hex())
+            .metadata(META_LEN, size.to_string())
+            .metadata(META_BLOCK, block.to_string())
+            .metadata(META_CRCS, crcs)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| self.classify(e, &object))?;
+        Ok(())
+    }
+
+    async fn stat(&self, key: &ChunkKey) -> Result<Info, StoreError> {
+        let meta = self.head(key).await?;
+        Ok(Info {
+            size: key.len(),
+            committed: meta.committed,
+        })
+    }
+
+    async fn delete(&self, key: &ChunkKey) -> Result<(), StoreError> {
+        self.delete_object(&self.object_key(key)).await
+    }
+
+    async fn self_test(&self) -> Result<(), StoreError> {
+        // Some servers (s3s-fs) create a missing bucket on the first put: ask first.
+        if let Err(e) = self.client.head_bucket().bucket(&self.bucket).send().await {
+            return Err(match self.classify(e, "") {
+                StoreError::NotFound => StoreError::Other(format!(
+                    "shared cache bucket {:?} does not exist at this endpoint",
+                    self.bucket
+                )),
+                other => other,
+            });
+        }
+        let status = match self
+            .client
+            .get_bucket_versioning()
+            .bucket(&self.bucket)
+            .send()
+            .await
+        {
+            Ok(out) => out.status().cloned(),
+            Err(e) => {
+                let code = e.as_service_error().and_then(|s| s.code()).unwrap_or("");
+                let status = e.raw_response().map(|r| r.status().as_u16());
+                if code == "NotImplemented" || status == Some(501) {
+                    // A server without versioning (s3s-fs): unversioned by construction.
+                    tracing::debug!(bucket = %self.bucket, "the shared store does not implement versioning");
+                    None
+                } else {
+                    return Err(match self.classify(e, "versioning") {
+                        StoreError::Auth(m) => StoreError::Auth(format!(
+                            "{m}: checking that shared cache bucket {:?} is unversioned needs \
+                             s3:GetBucketVersioning",
+                            self.bucket
+                        )),
+                        other => other,
+                    });
+                }
+            }
+        };
+        check_versioning(&self.bucket, status.as_ref())?;
+        read_after_write(self).await
+    }
+}
+
+impl S3Store {
+    /// What a body reader needs of the store (the client is a cheap handle).
+    fn clone_handle(&self) -> S3Store {
+        S3Store {
+            client: self.client.clone(),
+            bucket: self.bucket.clone(),
+            prefix: self.prefix.clone(),
+            timeout: self.timeout,
+            max_age: self.max_age,
+            required: self.required,
+        }
+    }
+}
+
+/// Reads a ranged GET body block by block, yielding each block's part of the wanted range only
+/// after its CRC matched.
+struct BlockReader {
+    store: S3Store,
+    object: String,
+    body: ByteStream,
+    pending: BytesMut,
+    block: u64,
+    /// Next block to read, and the last one.
+    next: u64,
+    last: u64,
+    klen: u64,
+    /// `[from, to)` inside the chunk.
+    want: (u64, u64),
+    crcs: Vec<u32>,
+}
+
+impl BlockReader {
+    async fn next_block(&mut self) -> Option<Result<Bytes, StoreError>> {
+        if self.next > self.last {
+            return None;
+        }
+        let start = self.next * self.block;
+        let end = (start + self.block).min(self.klen);
+        let need = (end - start) as usize;
+        while self.pending.len() < need {
+            let piece = tokio::time::timeout(self.store.timeout, self.body.try_next()).await;
+            match piece {
+                Ok(Ok(Some(bytes))) => self.pending.extend_from_slice(&bytes),
+                Ok(Ok(None)) => {
+                    let why = format!(
+                        "body ended at {} bytes into block {} of {need}",
+                        self.pending.len(),
+                        self.next
+                    );
+                    return Some(Err(self.store.drop_corrupt(&self.object, &why).await));
+                }
+                Ok(Err(e)) => {
+                    return Some(Err(StoreError::Transient(format!(
+                        "reading {}/{}: {}",
+                        self.store.bucket,
+                        self.object,
+                        DisplayErrorContext(&e)
+                    ))))
+                }
+                Err(_) => {
+                    return Some(Err(StoreError::Transient(format!(
+                        "reading {}/{}: body stalled for {:?}",
+                        self.store.bucket, self.object, self.store.timeout
+                    ))))
+                }
+            }
+        }
+        let data = self.pending.split_to(need).freeze();
+        if crc32c::crc32c(&data) != self.crcs[self.next as usize] {
+            let why = format!("CRC32C mismatch in block {}", self.next);
+            return Some(Err(self.store.drop_corrupt(&self.object, &why).await));
+        }
+        self.next += 1;
+        let from = self.want.0.max(start) - start;
+        let to = self.want.1.min(end) - start;
+        Some(Ok(data.slice(from as usize..to as usize)))
+    }
+}
+
+async fn build_client(
+    cfg: &SharedCacheConfig,
+    timeout: Duration,
+) -> Result<aws_sdk_s3::Client, StoreError> {
+    let region = match (&cfg.region, &cfg.endpoint_url) {
+        (Some(r), _) => Some(Region::new(r.clone())),
+        (None, Some(_)) => Some(Region::new("us-east-1")),
+        (None, None) => None,
+    };
+    let builder = match (&cfg.access_key_id, &cfg.secret_access_key) {
+        (Some(id), Some(secret)) => {
+            if cfg.profile.is_some() {
+                return Err(StoreError::Other(
+                    "[shared_cache]: set either access_key_id/secret_access_key or profile, not both"
+                        .into(),
+                ));
+            }
+            // Static credentials: nothing is looked up, neither the environment nor IMDS.
+            let region = match region {
+                Some(r) => r,
+                None => aws_config::default_provider::region::DefaultRegionChain::builder()
+                    .build()
+                    .region()
+                    .await
+                    .unwrap_or_else(|| Region::new("us-east-1")),
+            };
+            let creds = Credentials::new(id, secret, None, None, "orcafs-shared-cache");
+            aws_sdk_s3::config::Builder::new()
+                .behavior_version(BehaviorVersion::latest())
+                .region(region)
+                .credentials_provider(creds)
+        }
+        (None, None) => {
+            let mut loader = aws_config::defaults(BehaviorVersion::latest());
+            if let Some(p) = &cfg.profile {
+                loader = loader.profile_name(p);
+            }
+            if let Some(r) = region {
+                loader = loader.region(r);
+            }
+            let shared = loader.load().await;
+            let mut b = aws_sdk_s3::config::Builder::from(&shared);
+            if shared.region().is_none() {
+                b = b.region(Region::new("us-east-1"));
+            }
+            b
+        }
+        _ => {
+            return Err(StoreError::Other(
+                "[shared_cache]: access_key_id and secret_access_key go together".into(),
+            ))
+        }
+    };
+    let mut b = builder
+        .force_path_style(cfg.force_path_style)
+        .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+        .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+        .retry_config(
+            RetryConfig::standard()
+                .with_max_attempts(ATTEMPTS)
+                .with_initial_backoff(Duration::from_millis(50)),
+        )
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(timeout)
+                .read_timeout(timeout)
+                .operation_attempt_timeout(timeout)
+                .operation_timeout(timeout)
+                .build(),
+        );
+    if let Some(url) = &cfg.endpoint_url {
+        b = b.endpoint_url(url);
+    }
+    Ok(aws_sdk_s3::Client::from_conf(b.build()))
+}
+
+fn classify<E, R>(bucket: &str, err: SdkError<E, R>, what: &str) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug + HasStatus,
+{
+    let text = format!("{bucket}/{what}: {}", DisplayErrorContext(&err));
+    match &err {
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
+            StoreError::Transient(text)
+        }
+        SdkError::ServiceError(s) => {
+            let status = s.raw().status_code();
+            let code = s.err().code().unwrap_or("");
+            match (status, code) {
+                (_, "NoSuchBucket") => StoreError::Other(format!(
+                    "shared cache bucket {bucket:?} does not exist at this endpoint"
+                )),
+                (404, _) | (_, "NoSuchKey") | (_, "NotFound") => StoreError::NotFound,
+                (401 | 403, _) => StoreError::Auth(text),
+                (s, _) if s >= 500 => StoreError::Transient(text),
+                (_, "SlowDown" | "RequestTimeout" | "Throttling" | "RequestTimeTooSkewed") => {
+                    StoreError::Transient(text)
+                }
+                (s, _) => StoreError::Other(format!("HTTP {s}: {text}")),
+            }
+        }
+        _ => StoreError::Other(text),
+    }
+}
+
+fn corrupt(object: &str, why: &str) -> StoreError {
+    StoreError::Corrupt(format!("{object}: {why}"))
+}
+
+/// The block size of a chunk of `len` bytes: the smallest power of two ≥ 64 KiB that cuts it
+/// into at most 128 blocks.
+pub fn block_size(len: u64) -> u64 {
+    len.div_ceil(MAX_BLOCKS).next_power_of_two().max(MIN_BLOCK)
+}
+
+/// `[A-Za-z0-9._-]` kept, anything else `_`; never empty, `.` or `..`.
+pub fn sanitize_origin_id(id: &str) -> String {
+    let s: String = id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if s.chars().all(|c| c == '.') {
+        // Empty, `.` or `..`: not a usable path segment.
+        format!("_{s}")
+    } else {
+        s
+    }
+}
+
+/// `<prefix><sanitized origin id>/<object hash>/<index>`; `prefix` is used as given.
+pub fn object_key(prefix: &str, key: &ChunkKey) -> String {
+    let o = &key.object;
+    let mut h = Sha256::new();
+    for field in [&*o.origin_id, &*o.bucket, &*o.key, &*o.etag] {
+        h.update((field.len() as u64).to_le_bytes());
+        h.update(field.as_bytes());
+    }
+    h.update(key.chunk_size.to_le_bytes());
+    format!(
+        "{prefix}{}/{}/{}",
+        sanitize_origin_id(&o.origin_id),
+        hex::encode(h.finalize()),
+        key.index
+    )
+}
+
+/// Whether a key (below the prefix) has the layout of a chunk object.
+fn is_chunk_path(rest: &str) -> bool {
+    let mut parts = rest.split('/');
+    let (Some(origin), Some(hash), Some(index), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    !origin.is_empty()
+        && hash.len() == 64
+        && hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        && !index.is_empty()
+        && index.bytes().all(|b| b.is_ascii_digit())
+}
+
+fn meta_get<'a>(meta: &'a HashMap<String, String>, name: &str) -> Option<&'a str> {
+    meta.get(name)
+        .or_else(|| {
+            meta.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v)
+        })
+        .map(String::as_str)
+}
+
+/// Checks an object's user metadata against the key it should hold.
+fn check_meta(
+    key: &ChunkKey,
+    meta: Option<&HashMap<String, String>>,
+    last_modified: Option<&aws_smithy_types::DateTime>,
+) -> Result<Meta, String> {
+    let meta = meta.ok_or("no orcafs metadata")?;
+    let field = |name: &str| meta_get(meta, name).ok_or(format!("no {name} metadata"));
+    let id = field(META_ID)?;
+    if id != key.id().to_hex() {
+        return Err(format!("foreign object: {META_ID} is {id}"));
+    }
+    let len: u64 = field(META_LEN)?
+        .parse()
+        .map_err(|_| format!("bad {META_LEN}"))?;
+    if len != key.len() {
+        return Err(format!("{META_LEN} is {len}, the chunk has {}", key.len()));
+    }
+    let block: u64 = field(META_BLOCK)?
+        .parse()
+        .map_err(|_| format!("bad {META_BLOCK}"))?;
+    if block != block_size(len) {
+        return Err(format!(
+            "{META_BLOCK} is {block}, expected {}",
+            block_size(len)
+        ));
+    }
+    let hex = field(META_CRCS)?;
+    let blocks = len.div_ceil(block) as usize;
+    if hex.len() != blocks * 8 || !hex.is_ascii() {
+        return Err(format!("{META_CRCS} does not hold {blocks} CRCs"));
+    }
+    let crcs = (0..blocks)
+        .map(|i| u32::from_str_radix(&hex[i * 8..i * 8 + 8], 16).ok())
+        .collect::<Option<Vec<u32>>>()
+        .ok_or(format!("bad {META_CRCS}"))?;
+    let committed = last_modified
+        .and_then(|t| SystemTime::try_from(*t).ok())
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    Ok(Meta {
+        block,
+        crcs,
+        committed,
+    })
+}
+
+/// Checks `Content-Range: bytes A-B/TOTAL` against what was asked; a server that leaves the
+/// header out is trusted on Content-Length alone.
+fn check_range(header: Option<&str>, start: u64, end: u64, total: u64) -> Result<(), String> {
+    let Some(h) = header else {
+        return Ok(());
+    };
+    let parsed = h.strip_prefix("bytes ").and_then(|r| {
+        let (span, size) = r.split_once('/')?;
+        let (a, b) = span.split_once('-')?;
+        Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?, size))
+    });
+    match parsed {
+        Some((a, b, size)) if a == start && b + 1 == end && size == total.to_string() => Ok(()),
+        Some((_, _, size)) if size != total.to_string() => {
+            Err(format!("object holds {size} bytes, the chunk has {total}"))
+        }
+        _ => Err(format!(
+            "asked for bytes {start}-{}, the store answers {h:?}",
+            end - 1
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::ObjectVersion;
+
+    fn key(origin: &str, size: u64, chunk: u64, index: u64) -> ChunkKey {
+        ChunkKey::new(
+            Arc::new(ObjectVersion {
+                origin_id: origin.into(),
+                bucket: "b".into(),
+                key: "dir/file".into(),
+                etag: "\"e\"".into(),
+                size,
+            }),
+            chunk,
+            index,
+        )
+    }
+
+    #[test]
+    fn block_size_keeps_at_most_128_blocks() {
+        assert_eq!(block_size(0), MIN_BLOCK);
+        assert_eq!(block_size(1), MIN_BLOCK);
+        assert_eq!(block_size(8 << 20), 64 << 10);
+        assert_eq!(block_size((8 << 20) + 1), 128 << 10);
+        assert_eq!(block_size(1 << 30), 8 << 20);
+        for len in [1u64, 4095, 65536, 8 << 20, 9 << 20, (1 << 30) - 7, 1 << 30] {
+            let b = block_size(len);
+            assert!(b.is_power_of_two() && b >= MIN_BLOCK);
+            assert!(len.div_ceil(b) <= MAX_BLOCKS, "{len}");
+        }
+    }
+
+    #[test]
+    fn object_keys() {
+        let k = key("http://127.0.0.1:9000 us-east-1", 100, 64, 1);
+        let o = object_key("pre/", &k);
+        let parts: Vec<&str> = o.split('/').collect();
+        assert_eq!(parts[0], "pre");
+        assert_eq!(parts[1], "http___127.0.0.1_9000_us-east-1");
+        assert_eq!(parts[2].len(), 64);
+        assert_eq!(parts[3], "1");
+        assert!(is_chunk_path(o.strip_prefix("pre/").unwrap()));
+        // The object hash does not depend on the index; the key does.
+        let k2 = key("http://127.0.0.1:9000 us-east-1", 100, 64, 0);
+        let o2 = object_key("pre/", &k2);
+        assert_eq!(
+            o2.rsplit_once('/').unwrap().0,
+            o.rsplit_once('/').unwrap().0
+        );
+        assert_ne!(o, o2);
+        assert_eq!(sanitize_origin_id(""), "_");
+        assert_eq!(sanitize_origin_id(".."), "_..");
+        assert_eq!(sanitize_origin_id("a/b"), "a_b");
+        assert!(!is_chunk_path("x/abc/1"));
+        assert!(!is_chunk_path(&format!("x/{}/1/2", "a".repeat(64))));
+        assert!(!is_chunk_path(&format!("x/{}/z", "a".repeat(64))));
+    }
+
+    #[test]
+    fn versioning_decision() {
+        assert!(check_versioning("b", None).is_ok());
+        for s in [
+            BucketVersioningStatus::Enabled,
+            BucketVersioningStatus::Suspended,
+        ] {
+            match check_versioning("b", Some(&s)) {
+                Err(StoreError::Other(m)) => {
+                    assert!(m.contains("versioning") && m.contains("unversioned"), "{m}")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn metadata_checks() {
+        let k = key("o", 200_000, 1 << 20, 0);
+        let good = || {
+            let mut m = HashMap::new();
+            m.insert(META_ID.to_string(), k.id().to_hex());
+            m.insert(META_LEN.to_string(), "200000".to_string());
+            m.insert(META_BLOCK.to_string(), "65536".to_string());
+            m.insert(META_CRCS.to_string(), "0000000a".repeat(4));
+            m
+        };
+        let meta = check_meta(&k, Some(&good()), None).unwrap();
+        assert_eq!(meta.crcs, vec![10; 4]);
+        assert!(check_meta(&k, None, None).is_err());
+        for (field, value) in [
+            (META_ID, "00".repeat(32)),
+            (META_LEN, "199999".into()),
+            (META_BLOCK, "131072".into()),
+            (META_CRCS, "0000000a".repeat(3)),
+            (META_CRCS, "zzzzzzzz".repeat(4)),
+        ] {
+            let mut m = good();
+            m.insert(field.to_string(), value);
+            assert!(check_meta(&k, Some(&m), None).is_err(), "{field}");
+        }
+        let mut m = good();
+        m.remove(META_CRCS);
+        assert!(check_meta(&k, Some(&m), None).is_err());
+    }
+
+    #[test]
+    fn content_range_checks() {
+        assert!(check_range(None, 0, 10, 10).is_ok());
+        assert!(check_range(Some("bytes 0-9/10"), 0, 10, 10).is_ok());
+        assert!(check_range(Some("bytes 0-9/11"), 0, 10, 10).is_err());
+        assert!(check_range(Some("bytes 1-9/10"), 0, 10, 10).is_err());
+        assert!(check_range(Some("junk"), 0, 10, 10).is_err());
+    }
+
+    #[test]
+    fn config_from_toml_and_url() {
+        #[derive(serde::Deserialize)]
+        struct File {
+            shared_cache: SharedCacheConfig,
+        }
+        let f: File = toml::from_str(
+            r#"
+            [shared_cache]
+            endpoint_url = "http://127.0.0.1:3900"
+            bucket = "chunks"
+            prefix = "orcafs"
+            region = "garage"
+            force_path_style = true
+            access_key_id = "AK"
+            secret_access_key = "SK"
+            required = false
+            max_age = "7d"
+            timeout = "2s"
+            "#,
+        )
+        .unwrap();
+        let c = f.shared_cache;
+        assert_eq!(c.normalized_prefix(), "orcafs/");
+        assert_eq!(c.max_age().unwrap(), Some(Duration::from_secs(7 * 86400)));
+        assert_eq!(c.timeout().unwrap(), Duration::from_secs(2));
+        assert!(!c.required);
+        let f: File = toml::from_str("[shared_cache]\nbucket = \"b\"\n").unwrap();
+        assert!(f.shared_cache.required);
+        assert_eq!(f.shared_cache.timeout().unwrap(), DEFAULT_TIMEOUT);
+        assert!(toml::from_str::<File>("[shared_cache]\nbucket = \"b\"\nbukcet = 1\n").is_err());
+
+        let u = SharedCacheConfig::from_url("s3://chunks/site-a/orcafs").unwrap();
+        assert_eq!(
+            (u.bucket.as_str(), u.prefix.as_str()),
+            ("chunks", "site-a/orcafs")
+        );
+        assert_eq!(u.normalized_prefix(), "site-a/orcafs/");
+        assert_eq!(
+            SharedCacheConfig::from_url("s3://b")
+                .unwrap()
+                .normalized_prefix(),
+            ""
+        );
+        assert!(SharedCacheConfig::from_url("b/p").is_err());
+        assert!(SharedCacheConfig::from_url("s3:///p").is_err());
+    }
+}

@@ -1,0 +1,201 @@
+//! client: the signed fill request to a peer, its body as a checked stream, health checks.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty};
+use hyper::body::Incoming;
+use hyper::StatusCode;
+
+use super::{auth, stats::Stats, Cluster, PeerAddr, PeerError};
+use crate::cachestore::{ChunkStream, StoreError};
+use crate::chunk::ChunkKey;
+
+pub(crate) const FILL_PATH: &str = "/internal/fill";
+
+/// Sends the fill request; Ok(body) once the headers say 200 with the chunk's length.
+pub(crate) async fn request_fill(
+    cluster: &Cluster,
+    peer: &PeerAddr,
+    key: &ChunkKey,
+) -> Result<Incoming, PeerError> {
+    let path_and_query = format!("{FILL_PATH}?{}", super::fill_query(key));
+    let signature = auth::sign(
+        cluster.secret().bytes(),
+        "GET",
+        &path_and_query,
+        auth::now_unix(),
+    );
+    let request = || {
+        hyper::Request::get(format!("http://{peer}{path_and_query}"))
+            .header(auth::HEADER, signature.as_str())
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| PeerError::Request(e.to_string()))
+    };
+    let timeout = cluster.tuning().peer_timeout;
+    let send = async {
+        match cluster.http().request(request()?).await {
+            // A pooled connection the peer had closed (it restarted, or timed it out) as we
+            // sent: the GET is idempotent, so try once more on a fresh connection.
+            Err(e) if closed_before_response(&e) => cluster.http().request(request()?).await,
+            other => other,
+        }
+        .map_err(|e| {
+            if e.is_connect() {
+                PeerError::Connect(error_chain(&e))
+            } else {
+                PeerError::Request(error_chain(&e))
+            }
+        })
+    };
+    let response = tokio::time::timeout(timeout, send)
+        .await
+        .map_err(|_| PeerError::Timeout(timeout))??;
+    match response.status() {
+        StatusCode::OK => {}
+        StatusCode::CONFLICT => return Err(PeerError::NotCoordinator),
+        StatusCode::UNAUTHORIZED => return Err(PeerError::Unauthorized),
+        s => return Err(PeerError::Status(s.as_u16())),
+    }
+    let expected = key.len();
+    let got = response
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if got != Some(expected) {
+        return Err(PeerError::BadLength { expected, got });
+    }
+    Ok(response.into_body())
+}
+
+/// The connection closed before any response: the request may be sent again.
+fn closed_before_response(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(h) = c.downcast_ref::<hyper::Error>() {
+            return h.is_incomplete_message() || h.is_canceled();
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// The error and its causes on one line (hyper's outer errors say little alone).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
+struct BodyState {
+    body: Incoming,
+    got: u64,
+    expected: u64,
+    stall: Duration,
+    peer: PeerAddr,
+    stats: Arc<Stats>,
+}
+
+impl BodyState {
+    fn fail(&self, msg: String) -> Option<(Result<Bytes, StoreError>, Option<BodyState>)> {
+        self.stats.fallback("body");
+        tracing::warn!(peer = %self.peer, got = self.got, expected = self.expected, error = %msg, "peer fill body failed");
+        Some((Err(StoreError::Transient(msg)), None))
+    }
+}
+
+/// The response body as a chunk stream that errs when it stalls, breaks, ends short or runs long.
+pub(crate) fn body_stream(
+    body: Incoming,
+    expected: u64,
+    stall: Duration,
+    peer: PeerAddr,
+    stats: Arc<Stats>,
+) -> ChunkStream {
+    let state = BodyState {
+        body,
+        got: 0,
+        expected,
+        stall,
+        peer,
+        stats,
+    };
+    Box::pin(futures::stream::unfold(Some(state), |state| async move {
+        let mut st = state?;
+        loop {
+            let frame = match tokio::time::timeout(st.stall, st.body.frame()).await {
+                Err(_) => {
+                    let msg = format!(
+                        "peer {} body stalled for {:?} after {} of {} bytes",
+                        st.peer, st.stall, st.got, st.expected
+                    );
+                    return st.fail(msg);
+                }
+                Ok(None) if st.got == st.expected => {
+                    st.stats.fills_received.inc();
+                    return None;
+                }
+                Ok(None) => {
+                    let msg = format!(
+                        "peer {} body ended after {} of {} bytes",
+                        st.peer, st.got, st.expected
+                    );
+                    return st.fail(msg);
+                }
+                Ok(Some(Err(e))) => {
+                    let msg = format!(
+                        "peer {} body broke after {} of {} bytes: {}",
+                        st.peer,
+                        st.got,
+                        st.expected,
+                        error_chain(&e)
+                    );
+                    return st.fail(msg);
+                }
+                Ok(Some(Ok(frame))) => frame,
+            };
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers
+            };
+            if data.is_empty() {
+                continue;
+            }
+            st.got += data.len() as u64;
+            if st.got > st.expected {
+                let msg = format!(
+                    "peer {} sent more than the {} bytes of the chunk",
+                    st.peer, st.expected
+                );
+                return st.fail(msg);
+            }
+            st.stats.fill_bytes_received.inc_by(data.len() as u64);
+            return Some((Ok(data), Some(st)));
+        }
+    }))
+}
+
+/// `GET /healthz` answered 200 within the health timeout.
+pub(crate) async fn healthz(cluster: &Cluster, peer: &PeerAddr) -> bool {
+    let Ok(request) = hyper::Request::get(format!("http://{peer}/healthz")).body(Empty::new())
+    else {
+        return false;
+    };
+    let check = async {
+        let response = cluster.http().request(request).await.ok()?;
+        let ok = response.status() == StatusCode::OK;
+        // Read the (tiny) body so that the connection goes back to the pool.
+        response.into_body().collect().await.ok()?;
+        Some(ok)
+    };
+    matches!(
+        tokio::time::timeout(cluster.tuning().health_timeout, check).await,
+        Ok(Some(true))
+    )
+}
