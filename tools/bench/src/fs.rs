@@ -1,0 +1,154 @@
+//! The filesystems under test and how each is mounted over the origin:
+//! orcafs, and optionally rclone and s3fs configured as close to it as they
+//! allow (read-only, full local disk cache, path-style S3 on 127.0.0.1).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use orcafs_devorigin::{ACCESS_KEY, REGION, SECRET_KEY};
+
+use crate::error::{Context, Result};
+use crate::fsmount::FsMount;
+use crate::origin::BUCKET;
+use crate::sys;
+
+/// A filesystem the benchmark can mount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fs {
+    Orcafs,
+    Rclone,
+    S3fs,
+}
+
+/// Where and how to mount: shared by every mount of the run.
+#[derive(Debug, Clone)]
+pub struct MountEnv {
+    pub endpoint: String,
+    pub work: PathBuf,
+    pub orcafs: PathBuf,
+    /// Extra `orcafs mount` flags (tuning options chosen on the command line).
+    pub orcafs_flags: Vec<String>,
+}
+
+impl Fs {
+    pub fn name(self) -> &'static str {
+        match self {
+            Fs::Orcafs => "orcafs",
+            Fs::Rclone => "rclone",
+            Fs::S3fs => "s3fs",
+        }
+    }
+
+    /// Whether its program is installed (orcafs is always there).
+    pub fn installed(self) -> bool {
+        match self {
+            Fs::Orcafs => true,
+            Fs::Rclone => sys::on_path("rclone"),
+            Fs::S3fs => sys::on_path("s3fs"),
+        }
+    }
+
+    /// The configuration line the report shows for it.
+    pub fn describe(self, env: &MountEnv) -> String {
+        let cmd = self.command(env, Path::new("CACHE"), Path::new("MNT"));
+        let words: Vec<String> = std::iter::once(cmd.get_program())
+            .chain(cmd.get_args())
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        words.join(" ")
+    }
+
+    /// Mounts the bucket at `WORK/mnt/NAME` with `cache` as its disk cache;
+    /// `tag` names the log file.
+    pub fn mount(self, env: &MountEnv, cache: &Path, tag: &str) -> Result<FsMount> {
+        let mnt = env.work.join("mnt").join(self.name());
+        let logs = env.work.join("logs");
+        std::fs::create_dir_all(&logs).context("creating the log directory")?;
+        if self == Fs::S3fs {
+            write_s3fs_passwd(env)?;
+        }
+        let log = logs.join(format!("{}-{tag}.log", self.name()));
+        FsMount::spawn(self.name(), self.command(env, cache, &mnt), &mnt, &log)
+            .with_context(|| format!("mounting {} ({tag})", self.name()))
+    }
+
+    fn command(self, env: &MountEnv, cache: &Path, mnt: &Path) -> Command {
+        match self {
+            Fs::Orcafs => orcafs_command(env, cache, mnt),
+            Fs::Rclone => rclone_command(env, cache, mnt),
+            Fs::S3fs => s3fs_command(env, cache, mnt),
+        }
+    }
+}
+
+fn orcafs_command(env: &MountEnv, cache: &Path, mnt: &Path) -> Command {
+    let mut c = Command::new(&env.orcafs);
+    c.arg("mount")
+        .arg(BUCKET)
+        .arg(mnt)
+        .args(["--endpoint-url", &env.endpoint, "--force-path-style"])
+        .arg("--cache-dir")
+        .arg(cache)
+        .arg("--foreground")
+        .args(&env.orcafs_flags)
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("AWS_PROFILE")
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_ENDPOINT_URL");
+    c
+}
+
+/// `rclone mount` with an S3 remote `origin:` defined by environment variables.
+fn rclone_command(env: &MountEnv, cache: &Path, mnt: &Path) -> Command {
+    let mut c = Command::new("rclone");
+    c.arg("mount")
+        .arg(format!("origin:{BUCKET}"))
+        .arg(mnt)
+        .args(["--read-only", "--vfs-cache-mode", "full"])
+        .arg("--cache-dir")
+        .arg(cache)
+        .env("RCLONE_CONFIG", env.work.join("rclone.conf"))
+        .env("RCLONE_CONFIG_ORIGIN_TYPE", "s3")
+        .env("RCLONE_CONFIG_ORIGIN_PROVIDER", "Other")
+        .env("RCLONE_CONFIG_ORIGIN_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("RCLONE_CONFIG_ORIGIN_SECRET_ACCESS_KEY", SECRET_KEY)
+        .env("RCLONE_CONFIG_ORIGIN_ENDPOINT", &env.endpoint)
+        .env("RCLONE_CONFIG_ORIGIN_REGION", REGION)
+        .env("RCLONE_CONFIG_ORIGIN_FORCE_PATH_STYLE", "true");
+    c
+}
+
+fn s3fs_command(env: &MountEnv, cache: &Path, mnt: &Path) -> Command {
+    let mut c = Command::new("s3fs");
+    c.arg(BUCKET).arg(mnt).arg("-f").args([
+        "-o",
+        &format!("url={}", env.endpoint),
+        "-o",
+        "use_path_request_style",
+        "-o",
+        &format!("passwd_file={}", s3fs_passwd_path(env).display()),
+        "-o",
+        "ro",
+        "-o",
+        &format!("use_cache={}", cache.display()),
+        "-o",
+        &format!("endpoint={REGION}"),
+    ]);
+    c
+}
+
+fn s3fs_passwd_path(env: &MountEnv) -> PathBuf {
+    env.work.join("s3fs.passwd")
+}
+
+/// s3fs refuses a password file others can read.
+fn write_s3fs_passwd(env: &MountEnv) -> Result<()> {
+    let path = s3fs_passwd_path(env);
+    std::fs::write(&path, format!("{ACCESS_KEY}:{SECRET_KEY}\n"))
+        .with_context(|| format!("writing {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod 600 {}", path.display()))
+}

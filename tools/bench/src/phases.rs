@@ -1,0 +1,321 @@
+//! The measurements, one function per phase. Each phase sets up the state it
+//! needs (fresh cache dir, fresh mount, dropped page cache), measures, and
+//! unmounts; mounts are guards, so an error anywhere still unmounts.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use orcafs_devorigin::DevOrigin;
+
+use crate::bail;
+use crate::error::{Context, Result};
+use crate::fs::{Fs, MountEnv};
+use crate::fsmount::FsMount;
+use crate::origin::{Dataset, PlainClient, MAIN_KEY};
+use crate::reads::{self, BLOCK};
+use crate::sys;
+use crate::MIB;
+
+/// Counts that shape the run.
+#[derive(Debug, Clone)]
+pub struct Knobs {
+    pub random_reads: usize,
+    pub cold_random_reads: usize,
+    pub readers: usize,
+    pub phase_limit: Duration,
+}
+
+/// Shared state of the measuring phases.
+pub struct Bench {
+    pub knobs: Knobs,
+    pub origin: DevOrigin,
+    pub plain: PlainClient,
+    pub data: Dataset,
+    pub env: MountEnv,
+    pub local_copy: PathBuf,
+    /// Holds the large object's bytes on every sequential read; allocated and
+    /// touched once so page faults stay out of the timings.
+    buf: Vec<u8>,
+    /// Offsets of the cached random-read phase (mount and local file alike).
+    offsets: Vec<u64>,
+}
+
+/// Sequential cold read of the large object.
+#[derive(Debug, Clone, Copy)]
+pub struct ColdSeq {
+    pub mibps: f64,
+    pub origin_bytes: u64,
+}
+
+/// Re-reads over a warm disk cache.
+#[derive(Debug, Clone, Copy)]
+pub struct Reread {
+    pub warm_mibps: f64,
+    pub hot_mibps: f64,
+    /// Origin body bytes during the warm and hot reads.
+    pub origin_bytes: u64,
+    pub random_iops: Option<f64>,
+}
+
+/// The local-file baselines.
+#[derive(Debug, Clone, Copy)]
+pub struct Local {
+    pub warm_mibps: f64,
+    pub hot_mibps: f64,
+    pub random_iops: f64,
+}
+
+/// Random 4 KiB reads of a cold object.
+#[derive(Debug, Clone, Copy)]
+pub struct ColdRandom {
+    pub origin_bytes: u64,
+    pub requested: u64,
+    pub elapsed: Duration,
+}
+
+/// Medians of the time-to-first-byte samples.
+#[derive(Debug, Clone)]
+pub struct Ttfb {
+    pub mount: Vec<Duration>,
+    pub plain: Vec<Duration>,
+}
+
+/// Several threads reading one cold object.
+#[derive(Debug, Clone, Copy)]
+pub struct Readers {
+    pub origin_bytes: u64,
+    pub elapsed: Duration,
+}
+
+/// Memory of orcafs while reading several cold objects at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Rss {
+    pub hwm_bytes: u64,
+    pub idle_bytes: u64,
+    pub elapsed: Duration,
+    pub origin_bytes: u64,
+}
+
+impl Bench {
+    pub fn new(
+        knobs: Knobs,
+        origin: DevOrigin,
+        plain: PlainClient,
+        data: Dataset,
+        env: MountEnv,
+        local_copy: PathBuf,
+    ) -> Bench {
+        let mut buf = vec![0u8; data.main_size as usize];
+        buf.fill(0x5a);
+        let offsets = reads::random_offsets(data.main_size, knobs.random_reads, 0xB10C);
+        Bench {
+            knobs,
+            origin,
+            plain,
+            data,
+            env,
+            local_copy,
+            buf,
+            offsets,
+        }
+    }
+
+    fn mibps(&self, elapsed: Duration) -> f64 {
+        self.data.main_size as f64 / MIB as f64 / elapsed.as_secs_f64()
+    }
+
+    /// An empty cache directory `WORK/cache/NAME` (emptied if it exists).
+    fn fresh_cache(&self, name: &str) -> Result<PathBuf> {
+        let dir = self.cache_dir(name);
+        remove_dir(&dir)?;
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(dir)
+    }
+
+    fn cache_dir(&self, name: &str) -> PathBuf {
+        self.env.work.join("cache").join(name)
+    }
+
+    /// Drops the page cache and zeroes the origin's counters.
+    fn cold_start(&self) -> Result<()> {
+        sys::drop_caches()?;
+        self.origin.reset_stats();
+        Ok(())
+    }
+
+    /// Times a full read of the large object through `mount` into the
+    /// buffer, then checks its SHA-256.
+    fn timed_main_read(&mut self, mount: &FsMount, what: &str) -> Result<Duration> {
+        let path = mount.path(MAIN_KEY);
+        let limit = self.knobs.phase_limit;
+        let buf = &mut self.buf;
+        let elapsed = mount.guarded(what, limit, || reads::read_whole_into(&path, buf))?;
+        reads::verify_sha256(what, &self.buf, &self.data.main_sha256)?;
+        Ok(elapsed)
+    }
+
+    /// Plain single-stream SDK GET of the large object, in MiB/s.
+    pub fn plain_get(&mut self) -> Result<f64> {
+        sys::drop_caches()?;
+        let elapsed = self.plain.get_into(MAIN_KEY, &mut self.buf)?;
+        reads::verify_sha256("plain GET", &self.buf, &self.data.main_sha256)?;
+        Ok(self.mibps(elapsed))
+    }
+
+    /// Cold sequential read (fresh cache `FS-main`, kept for [`Bench::reread`]).
+    pub fn cold_seq(&mut self, fs: Fs) -> Result<ColdSeq> {
+        let cache = self.fresh_cache(&format!("{}-main", fs.name()))?;
+        let mount = fs.mount(&self.env, &cache, "cold-seq")?;
+        self.cold_start()?;
+        let elapsed = self.timed_main_read(&mount, "cold sequential read")?;
+        let origin_bytes = self.origin.stats().get_bytes;
+        mount.unmount()?;
+        Ok(ColdSeq {
+            mibps: self.mibps(elapsed),
+            origin_bytes,
+        })
+    }
+
+    /// Warm then hot re-read over the cache the cold read filled, in a new
+    /// mount; with `random`, also the cached random reads.
+    pub fn reread(&mut self, fs: Fs, random: bool) -> Result<Reread> {
+        let cache = self.cache_dir(&format!("{}-main", fs.name()));
+        let mount = fs.mount(&self.env, &cache, "reread")?;
+        self.cold_start()?;
+        let warm = self.timed_main_read(&mount, "warm re-read")?;
+        let hot = self.timed_main_read(&mount, "hot re-read")?;
+        let origin_bytes = self.origin.stats().get_bytes;
+        let random_iops = match random {
+            true => Some(self.random_cached(&mount)?),
+            false => None,
+        };
+        mount.unmount()?;
+        remove_dir(&cache)?;
+        Ok(Reread {
+            warm_mibps: self.mibps(warm),
+            hot_mibps: self.mibps(hot),
+            origin_bytes,
+            random_iops,
+        })
+    }
+
+    fn random_cached(&self, mount: &FsMount) -> Result<f64> {
+        sys::drop_caches()?;
+        let path = mount.path(MAIN_KEY);
+        let elapsed = mount.guarded("cached random reads", self.knobs.phase_limit, || {
+            reads::random_reads(&path, &self.offsets)
+        })?;
+        Ok(self.offsets.len() as f64 / elapsed.as_secs_f64())
+    }
+
+    /// The same reads of the local copy: cold page cache, hot, random.
+    pub fn local(&mut self) -> Result<Local> {
+        sys::drop_caches()?;
+        let warm = reads::read_whole_into(&self.local_copy, &mut self.buf)?;
+        let hot = reads::read_whole_into(&self.local_copy, &mut self.buf)?;
+        reads::verify_sha256("local copy", &self.buf, &self.data.main_sha256)?;
+        sys::drop_caches()?;
+        let random = reads::random_reads(&self.local_copy, &self.offsets)?;
+        Ok(Local {
+            warm_mibps: self.mibps(warm),
+            hot_mibps: self.mibps(hot),
+            random_iops: self.offsets.len() as f64 / random.as_secs_f64(),
+        })
+    }
+
+    /// Random 4 KiB reads of the never-read large object: origin bytes pulled.
+    pub fn cold_random(&mut self) -> Result<ColdRandom> {
+        let cache = self.fresh_cache("orcafs-cold-random")?;
+        let mount = Fs::Orcafs.mount(&self.env, &cache, "cold-random")?;
+        let offsets = reads::random_offsets(self.data.main_size, self.knobs.cold_random_reads, 0xC01D);
+        self.cold_start()?;
+        let path = mount.path(MAIN_KEY);
+        let elapsed = mount.guarded("cold random reads", self.knobs.phase_limit, || {
+            reads::random_reads(&path, &offsets)
+        })?;
+        let origin_bytes = self.origin.stats().get_bytes;
+        mount.unmount()?;
+        remove_dir(&cache)?;
+        Ok(ColdRandom {
+            origin_bytes,
+            requested: (offsets.len() * BLOCK) as u64,
+            elapsed,
+        })
+    }
+
+    /// Open + first 4 KiB of never-read objects through a fresh mount, and
+    /// the plain GET's first bytes of the same objects.
+    pub fn ttfb(&mut self) -> Result<Ttfb> {
+        let cache = self.fresh_cache("orcafs-ttfb")?;
+        let mount = Fs::Orcafs.mount(&self.env, &cache, "ttfb")?;
+        let keys = self.data.ttfb_keys.clone();
+        let dir = keys.first().and_then(|k| Path::new(k).parent()).context("no TTFB objects")?;
+        std::fs::metadata(mount.path(&dir.to_string_lossy())).context("looking up the TTFB directory")?;
+        let mut samples = Vec::with_capacity(keys.len());
+        for key in &keys {
+            sys::drop_caches()?;
+            let path = mount.path(key);
+            samples.push(mount.guarded("first 4 KiB", self.knobs.phase_limit, || reads::first_block(&path))?);
+        }
+        mount.unmount()?;
+        remove_dir(&cache)?;
+        let mut plain = Vec::with_capacity(keys.len());
+        for key in &keys {
+            sys::drop_caches()?;
+            self.plain.warm_up(MAIN_KEY)?;
+            plain.push(self.plain.first_bytes(key)?);
+        }
+        Ok(Ttfb { mount: samples, plain })
+    }
+
+    /// `readers` threads reading the whole cold large object at once.
+    pub fn readers(&mut self, fs: Fs) -> Result<Readers> {
+        let cache = self.fresh_cache(&format!("{}-readers", fs.name()))?;
+        let mount = fs.mount(&self.env, &cache, "readers")?;
+        let paths = vec![mount.path(MAIN_KEY); self.knobs.readers];
+        self.cold_start()?;
+        let size = self.data.main_size;
+        let elapsed = mount.guarded("concurrent readers", self.knobs.phase_limit, || {
+            reads::read_concurrently(&paths, size)
+        })?;
+        let origin_bytes = self.origin.stats().get_bytes;
+        mount.unmount()?;
+        remove_dir(&cache)?;
+        Ok(Readers { origin_bytes, elapsed })
+    }
+
+    /// Peak RSS of orcafs while each reader reads a different cold object.
+    pub fn rss(&mut self) -> Result<Rss> {
+        let cache = self.fresh_cache("orcafs-rss")?;
+        let mount = Fs::Orcafs.mount(&self.env, &cache, "rss")?;
+        let pid = mount.pid();
+        let idle_bytes = sys::proc_status_bytes(pid, "VmRSS")?;
+        let paths: Vec<PathBuf> = self.data.rss_keys.iter().map(|k| mount.path(k)).collect();
+        if paths.is_empty() {
+            bail!("no objects for the memory test");
+        }
+        self.cold_start()?;
+        let size = self.data.rss_size;
+        let elapsed = mount.guarded("readers of different objects", self.knobs.phase_limit, || {
+            reads::read_concurrently(&paths, size)
+        })?;
+        let hwm_bytes = sys::proc_status_bytes(pid, "VmHWM")?;
+        let origin_bytes = self.origin.stats().get_bytes;
+        mount.unmount()?;
+        remove_dir(&cache)?;
+        Ok(Rss {
+            hwm_bytes,
+            idle_bytes,
+            elapsed,
+            origin_bytes,
+        })
+    }
+}
+
+fn remove_dir(dir: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", dir.display())),
+    }
+}

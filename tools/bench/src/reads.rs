@@ -1,0 +1,147 @@
+//! The read patterns measured, done the way applications do them: plain
+//! `read(2)` with 1 MiB buffers, `pread(2)` of 4 KiB blocks, and several
+//! threads reading whole files at once.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use crate::bail;
+use crate::error::{Context, Result};
+
+/// Size of each `read(2)` of the sequential readers.
+pub const READ_BUF: usize = 1 << 20;
+/// Size of each random read.
+pub const BLOCK: usize = 4096;
+
+/// Reads `path` from start to end with `READ_BUF` reads into `buf`, which
+/// must be exactly as large as the file. Returns the time taken (open to EOF).
+pub fn read_whole_into(path: &Path, buf: &mut [u8]) -> Result<Duration> {
+    let started = Instant::now();
+    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut filled = 0;
+    while filled < buf.len() {
+        let end = (filled + READ_BUF).min(buf.len());
+        let n = file
+            .read(&mut buf[filled..end])
+            .with_context(|| format!("reading {} at offset {filled}", path.display()))?;
+        if n == 0 {
+            bail!("{}: early EOF at {filled} of {} bytes", path.display(), buf.len());
+        }
+        filled += n;
+    }
+    let mut probe = [0u8; 1];
+    let extra = file
+        .read(&mut probe)
+        .with_context(|| format!("reading {} at its end", path.display()))?;
+    if extra != 0 {
+        bail!("{}: longer than the expected {} bytes", path.display(), buf.len());
+    }
+    Ok(started.elapsed())
+}
+
+/// Reads `path` to EOF with `READ_BUF` reads, discarding the data. Returns
+/// the bytes read.
+pub fn read_whole_discard(path: &Path) -> Result<u64> {
+    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut buf = vec![0u8; READ_BUF];
+    let mut total = 0u64;
+    loop {
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("reading {} at offset {total}", path.display()))?;
+        if n == 0 {
+            return Ok(total);
+        }
+        total += n as u64;
+    }
+}
+
+/// Reads each path whole in its own thread, all at once. Returns the wall
+/// time and checks that every reader got `expect_len` bytes.
+pub fn read_concurrently(paths: &[PathBuf], expect_len: u64) -> Result<Duration> {
+    let started = Instant::now();
+    let results: Vec<Result<u64>> = std::thread::scope(|s| {
+        let handles: Vec<_> = paths
+            .iter()
+            .map(|p| s.spawn(move || read_whole_discard(p)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| bail_panicked()))
+            .collect()
+    });
+    let elapsed = started.elapsed();
+    for (path, result) in paths.iter().zip(results) {
+        let got = result?;
+        if got != expect_len {
+            bail!("{}: read {got} bytes, expected {expect_len}", path.display());
+        }
+    }
+    Ok(elapsed)
+}
+
+fn bail_panicked() -> Result<u64> {
+    bail!("a reader thread panicked")
+}
+
+/// `count` distinct-enough 4 KiB-aligned offsets inside a file of `size`
+/// bytes, the same for the same seed.
+pub fn random_offsets(size: u64, count: usize, seed: u64) -> Vec<u64> {
+    let blocks = (size / BLOCK as u64).max(1);
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..count).map(|_| rng.u64(0..blocks) * BLOCK as u64).collect()
+}
+
+/// One open, then a 4 KiB `pread` at each offset, in order. Returns the
+/// time of the reads (the open excluded).
+pub fn random_reads(path: &Path, offsets: &[u64]) -> Result<Duration> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut block = [0u8; BLOCK];
+    let started = Instant::now();
+    for &off in offsets {
+        file.read_exact_at(&mut block, off)
+            .with_context(|| format!("pread of 4 KiB at {off} from {}", path.display()))?;
+    }
+    Ok(started.elapsed())
+}
+
+/// Time from `open` to having the first 4 KiB of `path`.
+pub fn first_block(path: &Path) -> Result<Duration> {
+    let started = Instant::now();
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut block = [0u8; BLOCK];
+    let n = file
+        .read_at(&mut block, 0)
+        .with_context(|| format!("reading the first 4 KiB of {}", path.display()))?;
+    let elapsed = started.elapsed();
+    if n == 0 {
+        bail!("{}: empty", path.display());
+    }
+    Ok(elapsed)
+}
+
+/// Lowercase hex SHA-256.
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// Checks that `data` hashes to `expected`.
+pub fn verify_sha256(what: &str, data: &[u8], expected: &str) -> Result<()> {
+    let got = sha256_hex(data);
+    if got != expected {
+        bail!("{what}: sha256 {got} differs from the source's {expected}");
+    }
+    Ok(())
+}
+
+/// Median of durations (the upper middle for even counts).
+pub fn median(samples: &[Duration]) -> Duration {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    sorted.get(sorted.len() / 2).copied().unwrap_or_default()
+}

@@ -1,0 +1,162 @@
+//! Host plumbing: page cache dropping, mount table, `/proc` memory counters,
+//! and the machine/commit description written into the report.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::error::{Context, Result};
+
+/// `sync; echo 3 > /proc/sys/vm/drop_caches`: the next read of any file
+/// (origin objects, cache chunks, local copies) comes from disk. Needs root.
+pub fn drop_caches() -> Result<()> {
+    // SAFETY: sync(2) has no arguments and cannot fail.
+    unsafe { libc::sync() };
+    std::fs::write("/proc/sys/vm/drop_caches", "3")
+        .context("dropping the page cache (echo 3 > /proc/sys/vm/drop_caches; run as root)")
+}
+
+/// Whether `path` (absolute) is a mount point listed in /proc/self/mountinfo.
+pub fn is_mounted(path: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = path.to_string_lossy();
+    table
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .any(|field| unescape_mountinfo(field) == want)
+}
+
+/// Undoes the octal escapes (`\040` for a space, ...) of mountinfo fields.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|d| {
+            let s = std::str::from_utf8(d).ok()?;
+            u8::from_str_radix(s, 8).ok()
+        });
+        match (bytes[i], octal) {
+            (b'\\', Some(b)) => {
+                out.push(b);
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A `kB` line of /proc/PID/status (`VmHWM`, `VmRSS`, ...), in bytes.
+pub fn proc_status_bytes(pid: u32, field: &str) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let prefix = format!("{field}:");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .with_context(|| format!("{path} has no {field} line"))?;
+    let kib: u64 = line[prefix.len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .with_context(|| format!("parsing {line:?} of {path}"))?;
+    Ok(kib * 1024)
+}
+
+/// Whether an executable called `name` is on PATH.
+pub fn on_path(name: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|dir| dir.join(name).is_file())
+    })
+}
+
+/// Trimmed stdout of a command, or `None` when it cannot run or fails.
+pub fn command_output(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// What the report says about where and when it was measured.
+#[derive(Debug, Clone)]
+pub struct Machine {
+    pub cpu: String,
+    pub cores: usize,
+    pub memory_gib: f64,
+    pub kernel: String,
+    pub os: String,
+    pub date_utc: String,
+    pub commit: String,
+    pub work_fs: String,
+}
+
+impl Machine {
+    /// Describes this host; `work_dir` is where objects, caches and mounts live.
+    pub fn describe(work_dir: &Path) -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        Machine {
+            cpu: field_after(&cpuinfo, "model name").unwrap_or_else(|| "unknown CPU".into()),
+            cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            memory_gib: field_after(&meminfo, "MemTotal")
+                .and_then(|v| v.trim_end_matches("kB").trim().parse::<f64>().ok())
+                .map_or(0.0, |kib| kib / (1024.0 * 1024.0)),
+            kernel: command_output("uname", &["-r"]).unwrap_or_default(),
+            os: os_name(),
+            date_utc: command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_default(),
+            commit: git_commit(),
+            work_fs: work_filesystem(work_dir),
+        }
+    }
+}
+
+/// The value after `key<spaces>:` on the first matching line.
+fn field_after(text: &str, key: &str) -> Option<String> {
+    text.lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_owned())
+}
+
+fn os_name() -> String {
+    let text = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+        .map(|v| v.trim_matches('"').to_owned())
+        .unwrap_or_else(|| "unknown OS".into())
+}
+
+/// `git rev-parse --short HEAD`, marked when the work tree has changes.
+fn git_commit() -> String {
+    let Some(head) = command_output("git", &["rev-parse", "--short", "HEAD"]) else {
+        return "unknown (not a git checkout)".into();
+    };
+    let dirty = command_output("git", &["status", "--porcelain", "--untracked-files=no"])
+        .is_some_and(|s| !s.is_empty());
+    if dirty {
+        format!("{head} (with uncommitted changes)")
+    } else {
+        head
+    }
+}
+
+/// `df --output=fstype,source` of the work directory, e.g. `ext4 on /dev/vda`.
+fn work_filesystem(dir: &Path) -> String {
+    let dir = dir.to_string_lossy();
+    command_output("df", &["--output=fstype,source", &dir])
+        .and_then(|out| out.lines().nth(1).map(str::to_owned))
+        .map(|line| {
+            let mut parts = line.split_whitespace();
+            let fstype = parts.next().unwrap_or("?");
+            let source = parts.next().unwrap_or("?");
+            format!("{fstype} on {source}")
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
