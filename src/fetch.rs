@@ -86,6 +86,12 @@ pub enum Route {
     LocalOnly,
 }
 
+/// Where a chunk read is served from.
+enum Source {
+    Fill(Arc<Fill>),
+    Stored(ChunkStream),
+}
+
 /// Memory permits are counted in KiB so that large budgets fit a semaphore.
 const PERMIT_BYTES: u64 = 1024;
 
@@ -196,38 +202,65 @@ impl Coordinator {
         len: u64,
         route: Route,
     ) -> Result<Bytes, FetchError> {
+        let mut use_store = true;
+        loop {
+            match self.resolve(key, offset, len, route, use_store).await? {
+                Source::Fill(fill) => return fill.read(offset, len).await,
+                Source::Stored(stream) => match collect(stream).await {
+                    Ok(bytes) => return Ok(bytes),
+                    Err(e) => {
+                        // A broken cache never fails a read the origin can serve.
+                        tracing::warn!(?key, error = %e, "cache read failed; fetching from origin");
+                        use_store = false;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Where a chunk's bytes come from: a fill in flight (joined), the cache store, or a new
+    /// fill. The new fill is decided under the in-flight lock, after re-checking that nobody
+    /// started or committed it while we looked in the store (which may take a network round trip
+    /// to the shared store): that recheck is what keeps it one fill per chunk.
+    async fn resolve(
+        self: &Arc<Self>,
+        key: &ChunkKey,
+        offset: u64,
+        len: u64,
+        route: Route,
+        use_store: bool,
+    ) -> Result<Source, FetchError> {
         let id = key.id();
-        let mut permit = None;
         loop {
             if let Some(fill) = self.join(&id) {
-                return fill.read(offset, len).await;
+                return Ok(Source::Fill(fill));
             }
-            if let Some(bytes) = self.read_store(key, offset, len).await {
-                return Ok(bytes);
-            }
-            // Room in the memory budget first (waiting here is the back pressure), then
-            // decide under the lock: someone may have started or committed it meanwhile.
-            let p = match permit.take() {
-                Some(p) => p,
-                None => self.memory_permit(key.len()).await?,
-            };
-            let fill = {
-                let mut map = self.inflight();
-                if let Some(fill) = map.get(&id) {
-                    Metrics::inc(&self.metrics.fill_joins);
-                    Some(fill.clone())
-                } else if self.is_stored(key) {
-                    None
-                } else {
-                    Some(self.start_fill(&mut map, key.clone(), id, p, route))
+            if use_store {
+                match self.store.get_chunk(key, offset, len).await {
+                    Ok(stream) => return Ok(Source::Stored(stream)),
+                    Err(StoreError::NotFound) => {}
+                    Err(e) => {
+                        tracing::warn!(?key, error = %e, "cache store failed; treating as a miss")
+                    }
                 }
-            };
-            match fill {
-                Some(fill) => return fill.read(offset, len).await,
-                // Committed between our disk miss and the lock: read it from disk. A chunk
-                // evicted again in between just loops once more.
-                None => continue,
             }
+            // Room in the memory budget first: waiting here is the back pressure.
+            let permit = self.memory_permit(key.len()).await?;
+            let mut map = self.inflight();
+            if let Some(fill) = map.get(&id) {
+                Metrics::inc(&self.metrics.fill_joins);
+                return Ok(Source::Fill(fill.clone()));
+            }
+            if use_store && self.is_stored(key) {
+                continue; // committed meanwhile: read it from the store
+            }
+            return Ok(Source::Fill(self.start_fill(
+                &mut map,
+                key.clone(),
+                id,
+                permit,
+                route,
+            )));
         }
     }
 
@@ -282,7 +315,7 @@ impl Coordinator {
             return false;
         };
         let mut map = self.inflight();
-        if !map.contains_key(&id) {
+        if !map.contains_key(&id) && !self.is_stored(&key) {
             self.start_fill(&mut map, key, id, permit, Route::ViaCoordinator);
         }
         true
@@ -290,19 +323,6 @@ impl Coordinator {
 
     fn is_stored(&self, key: &ChunkKey) -> bool {
         self.store.contains_hint(key) == Some(true)
-    }
-
-    async fn read_store(&self, key: &ChunkKey, offset: u64, len: u64) -> Option<Bytes> {
-        let read = async { collect(self.store.get_chunk(key, offset, len).await?).await };
-        match read.await {
-            Ok(bytes) => Some(bytes),
-            Err(StoreError::NotFound) => None,
-            Err(e) => {
-                // A broken cache never fails a read the origin can serve.
-                tracing::warn!(?key, error = %e, "cache read failed; fetching from origin");
-                None
-            }
-        }
     }
 
     fn start_fill(
@@ -408,9 +428,12 @@ impl Coordinator {
                 let mut state = state?;
                 loop {
                     state = match state {
-                        State::Start(this, key) => match this.open_local(&key).await {
-                            Ok(Ok(fill)) => State::Fill(fill, 0),
-                            Ok(Err(stream)) => State::Store(stream),
+                        State::Start(this, key) => match this
+                            .resolve(&key, 0, key.len(), Route::LocalOnly, true)
+                            .await
+                        {
+                            Ok(Source::Fill(fill)) => State::Fill(fill, 0),
+                            Ok(Source::Stored(stream)) => State::Store(stream),
                             Err(e) => {
                                 return Some((Err(StoreError::Transient(e.to_string())), None))
                             }
@@ -431,27 +454,6 @@ impl Coordinator {
                 }
             });
         Box::pin(stream)
-    }
-
-    /// A local source for the whole chunk: a fill (joined or started, local only) or the store.
-    async fn open_local(
-        self: &Arc<Self>,
-        key: &ChunkKey,
-    ) -> Result<Result<Arc<Fill>, ChunkStream>, FetchError> {
-        let id = key.id();
-        if let Some(fill) = self.join(&id) {
-            return Ok(Ok(fill));
-        }
-        if let Ok(stream) = self.store.get_chunk(key, 0, key.len()).await {
-            return Ok(Err(stream));
-        }
-        let permit = self.memory_permit(key.len()).await?;
-        let mut map = self.inflight();
-        let fill = match map.get(&id) {
-            Some(f) => f.clone(),
-            None => self.start_fill(&mut map, key.clone(), id, permit, Route::LocalOnly),
-        };
-        Ok(Ok(fill))
     }
 
     /// GETs the chunk into the fill, retrying and resuming from where it stopped.

@@ -352,7 +352,13 @@ struct Member {
     hasher: Sha256,
     is_self: bool,
     alive: bool,
+    /// Health checks failed in a row; one slow answer on a loaded host is not death.
+    failures: u32,
 }
+
+/// Consecutive failed health checks before a peer is considered dead. (A refused connection
+/// during a fill marks it dead at once.)
+const DEAD_AFTER_FAILURES: u32 = 2;
 
 impl Member {
     fn new(addr: PeerAddr, is_self: bool, alive: bool) -> Member {
@@ -361,6 +367,7 @@ impl Member {
             addr,
             is_self,
             alive: alive || is_self,
+            failures: 0,
         }
     }
 }
@@ -656,7 +663,16 @@ impl Cluster {
             {
                 Some(m) if m.alive != alive => {
                     m.alive = alive;
+                    if alive {
+                        m.failures = 0;
+                    }
                     true
+                }
+                Some(m) => {
+                    if alive {
+                        m.failures = 0;
+                    }
+                    false
                 }
                 _ => false,
             }
@@ -673,6 +689,18 @@ impl Cluster {
         self.stats.peers_alive.set(alive as i64);
     }
 
+    /// Counts a failed health check; true while the peer still gets the benefit of the doubt.
+    fn tolerate_failure(&self, peer: &PeerAddr) -> bool {
+        let mut state = self.write_state();
+        match state.members.iter_mut().find(|m| &m.addr == peer) {
+            Some(m) => {
+                m.failures += 1;
+                m.alive && m.failures < DEAD_AFTER_FAILURES
+            }
+            None => false,
+        }
+    }
+
     /// Checks every peer but self once, concurrently, and records who answered.
     async fn check_health_once(&self) {
         let targets: Vec<PeerAddr> = self
@@ -687,10 +715,11 @@ impl Cluster {
             (p, ok)
         });
         let results = futures::future::join_all(checks).await;
-        for (peer, ok) in results {
-            if !ok {
+        for (peer, answered) in results {
+            if !answered {
                 self.stats.health_check_failures.inc();
             }
+            let ok = answered || self.tolerate_failure(peer);
             let was = self
                 .read_state()
                 .members
@@ -704,7 +733,10 @@ impl Cluster {
                 }
                 _ => {}
             }
-            self.set_alive(peer, ok);
+            // A tolerated miss changes nothing (and keeps the failure count growing).
+            if answered || !ok {
+                self.set_alive(peer, ok);
+            }
         }
         self.publish_gauges();
     }
