@@ -447,15 +447,28 @@ fn shared_cache(
     if let (Some(sc), Some(url)) = (sc.as_mut(), &args.shared_cache_endpoint_url) {
         validate_url(url)?;
         sc.endpoint_url = Some(url.clone());
+        // Like the origin flags: an explicit endpoint is an S3-compatible server, which almost
+        // always wants path-style requests (set the TOML section for anything else).
+        sc.force_path_style = true;
     }
     if let Some(sc) = &sc {
         if let Some(url) = &sc.endpoint_url {
             validate_url(url)?;
         }
-        sc.timeout()
-            .map_err(|e| invalid("shared cache timeout", sc.timeout.clone().unwrap_or_default(), e.to_string()))?;
-        sc.max_age()
-            .map_err(|e| invalid("shared cache max age", sc.max_age.clone().unwrap_or_default(), e.to_string()))?;
+        sc.timeout().map_err(|e| {
+            invalid(
+                "shared cache timeout",
+                sc.timeout.clone().unwrap_or_default(),
+                e.to_string(),
+            )
+        })?;
+        sc.max_age().map_err(|e| {
+            invalid(
+                "shared cache max age",
+                sc.max_age.clone().unwrap_or_default(),
+                e.to_string(),
+            )
+        })?;
     } else if args.shared_cache_endpoint_url.is_some() {
         return Err(invalid(
             "shared cache endpoint URL",

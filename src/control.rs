@@ -122,6 +122,20 @@ impl Drop for ControlServer {
 pub fn serve(path: &Path, report: Report) -> io::Result<ControlServer> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
+        // A directory someone else made (e.g. /tmp/orcafs-UID planted by another user) could
+        // swap our socket for theirs: refuse it.
+        let meta = std::fs::symlink_metadata(dir)?;
+        // SAFETY: geteuid cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if !meta.is_dir() || meta.uid() != me {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} is not a directory owned by uid {me}; not serving status there",
+                    dir.display()
+                ),
+            ));
+        }
         // The directory itself stays traversable; the socket is what is private.
         let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
     }
@@ -204,7 +218,8 @@ pub fn query(path: &Path) -> io::Result<Value> {
     })
 }
 
-/// The status documents of every mount this user's processes serve (unanswered sockets skipped).
+/// The status documents of every mount this user's processes serve. Sockets nobody listens on
+/// any more (left by a killed process) are removed on the way.
 pub fn live_reports() -> Vec<Value> {
     let Ok(entries) = std::fs::read_dir(runtime_dir()) else {
         return Vec::new();
@@ -212,7 +227,14 @@ pub fn live_reports() -> Vec<Value> {
     entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "sock"))
-        .filter_map(|p| query(&p).ok())
+        .filter_map(|p| match query(&p) {
+            Ok(doc) => Some(doc),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                let _ = std::fs::remove_file(&p);
+                None
+            }
+            Err(_) => None,
+        })
         .collect()
 }
 
@@ -428,6 +450,11 @@ mod tests {
         let path = dir.path().join("s.sock");
         drop(UnixListener::bind(&path).unwrap()); // a crashed process's leftover
         assert!(path.exists());
+        assert_eq!(
+            query(&path).unwrap_err().kind(),
+            io::ErrorKind::ConnectionRefused,
+            "what live_reports prunes"
+        );
         let _server = serve(&path, fake()).unwrap();
         assert_eq!(query(&path).unwrap()["mountpoint"], "/mnt/orca");
     }

@@ -260,6 +260,7 @@ impl Coordinator {
                 id,
                 permit,
                 route,
+                use_store,
             )));
         }
     }
@@ -316,7 +317,7 @@ impl Coordinator {
         };
         let mut map = self.inflight();
         if !map.contains_key(&id) && !self.is_stored(&key) {
-            self.start_fill(&mut map, key, id, permit, Route::ViaCoordinator);
+            self.start_fill(&mut map, key, id, permit, Route::ViaCoordinator, false);
         }
         true
     }
@@ -332,6 +333,7 @@ impl Coordinator {
         id: ChunkId,
         memory: OwnedSemaphorePermit,
         route: Route,
+        store_checked: bool,
     ) -> Arc<Fill> {
         let fill = Arc::new(Fill::new(key.len(), Some(memory)));
         map.insert(id, fill.clone());
@@ -339,11 +341,27 @@ impl Coordinator {
         let span = tracing::debug_span!("fill", bucket = %key.object.bucket, key = %key.object.key, chunk = key.index);
         let this = self.clone();
         let f = fill.clone();
-        tokio::spawn(async move { this.run_fill(key, id, f, route).await }.instrument(span));
+        tokio::spawn(
+            async move { this.run_fill(key, id, f, route, store_checked).await }.instrument(span),
+        );
         fill
     }
 
-    async fn run_fill(self: Arc<Self>, key: ChunkKey, id: ChunkId, fill: Arc<Fill>, route: Route) {
+    async fn run_fill(
+        self: Arc<Self>,
+        key: ChunkKey,
+        id: ChunkId,
+        fill: Arc<Fill>,
+        route: Route,
+        store_checked: bool,
+    ) {
+        // Readahead starts fills without a store lookup (it must not wait); the shared store
+        // may still have the chunk, and then no GET is needed.
+        if !store_checked && self.fill_from_store(&key, &fill).await {
+            fill.finish(Ok(()));
+            self.inflight().remove(&id);
+            return;
+        }
         let result = match self.coordinator_peer(&key, route) {
             Some((peers, peer)) => match self.fill_from_peer(&*peers, &peer, &key, &fill).await {
                 Ok(()) => Ok(()),
@@ -373,6 +391,21 @@ impl Coordinator {
             }
         }
         self.inflight().remove(&id);
+    }
+
+    /// Streams the chunk from the cache store into the fill; true when it is complete.
+    async fn fill_from_store(&self, key: &ChunkKey, fill: &Fill) -> bool {
+        let Ok(mut stream) = self.store.get_chunk(key, 0, key.len()).await else {
+            return false;
+        };
+        while let Some(piece) = stream.next().await {
+            match piece {
+                Ok(p) if fill.filled() + p.len() as u64 <= key.len() => fill.push(p),
+                // Whatever arrived is verified; the origin continues from there.
+                _ => return false,
+            }
+        }
+        fill.filled() == key.len()
     }
 
     fn coordinator_peer(&self, key: &ChunkKey, route: Route) -> Option<(Arc<dyn Peers>, String)> {

@@ -102,7 +102,7 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
         "disk cache opened"
     );
     let disk = Arc::new(disk);
-    let (store, shared) = rt.block_on(build_store(&cfg, &disk, &metrics))?;
+    let (store, replica, shared) = rt.block_on(build_store(&cfg, &disk, &metrics))?;
     let fetch = Coordinator::new(origin.clone(), store, fetch_policy(&cfg), metrics.clone());
     let _evictors = rt.block_on(async { start_eviction(&cfg, &disk, shared.as_ref()) });
     let observe = Arc::new(MountObserve {
@@ -169,6 +169,11 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
     observe.ready.store(false, Ordering::Relaxed);
     notifier.stopping();
     tracing::info!(metrics = %metrics.summary(), "unmounted");
+    if let Some(r) = &replica {
+        if !rt.block_on(r.drain(WRITE_BEHIND_DRAIN)) {
+            tracing::warn!(queued = ?r.queue_depths(), "write-behind to the shared cache not finished at exit");
+        }
+    }
     // In-flight fills finish or are dropped; a commit cut short leaves only a temp file.
     rt.shutdown_timeout(Duration::from_secs(5));
     disk.sweep_temp();
@@ -178,13 +183,20 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
     Ok(())
 }
 
+/// The store fetch uses, the replica behind it (when tiered) and the shared store (when any).
+type Stores = (
+    Arc<dyn CacheStore>,
+    Option<Arc<Replica>>,
+    Option<Arc<S3Store>>,
+);
+
 /// The local disk cache, tiered with the shared store when one is configured (disk synchronous,
 /// shared write-behind). Every store proves read-after-write before the mount goes live.
 async fn build_store(
     cfg: &Config,
     disk: &Arc<DiskStore>,
     metrics: &Arc<Metrics>,
-) -> Result<(Arc<dyn CacheStore>, Option<Arc<S3Store>>), MountError> {
+) -> Result<Stores, MountError> {
     let local: Arc<dyn CacheStore> = Arc::new(DiskDriver(disk.clone()));
     local
         .self_test()
@@ -194,7 +206,7 @@ async fn build_store(
             source,
         })?;
     let Some(sc) = &cfg.shared_cache else {
-        return Ok((local, None));
+        return Ok((local, None, None));
     };
     let what = format!("the shared cache s3://{}/{}", sc.bucket, sc.prefix);
     let shared = async {
@@ -213,20 +225,23 @@ async fn build_store(
         }
         Err(e) => {
             tracing::warn!(store = %what, error = %e, "shared cache failed its self test; running without it (required = false)");
-            return Ok((local, None));
+            return Ok((local, None, None));
         }
     };
     tracing::info!(store = %what, "shared cache self-tested");
     let read_timeout = sc.timeout().unwrap_or(Duration::from_secs(5));
-    let replica = Replica::new(
+    let replica = Arc::new(Replica::new(
         vec![local],
         vec![shared.clone() as Arc<dyn CacheStore>],
         SHARED_QUEUE_LEN,
         read_timeout,
         metrics.clone(),
-    );
-    Ok((Arc::new(replica), Some(shared)))
+    ));
+    Ok((replica.clone(), Some(replica), Some(shared)))
 }
+
+/// How long unmount waits for the write-behind queues to reach the shared store.
+const WRITE_BEHIND_DRAIN: Duration = Duration::from_secs(10);
 
 /// Chunks queued for the shared store before a commit waits (write-behind back pressure).
 const SHARED_QUEUE_LEN: usize = 64;

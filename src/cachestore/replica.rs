@@ -81,6 +81,25 @@ impl Replica {
             .collect()
     }
 
+    /// Waits until every write-behind queue is empty, or `limit` passes; true when drained.
+    /// Called at unmount so that chunks read just before stopping still reach the shared store.
+    pub async fn drain(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self
+                .tiers
+                .iter()
+                .all(|t| t.depth.load(Ordering::Relaxed) == 0)
+            {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn is_down(t: &AsyncTier) -> bool {
         let d = t.down_until.lock().unwrap_or_else(|p| p.into_inner());
         d.is_some_and(|until| Instant::now() < until)
