@@ -231,6 +231,7 @@ impl Coordinator {
         use_store: bool,
     ) -> Result<Source, FetchError> {
         let id = key.id();
+        let mut rechecked = false;
         loop {
             if let Some(fill) = self.join(&id) {
                 return Ok(Source::Fill(fill));
@@ -251,8 +252,11 @@ impl Coordinator {
                 Metrics::inc(&self.metrics.fill_joins);
                 return Ok(Source::Fill(fill.clone()));
             }
-            if use_store && self.is_stored(key) {
-                continue; // committed meanwhile: read it from the store
+            // Committed meanwhile: read it from the store (once; a hint that keeps disagreeing
+            // with the store must not loop us forever).
+            if use_store && !rechecked && self.is_stored(key) {
+                rechecked = true;
+                continue;
             }
             return Ok(Source::Fill(self.start_fill(
                 &mut map,

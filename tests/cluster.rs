@@ -353,7 +353,7 @@ fn serve_truncated(mut conn: TcpStream, data: &[u8]) {
         return;
     }
     let index: usize = req
-        .split(|c| c == '?' || c == '&' || c == ' ')
+        .split(['?', '&', ' '])
         .find_map(|kv| kv.strip_prefix("index="))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);

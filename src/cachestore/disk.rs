@@ -132,6 +132,8 @@ impl DiskStore {
         let file = match File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // An index entry without its file (a put racing a delete) heals here.
+                self.forget_entry(&id);
                 Metrics::inc(&self.metrics.disk_misses);
                 return Ok(None);
             }
@@ -232,6 +234,15 @@ impl DiskStore {
         Metrics::add(&self.metrics.disk_bytes_written, data_len);
         self.evict_to_fit(0);
         Ok(())
+    }
+
+    /// Drops a chunk from the index only (its file is already gone).
+    fn forget_entry(&self, id: &ChunkId) {
+        let mut idx = self.lock();
+        if let Some(size) = idx.lru.pop(id) {
+            idx.bytes -= size;
+        }
+        idx.used.remove(id);
     }
 
     pub(super) fn remove(&self, id: &ChunkId) {
@@ -475,7 +486,7 @@ pub(super) fn read_verified(
     if file_len != h.len + h.data_len {
         return Ok(None);
     }
-    let end = (offset + len).min(h.data_len);
+    let end = offset.saturating_add(len).min(h.data_len);
     if offset >= end {
         return Ok(Some(Bytes::new()));
     }
@@ -570,7 +581,9 @@ impl CacheStore for DiskDriver {
         data: Vec<Bytes>,
     ) -> Result<(), StoreError> {
         check_put(key, size, &data)?;
-        if self.0.contains(&key.id()) {
+        let id = key.id();
+        // The index can name a file a racing delete just removed: trust it only with the file.
+        if self.0.contains(&id) && self.0.path_of(&id).exists() {
             return Err(StoreError::CommitLost);
         }
         let k = key.clone();

@@ -128,7 +128,8 @@ impl Replica {
                 self.mark_down(t, "short chunk");
                 None
             }
-            Ok(Err(StoreError::NotFound)) => None,
+            // A corrupt object is one bad chunk (the driver deletes it), not a broken store.
+            Ok(Err(StoreError::NotFound | StoreError::Corrupt(_))) => None,
             Ok(Err(e)) => {
                 self.mark_down(t, &e.to_string());
                 None

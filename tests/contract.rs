@@ -1,0 +1,1282 @@
+//! The cachestore contract: one suite, written once ([`cases`]), run against every driver by one
+//! line of [`contract_suite!`] each. A driver line names a fixture: the store under test, plus
+//! what the suite cannot know about it (how to damage what it stored, how to wait for its
+//! write-behind, whether a second put must say exactly `CommitLost`).
+//!
+//! Drivers: memory, disk, s3 on the in-process s3s-fs server (DevOrigin), s3 on Garage (skipped
+//! with a note when no `garage` binary is found, required under CI), replica(disk sync + memory
+//! async) and replica(memory sync + s3 async). After the suite come the s3 driver's own tests
+//! (layout, eviction, versioning refusal, bounded timeouts, credentials) and the replica's
+//! tiering over s3.
+
+use std::any::Any;
+use std::future::Future;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use orcafs::cachestore::disk::DiskDriver;
+use orcafs::cachestore::memory::MemoryStore;
+use orcafs::cachestore::replica::Replica;
+use orcafs::cachestore::s3::{S3Store, SharedCacheConfig};
+use orcafs::cachestore::{collect, CacheStore, DiskStore, StoreError};
+use orcafs::chunk::{ChunkKey, ObjectVersion};
+use orcafs_devorigin::{DevOrigin, Garage, ACCESS_KEY, SECRET_KEY};
+
+/// Chunk size in the keys of the suite.
+const CHUNK: u64 = 256 << 10;
+/// Bucket the s3 fixtures use.
+const BUCKET: &str = "orcafs-shared";
+
+type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// How a corruptor damages a stored chunk.
+#[derive(Clone, Debug)]
+enum Damage {
+    /// Every data byte replaced by garbage; the header / metadata left as they were.
+    Garbage,
+    /// The stored data one byte short; the header / metadata left as they were.
+    Truncated,
+    /// The right bytes, but without the header / metadata.
+    Bare,
+    /// One data byte flipped at this offset of the chunk.
+    FlipByte(u64),
+    /// The stored form of another chunk of the same length copied over this one.
+    CopyOf(ChunkKey),
+}
+
+/// Damages the stored form of `key` (whose bytes are `data`) behind the store's back.
+type Corruptor = Arc<dyn Fn(ChunkKey, Bytes, Damage) -> BoxFut<()> + Send + Sync>;
+/// Waits until the store's background writes are done.
+type Settle = Arc<dyn Fn() -> BoxFut<()> + Send + Sync>;
+
+struct Fixture {
+    store: Arc<dyn CacheStore>,
+    corrupt: Option<Corruptor>,
+    settle: Option<Settle>,
+    /// The issue requires exactly `CommitLost` on a second put from s3, memory and disk.
+    exact_commit_lost: bool,
+    /// s3s-fs writes an object's data and its metadata in two steps, so a get racing a put or a
+    /// delete can see one without the other: detected (`Corrupt`) or a 500 (`Transient`), never
+    /// wrong bytes. False for servers where an object is atomic.
+    atomic_objects: bool,
+    /// Known bug of the disk store (reported, see `concurrent_mix`): a put racing a delete of
+    /// the same chunk can leave an index entry without its file, after which put says
+    /// `CommitLost` while get says `NotFound`. Set for fixtures over a disk store; remove once
+    /// `DiskStore` is fixed.
+
+    /// Servers, tempdirs: dropped with the fixture, in this order.
+    _guards: Vec<Box<dyn Any + Send>>,
+}
+
+impl Fixture {
+    fn plain(store: Arc<dyn CacheStore>) -> Fixture {
+        Fixture {
+            store,
+            corrupt: None,
+            settle: None,
+            exact_commit_lost: true,
+            atomic_objects: true,
+            _guards: Vec::new(),
+        }
+    }
+
+    async fn settle(&self) {
+        if let Some(s) = &self.settle {
+            s().await;
+        }
+    }
+}
+
+/// One suite per driver: `contract_suite!(module_name, fixture_fn);`.
+macro_rules! contract_suite {
+    ($name:ident, $fixture:expr) => {
+        contract_suite!(@cases $name, $fixture, [
+            round_trips, ranges, large_chunk, stat, delete_then_not_found, never_written,
+            commit_lost, concurrent_puts, concurrent_mix, corruption_detected, self_test
+        ]);
+    };
+    (@cases $name:ident, $fixture:expr, [$($case:ident),*]) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let Some(f) = ($fixture)().await else { return };
+                    super::cases::$case(&f).await;
+                }
+            )*
+        }
+    };
+}
+
+contract_suite!(memory, fixtures::memory);
+contract_suite!(disk, fixtures::disk);
+contract_suite!(s3_devorigin, fixtures::s3_devorigin);
+contract_suite!(s3_garage, fixtures::s3_garage);
+contract_suite!(replica_disk_memory, fixtures::replica_disk_memory);
+contract_suite!(replica_memory_s3, fixtures::replica_memory_s3);
+
+/// Deterministic bytes that differ per seed.
+fn pattern(len: u64, seed: u64) -> Bytes {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len as usize + 8);
+    while (out.len() as u64) < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len as usize);
+    Bytes::from(out)
+}
+
+/// A fresh object version of `size` bytes (unique key, so tests never share chunks).
+fn object(size: u64) -> Arc<ObjectVersion> {
+    Arc::new(ObjectVersion {
+        origin_id: "http://127.0.0.1:1 us-east-1".into(),
+        bucket: "origin-bucket".into(),
+        key: format!("dir/obj-{:016x}", fastrand::u64(..)).into(),
+        etag: "\"0123456789abcdef\"".into(),
+        size,
+    })
+}
+
+/// Chunk `index` of a fresh object, with chunk size `CHUNK`, and its bytes.
+fn chunk_of(size: u64, index: u64) -> (ChunkKey, Bytes) {
+    let key = ChunkKey::new(object(size), CHUNK, index);
+    let data = pattern(key.len(), fastrand::u64(..));
+    (key, data)
+}
+
+/// The data cut in uneven pieces (one of them empty), as fills hand them over.
+fn pieces(data: &Bytes) -> Vec<Bytes> {
+    let n = data.len();
+    let cuts = [0, 7.min(n), 7.min(n), 70_001.min(n), n];
+    cuts.windows(2).map(|w| data.slice(w[0]..w[1])).collect()
+}
+
+async fn put(store: &dyn CacheStore, key: &ChunkKey, data: &Bytes) -> Result<(), StoreError> {
+    store.put_chunk(key, data.len() as u64, pieces(data)).await
+}
+
+async fn get(
+    store: &dyn CacheStore,
+    key: &ChunkKey,
+    offset: u64,
+    len: u64,
+) -> Result<Bytes, StoreError> {
+    collect(store.get_chunk(key, offset, len).await?).await
+}
+
+/// The bytes a read of `[offset, offset+len)` must give.
+fn expect(data: &Bytes, offset: u64, len: u64) -> Bytes {
+    let end = offset.saturating_add(len).min(data.len() as u64);
+    data.slice(offset.min(end) as usize..end as usize)
+}
+
+fn is_miss_or_corrupt<T: std::fmt::Debug>(r: &Result<T, StoreError>) -> bool {
+    matches!(r, Err(StoreError::NotFound) | Err(StoreError::Corrupt(_)))
+}
+
+mod cases {
+    use super::*;
+
+    pub async fn round_trips(f: &Fixture) {
+        let s = &*f.store;
+        for size in [0, 1, CHUNK - 1, CHUNK, CHUNK + 1] {
+            let obj = object(size);
+            let count = size.div_ceil(CHUNK).max(1);
+            for index in 0..count {
+                let key = ChunkKey::new(obj.clone(), CHUNK, index);
+                let data = pattern(key.len(), size * 31 + index);
+                put(s, &key, &data)
+                    .await
+                    .unwrap_or_else(|e| panic!("{}: put size {size} #{index}: {e}", s.name()));
+                assert!(matches!(s.contains_hint(&key), None | Some(true)));
+                let back = get(s, &key, 0, key.len())
+                    .await
+                    .unwrap_or_else(|e| panic!("{}: get size {size} #{index}: {e}", s.name()));
+                assert!(
+                    back == data,
+                    "{}: object size {size} chunk {index}: {} bytes back, {} put",
+                    s.name(),
+                    back.len(),
+                    data.len()
+                );
+                let info = s.stat(&key).await.unwrap();
+                assert_eq!(info.size, key.len(), "{}: stat size", s.name());
+            }
+        }
+    }
+
+    /// Reads of sub-ranges: start, middle across 64 KiB block boundaries, tail, past the end
+    /// (clipped), zero-length, on a full chunk and on a 1-byte and an empty one.
+    pub async fn ranges(f: &Fixture) {
+        let s = &*f.store;
+        let (key, data) = chunk_of(CHUNK, 0);
+        put(s, &key, &data).await.unwrap();
+        let b = 64 << 10;
+        let cases: &[(u64, u64)] = &[
+            (0, 1),
+            (0, 100),
+            (b - 1, 2),
+            (b, b),
+            (100_000, 100_000),
+            (b - 5, 2 * b + 10),
+            (CHUNK - 10, 10),
+            (CHUNK - 1, 1),
+            (CHUNK - 10, 1000),
+            (CHUNK, 10),
+            (CHUNK + 5, 10),
+            (500, 0),
+            (0, 0),
+            (0, u64::MAX),
+            (0, CHUNK),
+        ];
+        for &(off, len) in cases {
+            let got = get(s, &key, off, len)
+                .await
+                .unwrap_or_else(|e| panic!("{}: range ({off}, {len}): {e}", s.name()));
+            assert!(
+                got == expect(&data, off, len),
+                "{}: range ({off}, {len}): {} bytes, wrong content or length",
+                s.name(),
+                got.len()
+            );
+        }
+        let (one, one_data) = chunk_of(CHUNK + 1, 1);
+        assert_eq!(one.len(), 1);
+        put(s, &one, &one_data).await.unwrap();
+        for (off, len) in [(0, 1), (0, 10), (1, 1), (0, 0)] {
+            assert_eq!(
+                get(s, &one, off, len).await.unwrap(),
+                expect(&one_data, off, len)
+            );
+        }
+        let (empty, _) = chunk_of(0, 0);
+        put(s, &empty, &Bytes::new()).await.unwrap();
+        for (off, len) in [(0, 0), (0, 10), (3, 1)] {
+            assert_eq!(get(s, &empty, off, len).await.unwrap(), Bytes::new());
+        }
+    }
+
+    /// A chunk of 9 MiB and a bit: more than 128 blocks of 64 KiB, so the s3 driver's blocks
+    /// are 128 KiB; reads across and inside those blocks.
+    pub async fn large_chunk(f: &Fixture) {
+        let s = &*f.store;
+        let size = (9 << 20) + 12_345;
+        let key = ChunkKey::new(object(size), 16 << 20, 0);
+        let data = pattern(size, 99);
+        put(s, &key, &data).await.unwrap();
+        let b = 128 << 10;
+        for (off, len) in [
+            (0, size),
+            (b - 1, 2),
+            (5 * b + 17, 3 * b),
+            (size - 20, 100),
+            (size / 2, 1),
+        ] {
+            let got = get(s, &key, off, len).await.unwrap();
+            assert!(got == expect(&data, off, len), "({off}, {len})");
+        }
+    }
+
+    pub async fn stat(f: &Fixture) {
+        let s = &*f.store;
+        let (key, data) = chunk_of(CHUNK - 1, 0);
+        put(s, &key, &data).await.unwrap();
+        let info = s.stat(&key).await.unwrap();
+        assert_eq!(info.size, CHUNK - 1);
+        let now = SystemTime::now();
+        let skew = match now.duration_since(info.committed) {
+            Ok(d) => d,
+            Err(e) => e.duration(),
+        };
+        assert!(
+            skew < Duration::from_secs(30),
+            "{}: committed {:?} is {skew:?} from now",
+            s.name(),
+            info.committed
+        );
+    }
+
+    pub async fn delete_then_not_found(f: &Fixture) {
+        let s = &*f.store;
+        let (key, data) = chunk_of(CHUNK, 0);
+        put(s, &key, &data).await.unwrap();
+        f.settle().await;
+        s.delete(&key).await.unwrap();
+        assert_eq!(get(s, &key, 0, CHUNK).await, Err(StoreError::NotFound));
+        assert_eq!(get(s, &key, 0, 0).await, Err(StoreError::NotFound));
+        assert_eq!(s.stat(&key).await, Err(StoreError::NotFound));
+        s.delete(&key)
+            .await
+            .expect("deleting an absent chunk succeeds");
+        put(s, &key, &data)
+            .await
+            .expect("stored again after delete");
+        assert_eq!(get(s, &key, 0, CHUNK).await.unwrap(), data);
+    }
+
+    pub async fn never_written(f: &Fixture) {
+        let s = &*f.store;
+        for size in [0, 1, CHUNK] {
+            let (key, _) = chunk_of(size, 0);
+            assert_eq!(get(s, &key, 0, key.len()).await, Err(StoreError::NotFound));
+            assert_eq!(get(s, &key, 0, 0).await, Err(StoreError::NotFound));
+            assert_eq!(s.stat(&key).await, Err(StoreError::NotFound));
+            s.delete(&key).await.unwrap();
+        }
+        let (key, _) = chunk_of(10, 0);
+        assert!(matches!(s.contains_hint(&key), None | Some(false)));
+    }
+
+    pub async fn commit_lost(f: &Fixture) {
+        let s = &*f.store;
+        let (key, data) = chunk_of(CHUNK, 0);
+        put(s, &key, &data).await.unwrap();
+        f.settle().await;
+        let again = put(s, &key, &data).await;
+        if f.exact_commit_lost {
+            assert_eq!(again, Err(StoreError::CommitLost), "{}", s.name());
+        } else {
+            assert!(
+                matches!(again, Ok(()) | Err(StoreError::CommitLost)),
+                "{}: {again:?}",
+                s.name()
+            );
+        }
+        assert_eq!(get(s, &key, 0, CHUNK).await.unwrap(), data);
+        // A put of the wrong size is refused, whatever is stored.
+        let short = data.slice(1..);
+        assert!(matches!(
+            s.put_chunk(&key, short.len() as u64, vec![short]).await,
+            Err(StoreError::Other(_))
+        ));
+    }
+
+    /// Eight tasks put one chunk at once: each is stored or loses the commit, never an error,
+    /// and the stored bytes are exact.
+    pub async fn concurrent_puts(f: &Fixture) {
+        let (key, data) = chunk_of(CHUNK, 0);
+        let barrier = Arc::new(tokio::sync::Barrier::new(8));
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let (s, key, data, barrier) =
+                    (f.store.clone(), key.clone(), data.clone(), barrier.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    put(&*s, &key, &data).await
+                })
+            })
+            .collect();
+        let mut stored = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(()) => stored += 1,
+                Err(StoreError::CommitLost) => {}
+                Err(e) => panic!("{}: concurrent put: {e:?}", f.store.name()),
+            }
+        }
+        assert!(stored >= 1, "nobody stored the chunk");
+        f.settle().await;
+        assert_eq!(get(&*f.store, &key, 0, CHUNK).await.unwrap(), data);
+    }
+
+    /// Many tasks mixing get, put and delete of one key: every get gives the exact bytes or a
+    /// miss, never other bytes; no put or delete fails.
+    pub async fn concurrent_mix(f: &Fixture) {
+        let (key, data) = chunk_of(CHUNK, 0);
+        let tasks: Vec<_> = (0..16u64)
+            .map(|t| {
+                let (s, key, data) = (f.store.clone(), key.clone(), data.clone());
+                let atomic = f.atomic_objects;
+                tokio::spawn(async move {
+                    let mut rng = fastrand::Rng::with_seed(t);
+                    let (mut hits, mut misses, mut torn) = (0, 0, 0);
+                    for _ in 0..25 {
+                        match rng.u8(0..10) {
+                            0..=4 => {
+                                let off = rng.u64(0..=CHUNK);
+                                let len = rng.u64(0..=CHUNK);
+                                match get(&*s, &key, off, len).await {
+                                    Ok(b) => {
+                                        assert!(
+                                            b == expect(&data, off, len),
+                                            "{}: get ({off}, {len}) gave {} wrong bytes",
+                                            s.name(),
+                                            b.len()
+                                        );
+                                        hits += 1;
+                                    }
+                                    Err(StoreError::NotFound) => misses += 1,
+                                    Err(StoreError::Corrupt(_) | StoreError::Transient(_))
+                                        if !atomic =>
+                                    {
+                                        torn += 1
+                                    }
+                                    Err(e) => panic!("{}: get: {e:?}", s.name()),
+                                }
+                            }
+                            5..=7 => match put(&*s, &key, &data).await {
+                                Ok(()) | Err(StoreError::CommitLost) => {}
+                                Err(e) => panic!("{}: put: {e:?}", s.name()),
+                            },
+                            _ => s.delete(&key).await.unwrap(),
+                        }
+                    }
+                    (hits, misses, torn)
+                })
+            })
+            .collect();
+        let (mut hits, mut misses, mut torn) = (0, 0, 0);
+        for t in tasks {
+            let (h, m, n) = t.await.unwrap();
+            hits += h;
+            misses += m;
+            torn += n;
+        }
+        eprintln!(
+            "{}: mixed gets: {hits} hits, {misses} misses, {torn} torn reads",
+            f.store.name()
+        );
+        f.settle().await;
+        // Once the dust settles, a put leaves the chunk readable: `CommitLost` promises it is
+        // stored.
+        let last = put(&*f.store, &key, &data).await;
+        assert!(
+            matches!(last, Ok(()) | Err(StoreError::CommitLost)),
+            "{}: {last:?}",
+            f.store.name()
+        );
+        f.settle().await;
+        let back = get(&*f.store, &key, 0, CHUNK).await;
+        assert!(
+            back.as_ref() == Ok(&data),
+            "{}: after the mix, put said {last:?} but get says {:?}",
+            f.store.name(),
+            back.as_ref().map(|b| b.len())
+        );
+    }
+
+    /// Garbage, truncated, bare, bit-flipped and foreign data are detected: a read errs (or
+    /// misses), never yields those bytes, and the next put stores the chunk afresh.
+    pub async fn corruption_detected(f: &Fixture) {
+        let Some(corrupt) = &f.corrupt else {
+            eprintln!("{}: no corruptor, nothing to damage", f.store.name());
+            return;
+        };
+        let s = &*f.store;
+        let flip_at = 3 * (64 << 10) + 5;
+        let other = chunk_of(CHUNK, 0);
+        put(s, &other.0, &other.1).await.unwrap();
+        for damage in [
+            Damage::Garbage,
+            Damage::Truncated,
+            Damage::Bare,
+            Damage::FlipByte(flip_at),
+            Damage::CopyOf(other.0.clone()),
+        ] {
+            let (key, data) = chunk_of(CHUNK, 0);
+            put(s, &key, &data).await.unwrap();
+            f.settle().await;
+            corrupt(key.clone(), data.clone(), damage.clone()).await;
+            if let Damage::FlipByte(_) = damage {
+                // Only the blocks a read touches are checked: the first one is intact.
+                assert_eq!(
+                    get(s, &key, 0, 1000).await.unwrap(),
+                    data.slice(0..1000),
+                    "{}: untouched block",
+                    s.name()
+                );
+            }
+            let r = get(s, &key, 0, CHUNK).await;
+            assert!(
+                is_miss_or_corrupt(&r),
+                "{}: {damage:?} not detected: {:?}",
+                s.name(),
+                r.as_ref().map(|b| b.len())
+            );
+            let r = get(s, &key, flip_at, 10).await;
+            assert!(
+                is_miss_or_corrupt(&r),
+                "{}: {damage:?} (second read) not detected: {:?}",
+                s.name(),
+                r.as_ref().map(|b| b.len())
+            );
+            // The bad copy does not poison the store: the next fill stores it again.
+            match put(s, &key, &data).await {
+                Ok(()) | Err(StoreError::CommitLost) => {}
+                Err(e) => panic!("{}: put after {damage:?}: {e:?}", s.name()),
+            }
+            assert_eq!(
+                get(s, &key, 0, CHUNK).await.unwrap(),
+                data,
+                "{}: after {damage:?} and a new put",
+                s.name()
+            );
+        }
+    }
+
+    pub async fn self_test(f: &Fixture) {
+        f.store
+            .self_test()
+            .await
+            .unwrap_or_else(|e| panic!("{}: self test: {e}", f.store.name()));
+    }
+}
+
+/// A connection to a real S3 server, for s3 fixtures and the s3 driver's own tests.
+struct S3Target {
+    endpoint: String,
+    access_key: String,
+    secret_key: String,
+    client: aws_sdk_s3::Client,
+    atomic_objects: bool,
+    guards: Vec<Box<dyn Any + Send>>,
+}
+
+impl S3Target {
+    fn config(&self) -> SharedCacheConfig {
+        SharedCacheConfig {
+            endpoint_url: Some(self.endpoint.clone()),
+            bucket: BUCKET.into(),
+            // Every store its own prefix, so tests sharing a server never see each other.
+            prefix: format!("test-{:016x}", fastrand::u64(..)),
+            region: None,
+            force_path_style: true,
+            access_key_id: Some(self.access_key.clone()),
+            secret_access_key: Some(self.secret_key.clone()),
+            profile: None,
+            required: true,
+            max_age: None,
+            timeout: Some("5s".into()),
+        }
+    }
+
+    async fn store(&self) -> Arc<S3Store> {
+        Arc::new(S3Store::new(&self.config()).await.expect("s3 store"))
+    }
+}
+
+mod targets {
+    use super::*;
+
+    /// s3s-fs on 127.0.0.1 over a tempdir, with [`BUCKET`].
+    pub async fn devorigin() -> Option<S3Target> {
+        let dir = tempfile::tempdir().unwrap();
+        let o = DevOrigin::start(dir.path()).expect("start devorigin");
+        o.create_bucket(BUCKET);
+        Some(S3Target {
+            endpoint: o.endpoint(),
+            access_key: ACCESS_KEY.into(),
+            secret_key: SECRET_KEY.into(),
+            client: o.client(),
+            atomic_objects: false,
+            guards: vec![Box::new(o), Box::new(dir)],
+        })
+    }
+
+    /// A single-node Garage over a tempdir, with [`BUCKET`]; None (after a note) when there is
+    /// no garage binary, except under CI, where that is an error.
+    pub async fn garage() -> Option<S3Target> {
+        if Garage::binary().is_none() {
+            if std::env::var_os("CI").is_some() {
+                panic!("garage binary required in CI; .ci/run installs it");
+            }
+            eprintln!("SKIPPED: no garage binary (set ORCAFS_GARAGE_BIN or put `garage` on PATH)");
+            return None;
+        }
+        let (g, dir) = tokio::task::spawn_blocking(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let g = Garage::start(dir.path()).unwrap_or_else(|e| panic!("start garage: {e}"));
+            g.create_bucket(BUCKET);
+            (g, dir)
+        })
+        .await
+        .unwrap();
+        Some(S3Target {
+            endpoint: g.endpoint(),
+            access_key: g.access_key().into(),
+            secret_key: g.secret_key().into(),
+            client: g.client(),
+            atomic_objects: true,
+            guards: vec![Box::new(g), Box::new(dir)],
+        })
+    }
+}
+
+mod fixtures {
+    use super::*;
+
+    pub async fn memory() -> Option<Fixture> {
+        Some(Fixture::plain(Arc::new(MemoryStore::new(64 << 20))))
+    }
+
+    fn disk_store() -> (DiskDriver, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = DiskStore::open(dir.path(), 1 << 30, Arc::default()).unwrap();
+        (DiskDriver(Arc::new(store)), dir)
+    }
+
+    pub async fn disk() -> Option<Fixture> {
+        let (driver, dir) = disk_store();
+        let root = dir.path().to_owned();
+        let mut f = Fixture::plain(Arc::new(driver));
+        f.corrupt = Some(disk_corruptor(root));
+        f._guards.push(Box::new(dir));
+        Some(f)
+    }
+
+    /// Where `DiskStore` keeps a chunk: `<root>/chunks/<hex[0..2]>/<hex[2..4]>/<hex>`.
+    fn disk_path(root: &std::path::Path, key: &ChunkKey) -> PathBuf {
+        let hex = key.id().to_hex();
+        root.join("chunks")
+            .join(&hex[0..2])
+            .join(&hex[2..4])
+            .join(&hex)
+    }
+
+    fn disk_corruptor(root: PathBuf) -> Corruptor {
+        Arc::new(move |key, data, damage| {
+            let path = disk_path(&root, &key);
+            let other = match &damage {
+                Damage::CopyOf(k) => Some(disk_path(&root, k)),
+                _ => None,
+            };
+            Box::pin(async move {
+                let file_len = std::fs::metadata(&path).unwrap().len();
+                let header = file_len - data.len() as u64;
+                let open = || {
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .read(true)
+                        .open(&path)
+                        .unwrap()
+                };
+                match damage {
+                    Damage::Garbage => open()
+                        .write_all_at(&pattern(data.len() as u64, 7), header)
+                        .unwrap(),
+                    Damage::Truncated => open().set_len(file_len - 1).unwrap(),
+                    Damage::Bare => std::fs::write(&path, &data).unwrap(),
+                    Damage::FlipByte(at) => open()
+                        .write_all_at(&[!data[at as usize]], header + at)
+                        .unwrap(),
+                    Damage::CopyOf(_) => {
+                        std::fs::copy(other.unwrap(), &path).unwrap();
+                    }
+                }
+            })
+        })
+    }
+
+    /// Damages the object behind the store's back with a client of the server's own.
+    fn s3_corruptor(client: aws_sdk_s3::Client, store: Arc<S3Store>) -> Corruptor {
+        Arc::new(move |key, data, damage| {
+            let (client, store) = (client.clone(), store.clone());
+            Box::pin(async move {
+                let object = store.object_key(&key);
+                let head = client
+                    .head_object()
+                    .bucket(BUCKET)
+                    .key(&object)
+                    .send()
+                    .await
+                    .expect("head the object to damage");
+                let meta = head.metadata().cloned();
+                let (body, meta) = match damage {
+                    Damage::Garbage => (pattern(data.len() as u64, 7), meta),
+                    Damage::Truncated => (data.slice(..data.len() - 1), meta),
+                    Damage::Bare => (data.clone(), None),
+                    Damage::FlipByte(at) => {
+                        let mut v = data.to_vec();
+                        v[at as usize] ^= 0xff;
+                        (Bytes::from(v), meta)
+                    }
+                    Damage::CopyOf(other) => {
+                        let src = client
+                            .get_object()
+                            .bucket(BUCKET)
+                            .key(store.object_key(&other))
+                            .send()
+                            .await
+                            .unwrap();
+                        let meta = src.metadata().cloned();
+                        (src.body.collect().await.unwrap().into_bytes(), meta)
+                    }
+                };
+                client
+                    .put_object()
+                    .bucket(BUCKET)
+                    .key(&object)
+                    .set_metadata(meta)
+                    .body(body.into())
+                    .send()
+                    .await
+                    .expect("put the damaged object");
+            })
+        })
+    }
+
+    async fn s3_on(target: Option<S3Target>) -> Option<Fixture> {
+        let mut t = target?;
+        let store = t.store().await;
+        Some(Fixture {
+            store: store.clone(),
+            corrupt: Some(s3_corruptor(t.client.clone(), store)),
+            settle: None,
+            exact_commit_lost: true,
+            atomic_objects: t.atomic_objects,
+            _guards: std::mem::take(&mut t.guards),
+        })
+    }
+
+    pub async fn s3_devorigin() -> Option<Fixture> {
+        s3_on(targets::devorigin().await).await
+    }
+
+    pub async fn s3_garage() -> Option<Fixture> {
+        s3_on(targets::garage().await).await
+    }
+
+    /// Waits until every write-behind queue of the replica is drained and written.
+    fn replica_settle(r: &Arc<Replica>) -> Settle {
+        let r = r.clone();
+        Arc::new(move || {
+            let r = r.clone();
+            Box::pin(async move {
+                assert!(
+                    r.drain(Duration::from_secs(20)).await,
+                    "write-behind never drained"
+                );
+                assert_eq!(r.errors(), Vec::<(String, String)>::new());
+            })
+        })
+    }
+
+    fn replica(sync: Arc<dyn CacheStore>, asynchronous: Arc<dyn CacheStore>) -> Arc<Replica> {
+        Arc::new(Replica::new(
+            vec![sync],
+            vec![asynchronous],
+            4,
+            Duration::from_secs(5),
+            Arc::default(),
+        ))
+    }
+
+    pub async fn replica_disk_memory() -> Option<Fixture> {
+        let (driver, dir) = disk_store();
+        let r = replica(Arc::new(driver), Arc::new(MemoryStore::new(64 << 20)));
+        let mut f = Fixture::plain(r.clone());
+        f.settle = Some(replica_settle(&r));
+        f.exact_commit_lost = false;
+        f._guards.push(Box::new(dir));
+        Some(f)
+    }
+
+    pub async fn replica_memory_s3() -> Option<Fixture> {
+        let mut t = targets::devorigin().await?;
+        let s3 = t.store().await;
+        let r = replica(Arc::new(MemoryStore::new(64 << 20)), s3);
+        let mut f = Fixture::plain(r.clone());
+        f.settle = Some(replica_settle(&r));
+        f.exact_commit_lost = false;
+        f._guards = std::mem::take(&mut t.guards);
+        Some(f)
+    }
+}
+
+/// The s3 driver's own tests on a real server: `s3_suite!(module, target_fn);`.
+macro_rules! s3_suite {
+    ($name:ident, $target:expr) => {
+        s3_suite!(@cases $name, $target, [
+            layout_and_metadata, evict_older_than, spawned_eviction, wrong_credentials_are_auth,
+            missing_bucket_is_clear
+        ]);
+    };
+    (@cases $name:ident, $target:expr, [$($case:ident),*]) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let Some(t) = ($target)().await else { return };
+                    super::s3_cases::$case(&t).await;
+                }
+            )*
+        }
+    };
+}
+
+s3_suite!(s3_own_devorigin, targets::devorigin);
+s3_suite!(s3_own_garage, targets::garage);
+
+mod s3_cases {
+    use super::*;
+
+    /// Objects sit at `<prefix>/<origin id>/<hash>/<index>` with the raw bytes as body and the
+    /// integrity metadata beside them.
+    pub async fn layout_and_metadata(t: &S3Target) {
+        let store = t.store().await;
+        let (key, data) = chunk_of(CHUNK + 1, 0);
+        put(&*store, &key, &data).await.unwrap();
+        let object = store.object_key(&key);
+        let parts: Vec<&str> = object.split('/').collect();
+        assert_eq!(parts.len(), 4, "{object}");
+        assert_eq!(format!("{}/", parts[0]), store.prefix());
+        assert_eq!(parts[1], "http___127.0.0.1_1_us-east-1");
+        assert!(parts[2].len() == 64 && parts[2].bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(parts[3], "0");
+        let got = t
+            .client
+            .get_object()
+            .bucket(BUCKET)
+            .key(&object)
+            .send()
+            .await
+            .unwrap();
+        let meta = got.metadata().cloned().unwrap_or_default();
+        assert_eq!(meta["orcafs-id"], key.id().to_hex());
+        assert_eq!(meta["orcafs-len"], CHUNK.to_string());
+        assert_eq!(meta["orcafs-block"], (64u64 << 10).to_string());
+        let crcs: String = data
+            .chunks(64 << 10)
+            .map(|b| format!("{:08x}", crc32c::crc32c(b)))
+            .collect();
+        assert_eq!(meta["orcafs-crcs"], crcs);
+        assert_eq!(got.body.collect().await.unwrap().into_bytes(), data);
+    }
+
+    /// An eviction pass deletes exactly the chunks older than the age, and nothing that is not
+    /// a chunk object of this store.
+    pub async fn evict_older_than(t: &S3Target) {
+        let store = t.store().await;
+        let neighbour = t.store().await;
+        let a = chunk_of(CHUNK, 0);
+        let b = chunk_of(100, 0);
+        let n = chunk_of(100, 0);
+        put(&*store, &a.0, &a.1).await.unwrap();
+        put(&*store, &b.0, &b.1).await.unwrap();
+        put(&*neighbour, &n.0, &n.1).await.unwrap();
+        let stray = format!("{}notes/readme.txt", store.prefix());
+        t.client
+            .put_object()
+            .bucket(BUCKET)
+            .key(&stray)
+            .body(Bytes::from_static(b"not a chunk").into())
+            .send()
+            .await
+            .unwrap();
+
+        let big = Duration::from_secs(3600);
+        assert_eq!(store.evict_older_than(big).await.unwrap(), 0);
+        assert_eq!(store.stat(&a.0).await.unwrap().size, CHUNK);
+        assert_eq!(store.stat(&b.0).await.unwrap().size, 100);
+
+        assert_eq!(store.evict_older_than(Duration::ZERO).await.unwrap(), 2);
+        assert_eq!(store.stat(&a.0).await, Err(StoreError::NotFound));
+        assert_eq!(store.stat(&b.0).await, Err(StoreError::NotFound));
+        assert_eq!(store.evict_older_than(Duration::ZERO).await.unwrap(), 0);
+        // Another prefix and a stray object under ours are left alone.
+        assert_eq!(neighbour.stat(&n.0).await.unwrap().size, 100);
+        t.client
+            .head_object()
+            .bucket(BUCKET)
+            .key(&stray)
+            .send()
+            .await
+            .expect("the stray object survives eviction");
+    }
+
+    pub async fn spawned_eviction(t: &S3Target) {
+        let store = t.store().await;
+        let a = chunk_of(1000, 0);
+        put(&*store, &a.0, &a.1).await.unwrap();
+        let task = store.spawn_eviction(Duration::ZERO, Duration::from_millis(100));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.stat(&a.0).await.is_ok() {
+            assert!(Instant::now() < deadline, "the eviction loop never evicted");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
+        // Stopped: a new chunk stays.
+        put(&*store, &a.0, &a.1).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(store.stat(&a.0).await.is_ok());
+
+        // The loop also ends by itself once the store is gone.
+        let task = store.spawn_eviction(Duration::from_secs(3600), Duration::from_millis(100));
+        drop(store);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the loop ends when the store is dropped")
+            .unwrap();
+    }
+
+    pub async fn wrong_credentials_are_auth(t: &S3Target) {
+        let mut cfg = t.config();
+        cfg.secret_access_key = Some("not-the-secret".into());
+        let store = S3Store::new(&cfg).await.unwrap();
+        let (key, data) = chunk_of(10, 0);
+        assert!(matches!(store.stat(&key).await, Err(StoreError::Auth(_))));
+        assert!(matches!(
+            put(&store, &key, &data).await,
+            Err(StoreError::Auth(_))
+        ));
+        assert!(matches!(
+            get(&store, &key, 0, 10).await,
+            Err(StoreError::Auth(_))
+        ));
+        assert!(matches!(store.self_test().await, Err(StoreError::Auth(_))));
+    }
+
+    pub async fn missing_bucket_is_clear(t: &S3Target) {
+        let mut cfg = t.config();
+        cfg.bucket = "no-such-bucket".into();
+        let store = S3Store::new(&cfg).await.unwrap();
+        match store.self_test().await {
+            Err(StoreError::Other(m))
+                if m.contains("no-such-bucket") && m.contains("does not exist") => {}
+            other => panic!("self test on a missing bucket: {other:?}"),
+        }
+    }
+}
+
+/// A stand-in S3 server on 127.0.0.1 that answers every request with one canned response, or
+/// (with `None`) accepts connections and never answers. Stops on Drop.
+struct FakeS3 {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeS3 {
+    fn start(response: Option<&'static str>) -> FakeS3 {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut conns = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((sock, _)) => {
+                        let s = s.clone();
+                        conns.push(std::thread::spawn(move || serve(sock, response, &s)));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            for c in conns {
+                let _ = c.join();
+            }
+        });
+        FakeS3 {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for FakeS3 {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Reads requests (head and Content-Length body) and answers each with `response` as an XML
+/// 200; with `None` reads and never answers. Returns when told to stop or the peer hangs up.
+fn serve(mut sock: TcpStream, response: Option<&str>, stop: &AtomicBool) {
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !stop.load(Ordering::Relaxed) {
+        match sock.read(&mut chunk) {
+            Ok(0) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) => continue,
+        }
+        let Some(head_end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+        let body_len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        if buf.len() < head_end + 4 + body_len {
+            continue;
+        }
+        buf.drain(..head_end + 4 + body_len);
+        if let Some(body) = response {
+            // HEAD answers carry no body.
+            let body = if head.starts_with("head ") { "" } else { body };
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            if sock.write_all(reply.as_bytes()).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn fake_config(endpoint: String, timeout: &str) -> SharedCacheConfig {
+    SharedCacheConfig {
+        endpoint_url: Some(endpoint),
+        bucket: BUCKET.into(),
+        prefix: String::new(),
+        region: None,
+        force_path_style: true,
+        access_key_id: Some("AK".into()),
+        secret_access_key: Some("SK".into()),
+        profile: None,
+        required: true,
+        max_age: None,
+        timeout: Some(timeout.into()),
+    }
+}
+
+/// The s3 driver against stand-in servers: versioning refusal, dead and hung stores.
+mod s3_unreal {
+    use super::*;
+
+    /// Neither local server can turn versioning on (s3s-fs does not implement it, Garage has
+    /// no versioning), so a stand-in answers GetBucketVersioning.
+    #[tokio::test]
+    async fn versioned_bucket_is_refused() {
+        for (status, words) in [
+            ("Enabled", "versioning enabled"),
+            ("Suspended", "versioning suspended"),
+        ] {
+            let body: &'static str = Box::leak(
+                format!(
+                    "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<VersioningConfiguration \
+                     xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Status>{status}</Status>\
+                     </VersioningConfiguration>"
+                )
+                .into_boxed_str(),
+            );
+            let fake = FakeS3::start(Some(body));
+            let store = S3Store::new(&fake_config(fake.endpoint(), "5s"))
+                .await
+                .unwrap();
+            match store.self_test().await {
+                Err(StoreError::Other(m)) => {
+                    assert!(m.contains(words) && m.contains("unversioned bucket"), "{m}");
+                    assert!(m.contains(BUCKET), "{m}");
+                }
+                other => panic!("{status}: {other:?}"),
+            }
+        }
+    }
+
+    /// Nothing listens: every call is Transient at once.
+    #[tokio::test]
+    async fn dead_store_is_transient_fast() {
+        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let store = S3Store::new(&fake_config(format!("http://127.0.0.1:{port}"), "2s"))
+            .await
+            .unwrap();
+        let (key, data) = chunk_of(100, 0);
+        let t0 = Instant::now();
+        assert!(matches!(
+            store.stat(&key).await,
+            Err(StoreError::Transient(_))
+        ));
+        assert!(matches!(
+            get(&store, &key, 0, 100).await,
+            Err(StoreError::Transient(_))
+        ));
+        assert!(matches!(
+            put(&store, &key, &data).await,
+            Err(StoreError::Transient(_))
+        ));
+        assert!(matches!(
+            store.delete(&key).await,
+            Err(StoreError::Transient(_))
+        ));
+        assert!(matches!(
+            store.self_test().await,
+            Err(StoreError::Transient(_))
+        ));
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    }
+
+    /// A server that accepts and never answers: each call ends Transient within its timeout.
+    #[tokio::test]
+    async fn hung_store_is_transient_within_the_timeout() {
+        let fake = FakeS3::start(None);
+        let store = S3Store::new(&fake_config(fake.endpoint(), "1s"))
+            .await
+            .unwrap();
+        let (key, data) = chunk_of(100, 0);
+        for op in ["stat", "get", "put"] {
+            let t0 = Instant::now();
+            let r = match op {
+                "stat" => store.stat(&key).await.map(|_| ()),
+                "get" => get(&store, &key, 0, 100).await.map(|_| ()),
+                _ => put(&store, &key, &data).await,
+            };
+            let took = t0.elapsed();
+            assert!(matches!(r, Err(StoreError::Transient(_))), "{op}: {r:?}");
+            assert!(took < Duration::from_secs(3), "{op} took {took:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn bad_configs_are_refused() {
+        let mut c = fake_config("http://127.0.0.1:1".into(), "5s");
+        c.secret_access_key = None;
+        assert!(S3Store::new(&c).await.is_err(), "half the static keys");
+        let mut c = fake_config("http://127.0.0.1:1".into(), "five seconds");
+        assert!(S3Store::new(&c).await.is_err(), "bad timeout");
+        c.timeout = None;
+        c.max_age = Some("a week".into());
+        assert!(S3Store::new(&c).await.is_err(), "bad max_age");
+        c.max_age = Some("7d".into());
+        let s = S3Store::new(&c).await.unwrap();
+        assert_eq!(s.max_age(), Some(Duration::from_secs(7 * 86400)));
+        assert!(s.required());
+        c.bucket = String::new();
+        assert!(S3Store::new(&c).await.is_err(), "no bucket");
+    }
+}
+
+/// The default tiering over a real shared store: write-behind lands in s3, a miss of the local
+/// tier reads through s3 and is copied back.
+mod replica_over_s3 {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn write_behind_and_read_through() {
+        let t = targets::devorigin().await.unwrap();
+        let s3 = t.store().await;
+        let local = Arc::new(MemoryStore::new(64 << 20));
+        let r = Arc::new(Replica::new(
+            vec![local.clone()],
+            vec![s3.clone()],
+            4,
+            Duration::from_secs(5),
+            Arc::default(),
+        ));
+        let (key, data) = chunk_of(CHUNK, 0);
+        put(&*r, &key, &data).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while s3.stat(&key).await.is_err() {
+            assert!(Instant::now() < deadline, "write-behind never reached s3");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(get(&*s3, &key, 0, CHUNK).await.unwrap(), data);
+
+        // Stored by another host: only in s3.
+        let (other, other_data) = chunk_of(CHUNK, 0);
+        put(&*s3, &other, &other_data).await.unwrap();
+        assert_eq!(local.contains_hint(&other), Some(false));
+        assert_eq!(
+            get(&*r, &other, 10, 1000).await.unwrap(),
+            other_data.slice(10..1010)
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while local.contains_hint(&other) != Some(true) {
+            assert!(Instant::now() < deadline, "never copied back");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(get(&*local, &other, 0, CHUNK).await.unwrap(), other_data);
+    }
+}
+
+/// The s3 driver under transport faults (DevOrigin's GetObject fault injection): cut and
+/// stalled bodies and 5xx answers are `Transient`, bounded in time, and never taken for damage
+/// (the object stays).
+mod s3_faults {
+    use super::*;
+
+    async fn setup(timeout: &str) -> (DevOrigin, tempfile::TempDir, Arc<S3Store>, ChunkKey, Bytes) {
+        let dir = tempfile::tempdir().unwrap();
+        let o = DevOrigin::start(dir.path()).expect("start devorigin");
+        o.create_bucket(BUCKET);
+        let t = S3Target {
+            endpoint: o.endpoint(),
+            access_key: ACCESS_KEY.into(),
+            secret_key: SECRET_KEY.into(),
+            client: o.client(),
+            atomic_objects: false,
+            guards: Vec::new(),
+        };
+        let mut cfg = t.config();
+        cfg.timeout = Some(timeout.into());
+        let store = Arc::new(S3Store::new(&cfg).await.unwrap());
+        let (key, data) = chunk_of(CHUNK, 0);
+        put(&*store, &key, &data).await.unwrap();
+        (o, dir, store, key, data)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cut_body_is_transient_and_keeps_the_object() {
+        let (o, _dir, store, key, data) = setup("5s").await;
+        o.faults().cut_next_bodies(1);
+        let r = get(&*store, &key, 0, CHUNK).await;
+        assert!(matches!(r, Err(StoreError::Transient(_))), "{r:?}");
+        assert_eq!(store.stat(&key).await.unwrap().size, CHUNK);
+        assert_eq!(get(&*store, &key, 0, CHUNK).await.unwrap(), data);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stalled_body_is_transient_within_the_timeout() {
+        let (o, _dir, store, key, data) = setup("1s").await;
+        o.faults()
+            .stall_next_bodies(1, 70_000, Duration::from_secs(4));
+        let t0 = Instant::now();
+        let r = get(&*store, &key, 0, CHUNK).await;
+        let took = t0.elapsed();
+        assert!(matches!(r, Err(StoreError::Transient(_))), "{r:?}");
+        assert!(took < Duration::from_secs(3), "took {took:?}");
+        assert_eq!(get(&*store, &key, 0, CHUNK).await.unwrap(), data);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn server_errors_are_retried_once_then_transient() {
+        let (o, _dir, store, key, data) = setup("5s").await;
+        o.faults().fail_next_gets(1, 503);
+        assert_eq!(
+            get(&*store, &key, 0, CHUNK).await.unwrap(),
+            data,
+            "one 503 is retried"
+        );
+        o.faults().fail_next_gets(2, 500);
+        let r = get(&*store, &key, 0, CHUNK).await;
+        assert!(matches!(r, Err(StoreError::Transient(_))), "{r:?}");
+        o.faults().fail_next_gets(1, 403);
+        let r = get(&*store, &key, 0, CHUNK).await;
+        assert!(matches!(r, Err(StoreError::Auth(_))), "{r:?}");
+        assert_eq!(get(&*store, &key, 0, CHUNK).await.unwrap(), data);
+    }
+}
