@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
@@ -20,6 +20,7 @@ use fuser::{
 
 use crate::chunk::ObjectVersion;
 use crate::fetch::{Coordinator, FetchError};
+use crate::metrics::OpLatency;
 use crate::namespace::{Attr, Kind, Namespace, NsError};
 use crate::origin::OriginError;
 
@@ -45,6 +46,15 @@ struct OpenFile {
 
 type Handles = Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>;
 
+/// Records an operation's latency when dropped, i.e. on every path out of its task.
+struct Timer<'a>(&'a OpLatency, &'static str, Instant);
+
+impl Drop for Timer<'_> {
+    fn drop(&mut self) {
+        self.0.observe(self.1, self.2);
+    }
+}
+
 fn lock_handles(h: &Handles) -> MutexGuard<'_, HashMap<u64, Arc<OpenFile>>> {
     h.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -58,6 +68,7 @@ pub struct OrcaFs {
     bucket: Arc<str>,
     handles: Handles,
     next_fh: AtomicU64,
+    latency: Arc<OpLatency>,
 }
 
 /// The one place errors become errno.
@@ -98,6 +109,7 @@ impl OrcaFs {
         show: Presentation,
         origin_id: &str,
         bucket: &str,
+        latency: Arc<OpLatency>,
     ) -> OrcaFs {
         OrcaFs {
             ns,
@@ -108,6 +120,7 @@ impl OrcaFs {
             bucket: bucket.into(),
             handles: Handles::default(),
             next_fh: AtomicU64::new(1),
+            latency,
         }
     }
 
@@ -152,7 +165,9 @@ impl Filesystem for OrcaFs {
         };
         let ns = self.ns.clone();
         let show = self.show;
+        let (latency, started) = (self.latency.clone(), Instant::now());
         self.rt.spawn(async move {
+            let _timer = Timer(&latency, "lookup", started);
             match ns.lookup(parent.0, &name).await {
                 Ok(a) => reply.entry(&show.ttl, &Self::file_attr(&show, &a), Generation(0)),
                 Err(e) => {
@@ -172,7 +187,9 @@ impl Filesystem for OrcaFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let ns = self.ns.clone();
         let show = self.show;
+        let (latency, started) = (self.latency.clone(), Instant::now());
         self.rt.spawn(async move {
+            let _timer = Timer(&latency, "getattr", started);
             match ns.getattr(ino.0).await {
                 Ok(a) => reply.attr(&show.ttl, &Self::file_attr(&show, &a)),
                 Err(e) => reply.error(errno_of(&e)),
@@ -188,7 +205,9 @@ impl Filesystem for OrcaFs {
         let (origin_id, bucket) = (self.origin_id.clone(), self.bucket.clone());
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let handles = self.handles.clone();
+        let (latency, started) = (self.latency.clone(), Instant::now());
         self.rt.spawn(async move {
+            let _timer = Timer(&latency, "open", started);
             match ns.open(ino.0).await {
                 Ok(o) => {
                     let object = Arc::new(ObjectVersion {
@@ -234,7 +253,9 @@ impl Filesystem for OrcaFs {
         };
         let fetch = self.fetch.clone();
         let ns = self.ns.clone();
+        let (latency, started) = (self.latency.clone(), Instant::now());
         self.rt.spawn(async move {
+            let timer = Timer(&latency, "read", started);
             match fetch.read_object(&file.object, offset, size as u64).await {
                 Ok(bytes) => reply.data(&bytes),
                 Err(e) => {
@@ -245,6 +266,7 @@ impl Filesystem for OrcaFs {
                     return reply.error(errno_of_fetch(&e));
                 }
             }
+            drop(timer);
             // After replying, so prefetches never delay this read or take its memory.
             readahead(&fetch, &file, offset, size as u64);
         });
@@ -280,7 +302,9 @@ impl Filesystem for OrcaFs {
         mut reply: ReplyDirectory,
     ) {
         let ns = self.ns.clone();
+        let (latency, started) = (self.latency.clone(), Instant::now());
         self.rt.spawn(async move {
+            let _timer = Timer(&latency, "readdir", started);
             // Offsets: 1 = ".", 2 = "..", 3 + i = entry i. The listing is cached for the TTL,
             // so the calls of one `readdir` pass see the same snapshot.
             let entries = match ns.readdir(ino.0).await {

@@ -26,7 +26,7 @@ use crate::config::Config;
 use crate::control;
 use crate::fetch::{Coordinator, FetchPolicy, Peers};
 use crate::fs::{OrcaFs, Presentation, MAX_READ};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, OpLatency};
 use crate::namespace::Namespace;
 use crate::origin::{OriginError, S3Origin};
 
@@ -105,9 +105,12 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
     let (store, replica, shared) = rt.block_on(build_store(&cfg, &disk, &metrics))?;
     let fetch = Coordinator::new(origin.clone(), store, fetch_policy(&cfg), metrics.clone());
     let _evictors = rt.block_on(async { start_eviction(&cfg, &disk, shared.as_ref()) });
+    let latency = Arc::new(OpLatency::default());
     let observe = Arc::new(MountObserve {
         fetch: fetch.clone(),
         metrics: metrics.clone(),
+        latency: latency.clone(),
+        replica: replica.clone(),
         ready: AtomicBool::new(false),
     });
     let cluster = match &cfg.cluster {
@@ -150,6 +153,7 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
         show,
         &cfg.origin_id,
         &cfg.bucket,
+        latency,
     );
 
     let mounted = mount_fuse(fs, &mountpoint, &cfg)?;
@@ -342,6 +346,8 @@ impl LocalFills for CoordinatorFills {
 struct MountObserve {
     fetch: Arc<Coordinator>,
     metrics: Arc<Metrics>,
+    latency: Arc<OpLatency>,
+    replica: Option<Arc<Replica>>,
     ready: AtomicBool,
 }
 
@@ -362,6 +368,20 @@ impl Observe for MountObserve {
             "chunk fills in flight on this host",
             self.fetch.fills_in_flight() as f64,
         ));
+        if let Some(r) = &self.replica {
+            let depth: u64 = r.queue_depths().iter().map(|(_, d)| d).sum();
+            t.push_str(&cluster::render_gauge(
+                "orcafs_shared_queue_depth",
+                "chunks waiting in the write-behind queue to the shared store",
+                depth as f64,
+            ));
+            t.push_str(&cluster::render_gauge(
+                "orcafs_shared_error_state",
+                "1 when a write-behind to the shared store has failed (see the log)",
+                if r.errors().is_empty() { 0.0 } else { 1.0 },
+            ));
+        }
+        t.push_str(&self.latency.render());
         t
     }
 }

@@ -411,12 +411,14 @@ fn health_and_readiness_endpoints_answer() {
         status.starts_with("HTTP/1.1 200") || status.starts_with("HTTP/1.0 200"),
         "{status}"
     );
+    let _ = std::fs::read_dir(&h.mount.mnt).unwrap().count();
     let text = http_get(&h.addr, "/metrics");
     for name in [
         "orcafs_origin_get_requests",
         "orcafs_fill_memory_in_use_bytes",
         "orcafs_cluster_peers_alive",
+        "orcafs_fuse_op_seconds_count{op=\"readdir\"}",
     ] {
-        assert!(text.contains(name), "{name} missing from /metrics");
+        assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
     }
 }
