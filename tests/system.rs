@@ -8,7 +8,7 @@ mod common;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
@@ -65,62 +65,6 @@ impl Drop for Unmount {
     fn drop(&mut self) {
         if is_mounted(&self.0) {
             let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-}
-
-/// A foreground orcafs we started ourselves; drop unmounts and reaps it.
-struct Proc {
-    child: Option<Child>,
-    mnt: PathBuf,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn pid(&self) -> i32 {
-        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn alive(&mut self) -> bool {
-        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
-    }
-
-    fn wait_exit(&mut self, limit: Duration) -> i32 {
-        let mut child = self.child.take().expect("child");
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                return status.code().unwrap_or(-1);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("orcafs did not exit in time:\n{}", self.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if is_mounted(&self.mnt) {
-            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-        }
-        if let Some(mut c) = self.child.take() {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
         }
     }
 }
@@ -357,7 +301,7 @@ fn second_mount_on_the_same_mountpoint_is_refused() {
 }
 
 /// Starts `orcafs mount --foreground` with our own flags and environment.
-fn spawn_foreground(o: &DevOrigin, s: &Scratch, extra: &[&str], env: &[(&str, &Path)]) -> Proc {
+fn spawn_foreground(o: &DevOrigin, s: &Scratch, extra: &[&str], env: &[(&str, &Path)]) -> Mount {
     let mnt = s.path("mnt");
     let log = s.dir.path().join("stderr.log");
     let mut c = Command::new(orcafs_bin());
@@ -378,11 +322,8 @@ fn spawn_foreground(o: &DevOrigin, s: &Scratch, extra: &[&str], env: &[(&str, &P
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("spawn orcafs");
-    Proc {
-        child: Some(child),
-        mnt,
-        log,
-    }
+    let cache = s.path("cache");
+    Mount::adopt(child, &mnt, &cache, &log)
 }
 
 #[test]
@@ -395,7 +336,7 @@ fn systemd_notify_gets_ready_when_live_and_stopping_on_sigterm() {
     sock.set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
     let mut p = spawn_foreground(&o, &s, &[], &[("NOTIFY_SOCKET", &sock_path)]);
-    let recv = |sock: &UnixDatagram, p: &Proc| {
+    let recv = |sock: &UnixDatagram, p: &Mount| {
         let mut buf = [0u8; 4096];
         let n = sock
             .recv(&mut buf)
@@ -411,10 +352,10 @@ fn systemd_notify_gets_ready_when_live_and_stopping_on_sigterm() {
     assert_eq!(std::fs::read(p.mnt.join("n.txt")).unwrap(), b"notify\n");
 
     // SAFETY: plain kill(2) of our own child.
-    unsafe { libc::kill(p.pid(), libc::SIGTERM) };
+    unsafe { libc::kill(p.pid() as i32, libc::SIGTERM) };
     let msg = recv(&sock, &p);
     assert!(msg.lines().any(|l| l == "STOPPING=1"), "{msg:?}");
-    assert_eq!(p.wait_exit(Duration::from_secs(20)), 0);
+    assert_eq!(p.wait_exit(), 0);
     assert!(!is_mounted(&p.mnt));
 }
 
@@ -449,7 +390,7 @@ fn sighup_rereads_the_log_level_from_the_config_file() {
 
     std::fs::write(&config, "metadata_ttl = \"1s\"\nlog_level = \"debug\"\n").unwrap();
     // SAFETY: plain kill(2) of our own child.
-    unsafe { libc::kill(p.pid(), libc::SIGHUP) };
+    unsafe { libc::kill(p.pid() as i32, libc::SIGHUP) };
     wait_until("a debug line after SIGHUP", Duration::from_secs(10), || {
         std::fs::read_to_string(&log)
             .unwrap_or_default()
@@ -462,8 +403,8 @@ fn sighup_rereads_the_log_level_from_the_config_file() {
     assert_eq!(std::fs::read(p.mnt.join("h.txt")).unwrap(), b"hup\n");
 
     // SAFETY: as above.
-    unsafe { libc::kill(p.pid(), libc::SIGTERM) };
-    assert_eq!(p.wait_exit(Duration::from_secs(20)), 0);
+    unsafe { libc::kill(p.pid() as i32, libc::SIGTERM) };
+    assert_eq!(p.wait_exit(), 0);
 }
 
 fn chunk_files(cache: &Path) -> Vec<PathBuf> {

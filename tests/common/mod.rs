@@ -144,6 +144,22 @@ impl Mount {
         m
     }
 
+    /// Takes charge of an `orcafs mount --foreground` started by the caller (its own flags or
+    /// environment); does not wait for the mount.
+    pub fn adopt(child: Child, mnt: &Path, cache: &Path, log: &Path) -> Mount {
+        Mount {
+            mnt: mnt.to_owned(),
+            cache: cache.to_owned(),
+            child: Some(child),
+            log: log.to_owned(),
+        }
+    }
+
+    /// The process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
     fn wait_mounted(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
