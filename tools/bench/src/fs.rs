@@ -51,7 +51,13 @@ impl Fs {
 
     /// The configuration line the report shows for it.
     pub fn describe(self, env: &MountEnv) -> String {
-        let cmd = self.command(env, Path::new("CACHE"), Path::new("MNT"));
+        let shown = MountEnv {
+            endpoint: "http://127.0.0.1:PORT".into(),
+            work: PathBuf::from("WORK"),
+            orcafs: PathBuf::from("orcafs"),
+            orcafs_flags: env.orcafs_flags.clone(),
+        };
+        let cmd = self.command(&shown, Path::new("CACHE"), Path::new("MNT"));
         let words: Vec<String> = std::iter::once(cmd.get_program())
             .chain(cmd.get_args())
             .map(|a| a.to_string_lossy().into_owned())
@@ -117,7 +123,10 @@ fn rclone_command(env: &MountEnv, cache: &Path, mnt: &Path) -> Command {
         .env("RCLONE_CONFIG_ORIGIN_SECRET_ACCESS_KEY", SECRET_KEY)
         .env("RCLONE_CONFIG_ORIGIN_ENDPOINT", &env.endpoint)
         .env("RCLONE_CONFIG_ORIGIN_REGION", REGION)
-        .env("RCLONE_CONFIG_ORIGIN_FORCE_PATH_STYLE", "true");
+        .env("RCLONE_CONFIG_ORIGIN_FORCE_PATH_STYLE", "true")
+        // rclone 1.60 refuses to start when AWS_CA_BUNDLE is set ("unable to
+        // load custom CA bundle"); the endpoint is plain http anyway.
+        .env_remove("AWS_CA_BUNDLE");
     c
 }
 

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,32 @@ use crate::sys;
 const MOUNT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a process may take to exit after its unmount.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Mount points and server pids of the live mounts, for [`abort_all`].
+static LIVE: Mutex<Vec<(PathBuf, u32)>> = Mutex::new(Vec::new());
+
+/// Kills every live server and lazily unmounts its mount point: the last
+/// resort when the benchmark is interrupted by a signal.
+pub fn abort_all() {
+    let live = LIVE.lock().map(|l| l.clone()).unwrap_or_default();
+    for (mnt, pid) in live {
+        // SAFETY: kill(2) of a child process we started.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        let _ = Command::new("umount").arg("-l").arg(&mnt).status();
+    }
+}
+
+fn register(mnt: &Path, pid: u32) {
+    if let Ok(mut live) = LIVE.lock() {
+        live.push((mnt.to_owned(), pid));
+    }
+}
+
+fn deregister(pid: u32) {
+    if let Ok(mut live) = LIVE.lock() {
+        live.retain(|&(_, p)| p != pid);
+    }
+}
 
 /// A live mount served by a child process. Dropping it unmounts (lazily if
 /// busy) and kills the process if it does not exit by itself.
@@ -33,7 +59,8 @@ impl FsMount {
     /// to `log`, and waits until `mnt` is mounted.
     pub fn spawn(name: &str, mut cmd: Command, mnt: &Path, log: &Path) -> Result<FsMount> {
         std::fs::create_dir_all(mnt).with_context(|| format!("creating {}", mnt.display()))?;
-        let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let out =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone().context("duplicating the log file handle")?;
         let child = cmd
             .stdin(Stdio::null())
@@ -41,6 +68,7 @@ impl FsMount {
             .stderr(err)
             .spawn()
             .with_context(|| format!("starting {name} ({cmd:?})"))?;
+        register(mnt, child.id());
         let mut mount = FsMount {
             name: name.to_owned(),
             mnt: mnt.to_owned(),
@@ -57,9 +85,18 @@ impl FsMount {
             if sys::is_mounted(&self.mnt) {
                 return Ok(());
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                deregister(self.pid());
                 self.child = None;
-                bail!("{} exited with {status} before mounting; log:\n{}", self.name, self.log_tail());
+                bail!(
+                    "{} exited with {status} before mounting; log:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -90,7 +127,12 @@ impl FsMount {
 
     /// Runs `f` while a watchdog kills the server if `f` takes longer than
     /// `limit`; a killed server makes blocked reads fail, so `f` returns.
-    pub fn guarded<T>(&self, what: &str, limit: Duration, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    pub fn guarded<T>(
+        &self,
+        what: &str,
+        limit: Duration,
+        f: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
         let watchdog = Watchdog::start(self.pid(), limit);
         let result = f();
         if watchdog.stop() {
@@ -106,8 +148,11 @@ impl FsMount {
 
     /// Unmounts and waits for the process to exit; errors say why not.
     pub fn unmount(mut self) -> Result<()> {
+        let pid = self.pid();
         let result = self.try_unmount();
-        self.child = None;
+        if self.child.is_none() {
+            deregister(pid);
+        }
         result
     }
 
@@ -125,19 +170,22 @@ impl FsMount {
         let deadline = Instant::now() + EXIT_TIMEOUT;
         loop {
             if let Some(status) = child.try_wait().context("waiting for the server")? {
-                return match status.success() {
-                    true => Ok(()),
-                    false => Err(crate::error::Error::msg(format!(
-                        "{} exited with {status} after unmount; log:\n{}",
-                        self.name,
-                        self.log_tail()
-                    ))),
-                };
+                if status.success() {
+                    return Ok(());
+                }
+                bail!(
+                    "{} exited with {status} after unmount; log:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!("{} did not exit within {EXIT_TIMEOUT:?} of its unmount; killed", self.name);
+                bail!(
+                    "{} did not exit within {EXIT_TIMEOUT:?} of its unmount; killed",
+                    self.name
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -149,6 +197,7 @@ impl Drop for FsMount {
         let Some(mut child) = self.child.take() else {
             return;
         };
+        deregister(child.id());
         if sys::is_mounted(&self.mnt) {
             let clean = Command::new("umount")
                 .arg(&self.mnt)

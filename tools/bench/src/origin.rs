@@ -90,7 +90,13 @@ impl PlainClient {
 
     /// Puts `count` objects `PREFIX/NNN.bin` of `size` bytes, each with its
     /// own content (seed `first_seed + i`).
-    fn put_series(&self, prefix: &str, first_seed: u64, count: usize, size: u64) -> Result<Vec<String>> {
+    fn put_series(
+        &self,
+        prefix: &str,
+        first_seed: u64,
+        count: usize,
+        size: u64,
+    ) -> Result<Vec<String>> {
         let mut keys = Vec::with_capacity(count);
         for i in 0..count {
             let key = format!("{prefix}/{i:03}.bin");

@@ -3,7 +3,7 @@
 //! unmounts; mounts are guards, so an error anywhere still unmounts.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use orcafs_devorigin::DevOrigin;
 
@@ -11,10 +11,15 @@ use crate::bail;
 use crate::error::{Context, Result};
 use crate::fs::{Fs, MountEnv};
 use crate::fsmount::FsMount;
-use crate::origin::{Dataset, PlainClient, MAIN_KEY};
+use crate::origin::{Dataset, PlainClient, BUCKET, MAIN_KEY};
 use crate::reads::{self, BLOCK};
 use crate::sys;
 use crate::MIB;
+
+/// How long the origin must be quiet to count as idle.
+const IDLE_QUIET: Duration = Duration::from_millis(300);
+/// Longest wait for the origin to go idle.
+const IDLE_MAX_WAIT: Duration = Duration::from_secs(60);
 
 /// Counts that shape the run.
 #[derive(Debug, Clone)]
@@ -22,6 +27,7 @@ pub struct Knobs {
     pub random_reads: usize,
     pub cold_random_reads: usize,
     pub readers: usize,
+    pub repeat: usize,
     pub phase_limit: Duration,
 }
 
@@ -76,7 +82,10 @@ pub struct ColdRandom {
 /// Medians of the time-to-first-byte samples.
 #[derive(Debug, Clone)]
 pub struct Ttfb {
+    /// Lookup + open + first 4 KiB.
     pub mount: Vec<Duration>,
+    /// The lookup (stat) part of it.
+    pub lookup: Vec<Duration>,
     pub plain: Vec<Duration>,
 }
 
@@ -136,11 +145,33 @@ impl Bench {
         self.env.work.join("cache").join(name)
     }
 
-    /// Drops the page cache and zeroes the origin's counters.
-    fn cold_start(&self) -> Result<()> {
-        sys::drop_caches()?;
-        self.origin.reset_stats();
+    /// Reads the origin's files of `keys` once so they sit in the page
+    /// cache: the origin then costs CPU only, like a remote origin, and its
+    /// disk reads neither compete with the cache writes nor add noise.
+    fn preload_origin(&self, keys: &[&str]) -> Result<()> {
+        for key in keys {
+            let path = self.origin.root().join(BUCKET).join(key);
+            reads::read_whole_discard(&path)
+                .with_context(|| format!("preloading the origin file {}", path.display()))?;
+        }
         Ok(())
+    }
+
+    /// Waits until the origin has seen no request and sent no byte for a
+    /// while, so background fills (readahead) of one step neither leak into
+    /// the next one nor escape the byte count of this one.
+    fn wait_origin_idle(&self) {
+        let deadline = Instant::now() + IDLE_MAX_WAIT;
+        let mut last = self.origin.stats();
+        let mut quiet_since = Instant::now();
+        while Instant::now() < deadline && quiet_since.elapsed() < IDLE_QUIET {
+            std::thread::sleep(Duration::from_millis(50));
+            let now = self.origin.stats();
+            if (now.requests, now.get_bytes) != (last.requests, last.get_bytes) {
+                quiet_since = Instant::now();
+                last = now;
+            }
+        }
     }
 
     /// Times a full read of the large object through `mount` into the
@@ -156,7 +187,7 @@ impl Bench {
 
     /// Plain single-stream SDK GET of the large object, in MiB/s.
     pub fn plain_get(&mut self) -> Result<f64> {
-        sys::drop_caches()?;
+        self.preload_origin(&[MAIN_KEY])?;
         let elapsed = self.plain.get_into(MAIN_KEY, &mut self.buf)?;
         reads::verify_sha256("plain GET", &self.buf, &self.data.main_sha256)?;
         Ok(self.mibps(elapsed))
@@ -166,7 +197,8 @@ impl Bench {
     pub fn cold_seq(&mut self, fs: Fs) -> Result<ColdSeq> {
         let cache = self.fresh_cache(&format!("{}-main", fs.name()))?;
         let mount = fs.mount(&self.env, &cache, "cold-seq")?;
-        self.cold_start()?;
+        self.preload_origin(&[MAIN_KEY])?;
+        self.origin.reset_stats();
         let elapsed = self.timed_main_read(&mount, "cold sequential read")?;
         let origin_bytes = self.origin.stats().get_bytes;
         mount.unmount()?;
@@ -177,11 +209,13 @@ impl Bench {
     }
 
     /// Warm then hot re-read over the cache the cold read filled, in a new
-    /// mount; with `random`, also the cached random reads.
+    /// mount; with `random`, also the cached random reads. Keeps the cache
+    /// (see [`Bench::forget_cache`]).
     pub fn reread(&mut self, fs: Fs, random: bool) -> Result<Reread> {
         let cache = self.cache_dir(&format!("{}-main", fs.name()));
         let mount = fs.mount(&self.env, &cache, "reread")?;
-        self.cold_start()?;
+        sys::drop_caches()?;
+        self.origin.reset_stats();
         let warm = self.timed_main_read(&mount, "warm re-read")?;
         let hot = self.timed_main_read(&mount, "hot re-read")?;
         let origin_bytes = self.origin.stats().get_bytes;
@@ -190,13 +224,17 @@ impl Bench {
             false => None,
         };
         mount.unmount()?;
-        remove_dir(&cache)?;
         Ok(Reread {
             warm_mibps: self.mibps(warm),
             hot_mibps: self.mibps(hot),
             origin_bytes,
             random_iops,
         })
+    }
+
+    /// Deletes the cache of [`Bench::cold_seq`] and [`Bench::reread`].
+    pub fn forget_cache(&self, fs: Fs) -> Result<()> {
+        remove_dir(&self.cache_dir(&format!("{}-main", fs.name())))
     }
 
     fn random_cached(&self, mount: &FsMount) -> Result<f64> {
@@ -227,12 +265,15 @@ impl Bench {
     pub fn cold_random(&mut self) -> Result<ColdRandom> {
         let cache = self.fresh_cache("orcafs-cold-random")?;
         let mount = Fs::Orcafs.mount(&self.env, &cache, "cold-random")?;
-        let offsets = reads::random_offsets(self.data.main_size, self.knobs.cold_random_reads, 0xC01D);
-        self.cold_start()?;
+        let offsets =
+            reads::random_offsets(self.data.main_size, self.knobs.cold_random_reads, 0xC01D);
+        self.preload_origin(&[MAIN_KEY])?;
+        self.origin.reset_stats();
         let path = mount.path(MAIN_KEY);
         let elapsed = mount.guarded("cold random reads", self.knobs.phase_limit, || {
             reads::random_reads(&path, &offsets)
         })?;
+        self.wait_origin_idle();
         let origin_bytes = self.origin.stats().get_bytes;
         mount.unmount()?;
         remove_dir(&cache)?;
@@ -249,23 +290,35 @@ impl Bench {
         let cache = self.fresh_cache("orcafs-ttfb")?;
         let mount = Fs::Orcafs.mount(&self.env, &cache, "ttfb")?;
         let keys = self.data.ttfb_keys.clone();
-        let dir = keys.first().and_then(|k| Path::new(k).parent()).context("no TTFB objects")?;
-        std::fs::metadata(mount.path(&dir.to_string_lossy())).context("looking up the TTFB directory")?;
-        let mut samples = Vec::with_capacity(keys.len());
+        self.preload_origin(&keys.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let dir = keys
+            .first()
+            .and_then(|k| Path::new(k).parent())
+            .context("no TTFB objects")?;
+        std::fs::metadata(mount.path(&dir.to_string_lossy()))
+            .context("looking up the TTFB directory")?;
+        let (mut samples, mut lookups) = (Vec::new(), Vec::new());
         for key in &keys {
-            sys::drop_caches()?;
+            self.wait_origin_idle();
             let path = mount.path(key);
-            samples.push(mount.guarded("first 4 KiB", self.knobs.phase_limit, || reads::first_block(&path))?);
+            let (lookup, first) = mount.guarded("first 4 KiB", self.knobs.phase_limit, || {
+                reads::lookup_then_first_block(&path)
+            })?;
+            samples.push(lookup + first);
+            lookups.push(lookup);
         }
         mount.unmount()?;
         remove_dir(&cache)?;
         let mut plain = Vec::with_capacity(keys.len());
         for key in &keys {
-            sys::drop_caches()?;
             self.plain.warm_up(MAIN_KEY)?;
             plain.push(self.plain.first_bytes(key)?);
         }
-        Ok(Ttfb { mount: samples, plain })
+        Ok(Ttfb {
+            mount: samples,
+            lookup: lookups,
+            plain,
+        })
     }
 
     /// `readers` threads reading the whole cold large object at once.
@@ -273,15 +326,20 @@ impl Bench {
         let cache = self.fresh_cache(&format!("{}-readers", fs.name()))?;
         let mount = fs.mount(&self.env, &cache, "readers")?;
         let paths = vec![mount.path(MAIN_KEY); self.knobs.readers];
-        self.cold_start()?;
+        self.preload_origin(&[MAIN_KEY])?;
+        self.origin.reset_stats();
         let size = self.data.main_size;
         let elapsed = mount.guarded("concurrent readers", self.knobs.phase_limit, || {
             reads::read_concurrently(&paths, size)
         })?;
+        self.wait_origin_idle();
         let origin_bytes = self.origin.stats().get_bytes;
         mount.unmount()?;
         remove_dir(&cache)?;
-        Ok(Readers { origin_bytes, elapsed })
+        Ok(Readers {
+            origin_bytes,
+            elapsed,
+        })
     }
 
     /// Peak RSS of orcafs while each reader reads a different cold object.
@@ -294,11 +352,13 @@ impl Bench {
         if paths.is_empty() {
             bail!("no objects for the memory test");
         }
-        self.cold_start()?;
+        self.origin.reset_stats();
         let size = self.data.rss_size;
-        let elapsed = mount.guarded("readers of different objects", self.knobs.phase_limit, || {
-            reads::read_concurrently(&paths, size)
-        })?;
+        let elapsed = mount.guarded(
+            "readers of different objects",
+            self.knobs.phase_limit,
+            || reads::read_concurrently(&paths, size),
+        )?;
         let hwm_bytes = sys::proc_status_bytes(pid, "VmHWM")?;
         let origin_bytes = self.origin.stats().get_bytes;
         mount.unmount()?;

@@ -30,7 +30,11 @@ pub fn read_whole_into(path: &Path, buf: &mut [u8]) -> Result<Duration> {
             .read(&mut buf[filled..end])
             .with_context(|| format!("reading {} at offset {filled}", path.display()))?;
         if n == 0 {
-            bail!("{}: early EOF at {filled} of {} bytes", path.display(), buf.len());
+            bail!(
+                "{}: early EOF at {filled} of {} bytes",
+                path.display(),
+                buf.len()
+            );
         }
         filled += n;
     }
@@ -39,7 +43,11 @@ pub fn read_whole_into(path: &Path, buf: &mut [u8]) -> Result<Duration> {
         .read(&mut probe)
         .with_context(|| format!("reading {} at its end", path.display()))?;
     if extra != 0 {
-        bail!("{}: longer than the expected {} bytes", path.display(), buf.len());
+        bail!(
+            "{}: longer than the expected {} bytes",
+            path.display(),
+            buf.len()
+        );
     }
     Ok(started.elapsed())
 }
@@ -79,7 +87,10 @@ pub fn read_concurrently(paths: &[PathBuf], expect_len: u64) -> Result<Duration>
     for (path, result) in paths.iter().zip(results) {
         let got = result?;
         if got != expect_len {
-            bail!("{}: read {got} bytes, expected {expect_len}", path.display());
+            bail!(
+                "{}: read {got} bytes, expected {expect_len}",
+                path.display()
+            );
         }
     }
     Ok(elapsed)
@@ -94,7 +105,9 @@ fn bail_panicked() -> Result<u64> {
 pub fn random_offsets(size: u64, count: usize, seed: u64) -> Vec<u64> {
     let blocks = (size / BLOCK as u64).max(1);
     let mut rng = fastrand::Rng::with_seed(seed);
-    (0..count).map(|_| rng.u64(0..blocks) * BLOCK as u64).collect()
+    (0..count)
+        .map(|_| rng.u64(0..blocks) * BLOCK as u64)
+        .collect()
 }
 
 /// One open, then a 4 KiB `pread` at each offset, in order. Returns the
@@ -108,6 +121,14 @@ pub fn random_reads(path: &Path, offsets: &[u64]) -> Result<Duration> {
             .with_context(|| format!("pread of 4 KiB at {off} from {}", path.display()))?;
     }
     Ok(started.elapsed())
+}
+
+/// Times `stat` of a name never looked up before, then [`first_block`].
+pub fn lookup_then_first_block(path: &Path) -> Result<(Duration, Duration)> {
+    let started = Instant::now();
+    std::fs::metadata(path).with_context(|| format!("looking up {}", path.display()))?;
+    let lookup = started.elapsed();
+    Ok((lookup, first_block(path)?))
 }
 
 /// Time from `open` to having the first 4 KiB of `path`.

@@ -16,7 +16,9 @@ pub enum Quantity {
 impl Quantity {
     fn number(self) -> f64 {
         match self {
-            Quantity::MibPerSec(v) | Quantity::Millis(v) | Quantity::Iops(v) | Quantity::Mib(v) => v,
+            Quantity::MibPerSec(v) | Quantity::Millis(v) | Quantity::Iops(v) | Quantity::Mib(v) => {
+                v
+            }
         }
     }
 
@@ -93,7 +95,13 @@ impl Measured {
 
 impl Row {
     /// A value with a baseline (ratio = value / baseline).
-    pub fn compared(metric: &str, value: Quantity, baseline: Quantity, baseline_what: &str, target: Target) -> Row {
+    pub fn compared(
+        metric: &str,
+        value: Quantity,
+        baseline: Quantity,
+        baseline_what: &str,
+        target: Target,
+    ) -> Row {
         Row {
             metric: metric.into(),
             outcome: Ok(Measured {
@@ -108,7 +116,10 @@ impl Row {
     pub fn alone(metric: &str, value: Quantity, target: Target) -> Row {
         Row {
             metric: metric.into(),
-            outcome: Ok(Measured { value, baseline: None }),
+            outcome: Ok(Measured {
+                value,
+                baseline: None,
+            }),
             target,
         }
     }
@@ -128,7 +139,11 @@ impl Row {
             Ok(m) => m,
             Err(e) => {
                 let first = e.lines().next().unwrap_or("");
-                return format!("| {} | **failed**: {} | — | — | {target} | **FAILED** |", self.metric, escape(first));
+                return format!(
+                    "| {} | **failed**: {} | — | — | {target} | **FAILED** |",
+                    self.metric,
+                    escape(first)
+                );
             }
         };
         let ratio = m.ratio();
@@ -216,7 +231,11 @@ impl Report {
             "- Machine: {}, {} cores, {:.1} GiB RAM; {}; Linux {}",
             m.cpu, m.cores, m.memory_gib, m.os, m.kernel
         );
-        let _ = writeln!(md, "- Work directory (origin files, caches, local copy): {}", m.work_fs);
+        let _ = writeln!(
+            md,
+            "- Work directory (origin files, caches, local copy): {}",
+            m.work_fs
+        );
         let _ = writeln!(md, "- Command: `{}`", self.command);
         if self.program_command != self.command {
             let _ = writeln!(md, "  (runs `{}`)", self.program_command);
@@ -255,7 +274,7 @@ impl Report {
         };
         let (plain, local) = self.peer_baselines;
         md.push_str(
-            "Same objects, same origin, same procedure as the orcafs rows above. \
+            "Same objects, same origin, same procedure as the orcafs rows above (orcafs: medians of the rounds above; the others: one round each). \
              Ratios: cold read / plain GET, warm re-read / local file, origin bytes / object size.\n\n",
         );
         md.push_str("| Filesystem | Cold sequential read | Warm re-read (page cache dropped) | 8 readers: origin bytes / size |\n");
@@ -269,13 +288,25 @@ impl Report {
                 speed_cell(&p.warm, local),
                 match &p.readers8 {
                     Ok(r) => format!("{r:.2}"),
-                    Err(e) => format!("failed: {}", escape(e.lines().next().unwrap_or(""))),
+                    Err(_) => "failed (below)".into(),
                 }
             );
         }
         md.push('\n');
         for note in &self.peer_notes {
             let _ = writeln!(md, "- {note}");
+        }
+        for p in peers {
+            let errors = [
+                ("cold read", &p.cold_seq),
+                ("warm re-read", &p.warm),
+                ("8 readers", &p.readers8),
+            ];
+            for (what, result) in errors {
+                if let Err(e) = result {
+                    let _ = writeln!(md, "- {} {what} failed:\n\n```text\n{e}\n```", p.name);
+                }
+            }
         }
         if !self.peer_notes.is_empty() {
             md.push('\n');
@@ -295,7 +326,7 @@ fn speed_cell(v: &Result<f64, String>, base: Option<f64>) -> String {
     match (v, base) {
         (Ok(s), Some(b)) if b > 0.0 => format!("{s:.1} MiB/s ({:.2})", s / b),
         (Ok(s), _) => format!("{s:.1} MiB/s"),
-        (Err(e), _) => format!("failed: {}", escape(e.lines().next().unwrap_or(""))),
+        (Err(_), _) => "failed (below)".into(),
     }
 }
 
@@ -304,41 +335,50 @@ const METHOD: &str = "\
 ## How each metric is measured
 
 All reads go through the real mount with ordinary system calls. \"Fresh mount\" means a new
-`orcafs mount --foreground` process; \"fresh cache\" means an empty `--cache-dir`. Page cache
-dropping is `sync; echo 3 > /proc/sys/vm/drop_caches` (root only).
+`orcafs mount --foreground` process (its kernel page cache starts empty); \"fresh cache\" means an
+empty `--cache-dir`; \"page cache dropped\" means `sync; echo 3 > /proc/sys/vm/drop_caches`.
+Before every cold measurement the origin's own files are read once, so the origin serves them
+from memory like a remote server would, and its disk reads neither compete with orcafs's cache
+writes nor add noise. Rows 1-3 and 5a are medians of several rounds (`--repeat`), each round
+measuring orcafs and its baseline back to back; every round is listed under the details.
 
-1. **Cold sequential read**: fresh cache, fresh mount, page cache dropped; `read(2)` of the
-   large object from offset 0 to EOF in 1 MiB reads, open to EOF timed; the data's SHA-256 is
-   then checked against the source. Baseline: one plain `GetObject` of the same object with the
-   AWS SDK for Rust (one stream, whole body read, page cache dropped first).
-2. **Warm re-read**: after the cold read, a fresh mount over the same cache directory, page
-   cache dropped, the same read. The origin bytes it pulls are shown under the details (0 when
-   it was all served from the disk cache). Baseline: the same read of a local copy of the object
-   on the same disk, page cache dropped.
+1. **Cold sequential read**: fresh cache, fresh mount; `read(2)` of the large object from offset
+   0 to EOF in 1 MiB reads, open to EOF timed; the data's SHA-256 is then checked against the
+   source. Baseline: one plain `GetObject` of the same object with the AWS SDK for Rust (one
+   stream, whole body read into memory, SHA-256 checked too).
+2. **Warm re-read**: a fresh mount over the cache the cold read filled, page cache dropped, the
+   same read. The origin bytes pulled meanwhile are under the details (0 = all from the disk
+   cache). Baseline: the same read of a local copy of the object on the same disk, page cache
+   dropped.
 3. **Hot re-read**: right after the warm re-read, the same read again through the same mount
    (page cache kept). Baseline: the local copy read a second time.
-4. **Time to first byte**: fresh cache and mount; for each of several never-read objects, page
-   cache dropped, then `open(2)` + `pread(2)` of the first 4 KiB (the open includes the name's
-   lookup); median. Baseline: median of the plain SDK `GetObject` of the same objects on a warm
-   connection, from sending the request to the first body bytes.
+4. **Time to first byte**: fresh cache and mount, for each of several never-read objects (the
+   origin idle before each): `stat(2)` of its name (never looked up before), `open(2)`, then
+   `pread(2)` of the first 4 KiB; median. The lookup's share is under the details. Baseline:
+   median over the same objects of a plain SDK `GetObject` on an open connection, from sending
+   the request to the first body bytes.
 5. **4 KiB random reads**: *cached*: on the warm mount (whole object in the disk cache), page
    cache dropped, one `open` then `pread(2)` of 4 KiB at random 4 KiB-aligned offsets, one at a
    time; IOPS vs the same offsets on the local copy with its page cache dropped. *Cold*: fresh
    cache and mount, a smaller number of random 4 KiB reads of the large object; value = bytes
-   the origin sent (its GetObject body byte counter), baseline = bytes asked for, ratio = read
-   amplification.
-6. **8 readers, one cold object**: fresh cache and mount, page cache dropped, 8 threads each
-   reading the whole large object at the same time; origin GetObject body bytes / object size
-   (1.00 = every byte fetched once).
-7. **Peak RSS**: fresh cache and mount, 8 threads each reading a different cold object;
-   `VmHWM` of the orcafs process from `/proc/PID/status` after the reads.
+   the origin sent (its GetObject body byte counter, read once the origin is idle again),
+   baseline = bytes asked for, ratio = read amplification (whole chunks are fetched, so about
+   chunk size / 4 KiB per chunk touched is expected).
+6. **Readers of one cold object**: fresh cache and mount, several threads each reading the whole
+   large object at the same time; origin GetObject body bytes / object size (1.00 = every byte
+   fetched once).
+7. **Peak RSS**: fresh cache and mount, one thread per object reading a different cold object
+   each, all at once; `VmHWM` of the orcafs process from `/proc/PID/status` after the reads.
 
 Caveats of this setup:
 
 - The origin is s3s-fs in the benchmark's own process. It streams bodies in 4 KiB pieces and is
-  CPU-bound (about 130 MB/s per stream on a 2-core machine), so cold numbers measure orcafs
-  against a slow origin, not a network link; the plain-GET baseline pays the same cost.
-- Origin, orcafs and the reading threads share the machine's cores; on a small machine they
+  CPU-bound (roughly 130-200 MB/s per stream on a small machine), so cold numbers measure
+  orcafs against a slow, CPU-hungry origin, not a network link; the plain-GET baseline pays the
+  same cost. orcafs fetches several chunks at once, which is how it can beat one plain stream.
+- Origin, orcafs and the reading threads share the machine's cores; on a 2-core machine they
   compete, which lowers the cold and concurrent numbers of every filesystem alike.
-- Each number comes from a single run; expect a few percent of noise between runs.
+- On a virtual machine, \"page cache dropped\" reads of the local copy may still be served from
+  the host's cache, which makes the local-file baselines (rows 2 and 5a) fast and variable.
+- The rclone and s3fs rows (with `--with-peers`) are one round each.
 ";

@@ -1,0 +1,365 @@
+//! Runs the phases in order and turns their results (or errors) into the
+//! report's rows and details.
+
+use std::time::Duration;
+
+use crate::error::{Context, Result};
+use crate::fs::Fs;
+use crate::phases::{self, Bench};
+use crate::reads;
+use crate::report::{PeerRow, Quantity, Report, Row, Target};
+use crate::{progress, MIB};
+
+/// The baselines the peers are compared with too.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Baselines {
+    plain_mibps: Option<f64>,
+    local_warm_mibps: Option<f64>,
+}
+
+/// Every orcafs metric, in the order of the issue; failures become rows.
+pub fn measure_orcafs(bench: &mut Bench, report: &mut Report) -> Baselines {
+    let rounds = bench.knobs.repeat;
+    let readers = bench.knobs.readers;
+    let seq = repeated(rounds, "plain GET and orcafs cold sequential read", || {
+        Ok((
+            bench.plain_get().context("plain GET")?,
+            bench.cold_seq(Fs::Orcafs)?,
+        ))
+    });
+    let reread = repeated(
+        rounds,
+        "orcafs warm, hot and random re-reads; the same on a local file",
+        || {
+            Ok((
+                bench.reread(Fs::Orcafs, true)?,
+                bench.local().context("local file")?,
+            ))
+        },
+    );
+    if let Err(e) = bench.forget_cache(Fs::Orcafs) {
+        report
+            .details
+            .push(format!("Could not delete a cache directory: {e}"));
+    }
+    sequential_rows(report, &seq, &reread, bench.data.main_size);
+
+    progress("orcafs: time to first byte");
+    ttfb_rows(report, &bench.ttfb());
+    random_rows(report, &reread);
+    progress("orcafs: random reads of a cold object");
+    cold_random_rows(report, &bench.cold_random(), bench.knobs.cold_random_reads);
+    progress(&format!("orcafs: {} readers of one cold object", readers));
+    readers_rows(
+        report,
+        &bench.readers(Fs::Orcafs),
+        bench.data.main_size,
+        readers,
+    );
+    progress(&format!(
+        "orcafs: {} readers of different cold objects (memory)",
+        readers
+    ));
+    rss_rows(report, &bench.rss(), bench.data.rss_size, readers);
+    Baselines {
+        plain_mibps: seq.as_ref().ok().map(|v| median_of(v.iter().map(|s| s.0))),
+        local_warm_mibps: reread
+            .as_ref()
+            .ok()
+            .map(|v| median_of(v.iter().map(|r| r.1.warm_mibps))),
+    }
+}
+
+/// Runs `f` for each of `rounds` rounds; the first error ends it.
+fn repeated<T>(rounds: usize, what: &str, mut f: impl FnMut() -> Result<T>) -> Result<Vec<T>> {
+    (0..rounds)
+        .map(|i| {
+            progress(&format!("{what} (round {} of {rounds})", i + 1));
+            f().with_context(|| format!("round {} of {rounds}", i + 1))
+        })
+        .collect()
+}
+
+/// Median of the values (the upper middle for even counts).
+fn median_of(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Values as a short comma-separated list.
+fn listed(values: impl Iterator<Item = f64>) -> String {
+    values
+        .map(|v| format!("{v:.1}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+const M_COLD: &str = "1. Cold sequential read (1 MiB reads)";
+const M_WARM: &str = "2. Warm re-read from the disk cache (page cache dropped)";
+const M_HOT: &str = "3. Hot re-read (page cache kept)";
+const M_TTFB: &str = "4. Time to first byte, cold object (stat + open + 4 KiB read, median)";
+const M_RANDOM: &str = "5a. 4 KiB random reads, cached object";
+const M_COLD_RANDOM: &str = "5b. 4 KiB random reads, cold object: origin bytes";
+const M_READERS: &str = "6. Readers of one cold object: origin bytes";
+const M_RSS: &str = "7. Peak RSS, readers of different cold objects";
+
+type SeqRounds = Result<Vec<(f64, phases::ColdSeq)>>;
+type RereadRounds = Result<Vec<(phases::Reread, phases::Local)>>;
+
+fn sequential_rows(report: &mut Report, seq: &SeqRounds, reread: &RereadRounds, size: u64) {
+    let cold_target = Target::RatioAtLeast(1.05);
+    report.rows.push(match seq {
+        Ok(v) => {
+            let plain = median_of(v.iter().map(|s| s.0));
+            let cold = median_of(v.iter().map(|s| s.1.mibps));
+            report.details.push(format!(
+                "Sequential rounds (MiB/s): plain GET {}; orcafs cold {}. Origin bytes / size of the cold reads: {}.",
+                listed(v.iter().map(|s| s.0)),
+                listed(v.iter().map(|s| s.1.mibps)),
+                v.iter().map(|s| format!("{:.3}", s.1.origin_bytes as f64 / size as f64)).collect::<Vec<_>>().join(", ")
+            ));
+            Row::compared(M_COLD, Quantity::MibPerSec(cold), Quantity::MibPerSec(plain), "plain GET", cold_target)
+        }
+        Err(e) => Row::failed(M_COLD, &e.to_string(), cold_target),
+    });
+    let (warm_target, hot_target) = (Target::RatioAtLeast(0.8), Target::RatioAtLeast(0.5));
+    let v = match reread {
+        Ok(v) => v,
+        Err(e) => {
+            report
+                .rows
+                .push(Row::failed(M_WARM, &e.to_string(), warm_target));
+            report
+                .rows
+                .push(Row::failed(M_HOT, &e.to_string(), hot_target));
+            return;
+        }
+    };
+    let med = |f: fn(&(phases::Reread, phases::Local)) -> f64| median_of(v.iter().map(f));
+    report.rows.push(Row::compared(
+        M_WARM,
+        Quantity::MibPerSec(med(|r| r.0.warm_mibps)),
+        Quantity::MibPerSec(med(|r| r.1.warm_mibps)),
+        "local file",
+        warm_target,
+    ));
+    report.rows.push(Row::compared(
+        M_HOT,
+        Quantity::MibPerSec(med(|r| r.0.hot_mibps)),
+        Quantity::MibPerSec(med(|r| r.1.hot_mibps)),
+        "local file",
+        hot_target,
+    ));
+    report.details.push(format!(
+        "Re-read rounds (MiB/s): orcafs warm {}, local warm {}; orcafs hot {}, local hot {}. \
+         The origin sent {} body bytes during them (0 = all from the disk cache).",
+        listed(v.iter().map(|r| r.0.warm_mibps)),
+        listed(v.iter().map(|r| r.1.warm_mibps)),
+        listed(v.iter().map(|r| r.0.hot_mibps)),
+        listed(v.iter().map(|r| r.1.hot_mibps)),
+        v.iter().map(|r| r.0.origin_bytes).sum::<u64>()
+    ));
+}
+
+fn ttfb_rows(report: &mut Report, ttfb: &Result<phases::Ttfb>) {
+    let target = Target::RatioAtMost(1.5);
+    let t = match ttfb {
+        Ok(t) => t,
+        Err(e) => {
+            return report
+                .rows
+                .push(Row::failed(M_TTFB, &e.to_string(), target))
+        }
+    };
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let (mount, plain) = (reads::median(&t.mount), reads::median(&t.plain));
+    report.rows.push(Row::compared(
+        M_TTFB,
+        Quantity::Millis(ms(mount)),
+        Quantity::Millis(ms(plain)),
+        "plain GET",
+        target,
+    ));
+    let list = |v: &[Duration]| {
+        v.iter()
+            .map(|d| format!("{:.2}", ms(*d)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    report.details.push(format!(
+        "Time to first byte samples (ms): orcafs {} (of which the name lookup: {}, median {:.2}); plain GET {}.",
+        list(&t.mount),
+        list(&t.lookup),
+        ms(reads::median(&t.lookup)),
+        list(&t.plain)
+    ));
+}
+
+fn random_rows(report: &mut Report, reread: &RereadRounds) {
+    let v = match reread {
+        Ok(v) => v,
+        Err(e) => {
+            return report
+                .rows
+                .push(Row::failed(M_RANDOM, &e.to_string(), Target::None))
+        }
+    };
+    let mount = || v.iter().filter_map(|r| r.0.random_iops);
+    report.rows.push(Row::compared(
+        M_RANDOM,
+        Quantity::Iops(median_of(mount())),
+        Quantity::Iops(median_of(v.iter().map(|r| r.1.random_iops))),
+        "local file",
+        Target::None,
+    ));
+    report.details.push(format!(
+        "Cached random read rounds (IOPS): orcafs {}; local file {}.",
+        listed(mount()),
+        listed(v.iter().map(|r| r.1.random_iops))
+    ));
+}
+
+fn cold_random_rows(report: &mut Report, r: &Result<phases::ColdRandom>, count: usize) {
+    let metric = format!("{M_COLD_RANDOM} ({count} reads)");
+    let r = match r {
+        Ok(r) => r,
+        Err(e) => {
+            return report
+                .rows
+                .push(Row::failed(&metric, &e.to_string(), Target::None))
+        }
+    };
+    let mib = |b: u64| b as f64 / MIB as f64;
+    report.rows.push(Row::compared(
+        &metric,
+        Quantity::Mib(mib(r.origin_bytes)),
+        Quantity::Mib(mib(r.requested)),
+        "bytes requested",
+        Target::None,
+    ));
+    report.details.push(format!(
+        "Cold random reads: {count} reads in {:.2} s ({:.0} IOPS).",
+        r.elapsed.as_secs_f64(),
+        count as f64 / r.elapsed.as_secs_f64()
+    ));
+}
+
+fn readers_rows(report: &mut Report, r: &Result<phases::Readers>, size: u64, readers: usize) {
+    let metric = format!("{} ({readers} threads)", M_READERS);
+    let target = Target::RatioAtMost(1.0);
+    let r = match r {
+        Ok(r) => r,
+        Err(e) => {
+            return report
+                .rows
+                .push(Row::failed(&metric, &e.to_string(), target))
+        }
+    };
+    let mib = |b: u64| b as f64 / MIB as f64;
+    report.rows.push(Row::compared(
+        &metric,
+        Quantity::Mib(mib(r.origin_bytes)),
+        Quantity::Mib(mib(size)),
+        "object size",
+        target,
+    ));
+    report.details.push(format!(
+        "{readers} readers of one cold object: all done in {:.1} s ({:.1} MiB/s per reader).",
+        r.elapsed.as_secs_f64(),
+        mib(size) / r.elapsed.as_secs_f64()
+    ));
+}
+
+fn rss_rows(report: &mut Report, r: &Result<phases::Rss>, size: u64, readers: usize) {
+    let metric = format!("{M_RSS} ({readers} x {} MiB)", size / MIB);
+    let target = Target::ValueAtMost(256.0);
+    let r = match r {
+        Ok(r) => r,
+        Err(e) => {
+            return report
+                .rows
+                .push(Row::failed(&metric, &e.to_string(), target))
+        }
+    };
+    let mib = |b: u64| b as f64 / MIB as f64;
+    report
+        .rows
+        .push(Row::alone(&metric, Quantity::Mib(mib(r.hwm_bytes)), target));
+    let total = size * readers as u64;
+    report.details.push(format!(
+        "Memory test: orcafs RSS {:.1} MiB when idle after mounting; {readers} x {} MiB read in {:.1} s ({:.1} MiB/s in all); origin sent {:.3} x the bytes read.",
+        mib(r.idle_bytes),
+        size / MIB,
+        r.elapsed.as_secs_f64(),
+        mib(total) / r.elapsed.as_secs_f64(),
+        r.origin_bytes as f64 / total as f64
+    ));
+}
+
+/// rclone and s3fs: cold read, warm re-read and shared-object origin bytes.
+pub fn measure_peers(bench: &mut Bench, report: &mut Report, baselines: Baselines) {
+    report.peer_baselines = (baselines.plain_mibps, baselines.local_warm_mibps);
+    let mut rows = vec![orcafs_peer_row(report)];
+    for fs in [Fs::Rclone, Fs::S3fs] {
+        if !fs.installed() {
+            report
+                .peer_notes
+                .push(format!("{}: not installed, skipped.", fs.name()));
+            continue;
+        }
+        report
+            .peer_notes
+            .push(format!("{}: `{}`", fs.name(), fs.describe(&bench.env)));
+        rows.push(measure_peer(bench, fs));
+    }
+    report.peers = Some(rows);
+}
+
+/// The orcafs line of the peer table, from the rows already measured.
+fn orcafs_peer_row(report: &Report) -> PeerRow {
+    let value = |prefix: &str| -> std::result::Result<f64, String> {
+        let row = report.rows.iter().find(|r| r.metric.starts_with(prefix));
+        match row.map(|r| &r.outcome) {
+            Some(Ok(m)) => Ok(m.value_number()),
+            Some(Err(e)) => Err(e.clone()),
+            None => Err("not measured".into()),
+        }
+    };
+    let readers = report
+        .rows
+        .iter()
+        .find(|r| r.metric.starts_with(M_READERS))
+        .and_then(|r| r.outcome.as_ref().ok())
+        .and_then(|m| m.ratio())
+        .ok_or_else(|| "not measured".to_string());
+    PeerRow {
+        name: "orcafs".into(),
+        cold_seq: value(M_COLD),
+        warm: value(M_WARM),
+        readers8: readers,
+    }
+}
+
+fn measure_peer(bench: &mut Bench, fs: Fs) -> PeerRow {
+    let text = |e: crate::error::Error| e.to_string();
+    progress(&format!("{}: cold sequential read", fs.name()));
+    let cold = bench.cold_seq(fs).map(|c| c.mibps).map_err(text);
+    progress(&format!("{}: warm re-read", fs.name()));
+    let warm = bench.reread(fs, false).map(|r| r.warm_mibps).map_err(text);
+    if let Err(e) = bench.forget_cache(fs) {
+        eprintln!("orcafs-bench: {e}");
+    }
+    progress(&format!("{}: readers of one cold object", fs.name()));
+    let size = bench.data.main_size as f64;
+    let readers8 = bench
+        .readers(fs)
+        .map(|r| r.origin_bytes as f64 / size)
+        .map_err(text);
+    PeerRow {
+        name: fs.name().into(),
+        cold_seq: cold,
+        warm,
+        readers8,
+    }
+}
