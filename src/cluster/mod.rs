@@ -537,10 +537,10 @@ impl Cluster {
         });
         if let Source::Dns(_) = cluster.source {
             cluster.resolve_once().await;
-            tokio::spawn(dns_loop(Arc::downgrade(&cluster)));
+            tokio::spawn(every(Arc::downgrade(&cluster), Round::Dns));
         }
         cluster.check_health_once().await;
-        tokio::spawn(health_loop(Arc::downgrade(&cluster)));
+        tokio::spawn(every(Arc::downgrade(&cluster), Round::Health));
         tracing::info!(me = %cluster.me, listen = %cluster.listen, peers = ?cluster.peers(), "cluster started");
         Ok(cluster)
     }
@@ -848,21 +848,19 @@ async fn is_same_host(peer: &PeerAddr, mine: &[SocketAddr], resolver: &Resolver)
     theirs.iter().any(|t| mine.contains(t))
 }
 
-async fn health_loop(cluster: Weak<Cluster>) {
-    let Some(interval) = cluster.upgrade().map(|c| c.tuning.health_interval) else {
-        return;
-    };
-    let mut tick = tokio::time::interval_at(Instant::now() + interval, interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(c) = cluster.upgrade() else { return };
-        c.check_health_once().await;
-    }
+/// The background rounds a cluster runs until it is dropped.
+#[derive(Clone, Copy)]
+enum Round {
+    Health,
+    Dns,
 }
 
-async fn dns_loop(cluster: Weak<Cluster>) {
-    let Some(interval) = cluster.upgrade().map(|c| c.tuning.dns_interval) else {
+/// Runs `round` at its interval (the first after one interval) while the cluster lives.
+async fn every(cluster: Weak<Cluster>, round: Round) {
+    let Some(interval) = cluster.upgrade().map(|c| match round {
+        Round::Health => c.tuning.health_interval,
+        Round::Dns => c.tuning.dns_interval,
+    }) else {
         return;
     };
     let mut tick = tokio::time::interval_at(Instant::now() + interval, interval);
@@ -870,7 +868,10 @@ async fn dns_loop(cluster: Weak<Cluster>) {
     loop {
         tick.tick().await;
         let Some(c) = cluster.upgrade() else { return };
-        c.resolve_once().await;
+        match round {
+            Round::Health => c.check_health_once().await,
+            Round::Dns => c.resolve_once().await,
+        }
     }
 }
 

@@ -18,9 +18,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use aws_sdk_s3::config::{
-    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
-};
 use aws_sdk_s3::error::DisplayErrorContext;
 use bytes::Bytes;
 use tokio::runtime::Runtime;
@@ -120,7 +117,7 @@ impl Garage {
     /// A new SDK client for this server: our key, [`REGION`](crate::REGION), path-style,
     /// checksums only when required, no IMDS or environment lookups.
     pub fn client(&self) -> aws_sdk_s3::Client {
-        client_for(&self.endpoint(), &self.access_key, &self.secret_key)
+        crate::client_for(&self.endpoint(), &self.access_key, &self.secret_key)
     }
 
     /// Creates `bucket` and allows our key to read, write and own it. Panics on error (test
@@ -157,7 +154,7 @@ impl Garage {
         // Garage key IDs are `GK` and 24 hex digits; secrets 64 hex digits.
         let access_key = format!("GK{}", random_hex(12)?);
         let secret_key = random_hex(32)?;
-        let helper = client_for(&format!("http://{s3_addr}"), &access_key, &secret_key);
+        let helper = crate::client_for(&format!("http://{s3_addr}"), &access_key, &secret_key);
         let runtime = helper_runtime()?;
         let config = dir.join("garage.toml");
         write_private(&config, &config_text(dir, rpc_addr, s3_addr, rpc_secret))?;
@@ -465,24 +462,4 @@ fn helper_runtime() -> io::Result<Runtime> {
         .thread_name("garage-helper")
         .enable_all()
         .build()
-}
-
-fn client_for(endpoint: &str, access_key: &str, secret_key: &str) -> aws_sdk_s3::Client {
-    let creds = Credentials::new(
-        access_key,
-        secret_key,
-        None,
-        None,
-        "orcafs-devorigin-garage",
-    );
-    let config = aws_sdk_s3::config::Builder::new()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new(crate::REGION))
-        .credentials_provider(creds)
-        .endpoint_url(endpoint)
-        .force_path_style(true)
-        .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
-        .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
-        .build();
-    aws_sdk_s3::Client::from_conf(config)
 }

@@ -103,7 +103,7 @@ impl DevOrigin {
             stats,
             faults,
             runtime: handle,
-            helper: client_for(&endpoint_of(addr)),
+            helper: client_for(&endpoint_of(addr), ACCESS_KEY, SECRET_KEY),
             shutdown: Some(shutdown),
             server_thread: Some(server_thread),
         })
@@ -143,7 +143,7 @@ impl DevOrigin {
     /// path-style, checksums only when required, default retries, no IMDS or
     /// environment lookups.
     pub fn client(&self) -> aws_sdk_s3::Client {
-        client_for(&self.endpoint())
+        client_for(&self.endpoint(), ACCESS_KEY, SECRET_KEY)
     }
 
     /// Creates `bucket`. Panics on error (test helper).
@@ -261,8 +261,10 @@ fn endpoint_of(addr: SocketAddr) -> String {
     format!("http://{addr}")
 }
 
-fn client_for(endpoint: &str) -> aws_sdk_s3::Client {
-    let creds = Credentials::new(ACCESS_KEY, SECRET_KEY, None, None, "orcafs-devorigin");
+/// An SDK client for any local test server: static credentials, path style, no IMDS, checksums
+/// only where S3 requires them.
+pub(crate) fn client_for(endpoint: &str, access_key: &str, secret_key: &str) -> aws_sdk_s3::Client {
+    let creds = Credentials::new(access_key, secret_key, None, None, "orcafs-devorigin");
     let config = aws_sdk_s3::config::Builder::new()
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new(REGION))
