@@ -21,7 +21,7 @@ use fuser::{
 use crate::chunk::ObjectVersion;
 use crate::fetch::{Coordinator, FetchError};
 use crate::metrics::OpLatency;
-use crate::namespace::{Attr, Kind, Namespace, NsError};
+use crate::namespace::{Attr, Kind, Local, Namespace, NsError, OpenedObject};
 use crate::origin::OriginError;
 
 /// Largest read the kernel may send (and `max_read`).
@@ -163,20 +163,19 @@ impl Filesystem for OrcaFs {
         let Some(name) = name.to_str().map(str::to_string) else {
             return reply.error(Errno::ENOENT);
         };
-        let ns = self.ns.clone();
         let show = self.show;
-        let (latency, started) = (self.latency.clone(), Instant::now());
+        let started = Instant::now();
+        // Answered here when no origin request is needed: no hop to the runtime.
+        if let Local::Answer(r) = self.ns.lookup_local(parent.0, &name) {
+            let _timer = Timer(&self.latency, "lookup", started);
+            return reply_entry(reply, &show, r, parent.0, &name);
+        }
+        let ns = self.ns.clone();
+        let latency = self.latency.clone();
         self.rt.spawn(async move {
             let _timer = Timer(&latency, "lookup", started);
-            match ns.lookup(parent.0, &name).await {
-                Ok(a) => reply.entry(&show.ttl, &Self::file_attr(&show, &a), Generation(0)),
-                Err(e) => {
-                    if !matches!(e, NsError::NotFound) {
-                        tracing::warn!(parent = parent.0, name, error = %e, "lookup failed");
-                    }
-                    reply.error(errno_of(&e))
-                }
-            }
+            let r = ns.lookup(parent.0, &name).await;
+            reply_entry(reply, &show, r, parent.0, &name);
         });
     }
 
@@ -185,15 +184,17 @@ impl Filesystem for OrcaFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let ns = self.ns.clone();
         let show = self.show;
-        let (latency, started) = (self.latency.clone(), Instant::now());
+        let started = Instant::now();
+        if let Local::Answer(r) = self.ns.getattr_local(ino.0) {
+            let _timer = Timer(&self.latency, "getattr", started);
+            return reply_attr(reply, &show, r);
+        }
+        let ns = self.ns.clone();
+        let latency = self.latency.clone();
         self.rt.spawn(async move {
             let _timer = Timer(&latency, "getattr", started);
-            match ns.getattr(ino.0).await {
-                Ok(a) => reply.attr(&show.ttl, &Self::file_attr(&show, &a)),
-                Err(e) => reply.error(errno_of(&e)),
-            }
+            reply_attr(reply, &show, ns.getattr(ino.0).await);
         });
     }
 
@@ -201,39 +202,23 @@ impl Filesystem for OrcaFs {
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
             return reply.error(Errno::EROFS);
         }
+        let opener = Opener {
+            origin_id: self.origin_id.clone(),
+            bucket: self.bucket.clone(),
+            fh: self.next_fh.fetch_add(1, Ordering::Relaxed),
+            ino: ino.0,
+            handles: self.handles.clone(),
+        };
+        let started = Instant::now();
+        if let Local::Answer(r) = self.ns.open_local(ino.0) {
+            let _timer = Timer(&self.latency, "open", started);
+            return opener.reply(reply, r);
+        }
         let ns = self.ns.clone();
-        let (origin_id, bucket) = (self.origin_id.clone(), self.bucket.clone());
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let handles = self.handles.clone();
-        let (latency, started) = (self.latency.clone(), Instant::now());
+        let latency = self.latency.clone();
         self.rt.spawn(async move {
             let _timer = Timer(&latency, "open", started);
-            match ns.open(ino.0).await {
-                Ok(o) => {
-                    let object = Arc::new(ObjectVersion {
-                        origin_id,
-                        bucket,
-                        key: o.key.into(),
-                        etag: o.etag.into(),
-                        size: o.size,
-                    });
-                    lock_handles(&handles).insert(
-                        fh,
-                        Arc::new(OpenFile {
-                            object,
-                            ino: ino.0,
-                            next_offset: AtomicU64::new(0),
-                        }),
-                    );
-                    let flags = if o.keep_cache {
-                        FopenFlags::FOPEN_KEEP_CACHE
-                    } else {
-                        FopenFlags::empty()
-                    };
-                    reply.opened(FileHandle(fh), flags);
-                }
-                Err(e) => reply.error(errno_of(&e)),
-            }
+            opener.reply(reply, ns.open(ino.0).await);
         });
     }
 
@@ -504,6 +489,70 @@ impl Filesystem for OrcaFs {
 
 /// Prefetches the next chunks when a read continues where the previous one ended; a random
 /// reader triggers nothing.
+fn reply_entry(
+    reply: ReplyEntry,
+    show: &Presentation,
+    r: Result<Attr, NsError>,
+    parent: u64,
+    name: &str,
+) {
+    match r {
+        Ok(a) => reply.entry(&show.ttl, &OrcaFs::file_attr(show, &a), Generation(0)),
+        Err(e) => {
+            if !matches!(e, NsError::NotFound) {
+                tracing::warn!(parent, name, error = %e, "lookup failed");
+            }
+            reply.error(errno_of(&e))
+        }
+    }
+}
+
+fn reply_attr(reply: ReplyAttr, show: &Presentation, r: Result<Attr, NsError>) {
+    match r {
+        Ok(a) => reply.attr(&show.ttl, &OrcaFs::file_attr(show, &a)),
+        Err(e) => reply.error(errno_of(&e)),
+    }
+}
+
+/// What an `open` needs to register its handle once the version is pinned.
+struct Opener {
+    origin_id: Arc<str>,
+    bucket: Arc<str>,
+    fh: u64,
+    ino: u64,
+    handles: Handles,
+}
+
+impl Opener {
+    fn reply(self, reply: ReplyOpen, r: Result<OpenedObject, NsError>) {
+        let o = match r {
+            Ok(o) => o,
+            Err(e) => return reply.error(errno_of(&e)),
+        };
+        let object = Arc::new(ObjectVersion {
+            origin_id: self.origin_id,
+            bucket: self.bucket,
+            key: o.key.into(),
+            etag: o.etag.into(),
+            size: o.size,
+        });
+        lock_handles(&self.handles).insert(
+            self.fh,
+            Arc::new(OpenFile {
+                object,
+                ino: self.ino,
+                next_offset: AtomicU64::new(0),
+            }),
+        );
+        let flags = if o.keep_cache {
+            FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
+        };
+        reply.opened(FileHandle(self.fh), flags);
+    }
+}
+
 fn readahead(fetch: &Arc<Coordinator>, file: &OpenFile, offset: u64, size: u64) {
     let expected = file.next_offset.swap(offset + size, Ordering::Relaxed);
     if offset == expected {

@@ -13,7 +13,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::origin::{ObjectMeta, OriginError, S3Origin};
+use crate::origin::{ListPage, ObjectMeta, OriginError, S3Origin};
 
 pub const ROOT_INO: u64 = 1;
 const MAX_NAME: usize = 255;
@@ -57,6 +57,20 @@ pub struct DirEntry {
     pub size: u64,
     pub mtime: SystemTime,
     pub etag: Option<String>,
+}
+
+/// The answer of a `*_local` call: final, or what to ask the origin.
+pub enum Local<T> {
+    Answer(Result<T, NsError>),
+    AskOrigin(String),
+}
+
+/// What a name turned out to be at the origin.
+enum Resolved {
+    /// A directory, with its complete listing when one LIST page held all of it.
+    Dir(DirEntry, Option<BTreeMap<String, DirEntry>>),
+    File(DirEntry),
+    Missing,
 }
 
 /// The version of an object an open file pins.
@@ -173,6 +187,65 @@ impl State {
     }
 }
 
+impl State {
+    /// Stores a complete listing of directory `ino` (prefix `prefix`), numbering its entries.
+    fn keep_listing(
+        &mut self,
+        ino: u64,
+        prefix: &str,
+        merged: BTreeMap<String, DirEntry>,
+        fresh_until: Instant,
+    ) -> Arc<Vec<DirEntry>> {
+        let entries: Vec<DirEntry> = merged
+            .into_values()
+            .map(|mut e| {
+                let path = match e.kind {
+                    Kind::Dir => format!("{prefix}{}/", e.name),
+                    Kind::File => format!("{prefix}{}", e.name),
+                };
+                e.ino = self.ino_for(e.kind, &path);
+                e
+            })
+            .collect();
+        let entries = Arc::new(entries);
+        if let Some(n) = self.nodes.get_mut(&ino) {
+            n.listing = Some(Listing {
+                entries: entries.clone(),
+                fresh_until,
+            });
+        }
+        entries
+    }
+}
+
+/// Adds one LIST page under `prefix` to a directory's entries; a directory wins over an object
+/// of the same name, and names that cannot be paths are hidden.
+fn merge_page(prefix: &str, page: &ListPage, merged: &mut BTreeMap<String, DirEntry>) {
+    for o in &page.objects {
+        let name = &o.key[prefix.len().min(o.key.len())..];
+        if valid_name(name) && !merged.contains_key(name) {
+            merged.insert(
+                name.to_string(),
+                DirEntry {
+                    name: name.to_string(),
+                    ino: 0,
+                    kind: Kind::File,
+                    size: o.size,
+                    mtime: o.last_modified,
+                    etag: o.etag.clone(),
+                },
+            );
+        }
+    }
+    for p in &page.prefixes {
+        let name = p[prefix.len().min(p.len())..].trim_end_matches('/');
+        // `a//b` lists the prefix `a//`, whose name is empty: hidden.
+        if p.ends_with('/') && p.len() == prefix.len() + name.len() + 1 && valid_name(name) {
+            merged.insert(name.to_string(), dir_entry(name));
+        }
+    }
+}
+
 fn attr_of(ino: u64, n: &Node) -> Attr {
     Attr {
         ino,
@@ -227,48 +300,68 @@ impl Namespace {
         }
     }
 
-    /// Resolves `name` in directory `parent`, counting one kernel lookup on success.
-    pub async fn lookup(&self, parent: u64, name: &str) -> Result<Attr, NsError> {
+    /// `lookup` without the origin: answered from the parent's listing, a fresh node or the
+    /// negative cache, or else the parent's path to ask the origin with. Cheap enough for the
+    /// FUSE thread: one short lock, no I/O.
+    pub fn lookup_local(&self, parent: u64, name: &str) -> Local<Attr> {
         if !valid_name(name) {
-            return Err(NsError::NotFound);
+            return Local::Answer(Err(NsError::NotFound));
         }
         let now = Instant::now();
-        let parent_path = {
-            let mut st = self.lock();
-            let st = &mut *st;
-            let p = st.nodes.get(&parent).ok_or(NsError::UnknownInode(parent))?;
-            if p.kind != Kind::Dir {
-                return Err(NsError::NotADirectory);
-            }
-            let parent_path = p.path.clone();
-            if let Some(l) = p.listing.as_ref().filter(|l| l.fresh_until > now) {
-                let fresh_until = l.fresh_until;
-                return match l.entries.binary_search_by(|e| e.name.as_str().cmp(name)) {
+        let mut st = self.lock();
+        let st = &mut *st;
+        let Some(p) = st.nodes.get(&parent) else {
+            return Local::Answer(Err(NsError::UnknownInode(parent)));
+        };
+        if p.kind != Kind::Dir {
+            return Local::Answer(Err(NsError::NotADirectory));
+        }
+        let parent_path = p.path.clone();
+        if let Some(l) = p.listing.as_ref().filter(|l| l.fresh_until > now) {
+            let fresh_until = l.fresh_until;
+            return Local::Answer(
+                match l.entries.binary_search_by(|e| e.name.as_str().cmp(name)) {
                     Ok(i) => {
                         let e = l.entries[i].clone();
                         Ok(st.remember(parent, &parent_path, &e, fresh_until))
                     }
                     Err(_) => Err(NsError::NotFound),
-                };
+                },
+            );
+        }
+        let key = (parent, name.to_string());
+        if let Some(ino) = st.by_name.get(&key).copied() {
+            if let Some(n) = st.nodes.get_mut(&ino).filter(|n| n.fresh_until > now) {
+                n.lookups += 1;
+                return Local::Answer(Ok(attr_of(ino, n)));
             }
-            let key = (parent, name.to_string());
-            if let Some(ino) = st.by_name.get(&key).copied() {
-                if let Some(n) = st.nodes.get_mut(&ino).filter(|n| n.fresh_until > now) {
-                    n.lookups += 1;
-                    return Ok(attr_of(ino, n));
-                }
-            }
-            if st.negative.get(&key).is_some_and(|t| *t > now) {
-                return Err(NsError::NotFound);
-            }
-            parent_path
-        };
+        }
+        if st.negative.get(&key).is_some_and(|t| *t > now) {
+            return Local::Answer(Err(NsError::NotFound));
+        }
+        Local::AskOrigin(parent_path)
+    }
 
-        let entry = self.resolve_remote(&parent_path, name).await?;
+    /// Resolves `name` in directory `parent`, counting one kernel lookup on success.
+    pub async fn lookup(&self, parent: u64, name: &str) -> Result<Attr, NsError> {
+        let parent_path = match self.lookup_local(parent, name) {
+            Local::Answer(r) => return r,
+            Local::AskOrigin(p) => p,
+        };
+        let resolved = self.resolve_remote(&parent_path, name).await?;
         let mut st = self.lock();
-        match entry {
-            Some(e) => Ok(st.remember(parent, &parent_path, &e, Instant::now() + self.ttl)),
-            None => {
+        let fresh_until = Instant::now() + self.ttl;
+        match resolved {
+            Resolved::File(e) => Ok(st.remember(parent, &parent_path, &e, fresh_until)),
+            Resolved::Dir(e, listing) => {
+                let attr = st.remember(parent, &parent_path, &e, fresh_until);
+                if let Some(merged) = listing {
+                    let prefix = format!("{parent_path}{name}/");
+                    st.keep_listing(attr.ino, &prefix, merged, fresh_until);
+                }
+                Ok(attr)
+            }
+            Resolved::Missing => {
                 st.negative.insert(
                     (parent, name.to_string()),
                     Instant::now() + self.negative_ttl,
@@ -280,37 +373,34 @@ impl Namespace {
 
     /// Asks the origin what `name` is: a directory if anything lives under `name/`, else a file
     /// if HEAD finds it. Both requests start together; the HEAD is dropped when it is a directory.
-    async fn resolve_remote(
-        &self,
-        parent_path: &str,
-        name: &str,
-    ) -> Result<Option<DirEntry>, NsError> {
+    /// The directory's LIST asks for a whole page: when that page is the complete directory, it
+    /// is kept as the directory's listing, so looking up its children (what usually follows)
+    /// costs no request.
+    async fn resolve_remote(&self, parent_path: &str, name: &str) -> Result<Resolved, NsError> {
         let full = format!("{parent_path}{name}");
         let origin = self.origin.clone();
         let head_key = full.clone();
         let head = tokio::spawn(async move { origin.head(&head_key).await });
-        let page = self.origin.list_page(&format!("{full}/"), None, 1).await;
-        let is_dir = match page {
-            Ok(p) => !p.prefixes.is_empty() || !p.objects.is_empty(),
+        let prefix = format!("{full}/");
+        let page = match self.origin.list_page(&prefix, None, LIST_PAGE).await {
+            Ok(p) => p,
             Err(e) => {
                 head.abort();
                 return Err(e.into());
             }
         };
-        if is_dir {
+        if !page.prefixes.is_empty() || !page.objects.is_empty() {
             head.abort();
-            return Ok(Some(DirEntry {
-                name: name.to_string(),
-                ino: 0,
-                kind: Kind::Dir,
-                size: 0,
-                mtime: SystemTime::now(),
-                etag: None,
-            }));
+            let listing = page.next_token.is_none().then(|| {
+                let mut merged = BTreeMap::new();
+                merge_page(&prefix, &page, &mut merged);
+                merged
+            });
+            return Ok(Resolved::Dir(dir_entry(name), listing));
         }
         match head.await {
-            Ok(Ok(meta)) => Ok(Some(file_entry(name, &meta))),
-            Ok(Err(OriginError::NotFound(_))) => Ok(None),
+            Ok(Ok(meta)) => Ok(Resolved::File(file_entry(name, &meta))),
+            Ok(Err(OriginError::NotFound(_))) => Ok(Resolved::Missing),
             Ok(Err(e)) => Err(e.into()),
             Err(_) => Err(NsError::Origin(OriginError::Other(
                 "HEAD task failed".into(),
@@ -321,18 +411,26 @@ impl Namespace {
     /// Attributes of a known inode. A file whose attributes are older than the TTL is re-read
     /// with HEAD so a replaced object shows its new size.
     pub async fn getattr(&self, ino: u64) -> Result<Attr, NsError> {
-        let key = {
-            let st = self.lock();
-            let n = st.nodes.get(&ino).ok_or(NsError::UnknownInode(ino))?;
-            if n.kind == Kind::Dir || n.fresh_until > Instant::now() {
-                return Ok(attr_of(ino, n));
-            }
-            n.path.clone()
+        let key = match self.getattr_local(ino) {
+            Local::Answer(r) => return r,
+            Local::AskOrigin(key) => key,
         };
         match self.origin.head(&key).await {
             Ok(meta) => Ok(self.update_file(ino, &meta).1),
             Err(OriginError::NotFound(_)) => Err(NsError::NotFound),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// `getattr` without the origin, or the key to HEAD.
+    pub fn getattr_local(&self, ino: u64) -> Local<Attr> {
+        let st = self.lock();
+        match st.nodes.get(&ino) {
+            None => Local::Answer(Err(NsError::UnknownInode(ino))),
+            Some(n) if n.kind == Kind::Dir || n.fresh_until > Instant::now() => {
+                Local::Answer(Ok(attr_of(ino, n)))
+            }
+            Some(n) => Local::AskOrigin(n.path.clone()),
         }
     }
 
@@ -361,29 +459,41 @@ impl Namespace {
 
     /// Pins the object version an open file will read: the cached ETag if fresh, else HEAD.
     pub async fn open(&self, ino: u64) -> Result<OpenedObject, NsError> {
-        let (key, cached) = {
-            let st = self.lock();
-            let n = st.nodes.get(&ino).ok_or(NsError::UnknownInode(ino))?;
-            if n.kind == Kind::Dir {
-                return Err(NsError::IsADirectory);
+        let key = match self.open_local(ino) {
+            Local::Answer(r) => return r,
+            Local::AskOrigin(key) => key,
+        };
+        match self.origin.head(&key).await {
+            Ok(meta) => {
+                self.update_file(ino, &meta);
+                Ok(self.pin(ino, key, meta.etag, meta.size))
             }
-            let cached = match (&n.etag, n.fresh_until > Instant::now()) {
-                (Some(etag), true) => Some((etag.clone(), n.size)),
-                _ => None,
+            Err(OriginError::NotFound(_)) => Err(NsError::NotFound),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// `open` without the origin (the node's ETag is fresh), or the key to HEAD.
+    pub fn open_local(&self, ino: u64) -> Local<OpenedObject> {
+        let (key, etag, size) = {
+            let st = self.lock();
+            let Some(n) = st.nodes.get(&ino) else {
+                return Local::Answer(Err(NsError::UnknownInode(ino)));
             };
-            (n.path.clone(), cached)
+            if n.kind == Kind::Dir {
+                return Local::Answer(Err(NsError::IsADirectory));
+            }
+            match (&n.etag, n.fresh_until > Instant::now()) {
+                (Some(etag), true) => (n.path.clone(), etag.clone(), n.size),
+                _ => return Local::AskOrigin(n.path.clone()),
+            }
         };
-        let (etag, size) = match cached {
-            Some(c) => c,
-            None => match self.origin.head(&key).await {
-                Ok(meta) => {
-                    self.update_file(ino, &meta);
-                    (meta.etag, meta.size)
-                }
-                Err(OriginError::NotFound(_)) => return Err(NsError::NotFound),
-                Err(e) => return Err(e.into()),
-            },
-        };
+        Local::Answer(Ok(self.pin(ino, key, etag, size)))
+    }
+
+    /// Records the version an open pins; the page cache may be kept when it is the one the
+    /// previous open pinned.
+    fn pin(&self, ino: u64, key: String, etag: String, size: u64) -> OpenedObject {
         let mut st = self.lock();
         let keep_cache = match st.nodes.get_mut(&ino) {
             Some(n) => {
@@ -393,12 +503,12 @@ impl Namespace {
             }
             None => false,
         };
-        Ok(OpenedObject {
+        OpenedObject {
             key,
             etag,
             size,
             keep_cache,
-        })
+        }
     }
 
     /// Forgets what is cached about an inode's object (it changed at the origin), so the next
@@ -436,66 +546,14 @@ impl Namespace {
         let mut token = None;
         loop {
             let page = self.origin.list_page(&prefix, token, LIST_PAGE).await?;
-            for o in &page.objects {
-                let name = &o.key[prefix.len().min(o.key.len())..];
-                if valid_name(name) && !merged.contains_key(name) {
-                    merged.insert(
-                        name.to_string(),
-                        DirEntry {
-                            name: name.to_string(),
-                            ino: 0,
-                            kind: Kind::File,
-                            size: o.size,
-                            mtime: o.last_modified,
-                            etag: o.etag.clone(),
-                        },
-                    );
-                }
-            }
-            for p in &page.prefixes {
-                let name = p[prefix.len().min(p.len())..].trim_end_matches('/');
-                // `a//b` lists the prefix `a//`, whose name is empty: hidden.
-                if p.ends_with('/') && p.len() == prefix.len() + name.len() + 1 && valid_name(name)
-                {
-                    // A directory wins over an object of the same name.
-                    merged.insert(
-                        name.to_string(),
-                        DirEntry {
-                            name: name.to_string(),
-                            ino: 0,
-                            kind: Kind::Dir,
-                            size: 0,
-                            mtime: SystemTime::now(),
-                            etag: None,
-                        },
-                    );
-                }
-            }
+            merge_page(&prefix, &page, &mut merged);
             match page.next_token {
                 Some(t) => token = Some(t),
                 None => break,
             }
         }
         let mut st = self.lock();
-        let entries: Vec<DirEntry> = merged
-            .into_values()
-            .map(|mut e| {
-                let path = match e.kind {
-                    Kind::Dir => format!("{prefix}{}/", e.name),
-                    Kind::File => format!("{prefix}{}", e.name),
-                };
-                e.ino = st.ino_for(e.kind, &path);
-                e
-            })
-            .collect();
-        let entries = Arc::new(entries);
-        if let Some(n) = st.nodes.get_mut(&ino) {
-            n.listing = Some(Listing {
-                entries: entries.clone(),
-                fresh_until: Instant::now() + self.ttl,
-            });
-        }
-        Ok(entries)
+        Ok(st.keep_listing(ino, &prefix, merged, Instant::now() + self.ttl))
     }
 
     /// The parent of a directory inode (for `..`).
@@ -531,6 +589,17 @@ impl Namespace {
     /// Nodes currently held (for tests and stats).
     pub fn node_count(&self) -> usize {
         self.lock().nodes.len()
+    }
+}
+
+fn dir_entry(name: &str) -> DirEntry {
+    DirEntry {
+        name: name.to_string(),
+        ino: 0,
+        kind: Kind::Dir,
+        size: 0,
+        mtime: SystemTime::now(),
+        etag: None,
     }
 }
 

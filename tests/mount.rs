@@ -221,6 +221,45 @@ fn big_flat_directory_paginates() {
 }
 
 #[test]
+fn a_looked_up_directory_answers_its_childrens_lookups_without_requests() {
+    let s = Scratch::new();
+    let o = origin(&s, BUCKET);
+    o.put_object(BUCKET, "d/a.txt", b"alpha".to_vec());
+    o.put_object(BUCKET, "d/b.txt", b"beta".to_vec());
+    o.put_object(BUCKET, "d/sub/c.txt", b"c".to_vec());
+    let big = o.root().join(BUCKET).join("big");
+    std::fs::create_dir_all(&big).unwrap();
+    for f in 0..1001 {
+        std::fs::write(big.join(format!("f{f:04}")), b"x").unwrap();
+    }
+    let m = mounted(&s, &o, &[]);
+
+    o.reset_stats();
+    assert!(m.path("d").is_dir());
+    assert_eq!(o.stats().list_requests, 1, "{:?}", o.stats());
+    o.reset_stats();
+    assert_eq!(std::fs::metadata(m.path("d/a.txt")).unwrap().len(), 5);
+    assert!(m.path("d/sub").is_dir());
+    assert_eq!(read_all(&m.path("d/b.txt")), b"beta");
+    let missing = std::fs::metadata(m.path("d/nope")).unwrap_err();
+    assert_eq!(missing.kind(), ErrorKind::NotFound);
+    let names = std::fs::read_dir(m.path("d")).unwrap().count();
+    assert_eq!(names, 3);
+    let st = o.stats();
+    assert_eq!(
+        (st.list_requests, st.head_requests, st.get_requests),
+        (0, 0, 1),
+        "only the data GET: names, sizes and ETags came with the directory's listing: {st:?}"
+    );
+
+    // A directory bigger than one LIST page has no complete listing: its names are asked for.
+    assert!(m.path("big").is_dir());
+    o.reset_stats();
+    assert_eq!(std::fs::metadata(m.path("big/f1000")).unwrap().len(), 1);
+    assert!(o.stats().head_requests + o.stats().list_requests >= 1);
+}
+
+#[test]
 fn object_and_prefix_of_same_name_shows_the_directory() {
     let s = Scratch::new();
     let o = origin(&s, BUCKET);

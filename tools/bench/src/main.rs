@@ -33,7 +33,7 @@ use orcafs_devorigin::DevOrigin;
 use crate::error::{Context, Result};
 use crate::fs::{Fs, MountEnv};
 use crate::origin::{PlainClient, Plan};
-use crate::phases::{Bench, Knobs};
+use crate::phases::{Bench, Knobs, Phase};
 use crate::report::Report;
 
 /// Bytes in a MiB.
@@ -101,6 +101,9 @@ struct Args {
     /// orcafs --max-origin-requests, passed only if this orcafs has the flag.
     #[arg(long)]
     max_origin_requests: Option<u32>,
+    /// Measure only these orcafs phases (for profiling; write to another --out).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Phase>,
 }
 
 impl Args {
@@ -130,6 +133,7 @@ impl Args {
             readers: self.readers,
             repeat: self.repeat,
             phase_limit: Duration::from_secs(self.phase_timeout),
+            only: self.only.clone(),
         }
     }
 }
@@ -275,7 +279,7 @@ fn run_in(args: &Args, work: &Path, started: Instant) -> Result<bool> {
     let mut bench = Bench::new(args.knobs(), origin, plain, data, env, local_copy);
     let mut report = new_report(args, &bench, work);
     let baselines = measure::measure_orcafs(&mut bench, &mut report);
-    if args.with_peers {
+    if args.with_peers && args.only.is_empty() {
         measure::measure_peers(&mut bench, &mut report, baselines);
     }
     report.details.push(format!(

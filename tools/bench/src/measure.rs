@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::error::{Context, Result};
 use crate::fs::Fs;
-use crate::phases::{self, Bench};
+use crate::phases::{self, Bench, Phase};
 use crate::reads;
 use crate::report::{PeerRow, Quantity, Report, Row, Target};
 use crate::{progress, MIB};
@@ -21,46 +21,59 @@ pub struct Baselines {
 pub fn measure_orcafs(bench: &mut Bench, report: &mut Report) -> Baselines {
     let rounds = bench.knobs.repeat;
     let readers = bench.knobs.readers;
-    let seq = repeated(rounds, "plain GET and orcafs cold sequential read", || {
-        Ok((
-            bench.plain_get().context("plain GET")?,
-            bench.cold_seq(Fs::Orcafs)?,
-        ))
-    });
-    let reread = repeated(
-        rounds,
-        "orcafs warm, hot and random re-reads; the same on a local file",
-        || {
+    let knobs = bench.knobs.clone();
+    let (mut seq, mut reread) = (Err(skipped()), Err(skipped()));
+    if knobs.runs(Phase::Seq) {
+        seq = repeated(rounds, "plain GET and orcafs cold sequential read", || {
             Ok((
-                bench.reread(Fs::Orcafs, true)?,
-                bench.local().context("local file")?,
+                bench.plain_get().context("plain GET")?,
+                bench.cold_seq(Fs::Orcafs)?,
             ))
-        },
-    );
-    if let Err(e) = bench.forget_cache(Fs::Orcafs) {
-        report
-            .details
-            .push(format!("Could not delete a cache directory: {e}"));
+        });
+        reread = repeated(
+            rounds,
+            "orcafs warm, hot and random re-reads; the same on a local file",
+            || {
+                Ok((
+                    bench.reread(Fs::Orcafs, true)?,
+                    bench.local().context("local file")?,
+                ))
+            },
+        );
+        if let Err(e) = bench.forget_cache(Fs::Orcafs) {
+            report
+                .details
+                .push(format!("Could not delete a cache directory: {e}"));
+        }
+        sequential_rows(report, &seq, &reread, bench.data.main_size);
     }
-    sequential_rows(report, &seq, &reread, bench.data.main_size);
-
-    progress("orcafs: time to first byte");
-    ttfb_rows(report, &bench.ttfb());
-    random_rows(report, &reread);
-    progress("orcafs: random reads of a cold object");
-    cold_random_rows(report, &bench.cold_random(), bench.knobs.cold_random_reads);
-    progress(&format!("orcafs: {} readers of one cold object", readers));
-    readers_rows(
-        report,
-        &bench.readers(Fs::Orcafs),
-        bench.data.main_size,
-        readers,
-    );
-    progress(&format!(
-        "orcafs: {} readers of different cold objects (memory)",
-        readers
-    ));
-    rss_rows(report, &bench.rss(), bench.data.rss_size, readers);
+    if knobs.runs(Phase::Ttfb) {
+        progress("orcafs: time to first byte");
+        ttfb_rows(report, &bench.ttfb());
+    }
+    if knobs.runs(Phase::Seq) {
+        random_rows(report, &reread);
+    }
+    if knobs.runs(Phase::ColdRandom) {
+        progress("orcafs: random reads of a cold object");
+        cold_random_rows(report, &bench.cold_random(), bench.knobs.cold_random_reads);
+    }
+    if knobs.runs(Phase::Readers) {
+        progress(&format!("orcafs: {} readers of one cold object", readers));
+        readers_rows(
+            report,
+            &bench.readers(Fs::Orcafs),
+            bench.data.main_size,
+            readers,
+        );
+    }
+    if knobs.runs(Phase::Rss) {
+        progress(&format!(
+            "orcafs: {} readers of different cold objects (memory)",
+            readers
+        ));
+        rss_rows(report, &bench.rss(), bench.data.rss_size, readers);
+    }
     Baselines {
         plain_mibps: seq.as_ref().ok().map(|v| median_of(v.iter().map(|s| s.0))),
         local_warm_mibps: reread
@@ -68,6 +81,10 @@ pub fn measure_orcafs(bench: &mut Bench, report: &mut Report) -> Baselines {
             .ok()
             .map(|v| median_of(v.iter().map(|r| r.1.warm_mibps))),
     }
+}
+
+fn skipped() -> crate::error::Error {
+    crate::error::Error::msg("not measured in this run (--only)")
 }
 
 /// Runs `f` for each of `rounds` rounds; the first error ends it.

@@ -29,6 +29,29 @@ pub struct Knobs {
     pub readers: usize,
     pub repeat: usize,
     pub phase_limit: Duration,
+    /// Phases to run; empty means all.
+    pub only: Vec<Phase>,
+}
+
+/// The orcafs measurements, as `--only` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Phase {
+    /// Cold sequential, warm, hot and cached random re-reads (rows 1-3, 5a).
+    Seq,
+    /// Time to first byte (row 4).
+    Ttfb,
+    /// Random reads of a cold object (row 5b).
+    ColdRandom,
+    /// Readers of one cold object (row 6).
+    Readers,
+    /// Peak RSS with readers of different objects (row 7).
+    Rss,
+}
+
+impl Knobs {
+    pub fn runs(&self, phase: Phase) -> bool {
+        self.only.is_empty() || self.only.contains(&phase)
+    }
 }
 
 /// Shared state of the measuring phases.
@@ -309,9 +332,12 @@ impl Bench {
         }
         mount.unmount()?;
         remove_dir(&cache)?;
+        // The plain GET under the same conditions as the mount: an open connection, then the
+        // same quiet period before each sample (an idle machine wakes up slower than a busy one).
         let mut plain = Vec::with_capacity(keys.len());
+        self.plain.warm_up(MAIN_KEY)?;
         for key in &keys {
-            self.plain.warm_up(MAIN_KEY)?;
+            self.wait_origin_idle();
             plain.push(self.plain.first_bytes(key)?);
         }
         Ok(Ttfb {

@@ -17,6 +17,7 @@ mod body;
 mod classify;
 mod faults;
 pub mod garage;
+mod listing;
 mod samples;
 mod server;
 mod stats;
@@ -85,6 +86,7 @@ impl DevOrigin {
         let faults = Arc::new(Faults::default());
         let shared = Arc::new(server::Shared {
             s3,
+            root: root.clone(),
             stats: Arc::clone(&stats),
             faults: Arc::clone(&faults),
         });

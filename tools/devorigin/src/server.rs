@@ -2,7 +2,7 @@
 //! injects GetObject faults and forwards to s3s.
 
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +28,8 @@ use crate::{ACCESS_KEY, SECRET_KEY};
 /// Everything a request handler needs.
 pub(crate) struct Shared {
     pub s3: S3Service,
+    /// The s3s-fs root (for the ETags listings leave out).
+    pub root: PathBuf,
     pub stats: Arc<Stats>,
     pub faults: Arc<Faults>,
 }
@@ -84,8 +86,42 @@ async fn handle(
     if kind == RequestKind::GetObject {
         return handle_get_object(&shared, req).await;
     }
+    let bucket = bucket_of(req.uri().path());
     let resp = shared.s3.call(req).await?;
+    if kind == RequestKind::List && resp.status().is_success() {
+        return list_with_etags(&shared, &bucket, resp).await;
+    }
     Ok(resp.map(OriginBody::passthrough))
+}
+
+/// The bucket of a path-style request.
+fn bucket_of(path: &str) -> String {
+    path.trim_start_matches('/')
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+async fn list_with_etags(
+    shared: &Shared,
+    bucket: &str,
+    resp: Response<s3s::Body>,
+) -> Result<Response<OriginBody>, HttpError> {
+    let (mut parts, mut body) = resp.into_parts();
+    let xml = match body.store_all_limited(64 << 20).await {
+        Ok(b) => b,
+        Err(e) => return Err(HttpError::new(e)),
+    };
+    let xml = crate::listing::with_etags(&shared.root, bucket, &String::from_utf8_lossy(&xml));
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(xml.len()));
+    Ok(Response::from_parts(
+        parts,
+        OriginBody::fixed(Bytes::from(xml)),
+    ))
 }
 
 async fn handle_get_object(
