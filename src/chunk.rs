@@ -19,12 +19,29 @@ pub struct ObjectVersion {
     pub size: u64,
 }
 
-/// The content address of one chunk of one object version.
-#[derive(Clone, PartialEq, Eq, Hash)]
+/// The content address of one chunk of one object version. Built with [`ChunkKey::new`], which
+/// hashes the fields once: the id is asked for many times per read (in-flight map, stores,
+/// readahead). The fields are read-only by convention.
+#[derive(Clone)]
 pub struct ChunkKey {
     pub object: Arc<ObjectVersion>,
     pub chunk_size: u64,
     pub index: u64,
+    id: ChunkId,
+}
+
+impl PartialEq for ChunkKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+    }
+}
+
+impl Eq for ChunkKey {}
+
+impl std::hash::Hash for ChunkKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.id.hash(state)
+    }
 }
 
 /// SHA-256 over the key fields; names the chunk in every store.
@@ -51,23 +68,28 @@ impl fmt::Debug for ChunkId {
 
 impl ChunkKey {
     pub fn new(object: Arc<ObjectVersion>, chunk_size: u64, index: u64) -> ChunkKey {
+        let id = Self::hash(&object, chunk_size, index);
         ChunkKey {
             object,
             chunk_size,
             index,
+            id,
         }
     }
 
-    /// Each field is length-prefixed so that no two distinct keys hash the same input.
     pub fn id(&self) -> ChunkId {
-        let o = &self.object;
+        self.id
+    }
+
+    /// Each field is length-prefixed so that no two distinct keys hash the same input.
+    fn hash(o: &ObjectVersion, chunk_size: u64, index: u64) -> ChunkId {
         let mut h = Sha256::new();
         for field in [&*o.origin_id, &*o.bucket, &*o.key, &*o.etag] {
             h.update((field.len() as u64).to_le_bytes());
             h.update(field.as_bytes());
         }
-        h.update(self.chunk_size.to_le_bytes());
-        h.update(self.index.to_le_bytes());
+        h.update(chunk_size.to_le_bytes());
+        h.update(index.to_le_bytes());
         ChunkId(h.finalize().into())
     }
 

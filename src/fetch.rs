@@ -295,6 +295,11 @@ impl Coordinator {
         let cs = self.policy.chunk_size;
         let count = chunk::chunk_count(object.size, cs);
         let last = (index + self.policy.readahead_chunks).min(count.saturating_sub(1));
+        // A chunk read from the cache: let the store read ahead of the reader within it too.
+        let current = ChunkKey::new(object.clone(), cs, index);
+        if self.is_stored(&current) {
+            self.store.will_read(&current);
+        }
         for i in index + 1..=last {
             if !self.prefetch(ChunkKey::new(object.clone(), cs, i)) {
                 break;
@@ -309,7 +314,11 @@ impl Coordinator {
             return true;
         }
         let id = key.id();
-        if self.is_stored(&key) || self.inflight().contains_key(&id) {
+        if self.is_stored(&key) {
+            self.store.will_read(&key);
+            return true;
+        }
+        if self.inflight().contains_key(&id) {
             return true;
         }
         let Ok(permit) = self

@@ -13,10 +13,11 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use lru::LruCache;
@@ -48,7 +49,99 @@ pub struct DiskStore {
     pub(super) root: PathBuf,
     pub(super) max_bytes: u64,
     pub(super) index: Mutex<Index>,
+    /// Recently read chunk files, open with their headers decoded: a warm read is a pread and
+    /// a CRC check, not an open, a stat and a header parse.
+    open: Mutex<LruCache<ChunkId, Arc<OpenChunk>>>,
+    /// When each recently advised chunk was (see [`DiskStore::advise`]).
+    advised: Mutex<LruCache<ChunkId, Instant>>,
     pub(super) metrics: Arc<Metrics>,
+}
+
+/// How long a read-ahead advice is taken to hold (pages may be reclaimed after).
+const ADVICE_FRESH: Duration = Duration::from_secs(10);
+
+/// How many chunk files stay open for reading.
+const OPEN_FILES: usize = 64;
+
+/// A chunk file whose header matched its key and whose length matched the header.
+struct OpenChunk {
+    file: File,
+    header: Header,
+}
+
+impl OpenChunk {
+    fn open(file: File, key: &ChunkKey) -> io::Result<Option<OpenChunk>> {
+        let file_len = file.metadata()?.len();
+        let mut head = vec![0u8; FIRST_READ.min(file_len as usize)];
+        file.read_exact_at(&mut head, 0)?;
+        if head.len() >= 12 {
+            let want = u32::from_le_bytes(head[8..12].try_into().unwrap_or_default()) as u64;
+            if want > head.len() as u64 && want <= MAX_HEADER.min(file_len) {
+                head.resize(want as usize, 0);
+                file.read_exact_at(&mut head, 0)?;
+            }
+        }
+        Ok(decode_header(&head, key)
+            .filter(|h| file_len == h.len + h.data_len)
+            .map(|header| OpenChunk { file, header }))
+    }
+
+    /// Bytes `[offset, offset+len)` of the data, clipped to its length; None when a block they
+    /// touch fails its CRC. Whole blocks are read (into fresh, unzeroed memory) and checked.
+    fn read(&self, offset: u64, len: u64) -> io::Result<Option<Bytes>> {
+        let h = &self.header;
+        let end = offset.saturating_add(len).min(h.data_len);
+        if offset >= end {
+            return Ok(Some(Bytes::new()));
+        }
+        let first = offset / BLOCK;
+        let last = (end - 1) / BLOCK;
+        let span_start = first * BLOCK;
+        let span_end = ((last + 1) * BLOCK).min(h.data_len);
+        let buf = match pread_exact(
+            &self.file,
+            (span_end - span_start) as usize,
+            h.len + span_start,
+        ) {
+            Ok(b) => b,
+            // Truncated since it was opened.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        for (i, block) in buf.chunks(BLOCK as usize).enumerate() {
+            if crc32c::crc32c(block) != h.crcs[first as usize + i] {
+                return Ok(None);
+            }
+        }
+        let from = (offset - span_start) as usize;
+        let to = (end - span_start) as usize;
+        Ok(Some(buf.freeze().slice(from..to)))
+    }
+}
+
+/// `len` bytes at `at`, read straight into a new buffer's spare capacity (no zero-fill first).
+fn pread_exact(file: &File, len: usize, at: u64) -> io::Result<BytesMut> {
+    let mut buf = BytesMut::with_capacity(len);
+    while buf.len() < len {
+        let done = buf.len();
+        let spare = buf.spare_capacity_mut();
+        let pos = libc::off_t::try_from(at + done as u64).map_err(io::Error::other)?;
+        // SAFETY: pread writes at most `len - done` bytes (<= spare.len()) to the spare
+        // capacity, which is valid for writes; only the bytes it reports are marked initialised.
+        let n =
+            unsafe { libc::pread(file.as_raw_fd(), spare.as_mut_ptr().cast(), len - done, pos) };
+        match n {
+            n if n > 0 => unsafe { buf.set_len(done + n as usize) },
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(buf)
 }
 
 pub(super) struct Index {
@@ -90,6 +183,12 @@ impl DiskStore {
                 bytes: 0,
                 used: HashMap::new(),
             }),
+            open: Mutex::new(LruCache::new(
+                std::num::NonZeroUsize::new(OPEN_FILES).expect("non-zero"),
+            )),
+            advised: Mutex::new(LruCache::new(
+                std::num::NonZeroUsize::new(OPEN_FILES).expect("non-zero"),
+            )),
             metrics,
         };
         let report = store.scan()?;
@@ -129,34 +228,100 @@ impl DiskStore {
     pub fn read(&self, key: &ChunkKey, offset: u64, len: u64) -> Result<Option<Bytes>, DiskError> {
         let id = key.id();
         let path = self.path_of(&id);
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                // An index entry without its file (a put racing a delete) heals here.
-                self.forget_entry(&id);
-                Metrics::inc(&self.metrics.disk_misses);
-                return Ok(None);
-            }
-            Err(e) => return Err(io_err(&path)(e)),
+        let Some(chunk) = self.open_chunk(&id, key, &path)? else {
+            Metrics::inc(&self.metrics.disk_misses);
+            return Ok(None);
         };
-        match read_verified(&file, key, offset, len).map_err(io_err(&path))? {
+        match chunk.read(offset, len).map_err(io_err(&path))? {
             Some(bytes) => {
                 if self.promote(&id) {
                     // Best effort: a failed touch only makes the chunk look older after a restart.
-                    let _ = file.set_modified(SystemTime::now());
+                    let _ = chunk.file.set_modified(SystemTime::now());
                 }
                 Metrics::inc(&self.metrics.disk_hits);
                 Metrics::add(&self.metrics.disk_bytes_read, bytes.len() as u64);
                 Ok(Some(bytes))
             }
             None => {
-                tracing::warn!(?key, path = %path.display(), "corrupt, truncated or foreign cache file: dropping it");
-                Metrics::inc(&self.metrics.disk_corrupt);
-                Metrics::inc(&self.metrics.disk_misses);
-                self.remove(&id);
+                self.drop_corrupt(&id, key, &path);
                 Ok(None)
             }
         }
+    }
+
+    /// The chunk's file, open with its header checked: from the open-file cache, else opened
+    /// now. None when there is no usable file (a missing one heals the index; a corrupt,
+    /// truncated or foreign one is removed).
+    fn open_chunk(
+        &self,
+        id: &ChunkId,
+        key: &ChunkKey,
+        path: &Path,
+    ) -> Result<Option<Arc<OpenChunk>>, DiskError> {
+        let cached = self.open_files().get(id).cloned();
+        if let Some(chunk) = cached {
+            // Unlinked behind our back (`orcafs cache clear`): let its space go.
+            if chunk.file.metadata().is_ok_and(|m| m.nlink() > 0) {
+                return Ok(Some(chunk));
+            }
+            self.open_files().pop(id);
+        }
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // An index entry without its file (a put racing a delete) heals here.
+                self.forget_entry(id);
+                return Ok(None);
+            }
+            Err(e) => return Err(io_err(path)(e)),
+        };
+        match OpenChunk::open(file, key).map_err(io_err(path))? {
+            Some(chunk) => {
+                let chunk = Arc::new(chunk);
+                self.open_files().put(*id, chunk.clone());
+                Ok(Some(chunk))
+            }
+            None => {
+                self.drop_corrupt(id, key, path);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Asks the kernel to read the chunk's file into the page cache in the background, so a
+    /// sequential reader finds it there instead of waiting on the disk read by read.
+    pub fn advise(&self, key: &ChunkKey) {
+        let id = key.id();
+        if let Ok(Some(chunk)) = self.open_chunk(&id, key, &self.path_of(&id)) {
+            // SAFETY: a plain advice call on an fd this store keeps open.
+            unsafe {
+                libc::posix_fadvise(chunk.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED);
+            }
+        }
+    }
+
+    /// True unless the chunk was advised moments ago (readahead asks on every read).
+    fn first_advice(&self, id: &ChunkId) -> bool {
+        let now = Instant::now();
+        let mut advised = self.advised.lock().unwrap_or_else(|p| p.into_inner());
+        match advised.get(id) {
+            Some(t) if now.duration_since(*t) < ADVICE_FRESH => false,
+            _ => {
+                advised.put(*id, now);
+                true
+            }
+        }
+    }
+
+    fn drop_corrupt(&self, id: &ChunkId, key: &ChunkKey, path: &Path) {
+        tracing::warn!(?key, path = %path.display(), "corrupt, truncated or foreign cache file: dropping it");
+        Metrics::inc(&self.metrics.disk_corrupt);
+        Metrics::inc(&self.metrics.disk_misses);
+        self.remove(id);
+    }
+
+    fn open_files(&self) -> MutexGuard<'_, LruCache<ChunkId, Arc<OpenChunk>>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Marks a chunk used now; true when its file's mtime should be refreshed.
@@ -222,6 +387,7 @@ impl DiskStore {
             return Err(io_err(&final_path)(e));
         }
         let file_bytes = header.len() as u64 + data_len;
+        self.open_files().pop(&id);
         {
             let mut idx = self.lock();
             if let Some(old) = idx.lru.put(id, file_bytes) {
@@ -246,6 +412,7 @@ impl DiskStore {
     }
 
     pub(super) fn remove(&self, id: &ChunkId) {
+        self.open_files().pop(id);
         {
             let mut idx = self.lock();
             if let Some(size) = idx.lru.pop(id) {
@@ -274,6 +441,7 @@ impl DiskStore {
                     None => return,
                 }
             };
+            self.open_files().pop(&victim);
             let _ = fs::remove_file(self.path_of(&victim));
             Metrics::inc(&self.metrics.disk_evictions);
         }
@@ -470,40 +638,10 @@ pub(super) fn read_verified(
     offset: u64,
     len: u64,
 ) -> io::Result<Option<Bytes>> {
-    let file_len = file.metadata()?.len();
-    let mut head = vec![0u8; FIRST_READ.min(file_len as usize)];
-    file.read_exact_at(&mut head, 0)?;
-    if head.len() >= 12 {
-        let want = u32::from_le_bytes(head[8..12].try_into().unwrap_or_default()) as u64;
-        if want > head.len() as u64 && want <= MAX_HEADER.min(file_len) {
-            head.resize(want as usize, 0);
-            file.read_exact_at(&mut head, 0)?;
-        }
+    match OpenChunk::open(file.try_clone()?, key)? {
+        Some(chunk) => chunk.read(offset, len),
+        None => Ok(None),
     }
-    let Some(h) = decode_header(&head, key) else {
-        return Ok(None);
-    };
-    if file_len != h.len + h.data_len {
-        return Ok(None);
-    }
-    let end = offset.saturating_add(len).min(h.data_len);
-    if offset >= end {
-        return Ok(Some(Bytes::new()));
-    }
-    let first = offset / BLOCK;
-    let last = (end - 1) / BLOCK;
-    let span_start = first * BLOCK;
-    let span_end = ((last + 1) * BLOCK).min(h.data_len);
-    let mut buf = BytesMut::zeroed((span_end - span_start) as usize);
-    file.read_exact_at(&mut buf, h.len + span_start)?;
-    for (i, block) in buf.chunks(BLOCK as usize).enumerate() {
-        if crc32c::crc32c(block) != h.crcs[first as usize + i] {
-            return Ok(None);
-        }
-    }
-    let from = (offset - span_start) as usize;
-    let to = (end - span_start) as usize;
-    Ok(Some(buf.freeze().slice(from..to)))
 }
 
 /// The disk store behind the [`CacheStore`] trait; file I/O runs on the blocking pool.
@@ -563,6 +701,12 @@ impl CacheStore for DiskDriver {
         offset: u64,
         len: u64,
     ) -> Result<ChunkStream, StoreError> {
+        // The index is complete (built from the files at open, kept by this process alone), so
+        // a miss needs no trip to a blocking thread: cold reads start their fill at once.
+        if !self.0.contains(&key.id()) {
+            Metrics::inc(&self.0.metrics.disk_misses);
+            return Err(StoreError::NotFound);
+        }
         let k = key.clone();
         match self
             .blocking(move |d| d.read(&k, offset, len))
@@ -611,6 +755,14 @@ impl CacheStore for DiskDriver {
 
     fn contains_hint(&self, key: &ChunkKey) -> Option<bool> {
         Some(self.0.contains(&key.id()))
+    }
+
+    fn will_read(&self, key: &ChunkKey) {
+        if !self.0.contains(&key.id()) || !self.0.first_advice(&key.id()) {
+            return;
+        }
+        let (store, key) = (self.0.clone(), key.clone());
+        tokio::task::spawn_blocking(move || store.advise(&key));
     }
 }
 

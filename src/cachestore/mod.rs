@@ -89,6 +89,10 @@ pub trait CacheStore: Send + Sync + 'static {
     fn contains_hint(&self, _key: &ChunkKey) -> Option<bool> {
         None
     }
+
+    /// A hint that this chunk will be read soon (a sequential reader is heading there), so a
+    /// store can start fetching it into memory. Never waits; may do nothing.
+    fn will_read(&self, _key: &ChunkKey) {}
 }
 
 /// Collects a chunk stream into one buffer (zero-copy when it is one piece).

@@ -284,4 +284,10 @@ impl CacheStore for Replica {
     fn contains_hint(&self, key: &ChunkKey) -> Option<bool> {
         self.sync.first().and_then(|s| s.contains_hint(key))
     }
+
+    fn will_read(&self, key: &ChunkKey) {
+        if let Some(s) = self.sync.first() {
+            s.will_read(key)
+        }
+    }
 }
