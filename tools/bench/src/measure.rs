@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::error::{Context, Result};
 use crate::fs::Fs;
+use crate::origin::BIG_DIR_FILLERS;
 use crate::phases::{self, Bench, Phase};
 use crate::reads;
 use crate::report::{PeerRow, Quantity, Report, Row, Target};
@@ -116,6 +117,8 @@ const M_COLD: &str = "1. Cold sequential read (1 MiB reads)";
 const M_WARM: &str = "2. Warm re-read from the disk cache (page cache dropped)";
 const M_HOT: &str = "3. Hot re-read (page cache kept)";
 const M_TTFB: &str = "4. Time to first byte, cold object (stat + open + 4 KiB read, median)";
+const M_TTFB_BIG: &str =
+    "4b. The same, name in a directory of over 1000 objects (lookup = LIST + HEAD)";
 const M_RANDOM: &str = "5a. 4 KiB random reads, cached object";
 const M_COLD_RANDOM: &str = "5b. 4 KiB random reads, cold object: origin bytes";
 const M_READERS: &str = "6. Readers of one cold object: origin bytes";
@@ -204,11 +207,23 @@ fn ttfb_rows(report: &mut Report, ttfb: &Result<phases::Ttfb>) {
             .collect::<Vec<_>>()
             .join(", ")
     };
+    report.rows.push(Row::compared(
+        M_TTFB_BIG,
+        Quantity::Millis(ms(reads::median(&t.big_dir))),
+        Quantity::Millis(ms(plain)),
+        "plain GET",
+        Target::None,
+    ));
     report.details.push(format!(
-        "Time to first byte samples (ms): orcafs {} (of which the name lookup: {}, median {:.2}); plain GET {}.",
+        "Time to first byte samples (ms): orcafs {} (of which the name lookup: {}, median {:.2}); \
+         in a directory of more than {} objects {} (lookup: {}, median {:.2}); plain GET {}.",
         list(&t.mount),
         list(&t.lookup),
         ms(reads::median(&t.lookup)),
+        BIG_DIR_FILLERS,
+        list(&t.big_dir),
+        list(&t.big_dir_lookup),
+        ms(reads::median(&t.big_dir_lookup)),
         list(&t.plain)
     ));
 }

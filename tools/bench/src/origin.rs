@@ -36,9 +36,17 @@ pub struct Dataset {
     pub main_size: u64,
     pub main_sha256: String,
     pub ttfb_keys: Vec<String>,
+    /// TTFB objects in a directory of more than one LIST page (see `BIG_DIR`).
+    pub ttfb_big_dir_keys: Vec<String>,
     pub rss_keys: Vec<String>,
     pub rss_size: u64,
 }
+
+/// A directory holding TTFB objects among more than 1000 others, so its lookup cannot keep a
+/// complete listing and each name costs a lookup at the origin (LIST and HEAD).
+pub const BIG_DIR: &str = "ttfb-big-dir";
+/// Filler objects put in `BIG_DIR`.
+pub const BIG_DIR_FILLERS: usize = 1000;
 
 /// An SDK client on its own single-threaded runtime: what a plain
 /// application doing one GET at a time looks like.
@@ -69,11 +77,13 @@ impl PlainClient {
         let main_sha256 = crate::reads::sha256_hex(&main);
         self.put(MAIN_KEY, main)?;
         let ttfb_keys = self.put_series("ttfb", 10, plan.ttfb_objects, plan.ttfb_size)?;
+        let ttfb_big_dir_keys = self.put_series(BIG_DIR, 50, plan.ttfb_objects, plan.ttfb_size)?;
         let rss_keys = self.put_series("rss", 100, plan.rss_objects, plan.rss_size)?;
         Ok(Dataset {
             main_size: plan.main_size,
             main_sha256,
             ttfb_keys,
+            ttfb_big_dir_keys,
             rss_keys,
             rss_size: plan.rss_size,
         })

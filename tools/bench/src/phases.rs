@@ -11,7 +11,7 @@ use crate::bail;
 use crate::error::{Context, Result};
 use crate::fs::{Fs, MountEnv};
 use crate::fsmount::FsMount;
-use crate::origin::{Dataset, PlainClient, BUCKET, MAIN_KEY};
+use crate::origin::{Dataset, PlainClient, BIG_DIR, BIG_DIR_FILLERS, BUCKET, MAIN_KEY};
 use crate::reads::{self, BLOCK};
 use crate::sys;
 use crate::MIB;
@@ -109,6 +109,9 @@ pub struct Ttfb {
     pub mount: Vec<Duration>,
     /// The lookup (stat) part of it.
     pub lookup: Vec<Duration>,
+    /// The same in a directory too big for one LIST page.
+    pub big_dir: Vec<Duration>,
+    pub big_dir_lookup: Vec<Duration>,
     pub plain: Vec<Duration>,
 }
 
@@ -313,23 +316,17 @@ impl Bench {
         let cache = self.fresh_cache("orcafs-ttfb")?;
         let mount = Fs::Orcafs.mount(&self.env, &cache, "ttfb")?;
         let keys = self.data.ttfb_keys.clone();
-        self.preload_origin(&keys.iter().map(String::as_str).collect::<Vec<_>>())?;
-        let dir = keys
-            .first()
-            .and_then(|k| Path::new(k).parent())
-            .context("no TTFB objects")?;
-        std::fs::metadata(mount.path(&dir.to_string_lossy()))
-            .context("looking up the TTFB directory")?;
-        let (mut samples, mut lookups) = (Vec::new(), Vec::new());
-        for key in &keys {
-            self.wait_origin_idle();
-            let path = mount.path(key);
-            let (lookup, first) = mount.guarded("first 4 KiB", self.knobs.phase_limit, || {
-                reads::lookup_then_first_block(&path)
-            })?;
-            samples.push(lookup + first);
-            lookups.push(lookup);
-        }
+        let big_keys = self.data.ttfb_big_dir_keys.clone();
+        self.put_big_dir_fillers()?;
+        self.preload_origin(
+            &keys
+                .iter()
+                .chain(&big_keys)
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        )?;
+        let small = self.first_blocks(&mount, &keys)?;
+        let big = self.first_blocks(&mount, &big_keys)?;
         mount.unmount()?;
         remove_dir(&cache)?;
         // The plain GET under the same conditions as the mount: an open connection, then the
@@ -341,10 +338,49 @@ impl Bench {
             plain.push(self.plain.first_bytes(key)?);
         }
         Ok(Ttfb {
-            mount: samples,
-            lookup: lookups,
+            mount: small.0,
+            lookup: small.1,
+            big_dir: big.0,
+            big_dir_lookup: big.1,
             plain,
         })
+    }
+
+    /// For each key (never read, in one directory): the origin idle, then `stat` + `open` +
+    /// first 4 KiB, after looking up the directory once. (Totals, lookups.)
+    fn first_blocks(
+        &mut self,
+        mount: &FsMount,
+        keys: &[String],
+    ) -> Result<(Vec<Duration>, Vec<Duration>)> {
+        let dir = keys
+            .first()
+            .and_then(|k| Path::new(k).parent())
+            .context("no TTFB objects")?;
+        std::fs::metadata(mount.path(&dir.to_string_lossy()))
+            .context("looking up the TTFB directory")?;
+        let (mut samples, mut lookups) = (Vec::new(), Vec::new());
+        for key in keys {
+            self.wait_origin_idle();
+            let path = mount.path(key);
+            let (lookup, first) = mount.guarded("first 4 KiB", self.knobs.phase_limit, || {
+                reads::lookup_then_first_block(&path)
+            })?;
+            samples.push(lookup + first);
+            lookups.push(lookup);
+        }
+        Ok((samples, lookups))
+    }
+
+    /// Tiny objects that make `BIG_DIR` bigger than one LIST page (written as files of the
+    /// origin's directory: s3s-fs lists them like any object).
+    fn put_big_dir_fillers(&self) -> Result<()> {
+        let dir = self.origin.root().join(BUCKET).join(BIG_DIR);
+        for i in 0..BIG_DIR_FILLERS {
+            let path = dir.join(format!("filler-{i:04}"));
+            std::fs::write(&path, b"f").with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(())
     }
 
     /// `readers` threads reading the whole cold large object at once.

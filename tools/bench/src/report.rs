@@ -352,11 +352,16 @@ measuring orcafs and its baseline back to back; every round is listed under the 
    dropped.
 3. **Hot re-read**: right after the warm re-read, the same read again through the same mount
    (page cache kept). Baseline: the local copy read a second time.
-4. **Time to first byte**: fresh cache and mount, for each of several never-read objects (the
-   origin idle before each): `stat(2)` of its name (never looked up before), `open(2)`, then
-   `pread(2)` of the first 4 KiB; median. The lookup's share is under the details. Baseline:
-   median over the same objects of a plain SDK `GetObject` on an open connection, from sending
-   the request to the first body bytes.
+4. **Time to first byte**: fresh cache and mount; the objects' directory is looked up first
+   (`stat`), then for each of several never-read objects, the origin idle before each:
+   `stat(2)` of its name (never looked up before), `open(2)`, then `pread(2)` of the first
+   4 KiB; median. The lookup's share is under the details. In a directory of up to 1000 objects
+   the directory's lookup brings the names, sizes and ETags, so only the GET goes to the origin;
+   row 4b does the same in a directory of over 1000 objects, where each name costs a lookup at
+   the origin (LIST and HEAD together) first. Baseline: median over the same objects of a plain
+   SDK `GetObject` on an open connection, from sending the request to the first body bytes,
+   after the same idle wait as the mount's samples (an idle machine answers slower than a busy
+   one, so both sides get the same wait).
 5. **4 KiB random reads**: *cached*: on the warm mount (whole object in the disk cache), page
    cache dropped, one `open` then `pread(2)` of 4 KiB at random 4 KiB-aligned offsets, one at a
    time; IOPS vs the same offsets on the local copy with its page cache dropped. *Cold*: fresh
