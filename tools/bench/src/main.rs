@@ -72,7 +72,7 @@ struct Args {
     #[arg(long, default_value_t = 100)]
     cold_random_reads: usize,
     /// Never-read objects timed for the time to first byte (median).
-    #[arg(long, default_value_t = 7)]
+    #[arg(long, default_value_t = 15)]
     ttfb_samples: usize,
     /// Size of each time-to-first-byte object, MiB.
     #[arg(long, default_value_t = 64)]

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::error::{Context, Result};
 use crate::fs::Fs;
-use crate::origin::BIG_DIR_FILLERS;
+use crate::origin::{BIG_DIR_FILLERS, KERNEL_FIRST_READ};
 use crate::phases::{self, Bench, Phase};
 use crate::reads;
 use crate::report::{PeerRow, Quantity, Report, Row, Target};
@@ -216,7 +216,9 @@ fn ttfb_rows(report: &mut Report, ttfb: &Result<phases::Ttfb>) {
     ));
     report.details.push(format!(
         "Time to first byte samples (ms): orcafs {} (of which the name lookup: {}, median {:.2}); \
-         in a directory of more than {} objects {} (lookup: {}, median {:.2}); plain GET {}.",
+         in a directory of more than {} objects {} (lookup: {}, median {:.2}); plain GET {}. \
+         A 4 KiB `pread` at offset 0 reaches orcafs as a {} KiB read (the kernel's first \
+         readahead window); the plain GET's time to its first {} KiB: {} (median {:.2}).",
         list(&t.mount),
         list(&t.lookup),
         ms(reads::median(&t.lookup)),
@@ -224,7 +226,11 @@ fn ttfb_rows(report: &mut Report, ttfb: &Result<phases::Ttfb>) {
         list(&t.big_dir),
         list(&t.big_dir_lookup),
         ms(reads::median(&t.big_dir_lookup)),
-        list(&t.plain)
+        list(&t.plain),
+        KERNEL_FIRST_READ >> 10,
+        KERNEL_FIRST_READ >> 10,
+        list(&t.plain_16k),
+        ms(reads::median(&t.plain_16k)),
     ));
 }
 

@@ -142,7 +142,7 @@ impl PlainClient {
     }
 
     /// Time from sending a GetObject of `key` to receiving its first body bytes.
-    pub fn first_bytes(&self, key: &str) -> Result<Duration> {
+    pub fn first_bytes(&self, key: &str) -> Result<(Duration, Duration)> {
         self.runtime
             .block_on(first_bytes(&self.client, key))
             .with_context(|| format!("plain GET first bytes of {BUCKET}/{key}"))
@@ -187,7 +187,8 @@ async fn get_into(client: &Client, key: &str, buf: &mut [u8]) -> Result<Duration
     Ok(started.elapsed())
 }
 
-async fn first_bytes(client: &Client, key: &str) -> Result<Duration> {
+/// Time to the first body bytes, and to the first `KERNEL_FIRST_READ` bytes.
+async fn first_bytes(client: &Client, key: &str) -> Result<(Duration, Duration)> {
     let started = Instant::now();
     let out = client
         .get_object()
@@ -198,12 +199,24 @@ async fn first_bytes(client: &Client, key: &str) -> Result<Duration> {
         .map_err(DisplayErrorContext)
         .context("sending")?;
     let mut body = out.body;
-    match body.next().await {
-        Some(Ok(chunk)) if !chunk.is_empty() => Ok(started.elapsed()),
-        Some(Ok(_)) | None => bail!("empty body"),
-        Some(Err(e)) => bail!("reading the body: {e}"),
+    let (mut first, mut got) = (None, 0);
+    while got < KERNEL_FIRST_READ {
+        match body.next().await {
+            Some(Ok(chunk)) if !chunk.is_empty() => {
+                first.get_or_insert(started.elapsed());
+                got += chunk.len();
+            }
+            Some(Ok(_)) => {}
+            None => bail!("body ended after {got} bytes"),
+            Some(Err(e)) => bail!("reading the body: {e}"),
+        }
     }
+    Ok((first.unwrap_or_default(), started.elapsed()))
 }
+
+/// What the kernel asks a FUSE filesystem for when a program reads the first 4 KiB of a file
+/// (its initial readahead window).
+pub const KERNEL_FIRST_READ: usize = 16 << 10;
 
 fn to_usize(n: u64) -> Result<usize> {
     usize::try_from(n).context("object size does not fit in memory")

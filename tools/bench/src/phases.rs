@@ -113,6 +113,17 @@ pub struct Ttfb {
     pub big_dir: Vec<Duration>,
     pub big_dir_lookup: Vec<Duration>,
     pub plain: Vec<Duration>,
+    /// The plain GET's time to its first 16 KiB (what the kernel asks orcafs for).
+    pub plain_16k: Vec<Duration>,
+}
+
+/// Samples of one directory's objects.
+#[derive(Default)]
+struct Ttfb1 {
+    mount: Vec<Duration>,
+    lookup: Vec<Duration>,
+    plain: Vec<Duration>,
+    plain_16k: Vec<Duration>,
 }
 
 /// Several threads reading one cold object.
@@ -310,14 +321,15 @@ impl Bench {
         })
     }
 
-    /// Open + first 4 KiB of never-read objects through a fresh mount, and
-    /// the plain GET's first bytes of the same objects.
+    /// Open + first 4 KiB of never-read objects through a fresh mount, each paired with the
+    /// plain GET's first bytes of the same object taken right after it.
     pub fn ttfb(&mut self) -> Result<Ttfb> {
         let cache = self.fresh_cache("orcafs-ttfb")?;
-        let mount = Fs::Orcafs.mount(&self.env, &cache, "ttfb")?;
         let keys = self.data.ttfb_keys.clone();
         let big_keys = self.data.ttfb_big_dir_keys.clone();
         self.put_big_dir_fillers()?;
+        // Start from a settled machine: earlier phases leave dirty pages and a full page cache.
+        sys::drop_caches()?;
         self.preload_origin(
             &keys
                 .iter()
@@ -325,51 +337,56 @@ impl Bench {
                 .map(String::as_str)
                 .collect::<Vec<_>>(),
         )?;
-        let small = self.first_blocks(&mount, &keys)?;
-        let big = self.first_blocks(&mount, &big_keys)?;
+        let mount = Fs::Orcafs.mount(&self.env, &cache, "ttfb")?;
+        // One read of another object first, so the mount's code is paged in (as in any mount
+        // that has served a read) and its connections are open, like the plain client's.
+        let warm_up = mount.path(MAIN_KEY);
+        mount.guarded("warm-up read", self.knobs.phase_limit, || {
+            reads::lookup_then_first_block(&warm_up)
+        })?;
+        self.plain.warm_up(MAIN_KEY)?;
+        let small = self.first_blocks(&mount, &keys, true)?;
+        let big = self.first_blocks(&mount, &big_keys, false)?;
         mount.unmount()?;
         remove_dir(&cache)?;
-        // The plain GET under the same conditions as the mount: an open connection, then the
-        // same quiet period before each sample (an idle machine wakes up slower than a busy one).
-        let mut plain = Vec::with_capacity(keys.len());
-        self.plain.warm_up(MAIN_KEY)?;
-        for key in &keys {
-            self.wait_origin_idle();
-            plain.push(self.plain.first_bytes(key)?);
-        }
         Ok(Ttfb {
-            mount: small.0,
-            lookup: small.1,
-            big_dir: big.0,
-            big_dir_lookup: big.1,
-            plain,
+            mount: small.mount,
+            lookup: small.lookup,
+            big_dir: big.mount,
+            big_dir_lookup: big.lookup,
+            plain: small.plain,
+            plain_16k: small.plain_16k,
         })
     }
 
     /// For each key (never read, in one directory): the origin idle, then `stat` + `open` +
-    /// first 4 KiB, after looking up the directory once. (Totals, lookups.)
-    fn first_blocks(
-        &mut self,
-        mount: &FsMount,
-        keys: &[String],
-    ) -> Result<(Vec<Duration>, Vec<Duration>)> {
+    /// first 4 KiB, after looking up the directory once; with `plain`, then the origin idle
+    /// again and the plain GET's first bytes of the same object, so both sides of each pair see
+    /// the same machine (an idle machine answers slower than a busy one: same wait for both).
+    fn first_blocks(&mut self, mount: &FsMount, keys: &[String], plain: bool) -> Result<Ttfb1> {
         let dir = keys
             .first()
             .and_then(|k| Path::new(k).parent())
             .context("no TTFB objects")?;
         std::fs::metadata(mount.path(&dir.to_string_lossy()))
             .context("looking up the TTFB directory")?;
-        let (mut samples, mut lookups) = (Vec::new(), Vec::new());
+        let mut out = Ttfb1::default();
         for key in keys {
             self.wait_origin_idle();
             let path = mount.path(key);
             let (lookup, first) = mount.guarded("first 4 KiB", self.knobs.phase_limit, || {
                 reads::lookup_then_first_block(&path)
             })?;
-            samples.push(lookup + first);
-            lookups.push(lookup);
+            out.mount.push(lookup + first);
+            out.lookup.push(lookup);
+            if plain {
+                self.wait_origin_idle();
+                let (first, kernel_read) = self.plain.first_bytes(key)?;
+                out.plain.push(first);
+                out.plain_16k.push(kernel_read);
+            }
         }
-        Ok((samples, lookups))
+        Ok(out)
     }
 
     /// Tiny objects that make `BIG_DIR` bigger than one LIST page (written as files of the

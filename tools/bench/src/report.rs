@@ -360,8 +360,11 @@ measuring orcafs and its baseline back to back; every round is listed under the 
    row 4b does the same in a directory of over 1000 objects, where each name costs a lookup at
    the origin (LIST and HEAD together) first. Baseline: median over the same objects of a plain
    SDK `GetObject` on an open connection, from sending the request to the first body bytes,
-   after the same idle wait as the mount's samples (an idle machine answers slower than a busy
-   one, so both sides get the same wait).
+   each taken right after the mount's sample of the same object and after the same idle wait
+   (an idle machine answers slower than a busy one, so both sides get the same wait). The page
+   cache is dropped before this phase so earlier phases' dirty pages do not weigh on it, and
+   the mount first reads 4 KiB of another object (the large one) so that its code is paged in
+   and its connections are open, as the plain client's are.
 5. **4 KiB random reads**: *cached*: on the warm mount (whole object in the disk cache), page
    cache dropped, one `open` then `pread(2)` of 4 KiB at random 4 KiB-aligned offsets, one at a
    time; IOPS vs the same offsets on the local copy with its page cache dropped. *Cold*: fresh
