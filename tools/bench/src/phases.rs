@@ -370,23 +370,25 @@ impl Bench {
             .context("no TTFB objects")?;
         std::fs::metadata(mount.path(&dir.to_string_lossy()))
             .context("looking up the TTFB directory")?;
-        let mut out = Ttfb1::default();
-        for key in keys {
-            self.wait_origin_idle();
-            let path = mount.path(key);
-            let (lookup, first) = mount.guarded("first 4 KiB", self.knobs.phase_limit, || {
-                reads::lookup_then_first_block(&path)
-            })?;
-            out.mount.push(lookup + first);
-            out.lookup.push(lookup);
-            if plain {
+        // One watchdog for all samples: a watchdog thread started per sample would run beside
+        // the mount's samples only.
+        let limit = self.knobs.phase_limit;
+        mount.guarded("first 4 KiB of each object", limit, || {
+            let mut out = Ttfb1::default();
+            for key in keys {
                 self.wait_origin_idle();
-                let (first, kernel_read) = self.plain.first_bytes(key)?;
-                out.plain.push(first);
-                out.plain_16k.push(kernel_read);
+                let (lookup, first) = reads::lookup_then_first_block(&mount.path(key))?;
+                out.mount.push(lookup + first);
+                out.lookup.push(lookup);
+                if plain {
+                    self.wait_origin_idle();
+                    let (first, kernel_read) = self.plain.first_bytes(key)?;
+                    out.plain.push(first);
+                    out.plain_16k.push(kernel_read);
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// Tiny objects that make `BIG_DIR` bigger than one LIST page (written as files of the
