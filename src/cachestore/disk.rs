@@ -244,6 +244,7 @@ impl DiskStore {
             }
             None => {
                 self.drop_corrupt(&id, key, &path);
+                Metrics::inc(&self.metrics.disk_misses);
                 Ok(None)
             }
         }
@@ -316,7 +317,6 @@ impl DiskStore {
     fn drop_corrupt(&self, id: &ChunkId, key: &ChunkKey, path: &Path) {
         tracing::warn!(?key, path = %path.display(), "corrupt, truncated or foreign cache file: dropping it");
         Metrics::inc(&self.metrics.disk_corrupt);
-        Metrics::inc(&self.metrics.disk_misses);
         self.remove(id);
     }
 
