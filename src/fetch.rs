@@ -296,7 +296,8 @@ impl Coordinator {
         let count = chunk::chunk_count(object.size, cs);
         let last = (index + self.policy.readahead_chunks).min(count.saturating_sub(1));
         // A chunk read from the cache: let the store read ahead of the reader within it too.
-        self.store.will_read(&ChunkKey::new(object.clone(), cs, index));
+        self.store
+            .will_read(&ChunkKey::new(object.clone(), cs, index));
         for i in index + 1..=last {
             if !self.prefetch(ChunkKey::new(object.clone(), cs, i)) {
                 break;
