@@ -73,6 +73,16 @@ enum Resolved {
     Missing,
 }
 
+impl DirEntry {
+    /// The entry's key (file) or prefix (directory) in the directory with prefix `dir`.
+    fn path_under(&self, dir: &str) -> String {
+        match self.kind {
+            Kind::Dir => format!("{dir}{}/", self.name),
+            Kind::File => format!("{dir}{}", self.name),
+        }
+    }
+}
+
 /// The version of an object an open file pins.
 #[derive(Debug, Clone)]
 pub struct OpenedObject {
@@ -156,10 +166,7 @@ impl State {
         e: &DirEntry,
         fresh_until: Instant,
     ) -> Attr {
-        let path = match e.kind {
-            Kind::Dir => format!("{parent_path}{}/", e.name),
-            Kind::File => format!("{parent_path}{}", e.name),
-        };
+        let path = e.path_under(parent_path);
         let ino = self.ino_for(e.kind, &path);
         let node = self.nodes.entry(ino).or_insert_with(|| Node {
             parent,
@@ -185,9 +192,7 @@ impl State {
         self.negative.remove(&(parent, e.name.clone()));
         attr_of(ino, node)
     }
-}
 
-impl State {
     /// Stores a complete listing of directory `ino` (prefix `prefix`), numbering its entries.
     fn keep_listing(
         &mut self,
@@ -199,11 +204,7 @@ impl State {
         let entries: Vec<DirEntry> = merged
             .into_values()
             .map(|mut e| {
-                let path = match e.kind {
-                    Kind::Dir => format!("{prefix}{}/", e.name),
-                    Kind::File => format!("{prefix}{}", e.name),
-                };
-                e.ino = self.ino_for(e.kind, &path);
+                e.ino = self.ino_for(e.kind, &e.path_under(prefix));
                 e
             })
             .collect();
