@@ -1,4 +1,4 @@
-//! fetch: the coordinator every chunk read goes through.
+//! fetch: the [`Fetcher`] every chunk read goes through.
 //!
 //! `read_chunk` resolves a chunk in this order: a fill already in flight on this host (join it),
 //! the local disk cache, else a new fill from the origin. One fill per chunk per host
@@ -95,7 +95,7 @@ enum Source {
 /// Memory permits are counted in KiB so that large budgets fit a semaphore.
 const PERMIT_BYTES: u64 = 1024;
 
-pub struct Coordinator {
+pub struct Fetcher {
     origin: Arc<S3Origin>,
     store: Arc<dyn CacheStore>,
     policy: FetchPolicy,
@@ -107,15 +107,15 @@ pub struct Coordinator {
     metrics: Arc<Metrics>,
 }
 
-impl Coordinator {
+impl Fetcher {
     pub fn new(
         origin: Arc<S3Origin>,
         store: Arc<dyn CacheStore>,
         policy: FetchPolicy,
         metrics: Arc<Metrics>,
-    ) -> Arc<Coordinator> {
+    ) -> Arc<Fetcher> {
         let memory_permits = (policy.memory_limit / PERMIT_BYTES).clamp(1, u32::MAX as u64) as u32;
-        Arc::new(Coordinator {
+        Arc::new(Fetcher {
             origin,
             store,
             origin_slots: Semaphore::new(policy.max_origin_requests),
@@ -463,7 +463,7 @@ impl Coordinator {
     /// server streams to a peer. Pieces are yielded as they arrive.
     pub fn stream_local(self: &Arc<Self>, key: ChunkKey) -> ChunkStream {
         enum State {
-            Start(Arc<Coordinator>, ChunkKey),
+            Start(Arc<Fetcher>, ChunkKey),
             Fill(Arc<Fill>, usize),
             Store(ChunkStream),
         }

@@ -19,7 +19,7 @@ use fuser::{
 };
 
 use crate::chunk::ObjectVersion;
-use crate::fetch::{Coordinator, FetchError};
+use crate::fetch::{Fetcher, FetchError};
 use crate::metrics::OpLatency;
 use crate::namespace::{Attr, Kind, Local, Namespace, NsError, OpenedObject};
 use crate::origin::OriginError;
@@ -61,7 +61,7 @@ fn lock_handles(h: &Handles) -> MutexGuard<'_, HashMap<u64, Arc<OpenFile>>> {
 
 pub struct OrcaFs {
     ns: Arc<Namespace>,
-    fetch: Arc<Coordinator>,
+    fetch: Arc<Fetcher>,
     rt: tokio::runtime::Handle,
     show: Presentation,
     origin_id: Arc<str>,
@@ -104,7 +104,7 @@ fn errno_of_fetch(e: &FetchError) -> Errno {
 impl OrcaFs {
     pub fn new(
         ns: Arc<Namespace>,
-        fetch: Arc<Coordinator>,
+        fetch: Arc<Fetcher>,
         rt: tokio::runtime::Handle,
         show: Presentation,
         origin_id: &str,
@@ -553,7 +553,7 @@ impl Opener {
     }
 }
 
-fn readahead(fetch: &Arc<Coordinator>, file: &OpenFile, offset: u64, size: u64) {
+fn readahead(fetch: &Arc<Fetcher>, file: &OpenFile, offset: u64, size: u64) {
     let expected = file.next_offset.swap(offset + size, Ordering::Relaxed);
     if offset == expected {
         fetch.readahead(&file.object, offset / fetch.chunk_size());

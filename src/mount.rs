@@ -24,7 +24,7 @@ use crate::chunk::ChunkKey;
 use crate::cluster::{self, Cluster, LocalFills, Observe, PeerAddr};
 use crate::config::Config;
 use crate::control;
-use crate::fetch::{Coordinator, FetchPolicy, Peers};
+use crate::fetch::{Fetcher, FetchPolicy, Peers};
 use crate::fs::{OrcaFs, Presentation, MAX_READ};
 use crate::metrics::{Metrics, OpLatency};
 use crate::namespace::Namespace;
@@ -103,7 +103,7 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
     );
     let disk = Arc::new(disk);
     let (store, replica, shared) = rt.block_on(build_store(&cfg, &disk, &metrics))?;
-    let fetch = Coordinator::new(origin.clone(), store, fetch_policy(&cfg), metrics.clone());
+    let fetch = Fetcher::new(origin.clone(), store, fetch_policy(&cfg), metrics.clone());
     let _evictors = rt.block_on(async { start_eviction(&cfg, &disk, shared.as_ref()) });
     let latency = Arc::new(OpLatency::default());
     let observe = Arc::new(MountObserve {
@@ -124,7 +124,7 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
     // Kept alive until the session ends.
     let _listener = match (&cluster, &cfg.metrics_addr) {
         (Some(c), _) => {
-            let fills = Arc::new(CoordinatorFills(fetch.clone()));
+            let fills = Arc::new(LocalFetchFills(fetch.clone()));
             Some(rt.block_on(c.serve(fills, observe.clone()))?)
         }
         (None, Some(addr)) => {
@@ -334,9 +334,9 @@ impl Peers for ClusterPeers {
 }
 
 /// Fills served to peers: local only, never forwarded again.
-struct CoordinatorFills(Arc<Coordinator>);
+struct LocalFetchFills(Arc<Fetcher>);
 
-impl LocalFills for CoordinatorFills {
+impl LocalFills for LocalFetchFills {
     fn stream_local(&self, key: ChunkKey) -> ChunkStream {
         self.0.stream_local(key)
     }
@@ -344,7 +344,7 @@ impl LocalFills for CoordinatorFills {
 
 /// What /readyz and /metrics report.
 struct MountObserve {
-    fetch: Arc<Coordinator>,
+    fetch: Arc<Fetcher>,
     metrics: Arc<Metrics>,
     latency: Arc<OpLatency>,
     replica: Option<Arc<Replica>>,
