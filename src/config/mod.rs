@@ -13,6 +13,8 @@ use serde::Deserialize;
 use crate::cachestore::s3::SharedCacheConfig;
 use crate::cluster::ClusterConfig;
 
+pub mod de;
+
 /// Everything a mount needs, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
