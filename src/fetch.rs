@@ -34,7 +34,7 @@ use tracing::Instrument;
 use crate::cachestore::{collect, CacheStore, ChunkStream, StoreError};
 use crate::chunk::{self, ChunkId, ChunkKey, ObjectVersion};
 use crate::metrics::Metrics;
-use crate::origin::{OriginError, S3Origin};
+use crate::origin::{Origin, OriginError};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FetchError {
@@ -96,7 +96,7 @@ enum Source {
 const PERMIT_BYTES: u64 = 1024;
 
 pub struct Fetcher {
-    origin: Arc<S3Origin>,
+    origin: Arc<dyn Origin>,
     store: Arc<dyn CacheStore>,
     policy: FetchPolicy,
     inflight: Mutex<HashMap<ChunkId, Arc<Fill>>>,
@@ -109,7 +109,7 @@ pub struct Fetcher {
 
 impl Fetcher {
     pub fn new(
-        origin: Arc<S3Origin>,
+        origin: Arc<dyn Origin>,
         store: Arc<dyn CacheStore>,
         policy: FetchPolicy,
         metrics: Arc<Metrics>,
@@ -238,8 +238,8 @@ impl Fetcher {
             }
             if use_store {
                 match self.store.get_chunk(key, offset, len).await {
-                    Ok(stream) => return Ok(Source::Stored(stream)),
-                    Err(StoreError::NotFound) => {}
+                    Ok(Some(stream)) => return Ok(Source::Stored(stream)),
+                    Ok(None) => {}
                     Err(e) => {
                         tracing::warn!(?key, error = %e, "cache store failed; treating as a miss")
                     }
@@ -391,8 +391,7 @@ impl Fetcher {
             Ok(()) => {
                 // Commit after serve: readers already have their bytes.
                 match self.store.put_chunk(&key, key.len(), fill.pieces()).await {
-                    Ok(()) => tracing::debug!("chunk committed"),
-                    Err(StoreError::CommitLost) => tracing::debug!("chunk already committed"),
+                    Ok(c) => tracing::debug!(outcome = ?c, "chunk committed"),
                     Err(e) => tracing::warn!(error = %e, "could not commit chunk"),
                 }
             }
@@ -406,7 +405,7 @@ impl Fetcher {
 
     /// Streams the chunk from the cache store into the fill; true when it is complete.
     async fn fill_from_store(&self, key: &ChunkKey, fill: &Fill) -> bool {
-        let Ok(mut stream) = self.store.get_chunk(key, 0, key.len()).await else {
+        let Ok(Some(mut stream)) = self.store.get_chunk(key, 0, key.len()).await else {
             return false;
         };
         while let Some(piece) = stream.next().await {

@@ -19,7 +19,7 @@ use fuser::{
 };
 
 use crate::chunk::ObjectVersion;
-use crate::fetch::{Fetcher, FetchError};
+use crate::fetch::{FetchError, Fetcher};
 use crate::metrics::OpLatency;
 use crate::namespace::{Attr, Kind, Local, Namespace, NsError, OpenedObject};
 use crate::origin::OriginError;

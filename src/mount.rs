@@ -24,11 +24,11 @@ use crate::chunk::ChunkKey;
 use crate::cluster::{self, Cluster, LocalFills, Observe, PeerAddr};
 use crate::config::Config;
 use crate::control;
-use crate::fetch::{Fetcher, FetchPolicy, Peers};
+use crate::fetch::{FetchPolicy, Fetcher, Peers};
 use crate::fs::{OrcaFs, Presentation, MAX_READ};
 use crate::metrics::{Metrics, OpLatency};
 use crate::namespace::Namespace;
-use crate::origin::{OriginError, S3Origin};
+use crate::origin::{Origin, OriginError, S3Origin};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
@@ -89,8 +89,12 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
         .map_err(MountError::Runtime)?;
     let metrics = Arc::new(Metrics::default());
 
-    let origin = Arc::new(rt.block_on(S3Origin::new(&cfg, metrics.clone())));
-    rt.block_on(probe_origin(&cfg, &origin))?;
+    let origin: Arc<dyn Origin> = Arc::new(rt.block_on(S3Origin::new(
+        &cfg.origin_client(),
+        &cfg.bucket,
+        metrics.clone(),
+    )));
+    rt.block_on(probe_origin(&cfg, &*origin))?;
 
     let (disk, scan) = DiskStore::open(&cfg.cache_dir, cfg.cache_max_size, metrics.clone())?;
     tracing::info!(
@@ -214,7 +218,7 @@ async fn build_store(
     };
     let what = format!("the shared cache s3://{}/{}", sc.bucket, sc.prefix);
     let shared = async {
-        let s = Arc::new(S3Store::new(sc).await?);
+        let s = Arc::new(S3Store::new(sc).await);
         s.self_test().await?;
         Ok::<_, StoreError>(s)
     }
@@ -233,12 +237,11 @@ async fn build_store(
         }
     };
     tracing::info!(store = %what, "shared cache self-tested");
-    let read_timeout = sc.timeout().unwrap_or(Duration::from_secs(5));
     let replica = Arc::new(Replica::new(
         vec![local],
         vec![shared.clone() as Arc<dyn CacheStore>],
         SHARED_QUEUE_LEN,
-        read_timeout,
+        sc.timeout,
         metrics.clone(),
     ));
     Ok((replica.clone(), Some(replica), Some(shared)))
@@ -543,7 +546,7 @@ fn slash_prefix(prefix: &str) -> String {
     }
 }
 
-async fn probe_origin(cfg: &Config, origin: &S3Origin) -> Result<(), MountError> {
+async fn probe_origin(cfg: &Config, origin: &dyn Origin) -> Result<(), MountError> {
     let endpoint = cfg
         .endpoint_url
         .clone()

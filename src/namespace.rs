@@ -13,7 +13,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::origin::{ListPage, ObjectMeta, OriginError, S3Origin};
+use crate::origin::{ListPage, ObjectMeta, Origin, OriginError};
 
 pub const ROOT_INO: u64 = 1;
 const MAX_NAME: usize = 255;
@@ -121,7 +121,7 @@ struct State {
 }
 
 pub struct Namespace {
-    origin: Arc<S3Origin>,
+    origin: Arc<dyn Origin>,
     ttl: Duration,
     negative_ttl: Duration,
     state: Mutex<State>,
@@ -258,7 +258,7 @@ fn attr_of(ino: u64, n: &Node) -> Attr {
 
 impl Namespace {
     pub fn new(
-        origin: Arc<S3Origin>,
+        origin: Arc<dyn Origin>,
         root_prefix: &str,
         ttl: Duration,
         negative_ttl: Duration,

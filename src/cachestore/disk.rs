@@ -22,7 +22,9 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::{Bytes, BytesMut};
 use lru::LruCache;
 
-use super::{check_put, once, read_after_write, CacheStore, ChunkStream, Info, StoreError};
+use super::{
+    check_put, once, read_after_write, CacheStore, ChunkStream, Committed, Info, StoreError,
+};
 use crate::chunk::{ChunkId, ChunkKey};
 use crate::metrics::Metrics;
 
@@ -700,22 +702,19 @@ impl CacheStore for DiskDriver {
         key: &ChunkKey,
         offset: u64,
         len: u64,
-    ) -> Result<ChunkStream, StoreError> {
+    ) -> Result<Option<ChunkStream>, StoreError> {
         // The index is complete (built from the files at open, kept by this process alone), so
         // a miss needs no trip to a blocking thread: cold reads start their fill at once.
         if !self.0.contains(&key.id()) {
             Metrics::inc(&self.0.metrics.disk_misses);
-            return Err(StoreError::NotFound);
+            return Ok(None);
         }
         let k = key.clone();
-        match self
+        let bytes = self
             .blocking(move |d| d.read(&k, offset, len))
             .await?
-            .map_err(store_err)?
-        {
-            Some(bytes) => Ok(once(bytes)),
-            None => Err(StoreError::NotFound),
-        }
+            .map_err(store_err)?;
+        Ok(bytes.map(once))
     }
 
     async fn put_chunk(
@@ -723,25 +722,23 @@ impl CacheStore for DiskDriver {
         key: &ChunkKey,
         size: u64,
         data: Vec<Bytes>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Committed, StoreError> {
         check_put(key, size, &data)?;
         let id = key.id();
         // The index can name a file a racing delete just removed: trust it only with the file.
         if self.0.contains(&id) && self.0.path_of(&id).exists() {
-            return Err(StoreError::CommitLost);
+            return Ok(Committed::AlreadyThere);
         }
         let k = key.clone();
         self.blocking(move |d| d.write(&k, &data))
             .await?
-            .map_err(store_err)
+            .map_err(store_err)?;
+        Ok(Committed::Stored)
     }
 
-    async fn stat(&self, key: &ChunkKey) -> Result<Info, StoreError> {
+    async fn stat(&self, key: &ChunkKey) -> Result<Option<Info>, StoreError> {
         let k = key.clone();
-        self.blocking(move |d| d.stat(&k))
-            .await?
-            .map_err(store_err)?
-            .ok_or(StoreError::NotFound)
+        self.blocking(move |d| d.stat(&k)).await?.map_err(store_err)
     }
 
     async fn delete(&self, key: &ChunkKey) -> Result<(), StoreError> {

@@ -7,7 +7,9 @@ use std::time::SystemTime;
 use bytes::{Bytes, BytesMut};
 use lru::LruCache;
 
-use super::{check_put, once, read_after_write, CacheStore, ChunkStream, Info, StoreError};
+use super::{
+    check_put, once, read_after_write, CacheStore, ChunkStream, Committed, Info, StoreError,
+};
 use crate::chunk::{ChunkId, ChunkKey};
 
 pub struct MemoryStore {
@@ -51,12 +53,14 @@ impl CacheStore for MemoryStore {
         key: &ChunkKey,
         offset: u64,
         len: u64,
-    ) -> Result<ChunkStream, StoreError> {
+    ) -> Result<Option<ChunkStream>, StoreError> {
         let mut st = self.lock();
-        let (data, _) = st.chunks.get(&key.id()).ok_or(StoreError::NotFound)?;
+        let Some((data, _)) = st.chunks.get(&key.id()) else {
+            return Ok(None);
+        };
         let end = offset.saturating_add(len).min(data.len() as u64);
         let start = offset.min(end);
-        Ok(once(data.slice(start as usize..end as usize)))
+        Ok(Some(once(data.slice(start as usize..end as usize))))
     }
 
     async fn put_chunk(
@@ -64,7 +68,7 @@ impl CacheStore for MemoryStore {
         key: &ChunkKey,
         size: u64,
         data: Vec<Bytes>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Committed, StoreError> {
         check_put(key, size, &data)?;
         if size > self.max_bytes {
             return Err(StoreError::Other(format!(
@@ -74,7 +78,7 @@ impl CacheStore for MemoryStore {
         }
         let id = key.id();
         if self.lock().chunks.contains(&id) {
-            return Err(StoreError::CommitLost);
+            return Ok(Committed::AlreadyThere);
         }
         let mut buf = BytesMut::with_capacity(size as usize);
         for piece in &data {
@@ -82,7 +86,7 @@ impl CacheStore for MemoryStore {
         }
         let mut st = self.lock();
         if st.chunks.contains(&id) {
-            return Err(StoreError::CommitLost);
+            return Ok(Committed::AlreadyThere);
         }
         st.chunks.put(id, (buf.freeze(), SystemTime::now()));
         st.bytes += size;
@@ -92,16 +96,15 @@ impl CacheStore for MemoryStore {
                 None => break,
             }
         }
-        Ok(())
+        Ok(Committed::Stored)
     }
 
-    async fn stat(&self, key: &ChunkKey) -> Result<Info, StoreError> {
+    async fn stat(&self, key: &ChunkKey) -> Result<Option<Info>, StoreError> {
         let st = self.lock();
-        let (data, committed) = st.chunks.peek(&key.id()).ok_or(StoreError::NotFound)?;
-        Ok(Info {
+        Ok(st.chunks.peek(&key.id()).map(|(data, committed)| Info {
             size: data.len() as u64,
             committed: *committed,
-        })
+        }))
     }
 
     async fn delete(&self, key: &ChunkKey) -> Result<(), StoreError> {

@@ -6,7 +6,8 @@
 //! (`tests/contract.rs`), so they are interchangeable.
 //!
 //! Stores keep bytes by [`ChunkKey`]; since a key is content addressed, two writers of one key
-//! write identical bytes, and losing a race to commit ([`StoreError::CommitLost`]) is success.
+//! write identical bytes, and losing a race to commit ([`Committed::AlreadyThere`]) is success.
+//! A miss is `Ok(None)`, not an error: errors are for stores that fail.
 //! Stores never talk to the origin and know nothing of FUSE.
 
 use std::pin::Pin;
@@ -27,19 +28,22 @@ pub use disk::DiskStore;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
-    #[error("chunk not found")]
-    NotFound,
     #[error("store unavailable, may succeed later: {0}")]
     Transient(String),
     #[error("store refused the credentials: {0}")]
     Auth(String),
-    /// Another writer committed this chunk first; the stored bytes are the same.
-    #[error("another writer committed this chunk first")]
-    CommitLost,
     #[error("stored chunk is corrupt or foreign: {0}")]
     Corrupt(String),
     #[error("store error: {0}")]
     Other(String),
+}
+
+/// How a put ended; both are success.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    Stored,
+    /// Another writer committed this chunk first; the stored bytes are the same.
+    AlreadyThere,
 }
 
 /// What a store knows about a stored chunk.
@@ -59,25 +63,26 @@ pub trait CacheStore: Send + Sync + 'static {
     /// Short name for logs and metrics (`disk`, `s3`, `memory`, `replica`).
     fn name(&self) -> &str;
 
-    /// `len` bytes at `offset` inside the chunk (clipped to its length). `NotFound` when absent;
+    /// `len` bytes at `offset` inside the chunk (clipped to its length), `None` when absent;
     /// corrupt, truncated or foreign data is never yielded.
     async fn get_chunk(
         &self,
         key: &ChunkKey,
         offset: u64,
         len: u64,
-    ) -> Result<ChunkStream, StoreError>;
+    ) -> Result<Option<ChunkStream>, StoreError>;
 
     /// Stores a complete chunk of `size` bytes, given as pieces. Atomic: readers see all of it
-    /// or nothing. `CommitLost` if it was already stored.
+    /// or nothing.
     async fn put_chunk(
         &self,
         key: &ChunkKey,
         size: u64,
         data: Vec<Bytes>,
-    ) -> Result<(), StoreError>;
+    ) -> Result<Committed, StoreError>;
 
-    async fn stat(&self, key: &ChunkKey) -> Result<Info, StoreError>;
+    /// What the store knows of the chunk, `None` when absent.
+    async fn stat(&self, key: &ChunkKey) -> Result<Option<Info>, StoreError>;
 
     /// Removes the chunk; removing an absent chunk succeeds.
     async fn delete(&self, key: &ChunkKey) -> Result<(), StoreError>;
@@ -149,14 +154,13 @@ pub fn probe_key(store: &str) -> (ChunkKey, Bytes) {
 /// The self test all drivers share: put, stat, get, compare, delete.
 pub async fn read_after_write(store: &dyn CacheStore) -> Result<(), StoreError> {
     let (key, data) = probe_key(store.name());
-    match store
+    store
         .put_chunk(&key, data.len() as u64, vec![data.clone()])
-        .await
-    {
-        Ok(()) | Err(StoreError::CommitLost) => {}
-        Err(e) => return Err(e),
-    }
-    let info = store.stat(&key).await?;
+        .await?;
+    let info = store
+        .stat(&key)
+        .await?
+        .ok_or_else(|| StoreError::Other("self test: a chunk just put is not there".into()))?;
     if info.size != data.len() as u64 {
         return Err(StoreError::Other(format!(
             "self test: stat says {} bytes, wrote {}",
@@ -164,18 +168,21 @@ pub async fn read_after_write(store: &dyn CacheStore) -> Result<(), StoreError> 
             data.len()
         )));
     }
-    let back = collect(store.get_chunk(&key, 0, data.len() as u64).await?).await?;
+    let stream = store
+        .get_chunk(&key, 0, data.len() as u64)
+        .await?
+        .ok_or_else(|| StoreError::Other("self test: a chunk just put cannot be read".into()))?;
+    let back = collect(stream).await?;
     if back != data {
         return Err(StoreError::Other(
             "self test: read back different bytes".into(),
         ));
     }
     store.delete(&key).await?;
-    match store.stat(&key).await {
-        Err(StoreError::NotFound) => Ok(()),
-        Ok(_) => Err(StoreError::Other(
+    match store.stat(&key).await? {
+        None => Ok(()),
+        Some(_) => Err(StoreError::Other(
             "self test: chunk still there after delete".into(),
         )),
-        Err(e) => Err(e),
     }
 }

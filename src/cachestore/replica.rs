@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::{collect, once, CacheStore, ChunkStream, Info, StoreError};
+use super::{collect, once, CacheStore, ChunkStream, Committed, Info, StoreError};
 use crate::chunk::ChunkKey;
 use crate::metrics::Metrics;
 
@@ -121,15 +121,21 @@ impl Replica {
         if Self::is_down(t) {
             return None;
         }
-        let read = async { collect(t.store.get_chunk(key, 0, key.len()).await?).await };
+        let read = async {
+            match t.store.get_chunk(key, 0, key.len()).await? {
+                Some(stream) => collect(stream).await.map(Some),
+                None => Ok(None),
+            }
+        };
         match tokio::time::timeout(self.read_timeout, read).await {
-            Ok(Ok(bytes)) if bytes.len() as u64 == key.len() => Some(bytes),
-            Ok(Ok(_)) => {
+            Ok(Ok(Some(bytes))) if bytes.len() as u64 == key.len() => Some(bytes),
+            Ok(Ok(Some(_))) => {
                 self.mark_down(t, "short chunk");
                 None
             }
+            Ok(Ok(None)) => None,
             // A corrupt object is one bad chunk (the driver deletes it), not a broken store.
-            Ok(Err(StoreError::NotFound | StoreError::Corrupt(_))) => None,
+            Ok(Err(StoreError::Corrupt(_))) => None,
             Ok(Err(e)) => {
                 self.mark_down(t, &e.to_string());
                 None
@@ -147,9 +153,8 @@ impl Replica {
             let (store, key, bytes) = (store.clone(), key.clone(), bytes.clone());
             tokio::spawn(async move {
                 let size = bytes.len() as u64;
-                match store.put_chunk(&key, size, vec![bytes]).await {
-                    Ok(()) | Err(StoreError::CommitLost) => {}
-                    Err(e) => tracing::warn!(store = store.name(), error = %e, "copy-back failed"),
+                if let Err(e) = store.put_chunk(&key, size, vec![bytes]).await {
+                    tracing::warn!(store = store.name(), error = %e, "copy-back failed");
                 }
             });
         }
@@ -166,8 +171,8 @@ fn start_tier(store: Arc<dyn CacheStore>, queue_len: usize, metrics: Arc<Metrics
             let result = s.put_chunk(&key, size, data).await;
             d.fetch_sub(1, Ordering::Relaxed);
             match result {
-                Ok(()) => Metrics::inc(&metrics.shared_commits),
-                Err(StoreError::CommitLost) => Metrics::inc(&metrics.commit_lost),
+                Ok(Committed::Stored) => Metrics::inc(&metrics.shared_commits),
+                Ok(Committed::AlreadyThere) => Metrics::inc(&metrics.commit_lost),
                 Err(err) => {
                     tracing::warn!(store = s.name(), ?key, error = %err, "write-behind failed");
                     Metrics::inc(&metrics.shared_errors);
@@ -196,11 +201,11 @@ impl CacheStore for Replica {
         key: &ChunkKey,
         offset: u64,
         len: u64,
-    ) -> Result<ChunkStream, StoreError> {
+    ) -> Result<Option<ChunkStream>, StoreError> {
         for store in &self.sync {
             match store.get_chunk(key, offset, len).await {
-                Ok(stream) => return Ok(stream),
-                Err(StoreError::NotFound) => {}
+                Ok(Some(stream)) => return Ok(Some(stream)),
+                Ok(None) => {}
                 Err(e) => tracing::warn!(store = store.name(), error = %e, "store read failed"),
             }
         }
@@ -210,11 +215,13 @@ impl CacheStore for Replica {
                 Metrics::add(&self.metrics.shared_bytes_read, bytes.len() as u64);
                 self.copy_back(key, bytes.clone());
                 let end = offset.saturating_add(len).min(bytes.len() as u64);
-                return Ok(once(bytes.slice(offset.min(end) as usize..end as usize)));
+                return Ok(Some(once(
+                    bytes.slice(offset.min(end) as usize..end as usize),
+                )));
             }
             Metrics::inc(&self.metrics.shared_misses);
         }
-        Err(StoreError::NotFound)
+        Ok(None)
     }
 
     async fn put_chunk(
@@ -222,19 +229,17 @@ impl CacheStore for Replica {
         key: &ChunkKey,
         size: u64,
         data: Vec<Bytes>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Committed, StoreError> {
         let mut lost = !self.sync.is_empty();
         for store in &self.sync {
-            match store.put_chunk(key, size, data.clone()).await {
-                Ok(()) => lost = false,
-                Err(StoreError::CommitLost) => {}
-                Err(e) => return Err(e),
+            if store.put_chunk(key, size, data.clone()).await? == Committed::Stored {
+                lost = false;
             }
         }
         if lost {
             // Already stored here, so it was queued for the other tiers when first stored.
             Metrics::inc(&self.metrics.commit_lost);
-            return Err(StoreError::CommitLost);
+            return Ok(Committed::AlreadyThere);
         }
         for t in &self.tiers {
             t.depth.fetch_add(1, Ordering::Relaxed);
@@ -250,18 +255,18 @@ impl CacheStore for Replica {
                 )));
             }
         }
-        Ok(())
+        Ok(Committed::Stored)
     }
 
-    async fn stat(&self, key: &ChunkKey) -> Result<Info, StoreError> {
+    async fn stat(&self, key: &ChunkKey) -> Result<Option<Info>, StoreError> {
         for store in self.sync.iter().chain(self.tiers.iter().map(|t| &t.store)) {
             match store.stat(key).await {
-                Ok(info) => return Ok(info),
-                Err(StoreError::NotFound) => {}
+                Ok(Some(info)) => return Ok(Some(info)),
+                Ok(None) => {}
                 Err(e) => tracing::debug!(store = store.name(), error = %e, "stat failed"),
             }
         }
-        Err(StoreError::NotFound)
+        Ok(None)
     }
 
     async fn delete(&self, key: &ChunkKey) -> Result<(), StoreError> {

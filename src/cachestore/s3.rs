@@ -13,7 +13,7 @@
 //! the next fill stores it afresh), never bytes.
 //!
 //! A put is stat-then-put: when an intact copy is already there it reports
-//! [`StoreError::CommitLost`] and uploads nothing. Two hosts racing both upload identical bytes,
+//! [`Committed::AlreadyThere`] and uploads nothing. Two hosts racing both upload identical bytes,
 //! which S3 makes atomic per object, so that race is harmless. Every request is bounded by the
 //! configured timeout with at most two attempts, so a dead or hung store answers
 //! [`StoreError::Transient`] within seconds. The self test refuses a versioned bucket (deletes
@@ -24,11 +24,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
-use aws_sdk_s3::config::retry::RetryConfig;
-use aws_sdk_s3::config::timeout::TimeoutConfig;
-use aws_sdk_s3::config::{
-    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
-};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::BucketVersioningStatus;
@@ -36,18 +31,15 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use sha2::{Digest as _, Sha256};
 
-use super::{check_put, read_after_write, CacheStore, ChunkStream, Info, StoreError};
+use super::{check_put, read_after_write, CacheStore, ChunkStream, Committed, Info, StoreError};
 use crate::chunk::ChunkKey;
-use crate::origin::HasStatus;
+use crate::config::SharedCacheConfig;
+use crate::s3::{self, HasStatus, Kind};
 
 /// Smallest block with its own CRC.
 const MIN_BLOCK: u64 = 64 << 10;
 /// Most blocks a chunk has, so `orcafs-crcs` stays within S3's 2 KiB of user metadata.
 const MAX_BLOCKS: u64 = 128;
-/// Attempts per request, the first included.
-const ATTEMPTS: u32 = 2;
-/// Default per-request timeout.
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Deletes in flight during an eviction pass.
 const EVICT_PARALLEL: usize = 8;
 /// Shortest interval between eviction passes.
@@ -57,107 +49,6 @@ const META_ID: &str = "orcafs-id";
 const META_LEN: &str = "orcafs-len";
 const META_BLOCK: &str = "orcafs-block";
 const META_CRCS: &str = "orcafs-crcs";
-
-fn yes() -> bool {
-    true
-}
-
-/// `[shared_cache]` in the TOML config (these names are an interface; keep them).
-#[derive(Debug, Clone, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SharedCacheConfig {
-    /// S3 endpoint, e.g. `http://10.0.0.5:3900` (default: AWS S3).
-    pub endpoint_url: Option<String>,
-    pub bucket: String,
-    /// Key prefix of every chunk object; a `/` is added when missing.
-    #[serde(default)]
-    pub prefix: String,
-    /// Default us-east-1 when `endpoint_url` is set, else the AWS chain's.
-    pub region: Option<String>,
-    #[serde(default)]
-    pub force_path_style: bool,
-    /// With `secret_access_key`: static credentials of the shared store's own.
-    pub access_key_id: Option<String>,
-    pub secret_access_key: Option<String>,
-    /// Without static credentials: the AWS chain with this profile.
-    pub profile: Option<String>,
-    /// false: a failed self test is a warning and the mount runs without the shared store.
-    #[serde(default = "yes")]
-    pub required: bool,
-    /// Optional active eviction: delete chunks older than this (humantime, e.g. "7d").
-    pub max_age: Option<String>,
-    /// Per-request timeout, default "5s".
-    pub timeout: Option<String>,
-}
-
-impl SharedCacheConfig {
-    /// The store at `s3://BUCKET/PREFIX` (as `--shared-cache` takes it), every other setting at
-    /// its default.
-    pub fn from_url(url: &str) -> Result<SharedCacheConfig, StoreError> {
-        let rest = url.strip_prefix("s3://").ok_or_else(|| {
-            StoreError::Other(format!(
-                "shared cache {url:?}: expected s3://BUCKET or s3://BUCKET/PREFIX"
-            ))
-        })?;
-        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        if bucket.is_empty() {
-            return Err(StoreError::Other(format!(
-                "shared cache {url:?}: no bucket name"
-            )));
-        }
-        Ok(SharedCacheConfig {
-            endpoint_url: None,
-            bucket: bucket.to_string(),
-            prefix: prefix.to_string(),
-            region: None,
-            force_path_style: false,
-            access_key_id: None,
-            secret_access_key: None,
-            profile: None,
-            required: true,
-            max_age: None,
-            timeout: None,
-        })
-    }
-
-    /// The per-request timeout (default 5s).
-    pub fn timeout(&self) -> Result<Duration, StoreError> {
-        match &self.timeout {
-            None => Ok(DEFAULT_TIMEOUT),
-            Some(t) => parse_duration("shared_cache.timeout", t).and_then(|d| {
-                if d.is_zero() {
-                    Err(StoreError::Other(
-                        "shared_cache.timeout must be more than 0".into(),
-                    ))
-                } else {
-                    Ok(d)
-                }
-            }),
-        }
-    }
-
-    /// The eviction age, if active eviction is on.
-    pub fn max_age(&self) -> Result<Option<Duration>, StoreError> {
-        self.max_age
-            .as_deref()
-            .map(|t| parse_duration("shared_cache.max_age", t))
-            .transpose()
-    }
-
-    /// The prefix as used in object keys: no leading `/`, a trailing `/` unless empty.
-    pub fn normalized_prefix(&self) -> String {
-        let p = self.prefix.trim_start_matches('/');
-        if p.is_empty() || p.ends_with('/') {
-            p.to_string()
-        } else {
-            format!("{p}/")
-        }
-    }
-}
-
-fn parse_duration(what: &'static str, text: &str) -> Result<Duration, StoreError> {
-    crate::config::parse_duration(what, text).map_err(|e| StoreError::Other(e.to_string()))
-}
 
 /// The shared store over one bucket and prefix.
 pub struct S3Store {
@@ -188,24 +79,15 @@ struct Meta {
 
 impl S3Store {
     /// Builds the client; no request is sent (that is [`CacheStore::self_test`]'s job).
-    pub async fn new(cfg: &SharedCacheConfig) -> Result<S3Store, StoreError> {
-        if cfg.bucket.is_empty() || cfg.bucket.contains('/') {
-            return Err(StoreError::Other(format!(
-                "shared_cache.bucket {:?} is not a bucket name",
-                cfg.bucket
-            )));
-        }
-        let timeout = cfg.timeout()?;
-        let max_age = cfg.max_age()?;
-        let client = build_client(cfg, timeout).await?;
-        Ok(S3Store {
-            client,
+    pub async fn new(cfg: &SharedCacheConfig) -> S3Store {
+        S3Store {
+            client: s3::client(&cfg.client()).await,
             bucket: cfg.bucket.clone(),
-            prefix: cfg.normalized_prefix(),
-            timeout,
-            max_age,
+            prefix: cfg.prefix.clone(),
+            timeout: cfg.timeout,
+            max_age: cfg.max_age,
             required: cfg.required,
-        })
+        }
     }
 
     pub fn bucket(&self) -> &str {
@@ -321,25 +203,28 @@ impl S3Store {
             .await
         {
             Ok(_) => Ok(()),
-            Err(e) => match self.classify(e, object) {
-                StoreError::NotFound => Ok(()),
-                e => Err(e),
-            },
+            Err(e) if is_missing(&e) => Ok(()),
+            Err(e) => Err(self.classify(e, object)),
         }
     }
 
-    /// HEAD the chunk's object and check its metadata against the key: `Ok` only for an intact
-    /// copy (as far as HEAD can tell: the CRCs are checked by reads), `Corrupt` otherwise.
-    async fn head(&self, key: &ChunkKey) -> Result<Meta, StoreError> {
+    /// HEAD the chunk's object and check its metadata against the key: `Some` only for an
+    /// intact copy (as far as HEAD can tell: the CRCs are checked by reads), `None` when absent,
+    /// `Corrupt` otherwise.
+    async fn head(&self, key: &ChunkKey) -> Result<Option<Meta>, StoreError> {
         let object = self.object_key(key);
-        let out = self
+        let out = match self
             .client
             .head_object()
             .bucket(&self.bucket)
             .key(&object)
             .send()
             .await
-            .map_err(|e| self.classify(e, &object))?;
+        {
+            Ok(out) => out,
+            Err(e) if is_missing(&e) => return Ok(None),
+            Err(e) => return Err(self.classify(e, &object)),
+        };
         let meta = check_meta(key, out.metadata(), out.last_modified())
             .map_err(|why| corrupt(&object, &why))?;
         let stored = out.content_length().unwrap_or(-1);
@@ -349,7 +234,7 @@ impl S3Store {
                 &format!("object holds {stored} bytes, the chunk has {}", key.len()),
             ));
         }
-        Ok(meta)
+        Ok(Some(meta))
     }
 
     /// Deletes an object found bad, so the next fill stores it afresh; best effort.
@@ -405,14 +290,14 @@ impl CacheStore for S3Store {
         key: &ChunkKey,
         offset: u64,
         len: u64,
-    ) -> Result<ChunkStream, StoreError> {
+    ) -> Result<Option<ChunkStream>, StoreError> {
         let klen = key.len();
         let end = offset.saturating_add(len).min(klen);
         if offset >= end {
             // Nothing to read; still tell a miss (or a bad object) from a hit.
             let object = self.object_key(key);
             return match self.head(key).await {
-                Ok(_) => Ok(Box::pin(futures::stream::empty())),
+                Ok(found) => Ok(found.map(|_| Box::pin(futures::stream::empty()) as ChunkStream)),
                 Err(StoreError::Corrupt(why)) => Err(self.drop_corrupt(&object, &why).await),
                 Err(e) => Err(e),
             };
@@ -437,6 +322,7 @@ impl CacheStore for S3Store {
                 let why = "object is shorter than the chunk (range not satisfiable)";
                 return Err(self.drop_corrupt(&object, why).await);
             }
+            Err(e) if is_missing(&e) => return Ok(None),
             Err(e) => return Err(self.classify(e, &object)),
         };
         let whole = span_start == 0 && span_end == klen;
@@ -474,7 +360,7 @@ impl CacheStore for S3Store {
             want: (offset, end),
             crcs: meta.crcs,
         };
-        Ok(Box::pin(futures::stream::unfold(
+        Ok(Some(Box::pin(futures::stream::unfold(
             Some(reader),
             |state| async move {
                 let mut reader = state?;
@@ -484,7 +370,7 @@ impl CacheStore for S3Store {
                     None => None,
                 }
             },
-        )))
+        ))))
     }
 
     async fn put_chunk(
@@ -492,12 +378,12 @@ impl CacheStore for S3Store {
         key: &ChunkKey,
         size: u64,
         data: Vec<Bytes>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Committed, StoreError> {
         check_put(key, size, &data)?;
         match self.head(key).await {
-            Ok(_) => return Err(StoreError::CommitLost),
+            Ok(Some(_)) => return Ok(Committed::AlreadyThere),
             // Absent, or a bad copy to be replaced.
-            Err(StoreError::NotFound) | Err(StoreError::Corrupt(_)) => {}
+            Ok(None) | Err(StoreError::Corrupt(_)) => {}
             Err(e) => return Err(e),
         }
         let body = match <[Bytes; 1]>::try_from(data) {
@@ -530,15 +416,14 @@ impl CacheStore for S3Store {
             .send()
             .await
             .map_err(|e| self.classify(e, &object))?;
-        Ok(())
+        Ok(Committed::Stored)
     }
 
-    async fn stat(&self, key: &ChunkKey) -> Result<Info, StoreError> {
-        let meta = self.head(key).await?;
-        Ok(Info {
+    async fn stat(&self, key: &ChunkKey) -> Result<Option<Info>, StoreError> {
+        Ok(self.head(key).await?.map(|meta| Info {
             size: key.len(),
             committed: meta.committed,
-        })
+        }))
     }
 
     async fn delete(&self, key: &ChunkKey) -> Result<(), StoreError> {
@@ -548,13 +433,13 @@ impl CacheStore for S3Store {
     async fn self_test(&self) -> Result<(), StoreError> {
         // Some servers (s3s-fs) create a missing bucket on the first put: ask first.
         if let Err(e) = self.client.head_bucket().bucket(&self.bucket).send().await {
-            return Err(match self.classify(e, "") {
-                StoreError::NotFound => StoreError::Other(format!(
+            if is_missing(&e) {
+                return Err(StoreError::Other(format!(
                     "shared cache bucket {:?} does not exist at this endpoint",
                     self.bucket
-                )),
-                other => other,
-            });
+                )));
+            }
+            return Err(self.classify(e, ""));
         }
         let status = match self
             .client
@@ -667,110 +552,31 @@ impl BlockReader {
     }
 }
 
-async fn build_client(
-    cfg: &SharedCacheConfig,
-    timeout: Duration,
-) -> Result<aws_sdk_s3::Client, StoreError> {
-    let region = match (&cfg.region, &cfg.endpoint_url) {
-        (Some(r), _) => Some(Region::new(r.clone())),
-        (None, Some(_)) => Some(Region::new("us-east-1")),
-        (None, None) => None,
-    };
-    let builder = match (&cfg.access_key_id, &cfg.secret_access_key) {
-        (Some(id), Some(secret)) => {
-            if cfg.profile.is_some() {
-                return Err(StoreError::Other(
-                    "[shared_cache]: set either access_key_id/secret_access_key or profile, not both"
-                        .into(),
-                ));
-            }
-            // Static credentials: nothing is looked up, neither the environment nor IMDS.
-            let region = match region {
-                Some(r) => r,
-                None => aws_config::default_provider::region::DefaultRegionChain::builder()
-                    .build()
-                    .region()
-                    .await
-                    .unwrap_or_else(|| Region::new("us-east-1")),
-            };
-            let creds = Credentials::new(id, secret, None, None, "orcafs-shared-cache");
-            aws_sdk_s3::config::Builder::new()
-                .behavior_version(BehaviorVersion::latest())
-                .region(region)
-                .credentials_provider(creds)
-        }
-        (None, None) => {
-            let mut loader = aws_config::defaults(BehaviorVersion::latest());
-            if let Some(p) = &cfg.profile {
-                loader = loader.profile_name(p);
-            }
-            if let Some(r) = region {
-                loader = loader.region(r);
-            }
-            let shared = loader.load().await;
-            let mut b = aws_sdk_s3::config::Builder::from(&shared);
-            if shared.region().is_none() {
-                b = b.region(Region::new("us-east-1"));
-            }
-            b
-        }
-        _ => {
-            return Err(StoreError::Other(
-                "[shared_cache]: access_key_id and secret_access_key go together".into(),
-            ))
-        }
-    };
-    let mut b = builder
-        .force_path_style(cfg.force_path_style)
-        .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
-        .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
-        .retry_config(
-            RetryConfig::standard()
-                .with_max_attempts(ATTEMPTS)
-                .with_initial_backoff(Duration::from_millis(50)),
-        )
-        .timeout_config(
-            TimeoutConfig::builder()
-                .connect_timeout(timeout)
-                .read_timeout(timeout)
-                .operation_attempt_timeout(timeout)
-                .operation_timeout(timeout)
-                .build(),
-        );
-    if let Some(url) = &cfg.endpoint_url {
-        b = b.endpoint_url(url);
-    }
-    Ok(aws_sdk_s3::Client::from_conf(b.build()))
-}
-
 fn classify<E, R>(bucket: &str, err: SdkError<E, R>, what: &str) -> StoreError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug + HasStatus,
 {
-    let text = format!("{bucket}/{what}: {}", DisplayErrorContext(&err));
-    match &err {
-        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
-            StoreError::Transient(text)
-        }
-        SdkError::ServiceError(s) => {
-            let status = s.raw().status_code();
-            let code = s.err().code().unwrap_or("");
-            match (status, code) {
-                (_, "NoSuchBucket") => StoreError::Other(format!(
-                    "shared cache bucket {bucket:?} does not exist at this endpoint"
-                )),
-                (404, _) | (_, "NoSuchKey") | (_, "NotFound") => StoreError::NotFound,
-                (401 | 403, _) => StoreError::Auth(text),
-                (s, _) if s >= 500 => StoreError::Transient(text),
-                (_, "SlowDown" | "RequestTimeout" | "Throttling" | "RequestTimeTooSkewed") => {
-                    StoreError::Transient(text)
-                }
-                (s, _) => StoreError::Other(format!("HTTP {s}: {text}")),
-            }
-        }
-        _ => StoreError::Other(text),
+    let f = s3::classify(&err);
+    let text = format!("{bucket}/{what}: {}", f.text);
+    match f.kind {
+        Kind::NoSuchBucket => StoreError::Other(format!(
+            "shared cache bucket {bucket:?} does not exist at this endpoint"
+        )),
+        Kind::NotFound => StoreError::Other(format!("{text}: not found")),
+        Kind::Auth => StoreError::Auth(text),
+        Kind::Retryable | Kind::Unreachable => StoreError::Transient(text),
+        Kind::Precondition | Kind::Other => StoreError::Other(text),
     }
+}
+
+/// A 404: the object is absent (a miss, not a failure).
+fn is_missing<E, R>(err: &SdkError<E, R>) -> bool
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug + HasStatus,
+{
+    s3::classify(err).kind == Kind::NotFound
 }
 
 fn corrupt(object: &str, why: &str) -> StoreError {
@@ -1026,53 +832,5 @@ mod tests {
         assert!(check_range(Some("bytes 0-9/11"), 0, 10, 10).is_err());
         assert!(check_range(Some("bytes 1-9/10"), 0, 10, 10).is_err());
         assert!(check_range(Some("junk"), 0, 10, 10).is_err());
-    }
-
-    #[test]
-    fn config_from_toml_and_url() {
-        #[derive(serde::Deserialize)]
-        struct File {
-            shared_cache: SharedCacheConfig,
-        }
-        let f: File = toml::from_str(
-            r#"
-            [shared_cache]
-            endpoint_url = "http://127.0.0.1:3900"
-            bucket = "chunks"
-            prefix = "orcafs"
-            region = "garage"
-            force_path_style = true
-            access_key_id = "AK"
-            secret_access_key = "SK"
-            required = false
-            max_age = "7d"
-            timeout = "2s"
-            "#,
-        )
-        .unwrap();
-        let c = f.shared_cache;
-        assert_eq!(c.normalized_prefix(), "orcafs/");
-        assert_eq!(c.max_age().unwrap(), Some(Duration::from_secs(7 * 86400)));
-        assert_eq!(c.timeout().unwrap(), Duration::from_secs(2));
-        assert!(!c.required);
-        let f: File = toml::from_str("[shared_cache]\nbucket = \"b\"\n").unwrap();
-        assert!(f.shared_cache.required);
-        assert_eq!(f.shared_cache.timeout().unwrap(), DEFAULT_TIMEOUT);
-        assert!(toml::from_str::<File>("[shared_cache]\nbucket = \"b\"\nbukcet = 1\n").is_err());
-
-        let u = SharedCacheConfig::from_url("s3://chunks/site-a/orcafs").unwrap();
-        assert_eq!(
-            (u.bucket.as_str(), u.prefix.as_str()),
-            ("chunks", "site-a/orcafs")
-        );
-        assert_eq!(u.normalized_prefix(), "site-a/orcafs/");
-        assert_eq!(
-            SharedCacheConfig::from_url("s3://b")
-                .unwrap()
-                .normalized_prefix(),
-            ""
-        );
-        assert!(SharedCacheConfig::from_url("b/p").is_err());
-        assert!(SharedCacheConfig::from_url("s3:///p").is_err());
     }
 }

@@ -10,7 +10,9 @@ use serde::{Deserialize, Deserializer};
 use super::Value;
 
 /// An optional duration (`"5s"`, `"250ms"`, or a bare number of seconds) that must be positive.
-pub fn opt_positive_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+pub fn opt_positive_duration<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Duration>, D::Error> {
     let Some(v) = Option::<Value>::deserialize(d)? else {
         return Ok(None);
     };

@@ -10,10 +10,13 @@ use std::time::Duration;
 use clap::Args;
 use serde::Deserialize;
 
-use crate::cachestore::s3::SharedCacheConfig;
 use crate::cluster::ClusterConfig;
+use crate::s3::{ClientSettings, Credentials};
 
 pub mod de;
+pub mod shared_cache;
+
+pub use shared_cache::SharedCacheConfig;
 
 /// Everything a mount needs, validated.
 #[derive(Debug, Clone)]
@@ -61,6 +64,23 @@ pub struct Config {
     pub cluster: Option<ClusterConfig>,
     /// `/healthz`, `/readyz`, `/metrics` for a host without `[cluster]`.
     pub metrics_addr: Option<String>,
+}
+
+impl Config {
+    /// How to build the origin's S3 client.
+    pub fn origin_client(&self) -> ClientSettings {
+        ClientSettings {
+            endpoint_url: self.endpoint_url.clone(),
+            region: self.region.clone(),
+            force_path_style: self.force_path_style,
+            credentials: Credentials::Chain,
+            max_attempts: self.origin_max_attempts,
+            initial_backoff: None,
+            connect_timeout: self.origin_timeout.min(Duration::from_secs(10)),
+            read_timeout: self.origin_timeout,
+            operation_timeout: None,
+        }
+    }
 }
 
 pub const DEFAULT_CHUNK_SIZE: u64 = 8 << 20;
@@ -440,43 +460,25 @@ fn shared_cache(
     file: Option<SharedCacheConfig>,
 ) -> Result<Option<SharedCacheConfig>, ConfigError> {
     let mut sc = match &args.shared_cache {
-        Some(url) => Some(
-            SharedCacheConfig::from_url(url)
-                .map_err(|e| invalid("shared cache", url, e.to_string()))?,
-        ),
+        Some(url) => Some(SharedCacheConfig::from_url(url)?),
         None => file,
     };
-    if let (Some(sc), Some(url)) = (sc.as_mut(), &args.shared_cache_endpoint_url) {
-        validate_url(url)?;
-        sc.endpoint_url = Some(url.clone());
-        // Like the origin flags: an explicit endpoint is an S3-compatible server, which almost
-        // always wants path-style requests (set the TOML section for anything else).
-        sc.force_path_style = true;
-    }
-    if let Some(sc) = &sc {
-        if let Some(url) = &sc.endpoint_url {
+    match (sc.as_mut(), &args.shared_cache_endpoint_url) {
+        (Some(sc), Some(url)) => {
             validate_url(url)?;
+            sc.endpoint_url = Some(url.clone());
+            // Like the origin flags: an explicit endpoint is an S3-compatible server, which almost
+            // always wants path-style requests (set the TOML section for anything else).
+            sc.force_path_style = true;
         }
-        sc.timeout().map_err(|e| {
-            invalid(
-                "shared cache timeout",
-                sc.timeout.clone().unwrap_or_default(),
-                e.to_string(),
-            )
-        })?;
-        sc.max_age().map_err(|e| {
-            invalid(
-                "shared cache max age",
-                sc.max_age.clone().unwrap_or_default(),
-                e.to_string(),
-            )
-        })?;
-    } else if args.shared_cache_endpoint_url.is_some() {
-        return Err(invalid(
-            "shared cache endpoint URL",
-            args.shared_cache_endpoint_url.clone().unwrap_or_default(),
-            "needs --shared-cache s3://BUCKET/PREFIX or a [shared_cache] section",
-        ));
+        (None, Some(url)) => {
+            return Err(invalid(
+                "shared cache endpoint URL",
+                url,
+                "needs --shared-cache s3://BUCKET/PREFIX or a [shared_cache] section",
+            ))
+        }
+        _ => {}
     }
     Ok(sc)
 }
@@ -515,10 +517,13 @@ fn valid_bucket_name(name: &str) -> bool {
             .is_some_and(|b| b.is_ascii_alphanumeric())
 }
 
+fn valid_url(url: &str) -> bool {
+    (url.starts_with("http://") || url.starts_with("https://"))
+        && url.split("://").nth(1).is_some_and(|h| !h.is_empty())
+}
+
 fn validate_url(url: &str) -> Result<(), ConfigError> {
-    let ok = (url.starts_with("http://") || url.starts_with("https://"))
-        && url.split("://").nth(1).is_some_and(|h| !h.is_empty());
-    if ok {
+    if valid_url(url) {
         Ok(())
     } else {
         Err(invalid(

@@ -1,0 +1,238 @@
+//! config::shared_cache: the `[shared_cache]` section (or `--shared-cache s3://BUCKET/PREFIX`),
+//! typed and validated when the file is parsed, so a bad value names the file, the line and the
+//! key before anything is probed. Builds no client and sends nothing: `cachestore::s3` does.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{de, valid_url, ConfigError};
+use crate::s3::{ClientSettings, Credentials};
+
+/// Per-request timeout when none is configured.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Attempts per shared-store request, the first included: a dead store must answer fast.
+const ATTEMPTS: u32 = 2;
+
+/// The shared in-datacenter cache store.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "Section")]
+pub struct SharedCacheConfig {
+    /// S3 endpoint, e.g. `http://10.0.0.5:3900` (default: AWS S3).
+    pub endpoint_url: Option<String>,
+    pub bucket: String,
+    /// Key prefix of every chunk object: empty, or ending in `/` (never starting with one).
+    pub prefix: String,
+    pub region: Option<String>,
+    pub force_path_style: bool,
+    pub credentials: Credentials,
+    /// false: a failed self test is a warning and the mount runs without the shared store.
+    pub required: bool,
+    /// Optional active eviction: delete chunks older than this.
+    pub max_age: Option<Duration>,
+    /// Per-request timeout.
+    pub timeout: Duration,
+}
+
+/// The section as written (these names are an interface; keep them).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Section {
+    endpoint_url: Option<String>,
+    bucket: String,
+    #[serde(default)]
+    prefix: String,
+    region: Option<String>,
+    #[serde(default)]
+    force_path_style: bool,
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
+    profile: Option<String>,
+    #[serde(default = "yes")]
+    required: bool,
+    #[serde(default, deserialize_with = "de::opt_positive_duration")]
+    max_age: Option<Duration>,
+    #[serde(default, deserialize_with = "de::opt_positive_duration")]
+    timeout: Option<Duration>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl TryFrom<Section> for SharedCacheConfig {
+    type Error = String;
+
+    fn try_from(s: Section) -> Result<Self, String> {
+        if s.bucket.is_empty() || s.bucket.contains('/') {
+            return Err(format!(
+                "shared_cache.bucket {:?} is not a bucket name",
+                s.bucket
+            ));
+        }
+        if let Some(url) = &s.endpoint_url {
+            if !valid_url(url) {
+                return Err(format!(
+                    "shared_cache.endpoint_url {url:?}: expected http://HOST[:PORT] or https://HOST[:PORT]"
+                ));
+            }
+        }
+        let credentials = match (s.access_key_id, s.secret_access_key, s.profile) {
+            (Some(id), Some(secret), None) => Credentials::Static { id, secret },
+            (None, None, Some(p)) => Credentials::Profile(p),
+            (None, None, None) => Credentials::Chain,
+            (Some(_), Some(_), Some(_)) => return Err(
+                "[shared_cache]: set either access_key_id/secret_access_key or profile, not both"
+                    .into(),
+            ),
+            _ => {
+                return Err(
+                    "[shared_cache]: access_key_id and secret_access_key go together".into(),
+                )
+            }
+        };
+        Ok(SharedCacheConfig {
+            endpoint_url: s.endpoint_url,
+            bucket: s.bucket,
+            prefix: normalize_prefix(&s.prefix),
+            region: s.region,
+            force_path_style: s.force_path_style,
+            credentials,
+            required: s.required,
+            max_age: s.max_age,
+            timeout: s.timeout.unwrap_or(DEFAULT_TIMEOUT),
+        })
+    }
+}
+
+impl SharedCacheConfig {
+    /// The store at `s3://BUCKET/PREFIX` (as `--shared-cache` takes it), every other setting at
+    /// its default.
+    pub fn from_url(url: &str) -> Result<SharedCacheConfig, ConfigError> {
+        let bad = |reason: &str| super::invalid("shared cache", url, reason);
+        let rest = url
+            .strip_prefix("s3://")
+            .ok_or_else(|| bad("expected s3://BUCKET or s3://BUCKET/PREFIX"))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(bad("no bucket name"));
+        }
+        Ok(SharedCacheConfig {
+            endpoint_url: None,
+            bucket: bucket.to_string(),
+            prefix: normalize_prefix(prefix),
+            region: None,
+            force_path_style: false,
+            credentials: Credentials::Chain,
+            required: true,
+            max_age: None,
+            timeout: DEFAULT_TIMEOUT,
+        })
+    }
+
+    /// How to build the store's client: every request bounded by the timeout, two attempts.
+    pub fn client(&self) -> ClientSettings {
+        ClientSettings {
+            endpoint_url: self.endpoint_url.clone(),
+            region: self
+                .region
+                .clone()
+                .or_else(|| self.endpoint_url.as_ref().map(|_| "us-east-1".into())),
+            force_path_style: self.force_path_style,
+            credentials: self.credentials.clone(),
+            max_attempts: ATTEMPTS,
+            initial_backoff: Some(Duration::from_millis(50)),
+            connect_timeout: self.timeout,
+            read_timeout: self.timeout,
+            operation_timeout: Some(self.timeout),
+        }
+    }
+}
+
+/// No leading `/`, a trailing `/` unless empty.
+fn normalize_prefix(prefix: &str) -> String {
+    let p = prefix.trim_start_matches('/');
+    if p.is_empty() || p.ends_with('/') {
+        p.to_string()
+    } else {
+        format!("{p}/")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    struct File {
+        shared_cache: SharedCacheConfig,
+    }
+
+    #[test]
+    fn section_from_toml() {
+        let f: File = toml::from_str(
+            r#"
+            [shared_cache]
+            endpoint_url = "http://127.0.0.1:3900"
+            bucket = "chunks"
+            prefix = "orcafs"
+            region = "garage"
+            force_path_style = true
+            access_key_id = "AK"
+            secret_access_key = "SK"
+            required = false
+            max_age = "7d"
+            timeout = "2s"
+            "#,
+        )
+        .unwrap();
+        let c = f.shared_cache;
+        assert_eq!(c.prefix, "orcafs/");
+        assert_eq!(c.max_age, Some(Duration::from_secs(7 * 86400)));
+        assert_eq!(c.timeout, Duration::from_secs(2));
+        assert!(!c.required);
+        assert_eq!(
+            c.credentials,
+            Credentials::Static {
+                id: "AK".into(),
+                secret: "SK".into()
+            }
+        );
+        let f: File = toml::from_str("[shared_cache]\nbucket = \"b\"\n").unwrap();
+        assert!(f.shared_cache.required);
+        assert_eq!(f.shared_cache.timeout, DEFAULT_TIMEOUT);
+    }
+
+    #[test]
+    fn bad_sections_are_parse_errors() {
+        for (text, says) in [
+            ("bucket = \"b\"\nbukcet = 1", "bukcet"),
+            ("bucket = \"b\"\ntimeout = \"0s\"", "positive"),
+            ("bucket = \"b\"\nmax_age = \"soon\"", "soon"),
+            ("bucket = \"a/b\"", "not a bucket name"),
+            ("bucket = \"b\"\nendpoint_url = \"ftp://x\"", "endpoint_url"),
+            ("bucket = \"b\"\naccess_key_id = \"A\"", "go together"),
+            (
+                "bucket = \"b\"\naccess_key_id = \"A\"\nsecret_access_key = \"S\"\nprofile = \"p\"",
+                "not both",
+            ),
+        ] {
+            let e = toml::from_str::<File>(&format!("[shared_cache]\n{text}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn from_url() {
+        let u = SharedCacheConfig::from_url("s3://chunks/site-a/orcafs").unwrap();
+        assert_eq!(
+            (u.bucket.as_str(), u.prefix.as_str()),
+            ("chunks", "site-a/orcafs/")
+        );
+        assert_eq!(SharedCacheConfig::from_url("s3://b").unwrap().prefix, "");
+        assert!(SharedCacheConfig::from_url("b/p").is_err());
+        assert!(SharedCacheConfig::from_url("s3:///p").is_err());
+    }
+}

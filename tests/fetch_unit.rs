@@ -1,0 +1,270 @@
+//! The fetch path without a kernel or a server: a `Fetcher` over the fault-injecting in-memory
+//! origin and the memory store. Each test pins one promise of `fetch` by counting requests and
+//! bytes at the origin and comparing bytes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use orcafs::cachestore::memory::MemoryStore;
+use orcafs::cachestore::CacheStore;
+use orcafs::chunk::{ChunkKey, ObjectVersion};
+use orcafs::fetch::{FetchPolicy, Fetcher};
+use orcafs::metrics::Metrics;
+use orcafs::origin::fault::{Fault, FaultOrigin};
+use orcafs::origin::OriginError;
+
+const CHUNK: u64 = 256 << 10;
+
+fn policy() -> FetchPolicy {
+    FetchPolicy {
+        chunk_size: CHUNK,
+        max_attempts: 4,
+        retry_time: Duration::from_secs(60),
+        stall_timeout: Duration::from_secs(2),
+        queue_timeout: Duration::from_secs(10),
+        max_origin_requests: 16,
+        readahead_chunks: 0,
+        memory_limit: 64 * CHUNK,
+    }
+}
+
+struct Rig {
+    origin: Arc<FaultOrigin>,
+    store: Arc<MemoryStore>,
+    fetch: Arc<Fetcher>,
+    object: Arc<ObjectVersion>,
+    data: Bytes,
+}
+
+/// One object of `size` pseudo-random bytes behind a fresh fetcher.
+fn rig(size: u64, policy: FetchPolicy) -> Rig {
+    let origin = Arc::new(FaultOrigin::new("bkt"));
+    let data: Bytes = (0..size)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect::<Vec<u8>>()
+        .into();
+    let etag = origin.put("obj", data.clone());
+    let store = Arc::new(MemoryStore::new(1 << 30));
+    let fetch = Fetcher::new(
+        origin.clone(),
+        store.clone(),
+        policy,
+        Arc::new(Metrics::default()),
+    );
+    let object = Arc::new(ObjectVersion {
+        origin_id: "fault".into(),
+        bucket: "bkt".into(),
+        key: "obj".into(),
+        etag: etag.into(),
+        size,
+    });
+    Rig {
+        origin,
+        store,
+        fetch,
+        object,
+        data,
+    }
+}
+
+impl Rig {
+    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, orcafs::fetch::FetchError> {
+        self.fetch.read_object(&self.object, offset, len).await
+    }
+
+    fn expect(&self, offset: u64, len: u64) -> Bytes {
+        let end = (offset + len).min(self.data.len() as u64);
+        self.data.slice(offset as usize..end as usize)
+    }
+
+    fn stored(&self, index: u64) -> bool {
+        let key = ChunkKey::new(self.object.clone(), CHUNK, index);
+        self.store.contains_hint(&key) == Some(true)
+    }
+
+    /// Waits until no fill runs (commits happen after readers are served).
+    async fn settle(&self) {
+        for _ in 0..1000 {
+            if self.fetch.fills_in_flight() == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("fills still in flight");
+    }
+}
+
+#[tokio::test]
+async fn concurrent_readers_of_a_cold_chunk_cause_one_get() {
+    let r = Arc::new(rig(CHUNK, policy()));
+    // A slow first byte, so every reader arrives while the fill is in flight.
+    r.origin.inject(Fault::Delay(Duration::from_millis(100)));
+    let readers: Vec<_> = (0..8u64)
+        .map(|i| {
+            let r = r.clone();
+            tokio::spawn(async move { r.read(i * 1000, 5000).await })
+        })
+        .collect();
+    for (i, t) in readers.into_iter().enumerate() {
+        assert_eq!(t.await.unwrap().unwrap(), r.expect(i as u64 * 1000, 5000));
+    }
+    assert_eq!(r.origin.gets(), 1, "one GET for eight readers");
+    assert_eq!(r.origin.get_bytes(), CHUNK);
+    r.settle().await;
+    assert!(r.stored(0), "committed after serving");
+    // Cached now: no further request.
+    assert_eq!(r.read(0, CHUNK).await.unwrap(), r.data);
+    assert_eq!(r.origin.gets(), 1);
+}
+
+#[tokio::test]
+async fn a_cut_body_resumes_where_it_stopped() {
+    let r = rig(CHUNK, policy());
+    r.origin.inject(Fault::CutAfter(100_000));
+    assert_eq!(r.read(0, CHUNK).await.unwrap(), r.data);
+    assert_eq!(r.origin.gets(), 2, "one GET, one resume");
+    assert_eq!(
+        r.origin.get_bytes(),
+        CHUNK,
+        "the resume asks only for what is missing"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_body_is_abandoned_and_resumed() {
+    let r = rig(CHUNK, policy());
+    r.origin.inject(Fault::StallAfter(70_000));
+    assert_eq!(r.read(0, CHUNK).await.unwrap(), r.data);
+    assert_eq!(r.origin.gets(), 2);
+    assert_eq!(r.origin.get_bytes(), CHUNK);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_stay_within_the_attempt_budget() {
+    // Three 503s and a success: within a budget of four attempts.
+    let r = rig(CHUNK, policy());
+    for _ in 0..3 {
+        r.origin.inject(Fault::Unavailable);
+    }
+    assert_eq!(r.read(0, 10).await.unwrap(), r.expect(0, 10));
+    assert_eq!(r.origin.gets(), 4);
+
+    // Four 503s: the budget is spent, the read fails, nothing is committed, and the next read
+    // starts a new fill.
+    let r = rig(CHUNK, policy());
+    for _ in 0..4 {
+        r.origin.inject(Fault::Unavailable);
+    }
+    let e = r.read(0, 10).await.unwrap_err();
+    assert!(
+        matches!(e, orcafs::fetch::FetchError::Origin(ref o) if o.is_retryable()),
+        "{e}"
+    );
+    assert_eq!(r.origin.gets(), 4);
+    r.settle().await;
+    assert!(!r.stored(0));
+    assert_eq!(r.read(0, CHUNK).await.unwrap(), r.data);
+    assert_eq!(r.origin.gets(), 5);
+}
+
+#[tokio::test]
+async fn a_refusal_is_final() {
+    let r = rig(CHUNK, policy());
+    r.origin.inject(Fault::Denied);
+    let e = r.read(0, 10).await.unwrap_err();
+    assert!(matches!(
+        e,
+        orcafs::fetch::FetchError::Origin(OriginError::AccessDenied(_))
+    ));
+    assert_eq!(r.origin.gets(), 1, "403 is not retried");
+}
+
+#[tokio::test]
+async fn a_replaced_object_is_etag_changed_and_never_committed() {
+    let r = rig(2 * CHUNK, policy());
+    r.origin.inject(Fault::ReplaceWith(Bytes::from(vec![
+        7u8;
+        2 * CHUNK as usize
+    ])));
+    let e = r.read(0, 10).await.unwrap_err();
+    assert!(e.is_etag_changed(), "{e}");
+    assert_eq!(r.origin.gets(), 1, "412 is not retried");
+    r.settle().await;
+    assert!(!r.stored(0));
+    // The old version stays unreadable: never bytes of the new one.
+    let e = r.read(CHUNK, 10).await.unwrap_err();
+    assert!(e.is_etag_changed(), "{e}");
+}
+
+#[tokio::test]
+async fn fills_wait_for_room_in_the_memory_budget() {
+    let mut p = policy();
+    p.memory_limit = 2 * CHUNK;
+    let r = Arc::new(rig(6 * CHUNK, p));
+    for _ in 0..6 {
+        r.origin.inject(Fault::Delay(Duration::from_millis(30)));
+    }
+    let readers: Vec<_> = (0..6u64)
+        .map(|i| {
+            let r = r.clone();
+            tokio::spawn(async move { r.read(i * CHUNK, CHUNK).await })
+        })
+        .collect();
+    let watch = {
+        let r = r.clone();
+        tokio::spawn(async move {
+            let mut peak = 0;
+            for _ in 0..200 {
+                peak = peak.max(r.fetch.memory_in_use());
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            peak
+        })
+    };
+    for (i, t) in readers.into_iter().enumerate() {
+        assert_eq!(t.await.unwrap().unwrap(), r.expect(i as u64 * CHUNK, CHUNK));
+    }
+    let peak = watch.await.unwrap();
+    assert!(peak > 0 && peak <= 2 * CHUNK, "peak fill memory {peak}");
+    assert_eq!(r.origin.get_bytes(), 6 * CHUNK);
+}
+
+#[tokio::test]
+async fn readahead_stops_when_the_budget_is_full() {
+    let mut p = policy();
+    p.memory_limit = 3 * CHUNK;
+    p.readahead_chunks = 8;
+    let r = rig(10 * CHUNK, p);
+    for _ in 0..10 {
+        r.origin.inject(Fault::Delay(Duration::from_millis(200)));
+    }
+    r.fetch.readahead(&r.object, 0);
+    assert_eq!(
+        r.fetch.fills_in_flight(),
+        3,
+        "readahead takes what the budget holds and no more"
+    );
+    assert!(r.fetch.memory_in_use() <= 3 * CHUNK);
+    r.settle().await;
+    assert_eq!(r.origin.gets(), 3);
+    for i in 1..=3 {
+        assert!(r.stored(i), "chunk {i} prefetched");
+    }
+    assert!(!r.stored(4));
+}
+
+#[tokio::test]
+async fn reads_across_chunk_boundaries_and_the_tail() {
+    let r = rig(3 * CHUNK + 123, policy());
+    assert_eq!(
+        r.read(CHUNK - 10, 20).await.unwrap(),
+        r.expect(CHUNK - 10, 20)
+    );
+    assert_eq!(
+        r.read(3 * CHUNK, 1 << 20).await.unwrap(),
+        r.expect(3 * CHUNK, 123)
+    );
+    assert!(r.read(4 * CHUNK, 10).await.unwrap().is_empty());
+    assert_eq!(r.origin.get_bytes(), 2 * CHUNK + 123);
+}
