@@ -1,10 +1,8 @@
-//! The local disk cache: one file per chunk under `<dir>/chunks/<xx>/<yy>/<chunk id hex>`.
+//! The local disk cache: one file per chunk, in the format [`super::chunkfile`] owns.
 //!
-//! A file is a header followed by the chunk's bytes. The header repeats the key fields (so a
-//! foreign file at a colliding path is detected), the data length, and a CRC32C per 64 KiB block,
-//! and ends with its own CRC. A read verifies only the blocks it touches, so a 4 KiB read of a
-//! cached 8 MiB chunk reads 64 KiB, not 8 MiB, and still never serves a corrupt byte: any
-//! mismatch, truncation or foreign header makes the file a miss and it is removed.
+//! A read verifies only the blocks it touches, so a 4 KiB read of a cached 8 MiB chunk reads
+//! 64 KiB, not 8 MiB, and still never serves a corrupt byte: any mismatch, truncation or foreign
+//! header makes the file a miss and it is removed.
 //!
 //! Writes go to `<dir>/tmp/` and are renamed into place, so a crash leaves only temp files,
 //! which are swept at start. An in-memory LRU index of the files bounds the total size; it is
@@ -14,7 +12,7 @@ use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -22,17 +20,12 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::{Bytes, BytesMut};
 use lru::LruCache;
 
+use super::chunkfile::{self, read_dir_paths, Header, BLOCK};
 use super::{
     check_put, once, read_after_write, CacheStore, ChunkStream, Committed, Info, StoreError,
 };
 use crate::chunk::{ChunkId, ChunkKey};
 use crate::metrics::Metrics;
-
-const MAGIC: &[u8; 8] = b"ORCACHK1";
-const BLOCK: u64 = 64 << 10;
-/// Enough for the fixed fields and typical key names; longer headers take a second read.
-const FIRST_READ: usize = 4096;
-const MAX_HEADER: u64 = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
@@ -74,17 +67,10 @@ struct OpenChunk {
 impl OpenChunk {
     fn open(file: File, key: &ChunkKey) -> io::Result<Option<OpenChunk>> {
         let file_len = file.metadata()?.len();
-        let mut head = vec![0u8; FIRST_READ.min(file_len as usize)];
-        file.read_exact_at(&mut head, 0)?;
-        if head.len() >= 12 {
-            let want = u32::from_le_bytes(head[8..12].try_into().unwrap_or_default()) as u64;
-            if want > head.len() as u64 && want <= MAX_HEADER.min(file_len) {
-                head.resize(want as usize, 0);
-                file.read_exact_at(&mut head, 0)?;
-            }
-        }
-        Ok(decode_header(&head, key)
-            .filter(|h| file_len == h.len + h.data_len)
+        let head = chunkfile::read_header(&file, file_len)?;
+        Ok(chunkfile::decode(&head)
+            .ok()
+            .filter(|h| h.is_of(key) && h.file_len() == file_len)
             .map(|header| OpenChunk { file, header }))
     }
 
@@ -110,10 +96,8 @@ impl OpenChunk {
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
             Err(e) => return Err(e),
         };
-        for (i, block) in buf.chunks(BLOCK as usize).enumerate() {
-            if crc32c::crc32c(block) != h.crcs[first as usize + i] {
-                return Ok(None);
-            }
+        if h.bad_block(first, &buf).is_some() {
+            return Ok(None);
         }
         let from = (offset - span_start) as usize;
         let to = (end - span_start) as usize;
@@ -173,8 +157,7 @@ impl DiskStore {
         max_bytes: u64,
         metrics: Arc<Metrics>,
     ) -> Result<(DiskStore, ScanReport), DiskError> {
-        for sub in ["chunks", "tmp"] {
-            let p = root.join(sub);
+        for p in [chunkfile::chunks_dir(root), chunkfile::tmp_dir(root)] {
             fs::create_dir_all(&p).map_err(io_err(&p))?;
         }
         let store = DiskStore {
@@ -217,12 +200,7 @@ impl DiskStore {
     }
 
     pub(super) fn path_of(&self, id: &ChunkId) -> PathBuf {
-        let hex = id.to_hex();
-        self.root
-            .join("chunks")
-            .join(&hex[0..2])
-            .join(&hex[2..4])
-            .join(hex)
+        chunkfile::chunk_path(&self.root, id)
     }
 
     /// Reads `len` bytes at `offset` inside the chunk; `Ok(None)` on a miss (absent, or found bad
@@ -366,12 +344,9 @@ impl DiskStore {
     pub fn write(&self, key: &ChunkKey, pieces: &[Bytes]) -> Result<(), DiskError> {
         let id = key.id();
         let data_len: u64 = pieces.iter().map(|p| p.len() as u64).sum();
-        let header = encode_header(key, data_len, &block_crcs(pieces, data_len));
+        let header = chunkfile::encode(key, pieces);
         let final_path = self.path_of(&id);
-        let tmp = self
-            .root
-            .join("tmp")
-            .join(format!("{}.{:016x}", id.to_hex(), fastrand::u64(..)));
+        let tmp = chunkfile::temp_path(&self.root, &id);
         let result = (|| {
             let mut f = File::create(&tmp)?;
             f.write_all(&header)?;
@@ -457,14 +432,12 @@ impl DiskStore {
             ..Default::default()
         };
         let mut found: Vec<(std::time::SystemTime, ChunkId, u64)> = Vec::new();
-        let chunks = self.root.join("chunks");
-        for l1 in read_dir_paths(&chunks) {
+        for l1 in read_dir_paths(&chunkfile::chunks_dir(&self.root)) {
             for l2 in read_dir_paths(&l1) {
                 for file in read_dir_paths(&l2) {
-                    let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("");
                     let meta = fs::symlink_metadata(&file);
-                    match (ChunkId::from_hex(name), meta) {
-                        (Some(id), Ok(m)) if m.is_file() && self.path_of(&id) == file => {
+                    match (chunkfile::chunk_id_at(&self.root, &file), meta) {
+                        (Some(id), Ok(m)) if m.is_file() => {
                             let mtime = m.modified().unwrap_or(std::time::UNIX_EPOCH);
                             found.push((mtime, id, m.len()));
                         }
@@ -491,158 +464,12 @@ impl DiskStore {
     /// Deletes every temp file; returns how many.
     pub fn sweep_temp(&self) -> u64 {
         let mut n = 0;
-        for p in read_dir_paths(&self.root.join("tmp")) {
+        for p in read_dir_paths(&chunkfile::tmp_dir(&self.root)) {
             if fs::remove_file(&p).is_ok() {
                 n += 1;
             }
         }
         n
-    }
-}
-
-fn read_dir_paths(dir: &Path) -> Vec<PathBuf> {
-    match fs::read_dir(dir) {
-        Ok(rd) => rd.filter_map(|e| e.ok().map(|e| e.path())).collect(),
-        Err(_) => Vec::new(),
-    }
-}
-
-/// CRC32C of each `BLOCK`-sized block of the data, computed across piece boundaries.
-fn block_crcs(pieces: &[Bytes], data_len: u64) -> Vec<u32> {
-    let mut crcs = Vec::with_capacity(data_len.div_ceil(BLOCK) as usize);
-    let mut crc = 0u32;
-    let mut in_block = 0u64;
-    for piece in pieces {
-        let mut rest: &[u8] = piece;
-        while !rest.is_empty() {
-            let take = ((BLOCK - in_block) as usize).min(rest.len());
-            crc = crc32c::crc32c_append(crc, &rest[..take]);
-            in_block += take as u64;
-            rest = &rest[take..];
-            if in_block == BLOCK {
-                crcs.push(crc);
-                crc = 0;
-                in_block = 0;
-            }
-        }
-    }
-    if in_block > 0 {
-        crcs.push(crc);
-    }
-    crcs
-}
-
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-    out.extend_from_slice(s.as_bytes());
-}
-
-fn encode_header(key: &ChunkKey, data_len: u64, crcs: &[u32]) -> Vec<u8> {
-    let o = &key.object;
-    let mut h = Vec::with_capacity(128 + o.key.len() + crcs.len() * 4);
-    h.extend_from_slice(MAGIC);
-    h.extend_from_slice(&0u32.to_le_bytes()); // header length, patched below
-    h.extend_from_slice(&(BLOCK as u32).to_le_bytes());
-    h.extend_from_slice(&data_len.to_le_bytes());
-    h.extend_from_slice(&key.chunk_size.to_le_bytes());
-    h.extend_from_slice(&key.index.to_le_bytes());
-    for field in [&*o.origin_id, &*o.bucket, &*o.key, &*o.etag] {
-        put_str(&mut h, field);
-    }
-    h.extend_from_slice(&(crcs.len() as u32).to_le_bytes());
-    for c in crcs {
-        h.extend_from_slice(&c.to_le_bytes());
-    }
-    let total = (h.len() + 4) as u32;
-    h[8..12].copy_from_slice(&total.to_le_bytes());
-    let crc = crc32c::crc32c(&h);
-    h.extend_from_slice(&crc.to_le_bytes());
-    h
-}
-
-/// A parsed, checked header.
-pub(super) struct Header {
-    len: u64,
-    data_len: u64,
-    crcs: Vec<u32>,
-}
-
-/// Cursor over header bytes; every getter fails (None) past the end.
-struct Cursor<'a>(&'a [u8]);
-
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.0.len() < n {
-            return None;
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Some(a)
-    }
-    fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
-    }
-    fn u64(&mut self) -> Option<u64> {
-        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
-    }
-    fn str(&mut self) -> Option<&'a [u8]> {
-        let n = self.u32()? as usize;
-        self.take(n)
-    }
-}
-
-/// Parses and checks the header against the key; None if it is not this chunk's intact header.
-pub(super) fn decode_header(bytes: &[u8], key: &ChunkKey) -> Option<Header> {
-    let mut c = Cursor(bytes);
-    if c.take(8)? != MAGIC {
-        return None;
-    }
-    let len = c.u32()? as usize;
-    if len < 12 || len > bytes.len() {
-        return None;
-    }
-    let stored_crc = u32::from_le_bytes(bytes[len - 4..len].try_into().ok()?);
-    if crc32c::crc32c(&bytes[..len - 4]) != stored_crc {
-        return None;
-    }
-    if c.u32()? as u64 != BLOCK {
-        return None;
-    }
-    let data_len = c.u64()?;
-    let o = &key.object;
-    let same = c.u64()? == key.chunk_size
-        && c.u64()? == key.index
-        && c.str()? == o.origin_id.as_bytes()
-        && c.str()? == o.bucket.as_bytes()
-        && c.str()? == o.key.as_bytes()
-        && c.str()? == o.etag.as_bytes()
-        && data_len == key.len();
-    if !same {
-        return None;
-    }
-    let n = c.u32()? as usize;
-    if n as u64 != data_len.div_ceil(BLOCK) {
-        return None;
-    }
-    let crcs = (0..n).map(|_| c.u32()).collect::<Option<Vec<u32>>>()?;
-    Some(Header {
-        len: len as u64,
-        data_len,
-        crcs,
-    })
-}
-
-/// Reads and checks the header, then only the blocks covering `[offset, offset+len)`.
-/// `Ok(None)`: the file is not an intact copy of this chunk.
-pub(super) fn read_verified(
-    file: &File,
-    key: &ChunkKey,
-    offset: u64,
-    len: u64,
-) -> io::Result<Option<Bytes>> {
-    match OpenChunk::open(file.try_clone()?, key)? {
-        Some(chunk) => chunk.read(offset, len),
-        None => Ok(None),
     }
 }
 
@@ -660,13 +487,13 @@ impl DiskStore {
             Err(e) => return Err(io_err(&path)(e)),
         };
         let meta = file.metadata().map_err(io_err(&path))?;
-        match read_verified(&file, key, 0, 0).map_err(io_err(&path))? {
-            Some(_) => Ok(Some(Info {
-                size: key.len(),
-                committed: meta.modified().unwrap_or(std::time::UNIX_EPOCH),
-            })),
-            None => Ok(None),
-        }
+        let info = Info {
+            size: key.len(),
+            committed: meta.modified().unwrap_or(std::time::UNIX_EPOCH),
+        };
+        Ok(OpenChunk::open(file, key)
+            .map_err(io_err(&path))?
+            .map(|_| info))
     }
 
     /// Removes a chunk if present.
@@ -766,21 +593,8 @@ impl CacheStore for DiskDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chunk::ObjectVersion;
-
-    fn key(etag: &str, size: u64, chunk: u64, index: u64) -> ChunkKey {
-        ChunkKey::new(
-            Arc::new(ObjectVersion {
-                origin_id: "o".into(),
-                bucket: "b".into(),
-                key: "dir/file".into(),
-                etag: etag.into(),
-                size,
-            }),
-            chunk,
-            index,
-        )
-    }
+    use crate::cachestore::chunkfile::test_key as key;
+    use std::os::unix::fs::FileExt;
 
     fn data(n: usize) -> Vec<u8> {
         (0..n).map(|i| (i * 7 + i / 251) as u8).collect()

@@ -19,6 +19,7 @@ use futures::{Stream, StreamExt};
 use crate::chunk::ChunkKey;
 
 pub mod admin;
+pub mod chunkfile;
 pub mod disk;
 pub mod memory;
 pub mod replica;
