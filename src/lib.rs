@@ -18,3 +18,4 @@ pub mod mount;
 pub mod namespace;
 pub mod notify;
 pub mod origin;
+pub mod peer;

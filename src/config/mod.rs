@@ -10,9 +10,10 @@ use std::time::Duration;
 use clap::Args;
 use serde::Deserialize;
 
+use self::cluster::ClusterConfig;
 use crate::cachestore::s3::SharedCacheConfig;
-use crate::cluster::ClusterConfig;
 
+pub mod cluster;
 pub mod de;
 
 /// Everything a mount needs, validated.
