@@ -35,6 +35,7 @@ use crate::cachestore::{collect, CacheStore, ChunkStream, StoreError};
 use crate::chunk::{self, ChunkId, ChunkKey, ObjectVersion};
 use crate::metrics::Metrics;
 use crate::origin::{Origin, OriginError};
+use crate::peer::{PeerAddr, PeerError};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FetchError {
@@ -73,9 +74,9 @@ pub struct FetchPolicy {
 #[async_trait::async_trait]
 pub trait Peers: Send + Sync + 'static {
     /// The peer that coordinates this chunk, or None when this host does.
-    fn coordinator_for(&self, key: &ChunkKey) -> Option<String>;
-    /// The chunk's bytes as the peer fills them.
-    async fn fetch(&self, peer: &str, key: &ChunkKey) -> Result<ChunkStream, String>;
+    fn coordinator_for(&self, key: &ChunkKey) -> Option<PeerAddr>;
+    /// The chunk's bytes as the peer fills them; Err when the peer fill could not start.
+    async fn fetch(&self, peer: &PeerAddr, key: &ChunkKey) -> Result<ChunkStream, PeerError>;
 }
 
 /// Whether a fill may be delegated to the chunk's coordinator peer. Fills started for a peer's
@@ -380,7 +381,7 @@ impl Fetcher {
                     // A peer that is gone, refuses (409) or breaks: fill here, from where the
                     // peer's bytes stopped.
                     Metrics::inc(&self.metrics.peer_fallbacks);
-                    tracing::info!(peer, error = %e, resume_at = fill.filled(), "peer fill failed; filling locally");
+                    tracing::info!(%peer, error = %e, resume_at = fill.filled(), "peer fill failed; filling locally");
                     self.fill_from_origin(&key, &fill).await
                 }
             },
@@ -418,7 +419,7 @@ impl Fetcher {
         fill.filled() == key.len()
     }
 
-    fn coordinator_peer(&self, key: &ChunkKey, route: Route) -> Option<(Arc<dyn Peers>, String)> {
+    fn coordinator_peer(&self, key: &ChunkKey, route: Route) -> Option<(Arc<dyn Peers>, PeerAddr)> {
         if route == Route::LocalOnly {
             return None;
         }
@@ -431,11 +432,12 @@ impl Fetcher {
     async fn fill_from_peer(
         &self,
         peers: &dyn Peers,
-        peer: &str,
+        peer: &PeerAddr,
         key: &ChunkKey,
         fill: &Fill,
     ) -> Result<(), String> {
-        let mut stream = peers.fetch(peer, key).await?;
+        // Only logged by the caller, like the body failures below.
+        let mut stream = peers.fetch(peer, key).await.map_err(|e| e.to_string())?;
         let len = key.len();
         loop {
             let next = tokio::time::timeout(self.policy.stall_timeout, stream.next())

@@ -18,4 +18,5 @@ pub mod mount;
 pub mod namespace;
 pub mod notify;
 pub mod origin;
+pub mod peer;
 pub mod s3;

@@ -21,7 +21,7 @@ use crate::cachestore::replica::Replica;
 use crate::cachestore::s3::S3Store;
 use crate::cachestore::{CacheStore, ChunkStream, DiskStore, StoreError};
 use crate::chunk::ChunkKey;
-use crate::cluster::{self, Cluster, LocalFills, Observe, PeerAddr};
+use crate::cluster::{self, Cluster, LocalFills, Observe};
 use crate::config::Config;
 use crate::control;
 use crate::fetch::{FetchPolicy, Fetcher, Peers};
@@ -29,6 +29,7 @@ use crate::fs::{OrcaFs, Presentation, MAX_READ};
 use crate::metrics::{Metrics, OpLatency};
 use crate::namespace::Namespace;
 use crate::origin::{Origin, OriginError, S3Origin};
+use crate::peer::{PeerAddr, PeerError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
@@ -324,15 +325,12 @@ struct ClusterPeers(Arc<Cluster>);
 
 #[async_trait::async_trait]
 impl Peers for ClusterPeers {
-    fn coordinator_for(&self, key: &ChunkKey) -> Option<String> {
-        self.0.coordinator_for(&key.id()).map(|p| p.to_string())
+    fn coordinator_for(&self, key: &ChunkKey) -> Option<PeerAddr> {
+        self.0.coordinator_for(&key.id())
     }
 
-    async fn fetch(&self, peer: &str, key: &ChunkKey) -> Result<ChunkStream, String> {
-        self.0
-            .fetch_from_peer(&PeerAddr::new(peer), key)
-            .await
-            .map_err(|e| e.to_string())
+    async fn fetch(&self, peer: &PeerAddr, key: &ChunkKey) -> Result<ChunkStream, PeerError> {
+        self.0.fetch_from_peer(peer, key).await
     }
 }
 

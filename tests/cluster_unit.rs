@@ -12,9 +12,10 @@ use futures::StreamExt as _;
 use orcafs::cachestore::{ChunkStream, StoreError};
 use orcafs::chunk::{ChunkKey, ObjectVersion};
 use orcafs::cluster::{
-    auth, serve_metrics_only, Cluster, ClusterConfig, ClusterError, LocalFills, Observe, PeerAddr,
-    PeerError, ServerHandle,
+    auth, serve_metrics_only, wire, Cluster, ClusterError, LocalFills, Observe, ServerHandle,
 };
+use orcafs::config::cluster::ClusterConfig;
+use orcafs::peer::{PeerAddr, PeerError};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const SECRET: &str = "test-secret-6b1f0c2e9a7d";
@@ -134,13 +135,13 @@ fn secret_file(dir: &tempfile::TempDir, name: &str, secret: &str) -> PathBuf {
 
 fn config(listen: &str, peers: &[&str], secret_file: PathBuf) -> ClusterConfig {
     ClusterConfig {
-        listen: listen.to_string(),
+        listen: listen.parse().unwrap(),
         advertise: None,
-        peers: peers.iter().map(|p| p.to_string()).collect(),
+        peers: peers.iter().map(|p| p.parse().unwrap()).collect(),
         dns: None,
         secret_file,
-        health_interval: Some("100ms".into()),
-        peer_timeout: Some("1s".into()),
+        health_interval: Some(Duration::from_millis(100)),
+        peer_timeout: Some(Duration::from_secs(1)),
         dns_interval: None,
     }
 }
@@ -218,17 +219,7 @@ fn chunk_of(host: &Host, others: &[&Host]) -> ChunkKey {
 }
 
 fn fill_path(key: &ChunkKey) -> String {
-    let o = &key.object;
-    let q = form_urlencoded::Serializer::new(String::new())
-        .append_pair("origin_id", &o.origin_id)
-        .append_pair("bucket", &o.bucket)
-        .append_pair("key", &o.key)
-        .append_pair("etag", &o.etag)
-        .append_pair("chunk_size", &key.chunk_size.to_string())
-        .append_pair("index", &key.index.to_string())
-        .append_pair("object_size", &o.size.to_string())
-        .finish();
-    format!("/internal/fill?{q}")
+    format!("{}?{}", wire::FILL_PATH, wire::fill_query(key))
 }
 
 struct Raw {
@@ -490,7 +481,7 @@ async fn short_long_stalled_or_refused_answers_are_errors() {
     let dir = tempfile::tempdir().unwrap();
     let me = free_addr();
     let mut cfg = config(&me, &[&me], secret_file(&dir, "secret", SECRET));
-    cfg.peer_timeout = Some("500ms".into());
+    cfg.peer_timeout = Some(Duration::from_millis(500));
     let cluster = Cluster::start(&cfg).await.unwrap();
     let key = ChunkKey::new(object(), CHUNK, 3);
     let len = key.len() as usize;
@@ -693,7 +684,7 @@ async fn dns_names_resolve_to_the_peer_set_and_self_is_recognised() {
     let me = free_addr();
     let port = me.rsplit_once(':').unwrap().1;
     let mut cfg = config(&me, &[], secret_file(&dir, "secret", SECRET));
-    cfg.dns = Some(format!("localhost:{port}"));
+    cfg.dns = Some(format!("localhost:{port}").parse().unwrap());
     let cluster = Cluster::start(&cfg).await.unwrap();
     assert!(cluster.peer_set_known());
     assert_eq!(cluster.advertise().as_str(), me);

@@ -1,4 +1,7 @@
 //! client: the signed fill request to a peer, its body as a checked stream, health checks.
+//!
+//! Owns the requesting end of the RPC. Must not touch the peer set (the caller decides whom to
+//! ask and what a failure means for the peer's health).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,11 +11,11 @@ use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Incoming;
 use hyper::StatusCode;
 
-use super::{auth, stats::Stats, Cluster, PeerAddr, PeerError};
+use super::wire::{fill_query, FILL_PATH};
+use super::{auth, stats::Stats, Cluster};
 use crate::cachestore::{ChunkStream, StoreError};
 use crate::chunk::ChunkKey;
-
-pub(crate) const FILL_PATH: &str = "/internal/fill";
+use crate::peer::{PeerAddr, PeerError};
 
 /// Sends the fill request; Ok(body) once the headers say 200 with the chunk's length.
 pub(crate) async fn request_fill(
@@ -20,7 +23,7 @@ pub(crate) async fn request_fill(
     peer: &PeerAddr,
     key: &ChunkKey,
 ) -> Result<Incoming, PeerError> {
-    let path_and_query = format!("{FILL_PATH}?{}", super::fill_query(key));
+    let path_and_query = format!("{FILL_PATH}?{}", fill_query(key));
     let signature = auth::sign(
         cluster.secret().bytes(),
         "GET",

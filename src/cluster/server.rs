@@ -1,4 +1,8 @@
 //! server: the HTTP listener of `/internal/fill`, `/healthz`, `/readyz` and `/metrics`.
+//!
+//! Owns the serving end of the RPC: checks the signature, the key and that this host coordinates
+//! the chunk, then streams a local fill. Must not touch the peer set (it asks
+//! [`Cluster::coordinator_for`]) nor forward a request to another peer.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -22,12 +26,14 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
-use super::client::FILL_PATH;
 use super::stats::Stats;
-use super::{auth, BoxError, Cluster, ClusterError, LocalFills, Observe};
+use super::wire::{parse_fill_query, FILL_PATH};
+use super::{auth, Cluster, ClusterError, LocalFills, Observe};
 use crate::cachestore::ChunkStream;
 use crate::chunk::ChunkKey;
 
+/// The error that ends a response body early (hyper then cuts the connection).
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
 
 const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -243,7 +249,7 @@ fn fill(
         }
         return empty(StatusCode::UNAUTHORIZED);
     }
-    let Some(key) = super::parse_fill_query(req.uri().query().unwrap_or("")) else {
+    let Some(key) = parse_fill_query(req.uri().query().unwrap_or("")) else {
         return text(StatusCode::BAD_REQUEST, "bad chunk key\n");
     };
     if let Some(other) = cluster.coordinator_for(&key.id()) {

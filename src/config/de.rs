@@ -3,6 +3,8 @@
 //! A bad value inside a section (`[cluster] peer_timeout = "soon"`) then fails in the TOML parse,
 //! whose error names the file, the line and the key, before anything is probed or mounted.
 
+use std::net::SocketAddr;
+use std::str::FromStr;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
@@ -24,6 +26,69 @@ pub fn opt_positive_duration<'de, D: Deserializer<'de>>(
         )));
     }
     Ok(Some(dur))
+}
+
+/// Defines one `deserialize_with` function per key, named after the key, that deserializes with
+/// the given function and names `[section] key` in the error: serde does not tell a field's
+/// helper its key, and the operator should read which key is wrong, not count lines.
+macro_rules! named_keys {
+    ($section:literal: $($key:ident -> $ty:ty = $inner:expr;)+) => {$(
+        fn $key<'de, D: serde::Deserializer<'de>>(d: D) -> Result<$ty, D::Error> {
+            let key = concat!("[", $section, "] ", stringify!($key));
+            $inner(d).map_err(|e| {
+                let why = e.to_string(); // toml ends its text with a newline
+                <D::Error as serde::de::Error>::custom(format!("{key}: {}", why.trim_end()))
+            })
+        }
+    )+};
+}
+pub(crate) use named_keys;
+
+/// A `host:port` (a name or an IP address, and a port), trimmed and checked as it is parsed.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct HostPort(String);
+
+impl HostPort {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for HostPort {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<HostPort, String> {
+        let t = text.trim();
+        if valid_host_port(t) {
+            Ok(HostPort(t.to_string()))
+        } else {
+            Err(format!("invalid address {text:?}: expected HOST:PORT"))
+        }
+    }
+}
+
+impl TryFrom<String> for HostPort {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<HostPort, String> {
+        text.parse()
+    }
+}
+
+/// A `host:port` whose port is a non-zero number and whose host is not empty (nor a URL).
+fn valid_host_port(text: &str) -> bool {
+    if text.parse::<SocketAddr>().is_ok() {
+        return true;
+    }
+    match text.rsplit_once(':') {
+        Some((host, port)) => {
+            !host.is_empty()
+                && !host.contains(['/', ' ', '[', ']'])
+                && port.parse::<u16>().is_ok_and(|p| p != 0)
+        }
+        None => false,
+    }
 }
 
 #[cfg(test)]
@@ -48,5 +113,29 @@ mod tests {
         assert!(e.contains("must be positive"), "{e}");
         let e = toml::from_str::<T>("d = \"soon\"").unwrap_err().to_string();
         assert!(e.contains("soon"), "{e}");
+    }
+
+    #[test]
+    fn host_port_validation() {
+        for ok in [
+            "10.0.0.1:7420",
+            "[::1]:1",
+            "orcafs.internal:7420",
+            "a:65535",
+        ] {
+            assert!(valid_host_port(ok), "{ok}");
+        }
+        for bad in [
+            "10.0.0.1",
+            ":7420",
+            "host:",
+            "host:0",
+            "host:99999",
+            "http://h:1",
+            "",
+        ] {
+            assert!(!valid_host_port(bad), "{bad}");
+        }
+        assert_eq!(" h:1 ".parse::<HostPort>().unwrap().as_str(), "h:1");
     }
 }

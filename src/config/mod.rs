@@ -10,9 +10,10 @@ use std::time::Duration;
 use clap::Args;
 use serde::Deserialize;
 
-use crate::cluster::ClusterConfig;
+use self::cluster::ClusterConfig;
 use crate::s3::{ClientSettings, Credentials};
 
+pub mod cluster;
 pub mod de;
 pub mod shared_cache;
 

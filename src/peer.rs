@@ -1,0 +1,81 @@
+//! peer: the words `fetch` and `cluster` share about another host of the cluster, so that the two
+//! meet through the `fetch::Peers` trait (wired in `mount`) without importing each other.
+//!
+//! Owns [`PeerAddr`] (how a peer is named) and [`PeerError`] (why a peer fill was not started).
+//! Vocabulary only: must not touch the network, hashing, configuration or fills.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A peer as the cluster names it: `host:port`, canonical (IP literals normalised) so that every
+/// host hashes the same bytes for it.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerAddr(Arc<str>);
+
+impl PeerAddr {
+    pub fn new(text: &str) -> PeerAddr {
+        let t = text.trim();
+        match t.parse::<SocketAddr>() {
+            Ok(sa) => PeerAddr(sa.to_string().into()),
+            Err(_) => PeerAddr(t.to_ascii_lowercase().into()),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<SocketAddr> for PeerAddr {
+    fn from(sa: SocketAddr) -> PeerAddr {
+        PeerAddr(sa.to_string().into())
+    }
+}
+
+impl fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for PeerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Why a peer fill was not started. The caller fills locally in every case.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerError {
+    #[error("the peer is not the coordinator of this chunk in its own view (409)")]
+    NotCoordinator,
+    #[error("the peer refused our credentials (401); check secret_file on both hosts")]
+    Unauthorized,
+    #[error("the peer answered HTTP {0}")]
+    Status(u16),
+    #[error("cannot connect to the peer: {0}")]
+    Connect(String),
+    #[error("the peer did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the peer announced {got:?} bytes for a chunk of {expected}")]
+    BadLength { expected: u64, got: Option<u64> },
+    #[error("peer request failed: {0}")]
+    Request(String),
+}
+
+impl PeerError {
+    /// A short label for the reason (the `reason` of the cluster's fallback counter).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PeerError::NotCoordinator => "not_coordinator",
+            PeerError::Unauthorized => "unauthorized",
+            PeerError::Status(_) => "status",
+            PeerError::Connect(_) => "connect",
+            PeerError::Timeout(_) => "timeout",
+            PeerError::BadLength { .. } => "bad_length",
+            PeerError::Request(_) => "request",
+        }
+    }
+}
