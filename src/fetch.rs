@@ -435,26 +435,25 @@ impl Fetcher {
         peer: &PeerAddr,
         key: &ChunkKey,
         fill: &Fill,
-    ) -> Result<(), String> {
-        // Only logged by the caller, like the body failures below.
-        let mut stream = peers.fetch(peer, key).await.map_err(|e| e.to_string())?;
+    ) -> Result<(), PeerError> {
+        let mut stream = peers.fetch(peer, key).await?;
         let len = key.len();
         loop {
             let next = tokio::time::timeout(self.policy.stall_timeout, stream.next())
                 .await
-                .map_err(|_| "peer body stalled".to_string())?;
+                .map_err(|_| PeerError::Timeout(self.policy.stall_timeout))?;
             let Some(piece) = next else { break };
-            let piece = piece.map_err(|e| e.to_string())?;
+            let piece = piece.map_err(|e| PeerError::Body(e.to_string()))?;
             if fill.filled() + piece.len() as u64 > len {
-                return Err("peer sent more bytes than the chunk holds".into());
+                return Err(PeerError::Body("more bytes than the chunk holds".into()));
             }
             fill.push(piece);
         }
         if fill.filled() < len {
-            return Err(format!(
-                "peer body ended after {} of {len} bytes",
+            return Err(PeerError::Body(format!(
+                "ended after {} of {len} bytes",
                 fill.filled()
-            ));
+            )));
         }
         Metrics::inc(&self.metrics.peer_fills_received);
         Ok(())

@@ -46,7 +46,8 @@ impl fmt::Debug for PeerAddr {
     }
 }
 
-/// Why a peer fill was not started. The caller fills locally in every case.
+/// Why a peer fill failed. The caller fills locally in every case, from where the peer's bytes
+/// stopped.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PeerError {
     #[error("the peer is not the coordinator of this chunk in its own view (409)")]
@@ -63,6 +64,9 @@ pub enum PeerError {
     BadLength { expected: u64, got: Option<u64> },
     #[error("peer request failed: {0}")]
     Request(String),
+    /// The fill started, then its body broke, stalled past the timeout, or had the wrong length.
+    #[error("the peer's body failed: {0}")]
+    Body(String),
 }
 
 impl PeerError {
@@ -76,6 +80,7 @@ impl PeerError {
             PeerError::Timeout(_) => "timeout",
             PeerError::BadLength { .. } => "bad_length",
             PeerError::Request(_) => "request",
+            PeerError::Body(_) => "body",
         }
     }
 }
