@@ -78,6 +78,8 @@ pub fn errno_of(e: &NsError) -> Errno {
         NsError::UnknownInode(_) => Errno::ESTALE,
         NsError::NotADirectory => Errno::ENOTDIR,
         NsError::IsADirectory => Errno::EISDIR,
+        NsError::Stale => Errno::ESTALE,
+        NsError::NoEtag(_) => Errno::EIO,
         NsError::Origin(o) => errno_of_origin(o),
     }
 }

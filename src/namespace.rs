@@ -3,10 +3,20 @@
 //!
 //! Directories are `/`-delimited prefixes; a name that is both an object and a prefix is shown as
 //! the directory. Keys that cannot be a path component (`.`, `..`, empty components, names over
-//! 255 bytes) are hidden. Inode numbers are a hash of the path (with collision probing), so a
-//! name keeps its number while mounted even after the kernel forgets it; nodes live only while the
-//! kernel holds a lookup reference (`forget` frees them), so memory does not grow with every name
-//! ever seen. Never holds its lock across a network call. Knows nothing of FUSE or chunks.
+//! 255 bytes) are hidden.
+//!
+//! **A file inode is one object version.** The kernel's page cache belongs to an inode, so two
+//! versions of one key must never share one: once a file node knows its ETag, it stands for that
+//! version only. A lookup that finds another ETag (after the TTL) makes a new node with its own
+//! inode; the old node lives on, with its own size and pages, until the kernel forgets it, so a
+//! handle opened on the old version keeps reading the old version (or fails), never a mix, and
+//! its size never shrinks under it. Opening a superseded inode fails with `Stale` (ESTALE), on
+//! which the kernel looks the name up again and opens the new version.
+//!
+//! Inode numbers are a hash of the path and version (with collision probing), so a version keeps
+//! its number while mounted even after the kernel forgets it; nodes live only while the kernel
+//! holds a lookup reference (`forget` frees them), so memory does not grow with every name ever
+//! seen. Never holds its lock across a network call. Knows nothing of FUSE or chunks.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -29,6 +39,12 @@ pub enum NsError {
     NotADirectory,
     #[error("is a directory")]
     IsADirectory,
+    /// The inode's version was replaced at the origin; look the name up again.
+    #[error("the object changed at the origin; this inode is an older version")]
+    Stale,
+    /// The origin gives the object no ETag, so no version can be pinned for it.
+    #[error("object {0:?} has no ETag at the origin (listing and HEAD), so orcafs cannot pin a version of it; serve it from an S3-compatible origin that sets ETags")]
+    NoEtag(String),
     #[error(transparent)]
     Origin(#[from] OriginError),
 }
@@ -102,10 +118,14 @@ struct Node {
     lookups: u64,
     size: u64,
     mtime: SystemTime,
+    /// The version this file inode stands for, once known; never changes after that.
     etag: Option<String>,
     fresh_until: Instant,
     listing: Option<Listing>,
     opened_etag: Option<String>,
+    /// A newer version replaced this one at the origin: the node answers with its own
+    /// attributes, without asking the origin, and cannot be opened again.
+    superseded: bool,
 }
 
 struct Listing {
@@ -116,8 +136,11 @@ struct Listing {
 #[derive(Default)]
 struct State {
     nodes: HashMap<u64, Node>,
+    /// The current node of each name (older versions may still be in `nodes`).
     by_name: HashMap<(u64, String), u64>,
     negative: HashMap<(u64, String), Instant>,
+    /// Keys whose HEAD had no ETag, remembered for the negative TTL.
+    no_etag: HashMap<String, Instant>,
 }
 
 pub struct Namespace {
@@ -137,20 +160,21 @@ pub fn valid_name(name: &str) -> bool {
         && !name.contains('\0')
 }
 
-fn path_hash(kind: Kind, path: &str) -> u64 {
+fn path_hash(kind: Kind, path: &str, etag: Option<&str>) -> u64 {
     let mut h = DefaultHasher::new();
     (kind == Kind::Dir).hash(&mut h);
     path.hash(&mut h);
+    etag.hash(&mut h);
     // Keep clear of the root and of 0, which FUSE reserves.
     h.finish().max(2)
 }
 
 impl State {
-    /// The inode number for a path: its hash, probed past numbers held by other paths.
-    fn ino_for(&self, kind: Kind, path: &str) -> u64 {
-        let mut ino = path_hash(kind, path);
+    /// The inode number for a path and version: its hash, probed past numbers held by others.
+    fn ino_for(&self, kind: Kind, path: &str, etag: Option<&str>) -> u64 {
+        let mut ino = path_hash(kind, path, etag);
         while let Some(n) = self.nodes.get(&ino) {
-            if n.path == path && n.kind == kind {
+            if n.path == path && n.kind == kind && n.etag.as_deref() == etag {
                 break;
             }
             ino = ino.wrapping_add(1).max(2);
@@ -167,7 +191,23 @@ impl State {
         fresh_until: Instant,
     ) -> Attr {
         let path = e.path_under(parent_path);
-        let ino = self.ino_for(e.kind, &path);
+        // The name's current node, while it is the same version; else the version's own node.
+        let ino = match self.by_name.get(&(parent, e.name.clone())) {
+            Some(&ino)
+                if self
+                    .nodes
+                    .get(&ino)
+                    .is_some_and(|n| n.kind == e.kind && n.path == path && same_version(n, e)) =>
+            {
+                ino
+            }
+            Some(&old) => {
+                // Another version now has the name: the old node keeps its own attributes.
+                self.supersede(old);
+                self.ino_for(e.kind, &path, e.etag.as_deref())
+            }
+            None => self.ino_for(e.kind, &path, e.etag.as_deref()),
+        };
         let node = self.nodes.entry(ino).or_insert_with(|| Node {
             parent,
             name: e.name.clone(),
@@ -180,17 +220,38 @@ impl State {
             fresh_until,
             listing: None,
             opened_etag: None,
+            superseded: false,
         });
         node.lookups += 1;
-        node.size = e.size;
-        node.mtime = e.mtime;
-        if e.etag.is_some() || node.etag.is_none() || node.fresh_until < Instant::now() {
+        // The origin names this version as current (again: same ETag, same bytes).
+        node.superseded = false;
+        if node.etag.is_none() {
+            // Learning the version: the node now stands for it.
+            node.size = e.size;
+            node.mtime = e.mtime;
             node.etag = e.etag.clone();
         }
         node.fresh_until = fresh_until;
         self.by_name.insert((parent, e.name.clone()), ino);
         self.negative.remove(&(parent, e.name.clone()));
         attr_of(ino, node)
+    }
+
+    /// Marks a node as an older version: no longer fresh, no longer the name's node, and its
+    /// directory's listing (which may name it) dropped, so the next lookup asks the origin.
+    fn supersede(&mut self, ino: u64) {
+        let Some(n) = self.nodes.get_mut(&ino) else {
+            return;
+        };
+        n.fresh_until = Instant::now();
+        n.superseded = true;
+        let key = (n.parent, n.name.clone());
+        if self.by_name.get(&key) == Some(&ino) {
+            self.by_name.remove(&key);
+        }
+        if let Some(p) = self.nodes.get_mut(&key.0) {
+            p.listing = None;
+        }
     }
 
     /// Stores a complete listing of directory `ino` (prefix `prefix`), numbering its entries.
@@ -204,7 +265,7 @@ impl State {
         let entries: Vec<DirEntry> = merged
             .into_values()
             .map(|mut e| {
-                e.ino = self.ino_for(e.kind, &e.path_under(prefix));
+                e.ino = self.ino_for(e.kind, &e.path_under(prefix), e.etag.as_deref());
                 e
             })
             .collect();
@@ -247,6 +308,16 @@ fn merge_page(prefix: &str, page: &ListPage, merged: &mut BTreeMap<String, DirEn
     }
 }
 
+/// Whether a listed or looked-up entry is the version a node stands for. An entry without an
+/// ETag (some listings) is taken for the same version when size and time agree.
+fn same_version(n: &Node, e: &DirEntry) -> bool {
+    match (&n.etag, &e.etag) {
+        (None, _) => true,
+        (Some(a), Some(b)) => a == b,
+        (Some(_), None) => n.size == e.size && n.mtime == e.mtime,
+    }
+}
+
 fn attr_of(ino: u64, n: &Node) -> Attr {
     Attr {
         ino,
@@ -278,6 +349,7 @@ impl Namespace {
                 fresh_until: Instant::now(),
                 listing: None,
                 opened_etag: None,
+                superseded: false,
             },
         );
         Namespace {
@@ -417,6 +489,8 @@ impl Namespace {
             Local::AskOrigin(key) => key,
         };
         match self.origin.head(&key).await {
+            // A superseded version keeps its own attributes: its size never shrinks under a
+            // handle that reads it.
             Ok(meta) => Ok(self.update_file(ino, &meta).1),
             Err(OriginError::NotFound(_)) => Err(NsError::NotFound),
             Err(e) => Err(e.into()),
@@ -428,33 +502,40 @@ impl Namespace {
         let st = self.lock();
         match st.nodes.get(&ino) {
             None => Local::Answer(Err(NsError::UnknownInode(ino))),
-            Some(n) if n.kind == Kind::Dir || n.fresh_until > Instant::now() => {
+            Some(n) if n.kind == Kind::Dir || n.superseded || n.fresh_until > Instant::now() => {
                 Local::Answer(Ok(attr_of(ino, n)))
             }
             Some(n) => Local::AskOrigin(n.path.clone()),
         }
     }
 
-    fn update_file(&self, ino: u64, meta: &ObjectMeta) -> (Option<String>, Attr) {
+    /// Records what a HEAD found for a file inode. Returns whether the inode still stands for
+    /// the origin's version, and its attributes (a superseded inode keeps its own).
+    fn update_file(&self, ino: u64, meta: &ObjectMeta) -> (bool, Attr) {
         let mut st = self.lock();
         let fresh_until = Instant::now() + self.ttl;
-        match st.nodes.get_mut(&ino) {
-            Some(n) => {
+        let Some(n) = st.nodes.get_mut(&ino) else {
+            let attr = Attr {
+                ino,
+                kind: Kind::File,
+                size: meta.size,
+                mtime: meta.last_modified,
+            };
+            return (false, attr);
+        };
+        match &n.etag {
+            Some(etag) if *etag != meta.etag => {
+                let attr = attr_of(ino, n);
+                st.supersede(ino);
+                (false, attr)
+            }
+            _ => {
                 n.size = meta.size;
                 n.mtime = meta.last_modified;
                 n.etag = Some(meta.etag.clone());
                 n.fresh_until = fresh_until;
-                (n.opened_etag.clone(), attr_of(ino, n))
+                (true, attr_of(ino, n))
             }
-            None => (
-                None,
-                Attr {
-                    ino,
-                    kind: Kind::File,
-                    size: meta.size,
-                    mtime: meta.last_modified,
-                },
-            ),
         }
     }
 
@@ -464,13 +545,23 @@ impl Namespace {
             Local::Answer(r) => return r,
             Local::AskOrigin(key) => key,
         };
-        match self.origin.head(&key).await {
-            Ok(meta) => {
-                self.update_file(ino, &meta);
-                Ok(self.pin(ino, key, meta.etag, meta.size))
-            }
-            Err(OriginError::NotFound(_)) => Err(NsError::NotFound),
-            Err(e) => Err(e.into()),
+        let meta = match self.origin.head(&key).await {
+            Ok(meta) => meta,
+            Err(OriginError::NotFound(_)) => return Err(NsError::NotFound),
+            Err(e) => return Err(e.into()),
+        };
+        if meta.etag.is_empty() {
+            tracing::warn!(
+                key,
+                "object has no ETag at the origin: cannot pin a version, open fails"
+            );
+            let until = Instant::now() + self.negative_ttl;
+            self.lock().no_etag.insert(key.clone(), until);
+            return Err(NsError::NoEtag(key));
+        }
+        match self.update_file(ino, &meta) {
+            (true, _) => Ok(self.pin(ino, key, meta.etag, meta.size)),
+            (false, _) => Err(NsError::Stale),
         }
     }
 
@@ -484,7 +575,14 @@ impl Namespace {
             if n.kind == Kind::Dir {
                 return Local::Answer(Err(NsError::IsADirectory));
             }
-            match (&n.etag, n.fresh_until > Instant::now()) {
+            if n.superseded {
+                return Local::Answer(Err(NsError::Stale));
+            }
+            let now = Instant::now();
+            if st.no_etag.get(&n.path).is_some_and(|t| *t > now) {
+                return Local::Answer(Err(NsError::NoEtag(n.path.clone())));
+            }
+            match (&n.etag, n.fresh_until > now) {
                 (Some(etag), true) => (n.path.clone(), etag.clone(), n.size),
                 _ => return Local::AskOrigin(n.path.clone()),
             }
@@ -512,18 +610,10 @@ impl Namespace {
         }
     }
 
-    /// Forgets what is cached about an inode's object (it changed at the origin), so the next
-    /// open asks the origin again.
+    /// The inode's object changed at the origin: the inode keeps standing for its version, and
+    /// the name's next lookup asks the origin (and finds the new version's inode).
     pub fn invalidate(&self, ino: u64) {
-        let mut st = self.lock();
-        let parent = st.nodes.get_mut(&ino).map(|n| {
-            n.fresh_until = Instant::now();
-            n.etag = None;
-            n.parent
-        });
-        if let Some(p) = parent.and_then(|p| st.nodes.get_mut(&p)) {
-            p.listing = None;
-        }
+        self.lock().supersede(ino);
     }
 
     /// The entries of a directory: the cached listing while fresh, else a full paginated LIST.
@@ -585,6 +675,9 @@ impl Namespace {
         if st.negative.len() > 10_000 {
             st.negative.retain(|_, t| *t > now);
         }
+        if st.no_etag.len() > 10_000 {
+            st.no_etag.retain(|_, t| *t > now);
+        }
     }
 
     /// Nodes currently held (for tests and stats).
@@ -611,7 +704,8 @@ fn file_entry(name: &str, meta: &ObjectMeta) -> DirEntry {
         kind: Kind::File,
         size: meta.size,
         mtime: meta.last_modified,
-        etag: Some(meta.etag.clone()),
+        // An origin without ETags answers HEAD with none: unknown, to be asked at open.
+        etag: Some(meta.etag.clone()).filter(|e| !e.is_empty()),
     }
 }
 
@@ -629,12 +723,85 @@ mod tests {
         }
     }
 
+    use crate::origin::fault::FaultOrigin;
+
+    fn ns(origin: &Arc<FaultOrigin>, ttl: Duration) -> Namespace {
+        Namespace::new(origin.clone(), "", ttl, Duration::from_secs(10))
+    }
+
+    #[tokio::test]
+    async fn a_new_version_gets_its_own_inode_and_the_old_one_keeps_its_attributes() {
+        let origin = Arc::new(FaultOrigin::new("b"));
+        origin.put("f", vec![1u8; 1000]);
+        // TTL zero: every lookup and open asks the origin, as after the TTL.
+        let ns = ns(&origin, Duration::ZERO);
+        let a = ns.lookup(ROOT_INO, "f").await.unwrap();
+        let opened_a = ns.open(a.ino).await.unwrap();
+        assert_eq!(opened_a.size, 1000);
+
+        let etag_b = origin.put("f", vec![2u8; 10]);
+        let b = ns.lookup(ROOT_INO, "f").await.unwrap();
+        assert_ne!(a.ino, b.ino, "a new version is a new inode");
+        assert_eq!(b.size, 10);
+        let heads = origin.heads();
+        // The old inode keeps its own size (never shrinks under a reader), without a request.
+        assert_eq!(ns.getattr(a.ino).await.unwrap().size, 1000);
+        assert_eq!(origin.heads(), heads);
+        // Opening the old inode again is ESTALE (the kernel then looks the name up again).
+        assert!(matches!(ns.open(a.ino).await, Err(NsError::Stale)));
+        let opened_b = ns.open(b.ino).await.unwrap();
+        assert_eq!(
+            (opened_b.etag.as_str(), opened_b.size),
+            (etag_b.as_str(), 10)
+        );
+        // Both versions stay known until the kernel forgets them.
+        assert_eq!(ns.node_count(), 3);
+        ns.forget(a.ino, 1);
+        assert_eq!(ns.node_count(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_open_that_finds_a_new_version_is_stale_and_supersedes_the_inode() {
+        let origin = Arc::new(FaultOrigin::new("b"));
+        origin.put("d/f", vec![1u8; 100]);
+        let ns = ns(&origin, Duration::ZERO);
+        let d = ns.lookup(ROOT_INO, "d").await.unwrap();
+        let a = ns.lookup(d.ino, "f").await.unwrap();
+        origin.put("d/f", vec![2u8; 50]);
+        assert!(matches!(ns.open(a.ino).await, Err(NsError::Stale)));
+        assert_eq!(ns.getattr(a.ino).await.unwrap().size, 100);
+        let b = ns.lookup(d.ino, "f").await.unwrap();
+        assert_ne!(a.ino, b.ino);
+        assert_eq!(ns.open(b.ino).await.unwrap().size, 50);
+    }
+
+    #[tokio::test]
+    async fn an_object_without_etag_fails_to_open_with_a_clear_error_once_per_ttl() {
+        let origin = Arc::new(FaultOrigin::new("b"));
+        origin.put_without_etag("plain", vec![0u8; 10]);
+        let ns = ns(&origin, Duration::from_secs(60));
+        let f = ns.lookup(ROOT_INO, "plain").await.unwrap();
+        let listed = ns.readdir(ROOT_INO).await.unwrap();
+        assert!(listed.iter().any(|e| e.name == "plain" && e.etag.is_none()));
+        match ns.open(f.ino).await {
+            Err(e @ NsError::NoEtag(_)) => {
+                let text = e.to_string();
+                assert!(text.contains("plain") && text.contains("no ETag"), "{text}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let heads = origin.heads();
+        assert!(matches!(ns.open(f.ino).await, Err(NsError::NoEtag(_))));
+        assert_eq!(origin.heads(), heads, "remembered: no second HEAD");
+    }
+
     #[test]
     fn inode_numbers_are_stable_and_distinct() {
         let st = State::default();
-        let a = st.ino_for(Kind::File, "a/b");
-        assert_eq!(a, st.ino_for(Kind::File, "a/b"));
-        assert_ne!(a, st.ino_for(Kind::Dir, "a/b/"));
+        let a = st.ino_for(Kind::File, "a/b", Some("e1"));
+        assert_eq!(a, st.ino_for(Kind::File, "a/b", Some("e1")));
+        assert_ne!(a, st.ino_for(Kind::File, "a/b", Some("e2")));
+        assert_ne!(a, st.ino_for(Kind::Dir, "a/b/", None));
         assert!(a >= 2);
     }
 }

@@ -86,6 +86,16 @@ impl FaultOrigin {
         put(&mut self.lock(), key, data.into())
     }
 
+    /// Stores an object the way an origin without ETags does: none in listings, an empty one
+    /// from HEAD.
+    pub fn put_without_etag(&self, key: &str, data: impl Into<Bytes>) {
+        let mut state = self.lock();
+        put(&mut state, key, data.into());
+        if let Some(o) = state.objects.get_mut(key) {
+            o.etag.clear();
+        }
+    }
+
     pub fn remove(&self, key: &str) {
         self.lock().objects.remove(key);
     }
@@ -97,6 +107,10 @@ impl FaultOrigin {
 
     pub fn counts(&self) -> &Counts {
         &self.counts
+    }
+
+    pub fn heads(&self) -> u64 {
+        self.counts.heads.load(Ordering::Relaxed)
     }
 
     pub fn gets(&self) -> u64 {
@@ -175,7 +189,7 @@ impl Origin for FaultOrigin {
                     key: key.clone(),
                     size: o.data.len() as u64,
                     last_modified: o.modified,
-                    etag: Some(o.etag.clone()),
+                    etag: Some(o.etag.clone()).filter(|e| !e.is_empty()),
                 });
             }
         }

@@ -52,6 +52,7 @@ impl OriginError {
 /// What HEAD tells about an object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectMeta {
+    /// Empty when the origin sends none.
     pub etag: String,
     pub size: u64,
     pub last_modified: SystemTime,

@@ -113,7 +113,7 @@ impl Origin for S3Origin {
                     key: o.key()?.to_string(),
                     size: o.size().unwrap_or(0).max(0) as u64,
                     last_modified: to_system_time(o.last_modified()),
-                    etag: o.e_tag().map(str::to_string),
+                    etag: o.e_tag().filter(|e| !e.is_empty()).map(str::to_string),
                 })
             })
             .collect();
