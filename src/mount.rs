@@ -26,7 +26,7 @@ use crate::config::Config;
 use crate::control;
 use crate::fetch::{FetchPolicy, Fetcher, Peers};
 use crate::fs::{OrcaFs, Presentation, MAX_READ};
-use crate::metrics::{Metrics, OpLatency};
+use crate::metrics::Metrics;
 use crate::namespace::Namespace;
 use crate::origin::{Origin, OriginError, S3Origin};
 use crate::peer::{PeerAddr, PeerError};
@@ -110,11 +110,9 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
     let (store, replica, shared) = rt.block_on(build_store(&cfg, &disk, &metrics))?;
     let fetch = Fetcher::new(origin.clone(), store, fetch_policy(&cfg), metrics.clone());
     let _evictors = rt.block_on(async { start_eviction(&cfg, &disk, shared.as_ref()) });
-    let latency = Arc::new(OpLatency::default());
     let observe = Arc::new(MountObserve {
         fetch: fetch.clone(),
         metrics: metrics.clone(),
-        latency: latency.clone(),
         replica: replica.clone(),
         ready: AtomicBool::new(false),
     });
@@ -158,7 +156,7 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
         show,
         &cfg.origin_id,
         &cfg.bucket,
-        latency,
+        Arc::new(metrics.fuse_op_latency.clone()),
     );
 
     let mounted = mount_fuse(fs, &mountpoint, &cfg)?;
@@ -347,7 +345,6 @@ impl LocalFills for LocalFetchFills {
 struct MountObserve {
     fetch: Arc<Fetcher>,
     metrics: Arc<Metrics>,
-    latency: Arc<OpLatency>,
     replica: Option<Arc<Replica>>,
     ready: AtomicBool,
 }
@@ -357,33 +354,18 @@ impl Observe for MountObserve {
         self.ready.load(Ordering::Relaxed)
     }
 
+    /// Sets the gauges from their live sources, then encodes the whole registry.
     fn metrics_text(&self) -> String {
-        let mut t = cluster::render_counters("orcafs", &self.metrics.snapshot());
-        t.push_str(&cluster::render_gauge(
-            "orcafs_fill_memory_in_use_bytes",
-            "bytes of the fill memory budget in use",
-            self.fetch.memory_in_use() as f64,
-        ));
-        t.push_str(&cluster::render_gauge(
-            "orcafs_fills_in_flight",
-            "chunk fills in flight on this host",
-            self.fetch.fills_in_flight() as f64,
-        ));
+        let m = &self.metrics;
+        m.fill_memory_in_use_bytes
+            .set(self.fetch.memory_in_use() as i64);
+        m.fills_in_flight.set(self.fetch.fills_in_flight() as i64);
         if let Some(r) = &self.replica {
             let depth: u64 = r.queue_depths().iter().map(|(_, d)| d).sum();
-            t.push_str(&cluster::render_gauge(
-                "orcafs_shared_queue_depth",
-                "chunks waiting in the write-behind queue to the shared store",
-                depth as f64,
-            ));
-            t.push_str(&cluster::render_gauge(
-                "orcafs_shared_error_state",
-                "1 when a write-behind to the shared store has failed (see the log)",
-                if r.errors().is_empty() { 0.0 } else { 1.0 },
-            ));
+            m.shared_queue_depth.set(depth as i64);
+            m.shared_error_state.set(i64::from(!r.errors().is_empty()));
         }
-        t.push_str(&self.latency.render());
-        t
+        m.encode()
     }
 }
 

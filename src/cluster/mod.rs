@@ -70,7 +70,8 @@ pub trait LocalFills: Send + Sync + 'static {
 pub trait Observe: Send + Sync + 'static {
     /// Mounted and stores self-tested.
     fn ready(&self) -> bool;
-    /// The process's metrics in Prometheus text format (the cluster's own are appended).
+    /// The process's metrics in Prometheus text format, without `# EOF` (`/metrics` appends the
+    /// cluster's own, encoded the same way).
     fn metrics_text(&self) -> String;
 }
 
@@ -272,32 +273,6 @@ impl Cluster {
     pub(crate) fn stats(&self) -> &Arc<stats::Stats> {
         &self.stats
     }
-}
-
-/// Renders `(name, help, value)` counters (e.g. `Metrics::snapshot()`) in Prometheus text
-/// format as `<prefix>_<name>_total`, for an [`Observe::metrics_text`].
-pub fn render_counters(prefix: &str, counters: &[(&str, &str, u64)]) -> String {
-    let mut out = String::new();
-    for (name, help, value) in counters {
-        let full = format!("{prefix}_{name}_total");
-        out.push_str(&format!(
-            "# HELP {full} {}\n# TYPE {full} counter\n{full} {value}\n",
-            escape_help(help)
-        ));
-    }
-    out
-}
-
-/// Renders one gauge in Prometheus text format, for an [`Observe::metrics_text`].
-pub fn render_gauge(name: &str, help: &str, value: f64) -> String {
-    format!(
-        "# HELP {name} {}\n# TYPE {name} gauge\n{name} {value}\n",
-        escape_help(help)
-    )
-}
-
-fn escape_help(help: &str) -> String {
-    help.replace('\\', "\\\\").replace('\n', "\\n")
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
-//! stats: the cluster's own counters, in a prometheus-client registry (prefix `orcafs_cluster`).
+//! stats: the cluster's own counters, in a prometheus-client registry (prefix `orcafs_cluster`),
+//! encoded by [`crate::metrics::encode`] like the process's.
 
-use prometheus_client::encoding::text::encode_registry;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -127,10 +127,6 @@ impl Stats {
 
     /// Prometheus text, without the OpenMetrics `# EOF` line so that it can be concatenated.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        if encode_registry(&mut out, &self.registry).is_err() {
-            return String::new();
-        }
-        out
+        crate::metrics::encode(&self.registry)
     }
 }

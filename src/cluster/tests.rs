@@ -116,16 +116,6 @@ fn fill_query_round_trips_every_field() {
     assert!(parse_fill_query(&q.replace("index=2", "index=18446744073709551615")).is_none());
 }
 
-#[test]
-fn render_helpers_escape_and_suffix() {
-    let t = render_counters("orcafs", &[("origin_get_requests", "GETs\nsent", 3)]);
-    assert_eq!(
-        t,
-        "# HELP orcafs_origin_get_requests_total GETs\\nsent\n# TYPE orcafs_origin_get_requests_total counter\norcafs_origin_get_requests_total 3\n"
-    );
-    assert!(render_gauge("orcafs_memory_bytes", "b", 2.0).ends_with("orcafs_memory_bytes 2\n"));
-}
-
 fn secret_file(dir: &tempfile::TempDir, text: &str) -> PathBuf {
     let path = dir.path().join("secret");
     std::fs::File::create(&path)
