@@ -284,7 +284,10 @@ impl State {
 /// of the same name, and names that cannot be paths are hidden.
 fn merge_page(prefix: &str, page: &ListPage, merged: &mut BTreeMap<String, DirEntry>) {
     for o in &page.objects {
-        let name = &o.key[prefix.len().min(o.key.len())..];
+        // A server may list keys outside the prefix: they are not in this directory.
+        let Some(name) = o.key.strip_prefix(prefix) else {
+            continue;
+        };
         if valid_name(name) && !merged.contains_key(name) {
             merged.insert(
                 name.to_string(),
@@ -300,9 +303,12 @@ fn merge_page(prefix: &str, page: &ListPage, merged: &mut BTreeMap<String, DirEn
         }
     }
     for p in &page.prefixes {
-        let name = p[prefix.len().min(p.len())..].trim_end_matches('/');
+        let Some(rest) = p.strip_prefix(prefix) else {
+            continue;
+        };
+        let name = rest.trim_end_matches('/');
         // `a//b` lists the prefix `a//`, whose name is empty: hidden.
-        if p.ends_with('/') && p.len() == prefix.len() + name.len() + 1 && valid_name(name) {
+        if rest.len() == name.len() + 1 && valid_name(name) {
             merged.insert(name.to_string(), dir_entry(name));
         }
     }
@@ -435,10 +441,8 @@ impl Namespace {
                 Ok(attr)
             }
             Resolved::Missing => {
-                st.negative.insert(
-                    (parent, name.to_string()),
-                    Instant::now() + self.negative_ttl,
-                );
+                let until = Instant::now() + self.negative_ttl;
+                bounded_insert(&mut st.negative, (parent, name.to_string()), until);
                 Err(NsError::NotFound)
             }
         }
@@ -556,7 +560,7 @@ impl Namespace {
                 "object has no ETag at the origin: cannot pin a version, open fails"
             );
             let until = Instant::now() + self.negative_ttl;
-            self.lock().no_etag.insert(key.clone(), until);
+            bounded_insert(&mut self.lock().no_etag, key.clone(), until);
             return Err(NsError::NoEtag(key));
         }
         match self.update_file(ino, &meta) {
@@ -671,19 +675,28 @@ impl Namespace {
                 st.by_name.remove(&key);
             }
         }
-        let now = Instant::now();
-        if st.negative.len() > 10_000 {
-            st.negative.retain(|_, t| *t > now);
-        }
-        if st.no_etag.len() > 10_000 {
-            st.no_etag.retain(|_, t| *t > now);
-        }
     }
 
     /// Nodes currently held (for tests and stats).
     pub fn node_count(&self) -> usize {
         self.lock().nodes.len()
     }
+}
+
+/// Most names a negative cache remembers: it saves requests, it must not grow without bound.
+const MAX_NEGATIVE: usize = 100_000;
+
+/// Inserts into a negative cache, dropping expired entries when it is full, and everything when
+/// all are still fresh (a miss only costs one request again).
+fn bounded_insert<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Instant>, key: K, until: Instant) {
+    if map.len() >= MAX_NEGATIVE {
+        let now = Instant::now();
+        map.retain(|_, t| *t > now);
+        if map.len() >= MAX_NEGATIVE {
+            map.clear();
+        }
+    }
+    map.insert(key, until);
 }
 
 fn dir_entry(name: &str) -> DirEntry {
@@ -724,6 +737,7 @@ mod tests {
     }
 
     use crate::origin::fault::FaultOrigin;
+    use crate::origin::ListedObject;
 
     fn ns(origin: &Arc<FaultOrigin>, ttl: Duration) -> Namespace {
         Namespace::new(origin.clone(), "", ttl, Duration::from_secs(10))
@@ -793,6 +807,40 @@ mod tests {
         let heads = origin.heads();
         assert!(matches!(ns.open(f.ino).await, Err(NsError::NoEtag(_))));
         assert_eq!(origin.heads(), heads, "remembered: no second HEAD");
+    }
+
+    #[test]
+    fn listed_keys_outside_the_prefix_are_skipped_never_a_panic() {
+        let listed = |key: &str| ListedObject {
+            key: key.into(),
+            size: 1,
+            last_modified: SystemTime::UNIX_EPOCH,
+            etag: None,
+        };
+        let page = ListPage {
+            prefixes: vec!["é".into(), "dir/sub/".into(), "x/".into()],
+            objects: vec![
+                listed("é"),
+                listed("d"),
+                listed("dir/ok"),
+                listed("other/z"),
+            ],
+            next_token: None,
+        };
+        let mut merged = BTreeMap::new();
+        merge_page("dir/", &page, &mut merged);
+        let names: Vec<_> = merged.keys().cloned().collect();
+        assert_eq!(names, ["ok", "sub"]);
+    }
+
+    #[test]
+    fn negative_caches_are_bounded() {
+        let mut m = HashMap::new();
+        let later = Instant::now() + Duration::from_secs(60);
+        for i in 0..MAX_NEGATIVE + 10 {
+            bounded_insert(&mut m, i, later);
+        }
+        assert!(m.len() <= MAX_NEGATIVE);
     }
 
     #[test]

@@ -592,28 +592,41 @@ fn pick_mode(
     parse_mode(what, &text).map(Some)
 }
 
-/// `10GiB`, `512MiB`, `8M`, `4096` (bytes).
+/// Largest size accepted anywhere (1 EiB): far above any cache or chunk, far below overflow.
+const MAX_SIZE: u64 = 1 << 60;
+/// Longest duration accepted anywhere: deadlines computed from it can never overflow a clock.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 86_400);
+
+/// `10GiB`, `512MiB`, `8M`, `4096` (bytes), at most 1 EiB.
 pub fn parse_size(what: &'static str, text: &str) -> Result<u64, ConfigError> {
     let size: bytesize::ByteSize = text
         .trim()
         .parse()
         .map_err(|_| invalid(what, text, "expected a size such as 512MiB, 10GiB or 4096"))?;
-    Ok(size.as_u64())
+    let n = size.as_u64();
+    if n > MAX_SIZE {
+        return Err(invalid(what, text, "must be at most 1EiB"));
+    }
+    Ok(n)
 }
 
-/// `60s`, `5m`, `1h 30m`, `250ms`, or a bare number of seconds.
+/// `60s`, `5m`, `1h 30m`, `250ms`, or a bare number of seconds; at most ten years.
 pub fn parse_duration(what: &'static str, text: &str) -> Result<Duration, ConfigError> {
     let t = text.trim();
-    if let Ok(secs) = t.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
+    let d = match t.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(t).map_err(|_| {
+            invalid(
+                what,
+                text,
+                "expected a duration such as 500ms, 60s, 5m or 1h",
+            )
+        })?,
+    };
+    if d > MAX_DURATION {
+        return Err(invalid(what, text, "must be at most 10 years (3650d)"));
     }
-    humantime::parse_duration(t).map_err(|_| {
-        invalid(
-            what,
-            text,
-            "expected a duration such as 500ms, 60s, 5m or 1h",
-        )
-    })
+    Ok(d)
 }
 
 /// Octal permission bits: `644`, `0644`, `0o644`.
@@ -813,6 +826,26 @@ mod tests {
         assert!(parse_source("B").is_err());
         assert!(parse_source("s3://").is_err());
         assert!(parse_source("UPPER").is_err());
+    }
+
+    #[test]
+    fn overflowing_sizes_and_durations_are_parse_errors() {
+        for d in ["100000000000d", "18446744073709551615", "3651d"] {
+            let e = parse_duration("metadata TTL", d).unwrap_err().to_string();
+            assert!(e.contains("at most 10 years"), "{d}: {e}");
+        }
+        assert_eq!(
+            parse_duration("t", "3650d").unwrap(),
+            Duration::from_secs(3650 * 86_400)
+        );
+        for s in ["100000EiB", "2EiB", "18446744073709551615"] {
+            assert!(parse_size("cache max size", s).is_err(), "{s}");
+        }
+        assert_eq!(parse_size("s", "1EiB").unwrap(), 1 << 60);
+        // The whole path, as a user types it.
+        let mut a = args("bkt");
+        a.metadata_ttl = Some("100000000000d".into());
+        assert!(a.resolve().is_err());
     }
 
     #[test]
