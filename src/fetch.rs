@@ -221,8 +221,10 @@ impl Fetcher {
 
     /// Where a chunk's bytes come from: a fill in flight (joined), the cache store, or a new
     /// fill. The new fill is decided under the in-flight lock, after re-checking that nobody
-    /// started or committed it while we looked in the store (which may take a network round trip
-    /// to the shared store): that recheck is what keeps it one fill per chunk.
+    /// started or committed it while we looked in the store: that recheck is what keeps it one
+    /// fill per chunk. When the store says without I/O that the chunk is not here (the local
+    /// disk's index), the store's slower tiers (the shared store) are asked by the fill itself,
+    /// so concurrent readers of such a chunk cost one shared-store read, not one each.
     async fn resolve(
         self: &Arc<Self>,
         key: &ChunkKey,
@@ -237,7 +239,8 @@ impl Fetcher {
             if let Some(fill) = self.join(&id) {
                 return Ok(Source::Fill(fill));
             }
-            if use_store {
+            let local_miss = self.store.contains_hint(key) == Some(false);
+            if use_store && !local_miss {
                 match self.store.get_chunk(key, offset, len).await {
                     Ok(Some(stream)) => return Ok(Source::Stored(stream)),
                     Ok(None) => {}
@@ -259,13 +262,14 @@ impl Fetcher {
                 rechecked = true;
                 continue;
             }
+            let store_checked = !(use_store && local_miss);
             return Ok(Source::Fill(self.start_fill(
                 &mut map,
                 key.clone(),
                 id,
                 permit,
                 route,
-                use_store,
+                store_checked,
             )));
         }
     }

@@ -17,7 +17,7 @@ use fuser::{MountOption, SessionACL};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::cachestore::disk::{DiskDriver, DiskError};
-use crate::cachestore::replica::Replica;
+use crate::cachestore::replica::{Replica, TierTimeouts};
 use crate::cachestore::s3::S3Store;
 use crate::cachestore::{CacheStore, ChunkStream, DiskStore, StoreError};
 use crate::chunk::ChunkKey;
@@ -240,7 +240,10 @@ async fn build_store(
         vec![local],
         vec![shared.clone() as Arc<dyn CacheStore>],
         SHARED_QUEUE_LEN,
-        sc.timeout,
+        TierTimeouts {
+            first_byte: sc.first_byte_timeout,
+            whole: sc.timeout,
+        },
         metrics.clone(),
     ));
     Ok((replica.clone(), Some(replica), Some(shared)))
@@ -249,8 +252,8 @@ async fn build_store(
 /// How long unmount waits for the write-behind queues to reach the shared store.
 const WRITE_BEHIND_DRAIN: Duration = Duration::from_secs(10);
 
-/// Chunks queued for the shared store before a commit waits (write-behind back pressure).
-const SHARED_QUEUE_LEN: usize = 64;
+/// Chunk keys queued for the shared store; past that, write-behinds are dropped (counted).
+const SHARED_QUEUE_LEN: usize = 1024;
 
 /// Background eviction: idle local chunks (`cache_max_age`) and old shared ones (`max_age`).
 fn start_eviction(

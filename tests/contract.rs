@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use orcafs::cachestore::disk::DiskDriver;
 use orcafs::cachestore::memory::MemoryStore;
-use orcafs::cachestore::replica::Replica;
+use orcafs::cachestore::replica::{Replica, TierTimeouts};
 use orcafs::cachestore::s3::S3Store;
 use orcafs::cachestore::{collect, CacheStore, Committed, DiskStore, StoreError};
 use orcafs::chunk::{ChunkKey, ObjectVersion};
@@ -569,6 +569,7 @@ impl S3Target {
             required: true,
             max_age: None,
             timeout: Duration::from_secs(5),
+            first_byte_timeout: Duration::from_secs(5),
         }
     }
 
@@ -778,7 +779,10 @@ mod fixtures {
             vec![sync],
             vec![asynchronous],
             4,
-            Duration::from_secs(5),
+            TierTimeouts {
+                first_byte: Duration::from_secs(5),
+                whole: Duration::from_secs(5),
+            },
             Arc::default(),
         ))
     }
@@ -1074,6 +1078,7 @@ fn fake_config(endpoint: String, timeout: Duration) -> SharedCacheConfig {
         required: true,
         max_age: None,
         timeout,
+        first_byte_timeout: timeout,
     }
 }
 
@@ -1181,7 +1186,10 @@ mod replica_over_s3 {
             vec![local.clone()],
             vec![s3.clone()],
             4,
-            Duration::from_secs(5),
+            TierTimeouts {
+                first_byte: Duration::from_secs(5),
+                whole: Duration::from_secs(5),
+            },
             Arc::default(),
         ));
         let (key, data) = chunk_of(CHUNK, 0);

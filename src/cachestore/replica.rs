@@ -1,14 +1,19 @@
 //! replica: one store made of several. Writes go to every store of the synchronous set (all must
 //! succeed) and are queued for every store of the asynchronous set: one bounded queue of
-//! `queue_len` chunks per store, drained by one writer task, so `put_chunk` blocks only while a
-//! queue is full and memory never grows. An asynchronous write that fails puts the replica in an
-//! error state, reported by [`Replica::errors`] and the metrics, and is not retried.
+//! `queue_len` chunk *keys* per store, drained by one writer task that reads each chunk back from
+//! the synchronous set when it uploads it. So the queue holds no chunk bytes (a fill's memory is
+//! released as soon as the chunk is on local disk), `put_chunk` never waits for a slow store, and
+//! a full queue drops the write (counted) instead of blocking. An asynchronous write that fails
+//! puts the replica in an error state, reported by [`Replica::errors`] and the metrics, and is not
+//! retried.
 //!
 //! Reads ask the synchronous stores and take the first success. When they all miss, the
-//! asynchronous stores are read through (the default tiering: local disk sync + shared s3 async),
-//! each read bounded by a timeout, and a hit is copied back to the synchronous stores. A store
-//! that fails or times out is skipped for a while and retried later, so a degraded shared store
-//! never fails a read: the caller just sees a miss and fills from the origin.
+//! asynchronous stores are read through (the default tiering: local disk sync + shared s3 async)
+//! and a hit is copied back to the synchronous stores. A tier read must start answering within
+//! `first_byte` and finish within `whole`; a store that fails or does not is skipped for a while
+//! (10 s, doubling while it keeps failing, up to 5 min), so a slow, hung or dead shared store costs
+//! at most one `first_byte` wait per period and never fails a read: the caller sees a miss and
+//! fills from the origin.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,23 +26,39 @@ use super::{collect, once, CacheStore, ChunkStream, Committed, Info, StoreError}
 use crate::chunk::ChunkKey;
 use crate::metrics::Metrics;
 
-/// How long a failing asynchronous store is skipped by reads before it is tried again.
+/// How long a failing asynchronous store is first skipped by reads before it is tried again.
 const RETRY_AFTER: Duration = Duration::from_secs(10);
+/// The longest it is skipped while it keeps failing.
+const RETRY_AFTER_MAX: Duration = Duration::from_secs(300);
 
-type Job = (ChunkKey, u64, Vec<Bytes>);
+/// How long a read of an asynchronous tier may take.
+#[derive(Debug, Clone, Copy)]
+pub struct TierTimeouts {
+    /// Until the store answers (the stream of the chunk is open).
+    pub first_byte: Duration,
+    /// Until the whole chunk has arrived.
+    pub whole: Duration,
+}
 
 struct AsyncTier {
     store: Arc<dyn CacheStore>,
-    queue: mpsc::Sender<Job>,
+    queue: mpsc::Sender<ChunkKey>,
     depth: Arc<AtomicU64>,
     error: Arc<Mutex<Option<String>>>,
-    down_until: Mutex<Option<Instant>>,
+    down: Mutex<Down>,
+}
+
+/// When a failing tier is read again, and how long the next failure skips it.
+#[derive(Default)]
+struct Down {
+    until: Option<Instant>,
+    next_pause: Duration,
 }
 
 pub struct Replica {
     sync: Vec<Arc<dyn CacheStore>>,
     tiers: Vec<AsyncTier>,
-    read_timeout: Duration,
+    timeouts: TierTimeouts,
     metrics: Arc<Metrics>,
 }
 
@@ -47,17 +68,17 @@ impl Replica {
         sync: Vec<Arc<dyn CacheStore>>,
         asynchronous: Vec<Arc<dyn CacheStore>>,
         queue_len: usize,
-        read_timeout: Duration,
+        timeouts: TierTimeouts,
         metrics: Arc<Metrics>,
     ) -> Replica {
         let tiers = asynchronous
             .into_iter()
-            .map(|store| start_tier(store, queue_len.max(1), metrics.clone()))
+            .map(|store| start_tier(store, sync.clone(), queue_len.max(1), metrics.clone()))
             .collect();
         Replica {
             sync,
             tiers,
-            read_timeout,
+            timeouts,
             metrics,
         }
     }
@@ -100,75 +121,125 @@ impl Replica {
         }
     }
 
+    fn down(t: &AsyncTier) -> std::sync::MutexGuard<'_, Down> {
+        t.down.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn is_down(t: &AsyncTier) -> bool {
-        let d = t.down_until.lock().unwrap_or_else(|p| p.into_inner());
-        d.is_some_and(|until| Instant::now() < until)
+        Self::down(t)
+            .until
+            .is_some_and(|until| Instant::now() < until)
     }
 
     fn mark_down(&self, t: &AsyncTier, why: &str) {
+        let pause = {
+            let mut d = Self::down(t);
+            let pause = d.next_pause.max(RETRY_AFTER);
+            d.until = Some(Instant::now() + pause);
+            d.next_pause = (pause * 2).min(RETRY_AFTER_MAX);
+            pause
+        };
         tracing::warn!(
             store = t.store.name(),
             error = why,
+            ?pause,
             "shared store degraded; reads skip it for a while"
         );
         Metrics::inc(&self.metrics.shared_errors);
-        *t.down_until.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(Instant::now() + RETRY_AFTER);
     }
 
-    /// Reads the whole chunk from an asynchronous tier, within the read timeout.
+    fn mark_up(t: &AsyncTier) {
+        let mut d = Self::down(t);
+        if d.next_pause > Duration::ZERO {
+            *d = Down::default();
+        }
+    }
+
+    /// Reads the whole chunk from an asynchronous tier, within the tier timeouts.
     async fn read_tier(&self, t: &AsyncTier, key: &ChunkKey) -> Option<Bytes> {
         if Self::is_down(t) {
             return None;
         }
+        let TierTimeouts { first_byte, whole } = self.timeouts;
         let read = async {
-            match t.store.get_chunk(key, 0, key.len()).await? {
+            let opened = tokio::time::timeout(first_byte, t.store.get_chunk(key, 0, key.len()))
+                .await
+                .map_err(|_| StoreError::Transient(format!("no answer within {first_byte:?}")))?;
+            match opened? {
                 Some(stream) => collect(stream).await.map(Some),
                 None => Ok(None),
             }
         };
-        match tokio::time::timeout(self.read_timeout, read).await {
-            Ok(Ok(Some(bytes))) if bytes.len() as u64 == key.len() => Some(bytes),
-            Ok(Ok(Some(_))) => {
+        let result = tokio::time::timeout(whole, read)
+            .await
+            .unwrap_or_else(|_| Err(StoreError::Transient(format!("read took over {whole:?}"))));
+        match result {
+            Ok(Some(bytes)) if bytes.len() as u64 == key.len() => {
+                Self::mark_up(t);
+                Some(bytes)
+            }
+            Ok(Some(_)) => {
                 self.mark_down(t, "short chunk");
                 None
             }
-            Ok(Ok(None)) => None,
-            // A corrupt object is one bad chunk (the driver deletes it), not a broken store.
-            Ok(Err(StoreError::Corrupt(_))) => None,
-            Ok(Err(e)) => {
-                self.mark_down(t, &e.to_string());
+            Ok(None) => {
+                Self::mark_up(t);
                 None
             }
-            Err(_) => {
-                self.mark_down(t, "read timed out");
+            // A corrupt object is one bad chunk (the driver deletes it), not a broken store.
+            Err(StoreError::Corrupt(_)) => None,
+            Err(e) => {
+                self.mark_down(t, &e.to_string());
                 None
             }
         }
     }
 
-    /// Copies a chunk found in a slower tier into the synchronous stores, in the background.
-    fn copy_back(&self, key: &ChunkKey, bytes: Bytes) {
+    /// Copies a chunk found in a slower tier into the synchronous stores before it is served,
+    /// so that a reader arriving after this one finds it locally instead of reading the slower
+    /// tier again.
+    async fn copy_back(&self, key: &ChunkKey, bytes: &Bytes) {
         for store in &self.sync {
-            let (store, key, bytes) = (store.clone(), key.clone(), bytes.clone());
-            tokio::spawn(async move {
-                let size = bytes.len() as u64;
-                if let Err(e) = store.put_chunk(&key, size, vec![bytes]).await {
-                    tracing::warn!(store = store.name(), error = %e, "copy-back failed");
-                }
-            });
+            let size = bytes.len() as u64;
+            if let Err(e) = store.put_chunk(key, size, vec![bytes.clone()]).await {
+                tracing::warn!(store = store.name(), error = %e, "copy-back failed");
+            }
         }
     }
 }
 
-fn start_tier(store: Arc<dyn CacheStore>, queue_len: usize, metrics: Arc<Metrics>) -> AsyncTier {
-    let (tx, mut rx) = mpsc::channel::<Job>(queue_len);
+/// The chunk as the synchronous set holds it now (None when it was evicted meanwhile).
+async fn read_back(sync: &[Arc<dyn CacheStore>], key: &ChunkKey) -> Option<Bytes> {
+    for store in sync {
+        if let Ok(Some(stream)) = store.get_chunk(key, 0, key.len()).await {
+            if let Ok(bytes) = collect(stream).await {
+                return Some(bytes);
+            }
+        }
+    }
+    None
+}
+
+fn start_tier(
+    store: Arc<dyn CacheStore>,
+    sync: Vec<Arc<dyn CacheStore>>,
+    queue_len: usize,
+    metrics: Arc<Metrics>,
+) -> AsyncTier {
+    let (tx, mut rx) = mpsc::channel::<ChunkKey>(queue_len);
     let depth = Arc::new(AtomicU64::new(0));
     let error = Arc::new(Mutex::new(None));
     let (s, d, e) = (store.clone(), depth.clone(), error.clone());
     tokio::spawn(async move {
-        while let Some((key, size, data)) = rx.recv().await {
-            let result = s.put_chunk(&key, size, data).await;
+        while let Some(key) = rx.recv().await {
+            let result = match read_back(&sync, &key).await {
+                Some(bytes) => s.put_chunk(&key, key.len(), vec![bytes]).await,
+                None => {
+                    Metrics::inc(&metrics.shared_writes_dropped);
+                    d.fetch_sub(1, Ordering::Relaxed);
+                    continue;
+                }
+            };
             d.fetch_sub(1, Ordering::Relaxed);
             match result {
                 Ok(Committed::Stored) => Metrics::inc(&metrics.shared_commits),
@@ -186,7 +257,7 @@ fn start_tier(store: Arc<dyn CacheStore>, queue_len: usize, metrics: Arc<Metrics
         queue: tx,
         depth,
         error,
-        down_until: Mutex::new(None),
+        down: Mutex::new(Down::default()),
     }
 }
 
@@ -213,7 +284,7 @@ impl CacheStore for Replica {
             if let Some(bytes) = self.read_tier(t, key).await {
                 Metrics::inc(&self.metrics.shared_hits);
                 Metrics::add(&self.metrics.shared_bytes_read, bytes.len() as u64);
-                self.copy_back(key, bytes.clone());
+                self.copy_back(key, &bytes).await;
                 let end = offset.saturating_add(len).min(bytes.len() as u64);
                 return Ok(Some(once(
                     bytes.slice(offset.min(end) as usize..end as usize),
@@ -243,16 +314,21 @@ impl CacheStore for Replica {
         }
         for t in &self.tiers {
             t.depth.fetch_add(1, Ordering::Relaxed);
-            if t.queue
-                .send((key.clone(), size, data.clone()))
-                .await
-                .is_err()
-            {
-                t.depth.fetch_sub(1, Ordering::Relaxed);
-                return Err(StoreError::Other(format!(
-                    "{} writer stopped",
-                    t.store.name()
-                )));
+            match t.queue.try_send(key.clone()) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    // The store is slower than the reads: this write-behind is lost, the chunk
+                    // is still committed here.
+                    t.depth.fetch_sub(1, Ordering::Relaxed);
+                    Metrics::inc(&self.metrics.shared_writes_dropped);
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    t.depth.fetch_sub(1, Ordering::Relaxed);
+                    return Err(StoreError::Other(format!(
+                        "{} writer stopped",
+                        t.store.name()
+                    )));
+                }
             }
         }
         Ok(Committed::Stored)

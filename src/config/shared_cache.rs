@@ -11,6 +11,9 @@ use crate::s3::{ClientSettings, Credentials};
 
 /// Per-request timeout when none is configured.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a read waits for the store to start answering, when not configured: an in-datacenter
+/// store answers in milliseconds, and a read waiting longer is a read the origin serves faster.
+pub const DEFAULT_FIRST_BYTE_TIMEOUT: Duration = Duration::from_millis(200);
 /// Attempts per shared-store request, the first included: a dead store must answer fast.
 const ATTEMPTS: u32 = 2;
 
@@ -32,6 +35,9 @@ pub struct SharedCacheConfig {
     pub max_age: Option<Duration>,
     /// Per-request timeout.
     pub timeout: Duration,
+    /// A read-through of a chunk that has not started answering by then is skipped (and the
+    /// store with it, for a while); at most `timeout`.
+    pub first_byte_timeout: Duration,
 }
 
 /// The section as written (these names are an interface; keep them).
@@ -54,6 +60,8 @@ struct Section {
     max_age: Option<Duration>,
     #[serde(default, deserialize_with = "de::opt_positive_duration")]
     timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "de::opt_positive_duration")]
+    first_byte_timeout: Option<Duration>,
 }
 
 fn yes() -> bool {
@@ -91,6 +99,7 @@ impl TryFrom<Section> for SharedCacheConfig {
                 )
             }
         };
+        let timeout = s.timeout.unwrap_or(DEFAULT_TIMEOUT);
         Ok(SharedCacheConfig {
             endpoint_url: s.endpoint_url,
             bucket: s.bucket,
@@ -100,7 +109,11 @@ impl TryFrom<Section> for SharedCacheConfig {
             credentials,
             required: s.required,
             max_age: s.max_age,
-            timeout: s.timeout.unwrap_or(DEFAULT_TIMEOUT),
+            timeout,
+            first_byte_timeout: s
+                .first_byte_timeout
+                .unwrap_or(DEFAULT_FIRST_BYTE_TIMEOUT)
+                .min(timeout),
         })
     }
 }
@@ -127,6 +140,7 @@ impl SharedCacheConfig {
             required: true,
             max_age: None,
             timeout: DEFAULT_TIMEOUT,
+            first_byte_timeout: DEFAULT_FIRST_BYTE_TIMEOUT,
         })
     }
 
