@@ -12,16 +12,18 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
-    Request, TimeOrNow, WriteFlags,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::chunk::ObjectVersion;
 use crate::fetch::{FetchError, Fetcher};
 use crate::metrics::OpLatency;
-use crate::namespace::{Attr, Kind, Local, Namespace, NsError, OpenedObject};
+use crate::namespace::{
+    Attr, DirEntry, DirHandle, Kind, Local, Namespace, NsError, OpenedObject, Read,
+};
 use crate::origin::OriginError;
 
 /// Largest read the kernel may send (and `max_read`).
@@ -46,6 +48,21 @@ struct OpenFile {
 
 type Handles = Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>;
 
+/// An open directory. The kernel serializes `readdir` calls on one handle; the async mutex only
+/// lets a restart (a seek back in a huge directory) swap the listing.
+struct OpenDir {
+    ino: u64,
+    listing: tokio::sync::Mutex<DirHandle>,
+}
+
+type Dirs = Arc<Mutex<HashMap<u64, Arc<OpenDir>>>>;
+
+/// Entries asked of the listing per `readdir` reply (a reply holds a few dozen to a few hundred).
+const DIR_BATCH: usize = 256;
+/// Entries per READDIRPLUS reply attempt: each one is counted as a lookup until it is known not
+/// to fit, so the batch stays near what one reply holds.
+const DIRPLUS_BATCH: usize = 64;
+
 /// Records an operation's latency when dropped, i.e. on every path out of its task.
 struct Timer<'a>(&'a OpLatency, &'static str, Instant);
 
@@ -67,6 +84,7 @@ pub struct OrcaFs {
     origin_id: Arc<str>,
     bucket: Arc<str>,
     handles: Handles,
+    dirs: Dirs,
     next_fh: AtomicU64,
     latency: Arc<OpLatency>,
 }
@@ -121,9 +139,14 @@ impl OrcaFs {
             origin_id: origin_id.into(),
             bucket: bucket.into(),
             handles: Handles::default(),
+            dirs: Dirs::default(),
             next_fh: AtomicU64::new(1),
             latency,
         }
+    }
+
+    fn dirs(&self) -> MutexGuard<'_, HashMap<u64, Arc<OpenDir>>> {
+        self.dirs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn handles(&self) -> MutexGuard<'_, HashMap<u64, Arc<OpenFile>>> {
@@ -158,6 +181,13 @@ impl OrcaFs {
 impl Filesystem for OrcaFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_readahead(MAX_READ);
+        // Names come with attributes (no lookup per name for `ls -l`); the kernel chooses plain
+        // readdir when nobody stats the entries (`find`, `ls`), so a huge listing does not
+        // become a node per name.
+        let plus = InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO;
+        if config.add_capabilities(plus).is_err() {
+            tracing::info!("the kernel offers no READDIRPLUS: ls -l looks names up one by one");
+        }
         Ok(())
     }
 
@@ -273,45 +303,116 @@ impl Filesystem for OrcaFs {
         reply.ok();
     }
 
-    fn opendir(&self, _req: &Request, _ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn opendir(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
-        reply.opened(FileHandle(0), FopenFlags::empty());
+        // No I/O here: a cold listing starts streaming in the background.
+        let (listing, same) = match self.ns.opendir(ino.0, &self.rt) {
+            Ok(d) => d,
+            Err(e) => return reply.error(errno_of(&e)),
+        };
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let dir = Arc::new(OpenDir {
+            ino: ino.0,
+            listing: tokio::sync::Mutex::new(listing),
+        });
+        self.dirs().insert(fh, dir);
+        // The kernel caches the directory's pages; it keeps them while they hold the same
+        // listing, so a repeated `ls` within the TTL does not even reach this process.
+        let mut flags = FopenFlags::FOPEN_CACHE_DIR;
+        if same {
+            flags |= FopenFlags::FOPEN_KEEP_CACHE;
+        }
+        reply.opened(FileHandle(fh), flags);
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dirs().remove(&fh.0);
+        reply.ok();
     }
 
     fn readdir(
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let ns = self.ns.clone();
+        let Some(dir) = self.dirs().get(&fh.0).cloned() else {
+            return reply.error(Errno::EBADF);
+        };
+        let (ns, rt) = (self.ns.clone(), self.rt.clone());
         let (latency, started) = (self.latency.clone(), Instant::now());
         self.rt.spawn(async move {
             let _timer = Timer(&latency, "readdir", started);
-            // Offsets: 1 = ".", 2 = "..", 3 + i = entry i. The listing is cached for the TTL,
-            // so the calls of one `readdir` pass see the same snapshot.
-            let entries = match ns.readdir(ino.0).await {
-                Ok(e) => e,
-                Err(e) => return reply.error(errno_of(&e)),
-            };
-            let parent = ns.parent_of(ino.0);
-            let dots = [(ino.0, "."), (parent, "..")];
-            for (i, (dino, name)) in dots.iter().enumerate().skip(offset as usize) {
+            // Offsets: 1 = ".", 2 = "..", 3 + i = entry i.
+            for (i, (dino, name)) in dots(&ns, ino.0).iter().enumerate().skip(offset as usize) {
                 if reply.add(INodeNo(*dino), i as u64 + 1, FileType::Directory, name) {
                     return reply.ok();
                 }
             }
             let start = offset.saturating_sub(2) as usize;
-            for (i, e) in entries.iter().enumerate().skip(start) {
-                let kind = match e.kind {
-                    Kind::Dir => FileType::Directory,
-                    Kind::File => FileType::RegularFile,
-                };
-                if reply.add(INodeNo(e.ino), i as u64 + 3, kind, &e.name) {
+            let mut entries = match read_listing(&ns, &rt, &dir, start, DIR_BATCH).await {
+                Ok(e) => e,
+                Err(e) => return reply.error(errno_of(&e)),
+            };
+            ns.number(dir.ino, &mut entries);
+            for (i, e) in entries.iter().enumerate() {
+                let off = (start + i) as u64 + 3;
+                if reply.add(INodeNo(e.ino), off, file_type(e.kind), &e.name) {
+                    break;
+                }
+            }
+            reply.ok();
+        });
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(dir) = self.dirs().get(&fh.0).cloned() else {
+            return reply.error(Errno::EBADF);
+        };
+        let (ns, rt, show) = (self.ns.clone(), self.rt.clone(), self.show);
+        let (latency, started) = (self.latency.clone(), Instant::now());
+        self.rt.spawn(async move {
+            let _timer = Timer(&latency, "readdirplus", started);
+            let gen = Generation(0);
+            for (i, (dino, name)) in dots(&ns, ino.0).iter().enumerate().skip(offset as usize) {
+                let attr = OrcaFs::file_attr(&show, &dir_attr(*dino));
+                if reply.add(INodeNo(*dino), i as u64 + 1, name, &show.ttl, &attr, gen) {
+                    return reply.ok();
+                }
+            }
+            let start = offset.saturating_sub(2) as usize;
+            let entries = match read_listing(&ns, &rt, &dir, start, DIRPLUS_BATCH).await {
+                Ok(e) => e,
+                Err(e) => return reply.error(errno_of(&e)),
+            };
+            // Each entry the kernel receives counts as looked up; those that do not fit are
+            // forgotten again.
+            let attrs = ns.remember_listed(dir.ino, &entries);
+            for (i, (e, a)) in entries.iter().zip(&attrs).enumerate() {
+                let off = (start + i) as u64 + 3;
+                let fa = OrcaFs::file_attr(&show, a);
+                if reply.add(INodeNo(a.ino), off, &e.name, &show.ttl, &fa, gen) {
+                    for a in &attrs[i..] {
+                        ns.forget(a.ino, 1);
+                    }
                     break;
                 }
             }
@@ -513,6 +614,46 @@ fn reply_attr(reply: ReplyAttr, show: &Presentation, r: Result<Attr, NsError>) {
     match r {
         Ok(a) => reply.attr(&show.ttl, &OrcaFs::file_attr(show, &a)),
         Err(e) => reply.error(errno_of(&e)),
+    }
+}
+
+/// `.` and `..` of a directory.
+fn dots(ns: &Namespace, ino: u64) -> [(u64, &'static str); 2] {
+    [(ino, "."), (ns.parent_of(ino), "..")]
+}
+
+fn dir_attr(ino: u64) -> Attr {
+    Attr {
+        ino,
+        kind: Kind::Dir,
+        size: 0,
+        mtime: SystemTime::UNIX_EPOCH,
+    }
+}
+
+fn file_type(kind: Kind) -> FileType {
+    match kind {
+        Kind::Dir => FileType::Directory,
+        Kind::File => FileType::RegularFile,
+    }
+}
+
+/// Up to `max` entries of an open directory from index `start`, reopening the listing when the
+/// reader went back before what a huge directory's stream still holds.
+async fn read_listing(
+    ns: &Arc<Namespace>,
+    rt: &tokio::runtime::Handle,
+    dir: &OpenDir,
+    start: usize,
+    max: usize,
+) -> Result<Vec<DirEntry>, NsError> {
+    let mut listing = dir.listing.lock().await;
+    loop {
+        match listing.read(start, max).await {
+            Read::Entries(e) => return Ok(e),
+            Read::Failed(e) => return Err(e),
+            Read::Restart => *listing = ns.opendir(dir.ino, rt)?.0,
+        }
     }
 }
 

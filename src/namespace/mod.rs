@@ -25,9 +25,20 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::origin::{ListPage, ObjectMeta, Origin, OriginError};
 
+pub mod listing;
+
+use listing::DirStream;
+pub use listing::{DirHandle, Read};
+
+/// Most entries one directory keeps as its cached listing (lookups and repeated `ls` answered
+/// without a request); a bigger directory is streamed each time it is read.
+const KEEP_LIMIT: usize = 100_000;
+/// Most entries all cached listings hold together; past it, expired and then other listings go.
+const LISTINGS_BUDGET: usize = 500_000;
+
 pub const ROOT_INO: u64 = 1;
 const MAX_NAME: usize = 255;
-const LIST_PAGE: i32 = 1000;
+const LIST_PAGE: i32 = listing::PAGE;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum NsError {
@@ -126,11 +137,16 @@ struct Node {
     /// A newer version replaced this one at the origin: the node answers with its own
     /// attributes, without asking the origin, and cannot be opened again.
     superseded: bool,
+    /// The listing generation last handed to the kernel whole (see `opendir`).
+    served_generation: u64,
 }
 
 struct Listing {
     entries: Arc<Vec<DirEntry>>,
     fresh_until: Instant,
+    /// Tells one listing from the next, so the kernel keeps its cached directory pages only
+    /// while they hold this one.
+    generation: u64,
 }
 
 #[derive(Default)]
@@ -141,6 +157,11 @@ struct State {
     negative: HashMap<(u64, String), Instant>,
     /// Keys whose HEAD had no ETag, remembered for the negative TTL.
     no_etag: HashMap<String, Instant>,
+    /// Directory listings in flight, shared by readers that open the directory meanwhile.
+    streams: HashMap<u64, std::sync::Weak<DirStream>>,
+    /// Entries held by all cached listings.
+    listed_entries: usize,
+    generations: u64,
 }
 
 pub struct Namespace {
@@ -221,6 +242,7 @@ impl State {
             listing: None,
             opened_etag: None,
             superseded: false,
+            served_generation: 0,
         });
         node.lookups += 1;
         // The origin names this version as current (again: same ETag, same bytes).
@@ -249,34 +271,70 @@ impl State {
         if self.by_name.get(&key) == Some(&ino) {
             self.by_name.remove(&key);
         }
-        if let Some(p) = self.nodes.get_mut(&key.0) {
-            p.listing = None;
-        }
+        self.drop_listing(key.0);
     }
 
     /// Stores a complete listing of directory `ino` (prefix `prefix`), numbering its entries.
+    /// Stores a complete listing of directory `ino` (prefix `prefix`, entries sorted by name),
+    /// numbering its entries, within the budget of all cached listings.
     fn keep_listing(
         &mut self,
         ino: u64,
         prefix: &str,
-        merged: BTreeMap<String, DirEntry>,
+        sorted: Vec<DirEntry>,
         fresh_until: Instant,
     ) -> Arc<Vec<DirEntry>> {
-        let entries: Vec<DirEntry> = merged
-            .into_values()
+        let entries: Vec<DirEntry> = sorted
+            .into_iter()
             .map(|mut e| {
                 e.ino = self.ino_for(e.kind, &e.path_under(prefix), e.etag.as_deref());
                 e
             })
             .collect();
         let entries = Arc::new(entries);
-        if let Some(n) = self.nodes.get_mut(&ino) {
-            n.listing = Some(Listing {
-                entries: entries.clone(),
-                fresh_until,
-            });
+        self.generations += 1;
+        let listing = Listing {
+            entries: entries.clone(),
+            fresh_until,
+            generation: self.generations,
+        };
+        let Some(n) = self.nodes.get_mut(&ino) else {
+            return entries;
+        };
+        let old = n.listing.replace(listing).map_or(0, |l| l.entries.len());
+        self.listed_entries = self.listed_entries + entries.len() - old;
+        if self.listed_entries > LISTINGS_BUDGET {
+            self.shed_listings(ino);
         }
         entries
+    }
+
+    /// Drops expired listings, then others (never `keep`'s), until within the budget.
+    fn shed_listings(&mut self, keep: u64) {
+        let now = Instant::now();
+        for expired_only in [true, false] {
+            for (ino, n) in self.nodes.iter_mut() {
+                if self.listed_entries <= LISTINGS_BUDGET {
+                    return;
+                }
+                let drop_it = *ino != keep
+                    && n.listing
+                        .as_ref()
+                        .is_some_and(|l| !expired_only || l.fresh_until <= now);
+                if drop_it {
+                    if let Some(l) = n.listing.take() {
+                        self.listed_entries -= l.entries.len();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Forgets a node's listing (it names a version that changed, or the node goes).
+    fn drop_listing(&mut self, ino: u64) {
+        if let Some(l) = self.nodes.get_mut(&ino).and_then(|n| n.listing.take()) {
+            self.listed_entries -= l.entries.len();
+        }
     }
 }
 
@@ -356,6 +414,7 @@ impl Namespace {
                 listing: None,
                 opened_etag: None,
                 superseded: false,
+                served_generation: 0,
             },
         );
         Namespace {
@@ -368,15 +427,6 @@ impl Namespace {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn dir_path(&self, ino: u64) -> Result<String, NsError> {
-        let st = self.lock();
-        let node = st.nodes.get(&ino).ok_or(NsError::UnknownInode(ino))?;
-        match node.kind {
-            Kind::Dir => Ok(node.path.clone()),
-            Kind::File => Err(NsError::NotADirectory),
-        }
     }
 
     /// `lookup` without the origin: answered from the parent's listing, a fresh node or the
@@ -436,7 +486,12 @@ impl Namespace {
                 let attr = st.remember(parent, &parent_path, &e, fresh_until);
                 if let Some(merged) = listing {
                     let prefix = format!("{parent_path}{name}/");
-                    st.keep_listing(attr.ino, &prefix, merged, fresh_until);
+                    st.keep_listing(
+                        attr.ino,
+                        &prefix,
+                        merged.into_values().collect(),
+                        fresh_until,
+                    );
                 }
                 Ok(attr)
             }
@@ -620,35 +675,92 @@ impl Namespace {
         self.lock().supersede(ino);
     }
 
-    /// The entries of a directory: the cached listing while fresh, else a full paginated LIST.
-    pub async fn readdir(&self, ino: u64) -> Result<Arc<Vec<DirEntry>>, NsError> {
-        {
-            let st = self.lock();
-            let n = st.nodes.get(&ino).ok_or(NsError::UnknownInode(ino))?;
-            if n.kind != Kind::Dir {
-                return Err(NsError::NotADirectory);
-            }
-            if let Some(l) = n
-                .listing
-                .as_ref()
-                .filter(|l| l.fresh_until > Instant::now())
-            {
-                return Ok(l.entries.clone());
-            }
-        }
-        let prefix = self.dir_path(ino)?;
-        let mut merged: BTreeMap<String, DirEntry> = BTreeMap::new();
-        let mut token = None;
-        loop {
-            let page = self.origin.list_page(&prefix, token, LIST_PAGE).await?;
-            merge_page(&prefix, &page, &mut merged);
-            match page.next_token {
-                Some(t) => token = Some(t),
-                None => break,
-            }
-        }
+    /// Opens directory `ino` for reading: its cached listing while fresh, else a listing that
+    /// streams from the origin (shared with readers already on it). The flag says whether the
+    /// kernel may keep the directory pages it cached: they hold this same listing.
+    pub fn opendir(
+        self: &Arc<Self>,
+        ino: u64,
+        rt: &tokio::runtime::Handle,
+    ) -> Result<(DirHandle, bool), NsError> {
         let mut st = self.lock();
-        Ok(st.keep_listing(ino, &prefix, merged, Instant::now() + self.ttl))
+        let n = st.nodes.get_mut(&ino).ok_or(NsError::UnknownInode(ino))?;
+        if n.kind != Kind::Dir {
+            return Err(NsError::NotADirectory);
+        }
+        if let Some(l) = n
+            .listing
+            .as_ref()
+            .filter(|l| l.fresh_until > Instant::now())
+        {
+            let same = n.served_generation == l.generation;
+            n.served_generation = l.generation;
+            return Ok((DirHandle::Snapshot(l.entries.clone()), same));
+        }
+        let prefix = n.path.clone();
+        if let Some(stream) = st.streams.get(&ino).and_then(|w| w.upgrade()) {
+            if stream.can_share() {
+                return Ok((DirHandle::Live(stream.reader()), false));
+            }
+        }
+        let weak = Arc::downgrade(self);
+        let (ttl, keep_prefix) = (self.ttl, prefix.clone());
+        let on_complete = Box::new(move |sorted: Vec<DirEntry>| {
+            if let Some(ns) = weak.upgrade() {
+                let mut st = ns.lock();
+                st.streams.remove(&ino);
+                st.keep_listing(ino, &keep_prefix, sorted, Instant::now() + ttl);
+            }
+        });
+        let stream = DirStream::start(self.origin.clone(), prefix, KEEP_LIMIT, on_complete, rt);
+        st.streams.insert(ino, Arc::downgrade(&stream));
+        Ok((DirHandle::Live(stream.reader()), false))
+    }
+
+    /// Inode numbers for listed entries of directory `parent` (for a plain `readdir`: no lookup
+    /// is counted).
+    pub fn number(&self, parent: u64, entries: &mut [DirEntry]) {
+        let st = self.lock();
+        let Some(prefix) = st.nodes.get(&parent).map(|n| n.path.clone()) else {
+            return;
+        };
+        for e in entries.iter_mut().filter(|e| e.ino == 0) {
+            e.ino = st.ino_for(e.kind, &e.path_under(&prefix), e.etag.as_deref());
+        }
+    }
+
+    /// Counts one kernel lookup of each listed entry (READDIRPLUS hands the kernel entries as if
+    /// looked up) and returns their attributes.
+    pub fn remember_listed(&self, parent: u64, entries: &[DirEntry]) -> Vec<Attr> {
+        let mut st = self.lock();
+        let Some(prefix) = st.nodes.get(&parent).map(|n| n.path.clone()) else {
+            return Vec::new();
+        };
+        let fresh_until = Instant::now() + self.ttl;
+        entries
+            .iter()
+            .map(|e| st.remember(parent, &prefix, e, fresh_until))
+            .collect()
+    }
+
+    /// Every entry of a directory (for tests and tools; the FUSE layer streams with `opendir`).
+    pub async fn readdir(
+        self: &Arc<Self>,
+        ino: u64,
+        rt: &tokio::runtime::Handle,
+    ) -> Result<Vec<DirEntry>, NsError> {
+        let (dir, _) = self.opendir(ino, rt)?;
+        let mut all = Vec::new();
+        loop {
+            match dir.read(all.len(), 4096).await {
+                Read::Entries(e) if e.is_empty() => break,
+                Read::Entries(e) => all.extend(e),
+                Read::Restart => return Box::pin(self.readdir(ino, rt)).await,
+                Read::Failed(e) => return Err(e),
+            }
+        }
+        self.number(ino, &mut all);
+        Ok(all)
     }
 
     /// The parent of a directory inode (for `..`).
@@ -669,6 +781,8 @@ impl Namespace {
         if node.lookups > 0 {
             return;
         }
+        st.drop_listing(ino);
+        st.streams.remove(&ino);
         if let Some(node) = st.nodes.remove(&ino) {
             let key = (node.parent, node.name);
             if st.by_name.get(&key) == Some(&ino) {
@@ -795,7 +909,11 @@ mod tests {
         origin.put_without_etag("plain", vec![0u8; 10]);
         let ns = ns(&origin, Duration::from_secs(60));
         let f = ns.lookup(ROOT_INO, "plain").await.unwrap();
-        let listed = ns.readdir(ROOT_INO).await.unwrap();
+        let ns = Arc::new(ns);
+        let listed = ns
+            .readdir(ROOT_INO, &tokio::runtime::Handle::current())
+            .await
+            .unwrap();
         assert!(listed.iter().any(|e| e.name == "plain" && e.etag.is_none()));
         match ns.open(f.ino).await {
             Err(e @ NsError::NoEtag(_)) => {

@@ -109,6 +109,10 @@ impl FaultOrigin {
         &self.counts
     }
 
+    pub fn lists(&self) -> u64 {
+        self.counts.lists.load(Ordering::Relaxed)
+    }
+
     pub fn heads(&self) -> u64 {
         self.counts.heads.load(Ordering::Relaxed)
     }
