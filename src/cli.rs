@@ -23,7 +23,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
-use crate::cachestore::admin;
+use crate::cachestore::{admin, chunkfile, disk};
 use crate::config::{self, Config, MountArgs};
 use crate::control;
 use crate::mount::{self, ReadyNotifier};
@@ -338,7 +338,13 @@ fn mount_command(args: MountArgs, notes: &[String]) -> i32 {
     let detached = ready_fd.is_some();
     let reload = match init_logging(&cfg, detached) {
         Ok(r) => r,
-        Err(e) => return fail(&e),
+        Err(e) => {
+            // Our stderr is /dev/null when detached: the waiting parent prints the reason.
+            if detached {
+                PipeNotifier::take().failed(&e);
+            }
+            return fail(&e);
+        }
     };
     for n in notes {
         tracing::debug!("{n}");
@@ -389,21 +395,14 @@ fn init_logging(cfg: &Config, detached: bool) -> Result<Reload, String> {
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     let file = match &cfg.log_file {
         Some(p) => Some(p.clone()),
-        None if detached => Some(cfg.cache_dir.join("orcafs.log")),
+        // In the cache's own directory (made and checked here, before anything is logged).
+        None if detached => Some(chunkfile::log_path(
+            &disk::prepare_root(&cfg.cache_dir).map_err(|e| e.to_string())?,
+        )),
         None => None,
     };
     let (writer, ansi) = match file {
-        Some(path) => {
-            if let Some(dir) = path.parent() {
-                let _ = std::fs::create_dir_all(dir);
-            }
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
-            (BoxMakeWriter::new(Mutex::new(f)), false)
-        }
+        Some(path) => (BoxMakeWriter::new(Mutex::new(open_log(&path)?)), false),
         None => (
             BoxMakeWriter::new(std::io::stderr),
             std::io::stderr().is_terminal(),
@@ -421,6 +420,22 @@ fn init_logging(cfg: &Config, detached: bool) -> Result<Reload, String> {
     Ok(Box::new(move |f| {
         handle.reload(f).map_err(|e| e.to_string())
     }))
+}
+
+/// Opens the log for appending; a new file is 0600 (logs name buckets and keys), in a new
+/// directory 0700. An existing file keeps its mode: it is the operator's.
+fn open_log(path: &Path) -> Result<File, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        // Best effort: opening the file says what is wrong if this failed.
+        let _ = disk::create_private_dir(dir);
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("cannot open log file {}: {e}", path.display()))
 }
 
 /// On SIGHUP, sets the log level to `log_level` from the config file (re-read), or back to
@@ -561,9 +576,15 @@ fn detach(cfg: &Config) -> i32 {
             .unwrap_or_else(|e| e.to_string()),
         cfg.log_file
             .clone()
-            .unwrap_or_else(|| cfg.cache_dir.join("orcafs.log"))
+            .unwrap_or_else(|| default_log(cfg))
             .display()
     ))
+}
+
+/// Where a detached mount with `cfg` logs by default: in the cache's own directory.
+fn default_log(cfg: &Config) -> PathBuf {
+    let root = chunkfile::find_root(&cfg.cache_dir).ok().flatten();
+    chunkfile::log_path(&root.unwrap_or_else(|| cfg.cache_dir.clone()))
 }
 
 fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
@@ -768,12 +789,12 @@ fn run_cache_command(cmd: CacheCmd) -> Result<i32, String> {
             refuse_if_in_use(&dir, force)?;
             let r = admin::clear(&dir).map_err(err)?;
             println!(
-                "removed {} chunks ({}), {} temp files, {} other files from {}",
+                "removed {} chunks ({}) and {} temp files from {}; kept {} other files",
                 r.chunks_removed,
                 hb(r.bytes_freed),
                 r.temp_removed,
-                r.other_removed,
-                dir.display()
+                dir.display(),
+                r.other_kept
             );
             Ok(0)
         }

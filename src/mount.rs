@@ -1,9 +1,10 @@
 //! mount: brings one configured mount to life and takes it down cleanly.
 //!
-//! Order matters: check the mount point, prove the bucket answers with these credentials, open
-//! the cache, and only then mount, so every bad input fails with one clear sentence and leaves no
-//! mount behind. SIGINT/SIGTERM and an external `umount` both end in the same shutdown: the FUSE
-//! session ends, in-flight commits get a few seconds, and temp files are swept.
+//! Order matters: check the mount point and the cache directory, prove the bucket answers with
+//! these credentials, open the cache, and only then mount, so every bad input fails with one
+//! clear sentence and leaves no mount behind. SIGINT/SIGTERM and an external `umount` both end
+//! in the same shutdown: the FUSE session ends, in-flight commits get a few seconds, and temp
+//! files are swept.
 
 use std::ffi::CString;
 use std::io;
@@ -16,7 +17,7 @@ use fuser::{MountOption, SessionACL};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::cachestore::disk::{DiskDriver, DiskError};
+use crate::cachestore::disk::{self, DiskDriver, DiskError};
 use crate::cachestore::replica::{Replica, TierTimeouts};
 use crate::cachestore::s3::S3Store;
 use crate::cachestore::{CacheStore, ChunkStream, DiskStore, StoreError};
@@ -57,8 +58,11 @@ pub enum MountError {
         endpoint: String,
         source: OriginError,
     },
+    /// The cache directory is refused (the root, a home directory…): the sentence says why.
+    #[error("{0}")]
+    CacheRefused(DiskError),
     #[error("cannot open the cache directory: {0}")]
-    Cache(#[from] DiskError),
+    Cache(DiskError),
     #[error("FUSE mount at {path} failed: {source}")]
     Fuse { path: PathBuf, source: io::Error },
     #[error("cannot start the runtime: {0}")]
@@ -67,6 +71,15 @@ pub enum MountError {
     Store { store: String, source: StoreError },
     #[error("cluster: {0}")]
     Cluster(#[from] crate::cluster::ClusterError),
+}
+
+impl From<DiskError> for MountError {
+    fn from(e: DiskError) -> MountError {
+        match e {
+            DiskError::Refused { .. } => MountError::CacheRefused(e),
+            e => MountError::Cache(e),
+        }
+    }
 }
 
 /// Tells whoever started us (the detaching parent) that the mount is live or has failed.
@@ -83,6 +96,8 @@ pub trait ReadyNotifier: Send {
 /// Runs the mount until it is unmounted or signalled. Returns once it is down.
 pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountError> {
     let mountpoint = check_mountpoint(&cfg.mountpoint)?;
+    // Refuse a dangerous cache directory now, before the origin is asked anything.
+    disk::choose_root(&cfg.cache_dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("orcafs-io")
@@ -99,13 +114,21 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
 
     let (disk, scan) = DiskStore::open(&cfg.cache_dir, cfg.cache_max_size, metrics.clone())?;
     tracing::info!(
-        dir = %cfg.cache_dir.display(),
+        dir = %disk.root().display(),
         chunks = scan.chunks,
         bytes = scan.bytes,
         temp_removed = scan.temp_removed,
-        orphans_removed = scan.orphans_removed,
+        foreign_files = scan.foreign_files,
+        made_private = scan.made_private,
         "disk cache opened"
     );
+    if disk.root() != cfg.cache_dir {
+        tracing::info!(
+            cache_dir = %cfg.cache_dir.display(),
+            root = %disk.root().display(),
+            "the cache directory holds other files: orcafs keeps to its own subdirectory"
+        );
+    }
     let disk = Arc::new(disk);
     let (store, replica, shared) = rt.block_on(build_store(&cfg, &disk, &metrics))?;
     let fetch = Fetcher::new(origin.clone(), store, fetch_policy(&cfg), metrics.clone());

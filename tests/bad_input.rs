@@ -3,6 +3,7 @@
 mod common;
 
 use std::path::Path;
+use std::process::Command;
 
 use common::*;
 
@@ -16,10 +17,14 @@ fn mount_fails(
     cache: &Path,
     extra: &[&str],
 ) -> (i32, String) {
-    let out = mount_command(t, source, mnt, cache, extra)
-        .arg("--foreground")
-        .output()
-        .expect("run orcafs");
+    let mut cmd = mount_command(t, source, mnt, cache, extra);
+    cmd.arg("--foreground");
+    command_fails(cmd, mnt)
+}
+
+/// Runs an `orcafs mount` that must fail; returns (code, stderr). Panics if it left a mount.
+fn command_fails(mut cmd: Command, mnt: &Path) -> (i32, String) {
+    let out = cmd.output().expect("run orcafs");
     if is_mounted(mnt) {
         let _ = run_output("umount", &["-l", mnt.to_str().unwrap()]);
         panic!("a failed mount left a mount behind at {}", mnt.display());
@@ -119,6 +124,46 @@ fn each_bad_input_gets_one_clear_error_and_no_mount() {
 
     let (c, e) = mount_fails(&t, "Not_A_Bucket!", &mnt, &cache, &[]);
     assert_clear(c, &e, "invalid source");
+}
+
+#[test]
+fn dangerous_cache_dirs_are_refused_before_anything_is_made_or_mounted() {
+    let s = Scratch::new();
+    let o = origin(&s, BUCKET);
+    let t = Target::of(&o);
+    let mnt = s.path("mnt");
+    let home = s.path("home");
+    // What orcafs would make in a directory it used; none of it may appear.
+    let would_make = |dir: &Path| {
+        ["orcafs", ".orcafs-cache", "chunks", "orcafs.log"].map(|name| dir.join(name).exists())
+    };
+    let dirs = [
+        (
+            Path::new("/"),
+            "will not use / as the cache directory: it is the root directory",
+        ),
+        (home.as_path(), "it is a home directory"),
+        (Path::new("/root"), "it is a home directory"),
+        (Path::new("/etc"), "it is a system directory"),
+        (Path::new("/tmp"), "every user may write to it"),
+    ];
+    let before: Vec<_> = dirs.iter().map(|(d, _)| would_make(d)).collect();
+    for (dir, needle) in dirs {
+        let mut cmd = mount_command(&t, BUCKET, &mnt, dir, &[]);
+        // The invoking user's home, as orcafs sees it.
+        cmd.env("HOME", &home).arg("--foreground");
+        let (c, e) = command_fails(cmd, &mnt);
+        assert_clear(c, &e, needle);
+        assert!(e.contains("point --cache-dir at"), "says what to do: {e}");
+    }
+    // Detached, the refusal comes from the background process, through the parent.
+    let mut cmd = mount_command(&t, BUCKET, &mnt, Path::new("/"), &[]);
+    cmd.env("HOME", &home);
+    let (c, e) = command_fails(cmd, &mnt);
+    assert_clear(c, &e, "it is the root directory");
+    let after: Vec<_> = dirs.iter().map(|(d, _)| would_make(d)).collect();
+    assert_eq!(before, after, "nothing made in a refused directory");
+    assert_eq!(std::fs::read_dir(&home).unwrap().count(), 0);
 }
 
 #[test]

@@ -67,7 +67,15 @@ fn find_walks_a_tree_and_rewinddir_restarts_cleanly() {
     assert_eq!(String::from_utf8(out).unwrap().lines().count(), 450);
     // After the TTL the listing streams again; `du` (which stats every name) agrees.
     std::thread::sleep(Duration::from_millis(1100));
-    let du = run("du", &["-s", "--apparent-size", "-B1", m.path("t").to_str().unwrap()]);
+    let du = run(
+        "du",
+        &[
+            "-s",
+            "--apparent-size",
+            "-B1",
+            m.path("t").to_str().unwrap(),
+        ],
+    );
     let bytes: u64 = String::from_utf8(du)
         .unwrap()
         .split_whitespace()

@@ -489,6 +489,82 @@ fn detached_mount_returns_once_live() {
     let _ = run_output("umount", &[mnt.to_str().unwrap()]);
     assert!(live);
     assert_eq!(content.unwrap(), b"detached\n");
+    // The empty directory it was given became orcafs's: private, and so is the default log.
+    assert_eq!(mode_of(&s.path("cache")), 0o700);
+    assert_eq!(mode_of(&s.path("cache").join("orcafs.log")), 0o600);
+}
+
+#[test]
+fn a_cache_dir_holding_other_files_keeps_them_and_the_cache_is_private() {
+    let s = Scratch::new();
+    let o = origin(&s, BUCKET);
+    let data = pattern(2 * CHUNK + 7, 21);
+    o.put_object(BUCKET, "p.bin", data.clone());
+    let cache = s.path("cache");
+    std::fs::set_permissions(&cache, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // The user's files, one of them named like an orcafs temp file, all where an orcafs before
+    // this one would have swept them.
+    let lookalike = format!("{}.{}", "ab".repeat(32), "0123456789abcdef");
+    let foreign = [
+        cache.join("notes.txt"),
+        s.path("cache/tmp").join("foreign"),
+        cache.join("tmp").join(lookalike),
+    ];
+    for p in &foreign {
+        std::fs::write(p, b"not orcafs's").unwrap();
+    }
+    let log = s.dir.path().join("logs/orcafs.log");
+    let m = Mount::start(
+        &Target::of(&o),
+        BUCKET,
+        &s.path("mnt"),
+        &cache,
+        &["--log-file", log.to_str().unwrap()],
+    );
+    assert_eq!(sha256sum(&m.path("p.bin")), sha256_hex(&data));
+    assert_eq!(m.unmount(), 0);
+
+    for p in &foreign {
+        assert_eq!(
+            std::fs::read(p).unwrap(),
+            b"not orcafs's",
+            "{}",
+            p.display()
+        );
+    }
+    assert_eq!(
+        mode_of(&cache),
+        0o755,
+        "the user's directory keeps its mode"
+    );
+    assert!(
+        !cache.join("chunks").exists(),
+        "nothing of orcafs's among the user's files"
+    );
+    let root = cache.join("orcafs");
+    assert!(
+        root.join(".orcafs-cache").is_file(),
+        "orcafs keeps to its own subdirectory"
+    );
+    let files = walk(&root.join("chunks"));
+    assert_eq!(files.len(), 3, "{files:?}");
+    for f in &files {
+        assert_eq!(mode_of(f), 0o600, "{}", f.display());
+        let mut dir = f.parent();
+        while let Some(d) = dir.filter(|d| d.starts_with(&root)) {
+            assert_eq!(mode_of(d), 0o700, "{}", d.display());
+            dir = d.parent();
+        }
+    }
+    assert_eq!(mode_of(&root.join("tmp")), 0o700);
+    assert_eq!(std::fs::read_dir(root.join("tmp")).unwrap().count(), 0);
+    assert!(std::fs::read_to_string(&log).unwrap().contains("mounted"));
+    assert_eq!(mode_of(&log), 0o600, "the log names buckets and keys");
+    assert_eq!(
+        mode_of(log.parent().unwrap()),
+        0o700,
+        "and so does its new directory"
+    );
 }
 
 #[test]

@@ -482,7 +482,9 @@ fn sigkill_leaves_a_mount_umount_l_clears_and_the_cache_recovers() {
 
     // What a crash at a worse moment leaves: a half-written temp file, and (after a power
     // loss, say) a chunk file cut short. Neither may ever be served.
-    std::fs::write(cache.join("tmp").join("deadbeef.0123456789abcdef"), b"half").unwrap();
+    // (orcafs's own temp name: the chunk id in hex, a dot, 16 hex digits.)
+    let temp_name = format!("{}.0123456789abcdef", "de".repeat(32));
+    std::fs::write(cache.join("tmp").join(&temp_name), b"half").unwrap();
     let victim = chunk_files(&cache)[0].clone();
     let f = std::fs::OpenOptions::new()
         .write(true)
@@ -578,11 +580,18 @@ fn cache_commands_stats_verify_evict_clear() {
     assert!(total <= 600 * 1024, "{total} bytes left");
     assert!(!chunk_files(&cache).is_empty());
 
+    let temp_name = format!("{}.0123456789abcdef", "ab".repeat(32));
+    std::fs::write(cache.join("tmp").join(&temp_name), b"x").unwrap();
+    // A file orcafs did not write is kept, even in its own tmp/.
     std::fs::write(cache.join("tmp/leftover"), b"x").unwrap();
     let out = orcafs(&["cache", "clear", "--cache-dir", dir]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(chunk_files(&cache).is_empty());
-    assert_eq!(std::fs::read_dir(cache.join("tmp")).unwrap().count(), 0);
+    let left: Vec<_> = std::fs::read_dir(cache.join("tmp"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["leftover"], "only the foreign file is left");
 
     // The cache still works after all that.
     let m = Mount::start(&Target::of(&o), BUCKET, &s.path("mnt"), &cache, &[]);

@@ -5,6 +5,10 @@
 //! here to the whole file, so `verify` never passes a file the mount would refuse. A file's
 //! mtime is its chunk's last use, so `evict` removes the oldest mtimes first, the order a mount
 //! evicts in.
+//!
+//! Like the mount, they find the cache where [`chunkfile::find_root`] says (the directory given,
+//! or its `orcafs/` subdirectory) and delete only orcafs's own files: chunk files at chunk
+//! paths and temp files by name. Anything else there is counted and left in place.
 
 use std::fs::{self, File};
 use std::io;
@@ -24,7 +28,7 @@ pub struct Stats {
     /// Writes in progress, or left by a crash (swept when a mount starts).
     pub temp_files: u64,
     pub temp_bytes: u64,
-    /// Files under `chunks/` that are not chunk files (removed when a mount starts).
+    /// Files under `chunks/` that are not chunk files: not orcafs's, so never deleted by it.
     pub other_files: u64,
     /// Least and most recent last use among the chunks.
     pub oldest_use: Option<SystemTime>,
@@ -45,7 +49,7 @@ pub struct VerifyReport {
     pub good: u64,
     pub good_bytes: u64,
     pub bad: Vec<BadFile>,
-    /// Bad files deleted (with `repair`).
+    /// Bad chunk files deleted (with `repair`); files that are not chunk files are never deleted.
     pub removed: u64,
     pub temp_files: u64,
 }
@@ -63,31 +67,25 @@ pub struct ClearReport {
     pub chunks_removed: u64,
     pub bytes_freed: u64,
     pub temp_removed: u64,
-    pub other_removed: u64,
+    /// Files under `chunks/` that are not chunk files, left in place.
+    pub other_kept: u64,
 }
 
-/// Refuses directories that are not orcafs caches, so `clear` cannot empty a random directory.
-pub fn check_cache_dir(root: &Path) -> io::Result<()> {
-    let chunks = chunkfile::chunks_dir(root);
-    match fs::metadata(&chunks) {
-        Ok(m) if m.is_dir() => Ok(()),
-        Ok(_) => Err(not_a_cache(root)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(not_a_cache(root)),
-        Err(e) => Err(io::Error::new(
-            e.kind(),
-            format!("cannot read {}: {e}", chunks.display()),
-        )),
-    }
-}
-
-fn not_a_cache(root: &Path) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::NotFound,
-        format!(
-            "{} is not an orcafs cache directory (it has no chunks/ subdirectory)",
-            root.display()
-        ),
-    )
+/// The cache `--cache-dir dir` holds (`dir` or `dir/orcafs`); refuses a directory that holds
+/// none, so no command empties a random directory.
+pub fn check_cache_dir(dir: &Path) -> io::Result<PathBuf> {
+    let found = chunkfile::find_root(dir)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot read {}: {e}", dir.display())))?;
+    found.ok_or_else(|| {
+        let text = format!(
+            "{} is not an orcafs cache directory (it has no {} marker, no chunks/ subdirectory, \
+             and no {}/ subdirectory holding a cache)",
+            dir.display(),
+            chunkfile::MARKER,
+            chunkfile::SUBDIR
+        );
+        io::Error::new(io::ErrorKind::NotFound, text)
+    })
 }
 
 /// A file found under `chunks/`.
@@ -123,8 +121,9 @@ fn walk_chunks(root: &Path) -> Vec<Entry> {
     out
 }
 
+/// orcafs's temp files (by name) and their sizes.
 fn temp_files(root: &Path) -> Vec<(PathBuf, u64)> {
-    read_dir_paths(&chunkfile::tmp_dir(root))
+    chunkfile::temp_files(root)
         .into_iter()
         .map(|p| {
             let len = fs::symlink_metadata(&p).map(|m| m.len()).unwrap_or(0);
@@ -134,8 +133,8 @@ fn temp_files(root: &Path) -> Vec<(PathBuf, u64)> {
 }
 
 /// Counts what the cache directory holds; reads no chunk contents.
-pub fn stats(root: &Path) -> io::Result<Stats> {
-    check_cache_dir(root)?;
+pub fn stats(dir: &Path) -> io::Result<Stats> {
+    let root = &check_cache_dir(dir)?;
     let mut s = Stats::default();
     for e in walk_chunks(root) {
         if !e.is_chunk {
@@ -155,10 +154,11 @@ pub fn stats(root: &Path) -> io::Result<Stats> {
 }
 
 /// Reads every chunk file in full and checks header, placement, length and every block's CRC.
-/// Files under `chunks/` that are not chunk files count as bad. With `repair`, bad files are
-/// deleted (a mount would refetch them anyway; it never serves them).
-pub fn verify(root: &Path, repair: bool) -> io::Result<VerifyReport> {
-    check_cache_dir(root)?;
+/// Files under `chunks/` that are not chunk files count as bad. With `repair`, bad chunk files
+/// are deleted (a mount would refetch them anyway; it never serves them); the others are not
+/// orcafs's and stay for the operator to look at.
+pub fn verify(dir: &Path, repair: bool) -> io::Result<VerifyReport> {
+    let root = &check_cache_dir(dir)?;
     let mut r = VerifyReport {
         temp_files: temp_files(root).len() as u64,
         ..Default::default()
@@ -168,7 +168,7 @@ pub fn verify(root: &Path, repair: bool) -> io::Result<VerifyReport> {
             r.checked += 1;
             verify_file(&e.path)
         } else {
-            Err("not a chunk file (foreign name or place)".to_string())
+            Err("not a chunk file (foreign name or place); not orcafs's, left in place".to_string())
         };
         match result {
             Ok(()) => {
@@ -180,7 +180,7 @@ pub fn verify(root: &Path, repair: bool) -> io::Result<VerifyReport> {
                 r.checked -= u64::from(e.is_chunk);
             }
             Err(reason) => {
-                if repair && fs::remove_file(&e.path).is_ok() {
+                if repair && e.is_chunk && fs::remove_file(&e.path).is_ok() {
                     r.removed += 1;
                 }
                 r.bad.push(BadFile {
@@ -194,8 +194,8 @@ pub fn verify(root: &Path, repair: bool) -> io::Result<VerifyReport> {
 }
 
 /// Deletes chunks, least recently used first, until the chunks total at most `max_bytes`.
-pub fn evict(root: &Path, max_bytes: u64) -> io::Result<EvictReport> {
-    check_cache_dir(root)?;
+pub fn evict(dir: &Path, max_bytes: u64) -> io::Result<EvictReport> {
+    let root = &check_cache_dir(dir)?;
     let mut chunks: Vec<Entry> = walk_chunks(root)
         .into_iter()
         .filter(|e| e.is_chunk)
@@ -229,24 +229,24 @@ pub fn evict(root: &Path, max_bytes: u64) -> io::Result<EvictReport> {
     Ok(r)
 }
 
-/// Deletes every chunk file, every temp file and anything else under `chunks/` and `tmp/`.
-/// The directory itself (and files beside them, such as a log) stay.
-pub fn clear(root: &Path) -> io::Result<ClearReport> {
-    check_cache_dir(root)?;
+/// Deletes every chunk file and every temp file. The directory, its marker and log, and any
+/// file orcafs did not write stay.
+pub fn clear(dir: &Path) -> io::Result<ClearReport> {
+    let root = &check_cache_dir(dir)?;
     let mut r = ClearReport::default();
     for e in walk_chunks(root) {
+        if !e.is_chunk {
+            r.other_kept += 1;
+            continue;
+        }
         fs::remove_file(&e.path).map_err(|err| {
             io::Error::new(
                 err.kind(),
                 format!("cannot remove {}: {err}", e.path.display()),
             )
         })?;
-        if e.is_chunk {
-            r.chunks_removed += 1;
-            r.bytes_freed += e.size;
-        } else {
-            r.other_removed += 1;
-        }
+        r.chunks_removed += 1;
+        r.bytes_freed += e.size;
     }
     for (path, _) in temp_files(root) {
         if fs::remove_file(&path).is_ok() {
@@ -257,10 +257,15 @@ pub fn clear(root: &Path) -> io::Result<ClearReport> {
     Ok(r)
 }
 
-/// Removes empty `chunks/<xx>/<yy>` and `chunks/<xx>` directories (a mount recreates them).
+/// Removes empty `chunks/<xx>/<yy>` and `chunks/<xx>` directories (a mount recreates them);
+/// only those named as fan-out directories, which orcafs made.
 fn prune_empty_dirs(root: &Path) {
-    for l1 in read_dir_paths(&chunkfile::chunks_dir(root)) {
-        for l2 in read_dir_paths(&l1) {
+    let fan_out = |p: &PathBuf| p.file_name().is_some_and(chunkfile::is_fan_out_name);
+    for l1 in read_dir_paths(&chunkfile::chunks_dir(root))
+        .into_iter()
+        .filter(fan_out)
+    {
+        for l2 in read_dir_paths(&l1).into_iter().filter(fan_out) {
             let _ = fs::remove_dir(l2); // fails, harmlessly, unless empty
         }
         let _ = fs::remove_dir(l1);
@@ -387,8 +392,9 @@ mod tests {
         let third = chunk_path(dir.path(), &key("e3", 100, 256 << 10, 0));
         fs::create_dir_all(third.parent().unwrap()).unwrap();
         fs::copy(chunk_path(dir.path(), &other), &third).unwrap();
-        // A stray file.
-        fs::write(dir.path().join("chunks/stray"), b"x").unwrap();
+        // A stray file: not orcafs's.
+        let stray = dir.path().join("chunks/stray");
+        fs::write(&stray, b"x").unwrap();
 
         let v = verify(dir.path(), false).unwrap();
         assert_eq!(v.good, 1, "{:?}", v.bad);
@@ -405,10 +411,17 @@ mod tests {
         assert!(reason(&third).contains("foreign"), "{}", reason(&third));
         assert!(p0.exists(), "verify without repair deletes nothing");
 
+        assert!(
+            reason(&stray).contains("left in place"),
+            "{}",
+            reason(&stray)
+        );
+
         let v = verify(dir.path(), true).unwrap();
-        assert_eq!(v.removed, 4);
+        assert_eq!(v.removed, 3, "the bad chunk files, not the stray");
         let v = verify(dir.path(), false).unwrap();
-        assert_eq!((v.good, v.bad.len()), (1, 0));
+        assert_eq!((v.good, v.bad.len()), (1, 1));
+        assert_eq!(fs::read(&stray).unwrap(), b"x");
     }
 
     #[test]
@@ -443,16 +456,45 @@ mod tests {
     }
 
     #[test]
-    fn clear_empties_chunks_and_tmp_but_keeps_the_rest() {
+    fn clear_removes_only_orcafs_files() {
         let dir = tempfile::tempdir().unwrap();
-        let (_s, _) = cache(dir.path());
-        fs::write(dir.path().join("tmp/half"), b"half").unwrap();
+        let (_s, keys) = cache(dir.path());
+        fs::write(chunkfile::temp_path(dir.path(), &keys[0].id()), b"half").unwrap();
         fs::write(dir.path().join("orcafs.log"), b"log").unwrap();
+        let foreign = [
+            dir.path().join("tmp/foreign"),
+            dir.path().join("chunks/stray"),
+            dir.path().join("chunks/notes"),
+        ];
+        fs::create_dir(&foreign[2]).unwrap();
+        let foreign = [foreign[0].clone(), foreign[1].clone(), foreign[2].join("n")];
+        for p in &foreign {
+            fs::write(p, b"mine").unwrap();
+        }
         let r = clear(dir.path()).unwrap();
-        assert_eq!((r.chunks_removed, r.temp_removed), (2, 1));
-        assert_eq!(stats(dir.path()).unwrap(), Stats::default());
+        assert_eq!((r.chunks_removed, r.temp_removed, r.other_kept), (2, 1, 2));
+        let st = stats(dir.path()).unwrap();
+        assert_eq!((st.chunks, st.temp_files, st.other_files), (0, 0, 2));
         assert!(dir.path().join("orcafs.log").exists());
+        assert!(chunkfile::marker_path(dir.path()).exists());
         assert!(dir.path().join("chunks").is_dir() && dir.path().join("tmp").is_dir());
+        for p in &foreign {
+            assert_eq!(fs::read(p).unwrap(), b"mine", "{} kept", p.display());
+        }
+    }
+
+    #[test]
+    fn commands_find_the_cache_in_the_orcafs_subdirectory() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("precious"), b"p").unwrap();
+        let (s, keys) = cache(dir.path());
+        assert_eq!(s.root(), dir.path().join(chunkfile::SUBDIR));
+        assert_eq!(stats(dir.path()).unwrap().chunks, 2);
+        assert_eq!(verify(dir.path(), false).unwrap().good, 2);
+        assert_eq!(evict(dir.path(), 0).unwrap().removed, 2);
+        s.write(&keys[1], &[data(1000, 2)]).unwrap();
+        assert_eq!(clear(dir.path()).unwrap().chunks_removed, 1);
+        assert_eq!(fs::read(dir.path().join("precious")).unwrap(), b"p");
     }
 
     #[test]

@@ -12,7 +12,14 @@
 //! files through here, so they cannot disagree on what an intact file is. This module only
 //! encodes, decodes and names: caching, indexing, eviction and deleting stay with them. Existing
 //! caches must stay readable: a new layout takes a new magic, never a changed meaning of this one.
+//!
+//! Ownership: a directory is an orcafs cache when it holds the marker [`MARKER`] (or, written by
+//! orcafs before the marker, nothing but `chunks/`, `tmp/` and the log). The only files orcafs
+//! ever deletes are those named here as its own: chunk files at their chunk paths and temp
+//! files named as [`temp_path`] names them, inside such a directory. [`dir_kind`] tells the
+//! cases apart; choosing and making the directory is [`super::disk`]'s.
 
+use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -34,12 +41,15 @@ const MIN_HEADER: u64 = 8 + 4 + 4 + 8 + 8 + 8 + 4 * 4 + 4 + 4;
 const FIRST_READ: u64 = 4096;
 const MAX_HEADER: u64 = 16 << 20;
 
+const CHUNKS: &str = "chunks";
+const TMP: &str = "tmp";
+
 pub fn chunks_dir(root: &Path) -> PathBuf {
-    root.join("chunks")
+    root.join(CHUNKS)
 }
 
 pub fn tmp_dir(root: &Path) -> PathBuf {
-    root.join("tmp")
+    root.join(TMP)
 }
 
 /// `<root>/chunks/<xx>/<yy>/<id hex>`: two levels of fan-out keep each directory small.
@@ -57,6 +67,148 @@ pub fn temp_path(root: &Path, id: &ChunkId) -> PathBuf {
 pub fn chunk_id_at(root: &Path, path: &Path) -> Option<ChunkId> {
     let name = path.file_name()?.to_str()?;
     ChunkId::from_hex(name).filter(|id| chunk_path(root, id) == path)
+}
+
+/// True for a file name [`temp_path`] gives: `<chunk id hex>.<16 hex digits>`, lower case.
+pub fn is_temp_name(name: &OsStr) -> bool {
+    let Some((id, suffix)) = name.to_str().and_then(|n| n.split_once('.')) else {
+        return false;
+    };
+    ChunkId::from_hex(id).is_some_and(|c| c.to_hex() == id) && lower_hex(suffix, 16)
+}
+
+/// True for a directory name [`chunk_path`] fans out into: two lower-case hex digits.
+pub fn is_fan_out_name(name: &OsStr) -> bool {
+    name.to_str().is_some_and(|n| lower_hex(n, 2))
+}
+
+fn lower_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// The temp files in `root`'s `tmp/`: the entries named as [`temp_path`] names them, and no other.
+pub fn temp_files(root: &Path) -> Vec<PathBuf> {
+    let named = |p: &PathBuf| p.file_name().is_some_and(is_temp_name);
+    read_dir_paths(&tmp_dir(root))
+        .into_iter()
+        .filter(named)
+        .collect()
+}
+
+/// The marker file that makes a directory an orcafs cache; it holds [`marker_text`].
+pub const MARKER: &str = ".orcafs-cache";
+/// The layout the marker names: `chunks/` and `tmp/` as above. Another layout takes another
+/// number, and a directory marked with a number this build does not know is left alone.
+pub const LAYOUT_VERSION: u32 = 1;
+/// orcafs's own subdirectory of a cache directory that already holds other files.
+pub const SUBDIR: &str = "orcafs";
+/// The detached daemon's log, beside `chunks/`.
+pub const LOG: &str = "orcafs.log";
+
+pub fn marker_path(root: &Path) -> PathBuf {
+    root.join(MARKER)
+}
+
+pub fn log_path(root: &Path) -> PathBuf {
+    root.join(LOG)
+}
+
+pub fn marker_text() -> String {
+    format!("orcafs-cache {LAYOUT_VERSION}\n")
+}
+
+/// What a directory holds, as far as whose it is goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DirKind {
+    Missing,
+    /// Something that is not a directory.
+    NotADir,
+    Empty,
+    /// An orcafs cache of this layout: its marker is there.
+    Marked,
+    /// A marker this build does not know (a newer layout); its first line.
+    OtherMarker(String),
+    /// A cache written before the marker existed: a `chunks/` directory, and besides it nothing
+    /// but `tmp/` and the log.
+    Legacy,
+    /// Anything else: files orcafs did not write.
+    Foreign,
+}
+
+/// Classifies `dir`, reading its entries only until the answer is known.
+pub fn dir_kind(dir: &Path) -> io::Result<DirKind> {
+    match fs::metadata(dir) {
+        Ok(m) if !m.is_dir() => return Ok(DirKind::NotADir),
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(DirKind::Missing),
+        Err(e) => return Err(e),
+    }
+    if let Some(kind) = read_marker(dir)? {
+        return Ok(kind);
+    }
+    let (mut chunks, mut any) = (false, false);
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let is_dir = entry.file_type()?.is_dir();
+        any = true;
+        match entry.file_name().to_str() {
+            Some(CHUNKS) if is_dir => chunks = true,
+            Some(TMP) if is_dir => {}
+            Some(LOG) if !is_dir => {}
+            _ => return Ok(DirKind::Foreign),
+        }
+    }
+    Ok(match (any, chunks) {
+        (false, _) => DirKind::Empty,
+        (true, true) => DirKind::Legacy,
+        (true, false) => DirKind::Foreign,
+    })
+}
+
+/// `Marked` or `OtherMarker` when `dir` holds a marker, None when it holds none.
+fn read_marker(dir: &Path) -> io::Result<Option<DirKind>> {
+    use std::io::Read;
+    let file = match File::open(marker_path(dir)) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    // A marker is one short line; whatever else has this name is not read in full.
+    let mut bytes = Vec::new();
+    file.take(256).read_to_end(&mut bytes)?;
+    let text = String::from_utf8_lossy(&bytes);
+    // A marker cut short (a crash while orcafs wrote it) is still orcafs's own.
+    if marker_text().starts_with(&*text) {
+        return Ok(Some(DirKind::Marked));
+    }
+    let first: String = text.lines().next().unwrap_or("").chars().take(60).collect();
+    Ok(Some(DirKind::OtherMarker(first)))
+}
+
+/// The cache an existing `--cache-dir dir` holds: `dir` itself, or its [`SUBDIR`] (where orcafs
+/// keeps the cache when `dir` holds other files). None when neither is an orcafs cache.
+pub fn find_root(dir: &Path) -> io::Result<Option<PathBuf>> {
+    let mut candidate = dir.to_owned();
+    loop {
+        match dir_kind(&candidate)? {
+            DirKind::Marked | DirKind::Legacy => return Ok(Some(candidate)),
+            DirKind::OtherMarker(line) => {
+                let why = unknown_layout(&line);
+                let text = format!("will not use {}: {why}", candidate.display());
+                return Err(io::Error::new(io::ErrorKind::InvalidData, text));
+            }
+            DirKind::Foreign if candidate == dir => candidate = dir.join(SUBDIR),
+            _ => return Ok(None),
+        }
+    }
+}
+
+/// Why a directory marked with a layout this build does not know is left alone, and what to do.
+pub fn unknown_layout(marker_line: &str) -> String {
+    format!(
+        "its {MARKER} says {marker_line:?}, a cache layout this orcafs does not know; use the \
+         orcafs that wrote it, or another directory"
+    )
 }
 
 /// The entries of `dir`; none when it cannot be read (absent, or not a directory).
@@ -347,6 +499,69 @@ mod tests {
         bad[BLOCK as usize + 7] ^= 1;
         assert_eq!(h.bad_block(1, &bad), Some(2));
         assert_eq!(h.bad_block(4, &data[..1]), Some(4), "past the CRC list");
+    }
+
+    #[test]
+    fn temp_names_are_recognised_exactly() {
+        let id = test_key("e", 1, BLOCK, 0).id();
+        let root = Path::new("/r");
+        let p = temp_path(root, &id);
+        assert_eq!(p.parent(), Some(tmp_dir(root).as_path()));
+        assert!(is_temp_name(p.file_name().unwrap()));
+        let hex = id.to_hex();
+        for foreign in [
+            "foreign".to_string(),
+            hex.clone(),
+            format!("{hex}.0123456789abcde"),
+            format!("{hex}.0123456789abcdeF"),
+            format!("{}.0123456789abcdef", hex.to_uppercase()),
+            format!("{}.0123456789abcdef", &hex[2..]),
+            format!("{hex}.0123456789abcdef.bak"),
+        ] {
+            assert!(!is_temp_name(OsStr::new(&foreign)), "{foreign}");
+        }
+        assert!(is_fan_out_name(OsStr::new("0f")) && !is_fan_out_name(OsStr::new("0g")));
+    }
+
+    #[test]
+    fn directory_kinds_tell_whose_a_directory_is() {
+        let t = tempfile::tempdir().unwrap();
+        let d = |name: &str| t.path().join(name);
+        let kind = |name: &str| dir_kind(&d(name)).unwrap();
+        assert_eq!(kind("absent"), DirKind::Missing);
+        fs::write(d("file"), b"x").unwrap();
+        assert_eq!(kind("file"), DirKind::NotADir);
+        fs::create_dir(d("empty")).unwrap();
+        assert_eq!(kind("empty"), DirKind::Empty);
+
+        fs::create_dir_all(d("old/chunks/ab")).unwrap();
+        fs::create_dir_all(d("old/tmp")).unwrap();
+        fs::write(d("old").join(LOG), b"log").unwrap();
+        assert_eq!(kind("old"), DirKind::Legacy, "chunks/, tmp/ and the log");
+        fs::write(d("old/notes"), b"x").unwrap();
+        assert_eq!(kind("old"), DirKind::Foreign, "anything else beside them");
+        fs::create_dir_all(d("tmponly/tmp")).unwrap();
+        assert_eq!(
+            kind("tmponly"),
+            DirKind::Foreign,
+            "a tmp/ alone is not orcafs's"
+        );
+
+        fs::create_dir(d("marked")).unwrap();
+        fs::write(d("marked/notes"), b"x").unwrap();
+        fs::write(marker_path(&d("marked")), marker_text()).unwrap();
+        assert_eq!(kind("marked"), DirKind::Marked, "the marker decides");
+        fs::write(marker_path(&d("marked")), &marker_text()[..5]).unwrap();
+        assert_eq!(
+            kind("marked"),
+            DirKind::Marked,
+            "a marker cut short by a crash"
+        );
+        fs::write(marker_path(&d("marked")), "orcafs-cache 2\n").unwrap();
+        assert_eq!(
+            kind("marked"),
+            DirKind::OtherMarker("orcafs-cache 2".into())
+        );
     }
 
     #[test]

@@ -283,3 +283,12 @@ pub fn read_all(path: &Path) -> Vec<u8> {
         .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     v
 }
+
+/// Permission bits of `p` (not following a symlink).
+pub fn mode_of(p: &Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(p)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", p.display()))
+        .mode()
+        & 0o7777
+}
