@@ -20,3 +20,4 @@ pub mod notify;
 pub mod origin;
 pub mod peer;
 pub mod s3;
+pub mod secret;

@@ -81,6 +81,7 @@ metrics! {
         shared_commits: "chunks written behind to the shared cache store",
         shared_errors: "shared cache store failures (reads skipped, writes dropped)",
         shared_writes_dropped: "write-behinds to the shared store dropped (queue full, or the chunk evicted before upload)",
+        shared_rejected: "shared cache objects that failed authentication or were damaged (deleted, read as a miss)",
         commit_lost: "puts that found the chunk already committed by another writer",
         peer_fills_received: "chunks streamed completely from their coordinator peer",
         peer_fallbacks: "peer fills that failed (gone, 409, error, short) and were filled locally",

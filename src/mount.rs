@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::cachestore::disk::{self, DiskDriver, DiskError};
 use crate::cachestore::replica::{Replica, TierTimeouts};
-use crate::cachestore::s3::S3Store;
+use crate::cachestore::s3::{S3Store, StoreKey};
 use crate::cachestore::{CacheStore, ChunkStream, DiskStore, StoreError};
 use crate::chunk::ChunkKey;
 use crate::cluster::{self, Cluster, LocalFills, Observe};
@@ -31,6 +31,7 @@ use crate::metrics::Metrics;
 use crate::namespace::Namespace;
 use crate::origin::{Origin, OriginError, S3Origin};
 use crate::peer::{PeerAddr, PeerError};
+use crate::secret::{Secret, SecretError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
@@ -71,6 +72,10 @@ pub enum MountError {
     Store { store: String, source: StoreError },
     #[error("cluster: {0}")]
     Cluster(#[from] crate::cluster::ClusterError),
+    #[error("the shared cache has no secret to authenticate its objects: set secret_file in [shared_cache] or [cluster]")]
+    SharedNoSecret,
+    #[error("the shared cache: {0}")]
+    SharedSecret(#[source] SecretError),
 }
 
 impl From<DiskError> for MountError {
@@ -239,8 +244,13 @@ async fn build_store(
         return Ok((local, None, None));
     };
     let what = format!("the shared cache s3://{}/{}", sc.bucket, sc.prefix);
+    // Resolving the config sets the file (its own, else the cluster's) or refuses the mount. A
+    // bad secret stops the mount even when the store is not `required`: it is a config error.
+    let secret_file = sc.secret_file.as_ref().ok_or(MountError::SharedNoSecret)?;
+    let secret = Secret::read(secret_file).map_err(MountError::SharedSecret)?;
+    let key = StoreKey::from_secret(&secret);
     let shared = async {
-        let s = Arc::new(S3Store::new(sc).await);
+        let s = Arc::new(S3Store::new(sc, key, metrics.clone()).await);
         s.self_test().await?;
         Ok::<_, StoreError>(s)
     }

@@ -24,17 +24,29 @@ use bytes::Bytes;
 use orcafs::cachestore::disk::DiskDriver;
 use orcafs::cachestore::memory::MemoryStore;
 use orcafs::cachestore::replica::{Replica, TierTimeouts};
-use orcafs::cachestore::s3::S3Store;
+use orcafs::cachestore::s3::{S3Store, StoreKey};
 use orcafs::cachestore::{collect, CacheStore, Committed, DiskStore, StoreError};
 use orcafs::chunk::{ChunkKey, ObjectVersion};
 use orcafs::config::SharedCacheConfig;
+use orcafs::metrics::Metrics;
 use orcafs::s3::Credentials;
+use orcafs::secret::Secret;
 use orcafs_devorigin::{DevOrigin, Garage, ACCESS_KEY, SECRET_KEY};
 
 /// Chunk size in the keys of the suite.
 const CHUNK: u64 = 256 << 10;
 /// Bucket the s3 fixtures use.
 const BUCKET: &str = "orcafs-shared";
+/// The secret the s3 fixtures' members share.
+const FLEET_SECRET: &[u8] = b"contract suite fleet secret";
+
+/// An s3 store of a member holding `secret`, and the metrics it counts rejections in.
+async fn member(cfg: &SharedCacheConfig, secret: &[u8]) -> (Arc<S3Store>, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::default());
+    let key = StoreKey::from_secret(&Secret::from_bytes(secret));
+    let store = Arc::new(S3Store::new(cfg, key, metrics.clone()).await);
+    (store, metrics)
+}
 
 type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -570,11 +582,12 @@ impl S3Target {
             max_age: None,
             timeout: Duration::from_secs(5),
             first_byte_timeout: Duration::from_secs(5),
+            secret_file: None,
         }
     }
 
     async fn store(&self) -> Arc<S3Store> {
-        Arc::new(S3Store::new(&self.config()).await)
+        member(&self.config(), FLEET_SECRET).await.0
     }
 }
 
@@ -814,7 +827,9 @@ macro_rules! s3_suite {
     ($name:ident, $target:expr) => {
         s3_suite!(@cases $name, $target, [
             layout_and_metadata, evict_older_than, spawned_eviction, wrong_credentials_are_auth,
-            missing_bucket_is_clear
+            missing_bucket_is_clear, non_member_objects_are_never_served,
+            another_secrets_objects_are_rejected, swapped_objects_and_blocks_are_caught,
+            members_with_one_secret_read_each_other
         ]);
     };
     (@cases $name:ident, $target:expr, [$($case:ident),*]) => {
@@ -835,11 +850,100 @@ macro_rules! s3_suite {
 s3_suite!(s3_own_devorigin, targets::devorigin);
 s3_suite!(s3_own_garage, targets::garage);
 
+/// `orcafs-tags` (raw) and `orcafs-mac` of a chunk, as docs/cachestore.md describes them:
+/// K = HMAC-SHA256(secret, "orcafs shared cache objects v1"); per block the first 8 bytes of
+/// HMAC(K, "orcafs-block\0" ‖ id ‖ index u64 LE ‖ bytes); HMAC(K, "orcafs-meta\0" ‖ id ‖
+/// len u64 LE ‖ block u64 LE ‖ tags) over the metadata.
+fn documented_auth(secret: &[u8], key: &ChunkKey, data: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    use hmac::{Hmac, Mac};
+    let hmac = |k: &[u8], parts: &[&[u8]]| {
+        let mut m = Hmac::<sha2::Sha256>::new_from_slice(k).unwrap();
+        for p in parts {
+            m.update(p);
+        }
+        m.finalize().into_bytes().to_vec()
+    };
+    let k = hmac(secret, &[b"orcafs shared cache objects v1"]);
+    let id = key.id().0;
+    let block = 64u64 << 10;
+    assert!(data.len() as u64 <= 128 * block, "one block size here");
+    let mut tags = Vec::new();
+    for (i, b) in data.chunks(block as usize).enumerate() {
+        let idx = (i as u64).to_le_bytes();
+        tags.extend_from_slice(&hmac(&k, &[b"orcafs-block\0", &id, &idx, b])[..8]);
+    }
+    let (len, blk) = ((data.len() as u64).to_le_bytes(), block.to_le_bytes());
+    let mac = hmac(&k, &[b"orcafs-meta\0", &id, &len, &blk, &tags]);
+    (tags, mac)
+}
+
+/// Writes `body` with user metadata `meta` at `object`, as anyone with write access to the
+/// bucket can: the plain S3 client, no secret.
+async fn plain_put(
+    client: &aws_sdk_s3::Client,
+    object: &str,
+    body: Bytes,
+    meta: std::collections::HashMap<String, String>,
+) {
+    client
+        .put_object()
+        .bucket(BUCKET)
+        .key(object)
+        .set_metadata(Some(meta))
+        .body(body.into())
+        .send()
+        .await
+        .expect("plain put");
+}
+
+/// The body and user metadata of a stored object.
+async fn plain_get(
+    client: &aws_sdk_s3::Client,
+    object: &str,
+) -> (Bytes, std::collections::HashMap<String, String>) {
+    let got = client
+        .get_object()
+        .bucket(BUCKET)
+        .key(object)
+        .send()
+        .await
+        .expect("plain get");
+    let meta = got.metadata().cloned().unwrap_or_default();
+    (got.body.collect().await.unwrap().into_bytes(), meta)
+}
+
+/// Whether an object is still in the bucket.
+async fn exists(client: &aws_sdk_s3::Client, object: &str) -> bool {
+    match client.head_object().bucket(BUCKET).key(object).send().await {
+        Ok(_) => true,
+        Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(404) => false,
+        Err(e) => panic!("head {object}: {e:?}"),
+    }
+}
+
+/// Metadata of the format before objects were authenticated, with CRCs that match `body`.
+fn crc_era_metadata(key: &ChunkKey, body: &[u8]) -> std::collections::HashMap<String, String> {
+    let block = 64usize << 10;
+    let crcs: String = body
+        .chunks(block)
+        .map(|b| format!("{:08x}", crc32c::crc32c(b)))
+        .collect();
+    [
+        ("orcafs-id", key.id().to_hex()),
+        ("orcafs-len", key.len().to_string()),
+        ("orcafs-block", block.to_string()),
+        ("orcafs-crcs", crcs),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
 mod s3_cases {
     use super::*;
 
     /// Objects sit at `<prefix>/<origin id>/<hash>/<index>` with the raw bytes as body and the
-    /// integrity metadata beside them.
+    /// authentication metadata beside them, recomputed here from the documented format.
     pub async fn layout_and_metadata(t: &S3Target) {
         let store = t.store().await;
         let (key, data) = chunk_of(CHUNK + 1, 0);
@@ -863,11 +967,10 @@ mod s3_cases {
         assert_eq!(meta["orcafs-id"], key.id().to_hex());
         assert_eq!(meta["orcafs-len"], CHUNK.to_string());
         assert_eq!(meta["orcafs-block"], (64u64 << 10).to_string());
-        let crcs: String = data
-            .chunks(64 << 10)
-            .map(|b| format!("{:08x}", crc32c::crc32c(b)))
-            .collect();
-        assert_eq!(meta["orcafs-crcs"], crcs);
+        let (tags, mac) = documented_auth(FLEET_SECRET, &key, &data);
+        assert_eq!(meta["orcafs-tags"], aws_smithy_types::base64::encode(&tags));
+        assert_eq!(meta["orcafs-mac"], hex::encode(mac));
+        assert!(!meta.contains_key("orcafs-crcs"), "{meta:?}");
         assert_eq!(got.body.collect().await.unwrap().into_bytes(), data);
     }
 
@@ -947,15 +1050,15 @@ mod s3_cases {
             id: t.access_key.clone(),
             secret: "not-the-secret".into(),
         };
-        let store = S3Store::new(&cfg).await;
+        let (store, _) = member(&cfg, FLEET_SECRET).await;
         let (key, data) = chunk_of(10, 0);
         assert!(matches!(store.stat(&key).await, Err(StoreError::Auth(_))));
         assert!(matches!(
-            put(&store, &key, &data).await,
+            put(&*store, &key, &data).await,
             Err(StoreError::Auth(_))
         ));
         assert!(matches!(
-            get(&store, &key, 0, 10).await,
+            get(&*store, &key, 0, 10).await,
             Err(StoreError::Auth(_))
         ));
         assert!(matches!(store.self_test().await, Err(StoreError::Auth(_))));
@@ -964,12 +1067,199 @@ mod s3_cases {
     pub async fn missing_bucket_is_clear(t: &S3Target) {
         let mut cfg = t.config();
         cfg.bucket = "no-such-bucket".into();
-        let store = S3Store::new(&cfg).await;
+        let (store, _) = member(&cfg, FLEET_SECRET).await;
         match store.self_test().await {
             Err(StoreError::Other(m))
                 if m.contains("no-such-bucket") && m.contains("does not exist") => {}
             other => panic!("self test on a missing bucket: {other:?}"),
         }
+    }
+
+    /// How the store under test reads a chunk; the four ways a reader meets an object.
+    #[derive(Clone, Copy, Debug)]
+    enum Entry {
+        Whole,
+        Range,
+        Empty,
+        Stat,
+    }
+
+    /// A miss for the reader, whatever the entry (a block that fails mid-stream is an error).
+    async fn read_as(
+        store: &S3Store,
+        key: &ChunkKey,
+        entry: Entry,
+    ) -> Result<Option<Bytes>, StoreError> {
+        match entry {
+            Entry::Whole => get(store, key, 0, key.len()).await,
+            Entry::Range => get(store, key, (64 << 10) + 3, 100_000).await,
+            Entry::Empty => get(store, key, 0, 0).await,
+            Entry::Stat => store.stat(key).await.map(|i| i.map(|_| Bytes::new())),
+        }
+    }
+
+    /// Objects written with the plain S3 client by someone without the secret, each with
+    /// plausible metadata, are never served: a miss, deleted, counted.
+    pub async fn non_member_objects_are_never_served(t: &S3Target) {
+        let (store, metrics) = member(&t.config(), FLEET_SECRET).await;
+        let (_, other_data) = chunk_of(CHUNK, 0);
+        let random = |n: usize| -> String {
+            let v: Vec<u8> = (0..n).map(|_| fastrand::u8(..)).collect();
+            aws_smithy_types::base64::encode(v)
+        };
+        type Forgery = fn(
+            &ChunkKey,
+            &Bytes,
+            &Bytes,
+            &dyn Fn(usize) -> String,
+        ) -> (Bytes, std::collections::HashMap<String, String>);
+        let forgeries: [(&str, Forgery, Entry); 4] = [
+            (
+                "garbage with matching CRCs",
+                |key, _, _, _| {
+                    let body = pattern(key.len(), 7);
+                    let meta = crc_era_metadata(key, &body);
+                    (body, meta)
+                },
+                Entry::Whole,
+            ),
+            (
+                "the right bytes in the format before authentication",
+                |key, data, _, _| (data.clone(), crc_era_metadata(key, data)),
+                Entry::Stat,
+            ),
+            (
+                "another chunk's bytes under made-up tags and MAC",
+                |key, _, other, random| {
+                    let mut meta = crc_era_metadata(key, other);
+                    meta.remove("orcafs-crcs");
+                    meta.insert("orcafs-tags".into(), random(4 * 8));
+                    meta.insert("orcafs-mac".into(), hex::encode(random(32)));
+                    (other.clone(), meta)
+                },
+                Entry::Empty,
+            ),
+            (
+                "another chunk's bytes with CRCs and a made-up MAC",
+                |key, _, other, random| {
+                    let mut meta = crc_era_metadata(key, other);
+                    meta.insert("orcafs-tags".into(), random(4 * 8));
+                    meta.insert("orcafs-mac".into(), "00".repeat(32));
+                    (other.clone(), meta)
+                },
+                Entry::Range,
+            ),
+        ];
+        for (what, forge, entry) in forgeries {
+            let (key, data) = chunk_of(CHUNK, 0);
+            let object = store.object_key(&key);
+            let (body, meta) = forge(&key, &data, &other_data, &random);
+            plain_put(&t.client, &object, body, meta).await;
+            let before = metrics.shared_rejected.get();
+            let r = read_as(&store, &key, entry).await;
+            assert_eq!(r, Ok(None), "{what} via {entry:?}");
+            assert_eq!(
+                metrics.shared_rejected.get(),
+                before + 1,
+                "{what}: counted once"
+            );
+            assert!(!exists(&t.client, &object).await, "{what}: deleted");
+            // A member's fill stores the real chunk in its place.
+            assert_eq!(
+                put(&*store, &key, &data).await,
+                Ok(Committed::Stored),
+                "{what}"
+            );
+            assert_eq!(
+                get(&*store, &key, 0, CHUNK).await.unwrap().expect("hit"),
+                data
+            );
+        }
+        assert_eq!(metrics.shared_rejected.get(), 4);
+    }
+
+    /// A member of another fleet (same bucket and prefix, another secret) is a non-member here:
+    /// its objects are rejected like any forgery, and ours by it.
+    pub async fn another_secrets_objects_are_rejected(t: &S3Target) {
+        let cfg = t.config();
+        let (ours, our_metrics) = member(&cfg, FLEET_SECRET).await;
+        let (theirs, their_metrics) = member(&cfg, b"the secret of another fleet").await;
+        let (key, data) = chunk_of(CHUNK, 0);
+        assert_eq!(put(&*theirs, &key, &data).await, Ok(Committed::Stored));
+        let object = ours.object_key(&key);
+        assert!(exists(&t.client, &object).await);
+        assert_eq!(get(&*ours, &key, 0, CHUNK).await, Ok(None));
+        assert_eq!(our_metrics.shared_rejected.get(), 1);
+        assert!(!exists(&t.client, &object).await, "deleted");
+        // A put sees no authentic copy, so it stores one (counting the one it replaces).
+        let (key2, data2) = chunk_of(CHUNK, 0);
+        put(&*theirs, &key2, &data2).await.unwrap();
+        assert_eq!(put(&*ours, &key2, &data2).await, Ok(Committed::Stored));
+        assert_eq!(our_metrics.shared_rejected.get(), 2);
+        assert_eq!(
+            get(&*ours, &key2, 0, CHUNK).await.unwrap().expect("hit"),
+            data2
+        );
+        assert_eq!(get(&*theirs, &key2, 0, 10).await, Ok(None));
+        assert_eq!(their_metrics.shared_rejected.get(), 1);
+    }
+
+    /// Two authentic objects swapped, and two blocks of one object swapped, are caught.
+    pub async fn swapped_objects_and_blocks_are_caught(t: &S3Target) {
+        let (store, metrics) = member(&t.config(), FLEET_SECRET).await;
+        let (x, x_data) = chunk_of(CHUNK, 0);
+        let (y, y_data) = chunk_of(CHUNK, 0);
+        put(&*store, &x.clone(), &x_data).await.unwrap();
+        put(&*store, &y, &y_data).await.unwrap();
+        let (ox, oy) = (store.object_key(&x), store.object_key(&y));
+        let (xb, xm) = plain_get(&t.client, &ox).await;
+        let (yb, ym) = plain_get(&t.client, &oy).await;
+        plain_put(&t.client, &ox, yb, ym).await;
+        plain_put(&t.client, &oy, xb, xm).await;
+        assert_eq!(get(&*store, &x, 0, CHUNK).await, Ok(None));
+        assert_eq!(store.stat(&y).await, Ok(None));
+        assert_eq!(metrics.shared_rejected.get(), 2);
+        assert!(!exists(&t.client, &ox).await && !exists(&t.client, &oy).await);
+
+        // Blocks 0 and 1 of one object swapped, its metadata intact: the first block read fails
+        // before a byte of it is yielded.
+        let (z, z_data) = chunk_of(CHUNK, 0);
+        put(&*store, &z, &z_data).await.unwrap();
+        let oz = store.object_key(&z);
+        let (zb, zm) = plain_get(&t.client, &oz).await;
+        let b = 64 << 10;
+        let swapped = [&zb[b..2 * b], &zb[..b], &zb[2 * b..]].concat();
+        plain_put(&t.client, &oz, Bytes::from(swapped), zm).await;
+        let r = get(&*store, &z, 10, 20).await;
+        assert!(matches!(r, Err(StoreError::Corrupt(_))), "{r:?}");
+        assert_eq!(metrics.shared_rejected.get(), 3);
+        assert!(!exists(&t.client, &oz).await);
+        // Healed by the next fill.
+        put(&*store, &z, &z_data).await.unwrap();
+        assert_eq!(
+            get(&*store, &z, 0, CHUNK).await.unwrap().expect("hit"),
+            z_data
+        );
+    }
+
+    /// Two members holding the same secret (two hosts): what one writes, the other reads.
+    pub async fn members_with_one_secret_read_each_other(t: &S3Target) {
+        let cfg = t.config();
+        let (a, a_metrics) = member(&cfg, FLEET_SECRET).await;
+        let (b, b_metrics) = member(&cfg, FLEET_SECRET).await;
+        let (key, data) = chunk_of(CHUNK - 1, 0);
+        assert_eq!(put(&*a, &key, &data).await, Ok(Committed::Stored));
+        assert_eq!(get(&*b, &key, 0, CHUNK).await.unwrap().expect("hit"), data);
+        assert_eq!(
+            get(&*b, &key, 100_000, 70_000).await.unwrap().expect("hit"),
+            data.slice(100_000..170_000)
+        );
+        assert_eq!(b.stat(&key).await.unwrap().expect("stored").size, CHUNK - 1);
+        assert_eq!(put(&*b, &key, &data).await, Ok(Committed::AlreadyThere));
+        assert_eq!(
+            a_metrics.shared_rejected.get() + b_metrics.shared_rejected.get(),
+            0
+        );
     }
 }
 
@@ -1079,6 +1369,7 @@ fn fake_config(endpoint: String, timeout: Duration) -> SharedCacheConfig {
         max_age: None,
         timeout,
         first_byte_timeout: timeout,
+        secret_file: None,
     }
 }
 
@@ -1103,7 +1394,8 @@ mod s3_unreal {
                 .into_boxed_str(),
             );
             let fake = FakeS3::start(Some(body));
-            let store = S3Store::new(&fake_config(fake.endpoint(), Duration::from_secs(5))).await;
+            let cfg = fake_config(fake.endpoint(), Duration::from_secs(5));
+            let (store, _) = member(&cfg, FLEET_SECRET).await;
             match store.self_test().await {
                 Err(StoreError::Other(m)) => {
                     assert!(m.contains(words) && m.contains("unversioned bucket"), "{m}");
@@ -1122,11 +1414,8 @@ mod s3_unreal {
             .local_addr()
             .unwrap()
             .port();
-        let store = S3Store::new(&fake_config(
-            format!("http://127.0.0.1:{port}"),
-            Duration::from_secs(2),
-        ))
-        .await;
+        let cfg = fake_config(format!("http://127.0.0.1:{port}"), Duration::from_secs(2));
+        let (store, _) = member(&cfg, FLEET_SECRET).await;
         let (key, data) = chunk_of(100, 0);
         let t0 = Instant::now();
         assert!(matches!(
@@ -1134,11 +1423,11 @@ mod s3_unreal {
             Err(StoreError::Transient(_))
         ));
         assert!(matches!(
-            get(&store, &key, 0, 100).await,
+            get(&*store, &key, 0, 100).await,
             Err(StoreError::Transient(_))
         ));
         assert!(matches!(
-            put(&store, &key, &data).await,
+            put(&*store, &key, &data).await,
             Err(StoreError::Transient(_))
         ));
         assert!(matches!(
@@ -1156,14 +1445,15 @@ mod s3_unreal {
     #[tokio::test]
     async fn hung_store_is_transient_within_the_timeout() {
         let fake = FakeS3::start(None);
-        let store = S3Store::new(&fake_config(fake.endpoint(), Duration::from_secs(1))).await;
+        let cfg = fake_config(fake.endpoint(), Duration::from_secs(1));
+        let (store, _) = member(&cfg, FLEET_SECRET).await;
         let (key, data) = chunk_of(100, 0);
         for op in ["stat", "get", "put"] {
             let t0 = Instant::now();
             let r = match op {
                 "stat" => store.stat(&key).await.map(|_| ()),
-                "get" => get(&store, &key, 0, 100).await.map(|_| ()),
-                _ => put(&store, &key, &data).await.map(|_| ()),
+                "get" => get(&*store, &key, 0, 100).await.map(|_| ()),
+                _ => put(&*store, &key, &data).await.map(|_| ()),
             };
             let took = t0.elapsed();
             assert!(matches!(r, Err(StoreError::Transient(_))), "{op}: {r:?}");
@@ -1243,7 +1533,7 @@ mod s3_faults {
         };
         let mut cfg = t.config();
         cfg.timeout = timeout;
-        let store = Arc::new(S3Store::new(&cfg).await);
+        let (store, _) = member(&cfg, FLEET_SECRET).await;
         let (key, data) = chunk_of(CHUNK, 0);
         put(&*store, &key, &data).await.unwrap();
         (o, dir, store, key, data)

@@ -1,14 +1,26 @@
 //! The shared in-datacenter cache store end to end: hosts with their own local caches share one
 //! S3-compatible store (a second s3s-fs server here), write behind to it, read through it with
-//! copy-back, and keep serving reads from the origin when it is slow or gone.
+//! copy-back, keep serving reads from the origin when it is slow or gone, never serve an object
+//! a non-member wrote, and refuse to start without a secret to tell the two apart.
 
 mod common;
 
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::*;
 
 const BUCKET: &str = "bkt";
+
+/// The secret file every member host of a test shares.
+fn secret_file(s: &Scratch) -> PathBuf {
+    let path = s.dir.path().join("shared.secret");
+    std::fs::write(&path, "fleet secret of the shared cache tests\n").unwrap();
+    path
+}
 
 fn shared_store(s: &Scratch) -> DevOrigin {
     let st = DevOrigin::start(&s.path("shared-root")).unwrap();
@@ -17,11 +29,14 @@ fn shared_store(s: &Scratch) -> DevOrigin {
 }
 
 fn host(s: &Scratch, o: &DevOrigin, shared_endpoint: &str, name: &str, extra: &[&str]) -> Mount {
+    let secret = secret_file(s);
     let mut args = vec![
         "--shared-cache",
         "s3://cache/fleet",
         "--shared-cache-endpoint-url",
         shared_endpoint,
+        "--shared-cache-secret-file",
+        secret.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
     Mount::start(
@@ -103,10 +118,12 @@ fn a_slow_or_dead_shared_store_never_fails_a_read() {
     o.put_object(BUCKET, "one.bin", one.clone());
     o.put_object(BUCKET, "two.bin", two.clone());
     let cfg = s.dir.path().join("shared.toml");
+    secret_file(&s);
+    // A relative secret_file is next to the config file.
     std::fs::write(
         &cfg,
         format!(
-            "[shared_cache]\nendpoint_url = \"{}\"\nbucket = \"cache\"\nforce_path_style = true\ntimeout = \"1s\"\n",
+            "[shared_cache]\nendpoint_url = \"{}\"\nbucket = \"cache\"\nforce_path_style = true\ntimeout = \"1s\"\nsecret_file = \"shared.secret\"\n",
             shared.endpoint()
         ),
     )
@@ -140,6 +157,7 @@ fn an_unreachable_shared_store_fails_the_mount_unless_optional() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         format!("http://{}", l.local_addr().unwrap())
     };
+    let secret = secret_file(&s);
     let out = mount_command(
         &Target::of(&o),
         BUCKET,
@@ -150,6 +168,8 @@ fn an_unreachable_shared_store_fails_the_mount_unless_optional() {
             "s3://cache",
             "--shared-cache-endpoint-url",
             &dead,
+            "--shared-cache-secret-file",
+            secret.to_str().unwrap(),
             "--foreground",
         ],
     )
@@ -166,7 +186,7 @@ fn an_unreachable_shared_store_fails_the_mount_unless_optional() {
     let cfg = s.dir.path().join("optional.toml");
     std::fs::write(
         &cfg,
-        format!("[shared_cache]\nendpoint_url = \"{dead}\"\nbucket = \"cache\"\nforce_path_style = true\nrequired = false\n"),
+        format!("[shared_cache]\nendpoint_url = \"{dead}\"\nbucket = \"cache\"\nforce_path_style = true\nrequired = false\nsecret_file = \"shared.secret\"\n"),
     )
     .unwrap();
     let m = Mount::start(
@@ -177,4 +197,158 @@ fn an_unreachable_shared_store_fails_the_mount_unless_optional() {
         &["--config", cfg.to_str().unwrap()],
     );
     assert_eq!(read_all(&m.path("x.txt")), b"x");
+}
+
+#[test]
+fn a_shared_store_without_a_secret_refuses_to_start() {
+    let s = Scratch::new();
+    let o = origin(&s, BUCKET);
+    let shared = shared_store(&s);
+    let out = mount_command(
+        &Target::of(&o),
+        BUCKET,
+        &s.path("mnt"),
+        &s.path("cache"),
+        &[
+            "--shared-cache",
+            "s3://cache/fleet",
+            "--shared-cache-endpoint-url",
+            &shared.endpoint(),
+            "--foreground",
+        ],
+    )
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("has no secret") && err.contains("secret_file in [shared_cache]"),
+        "{err}"
+    );
+    assert!(!is_mounted(&s.path("mnt")));
+}
+
+/// Plain HTTP GET of `/metrics`; the value of one counter.
+fn counter(addr: &str, name: &str) -> f64 {
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(c, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    let _ = c.read_to_string(&mut text);
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+}
+
+/// Replaces every chunk object under `cache/fleet/` as someone with write access to the bucket
+/// but no secret can: garbage under plausible metadata (CRCs that match it), a member's
+/// metadata over garbage, and a member's object moved to another chunk's key.
+fn poison_every_chunk(shared: &DevOrigin) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = shared.client();
+        let list = client
+            .list_objects_v2()
+            .bucket("cache")
+            .prefix("fleet/")
+            .send()
+            .await
+            .unwrap();
+        let mut objects: Vec<String> = list
+            .contents()
+            .iter()
+            .filter_map(|o| o.key().map(String::from))
+            .collect();
+        objects.sort();
+        assert_eq!(objects.len(), 3, "{objects:?}");
+        let mut genuine = Vec::new();
+        for object in &objects {
+            let got = client
+                .get_object()
+                .bucket("cache")
+                .key(object)
+                .send()
+                .await
+                .unwrap();
+            let meta = got.metadata().cloned().unwrap_or_default();
+            let body = got.body.collect().await.unwrap().into_bytes();
+            genuine.push((body, meta));
+        }
+        let garbage = bytes::Bytes::from(pattern(CHUNK, 99));
+        let crcs: String = garbage
+            .chunks(64 * KIB)
+            .map(|b| format!("{:08x}", crc32c::crc32c(b)))
+            .collect();
+        let mut forged: HashMap<String, String> = HashMap::new();
+        for k in ["orcafs-id", "orcafs-len", "orcafs-block"] {
+            forged.insert(k.into(), genuine[0].1[k].clone());
+        }
+        forged.insert("orcafs-crcs".into(), crcs);
+        let replacements = [
+            (garbage.clone(), forged),
+            (garbage, genuine[1].1.clone()),
+            (genuine[1].0.clone(), genuine[1].1.clone()),
+        ];
+        for (object, (body, meta)) in objects.iter().zip(replacements) {
+            client
+                .put_object()
+                .bucket("cache")
+                .key(object)
+                .set_metadata(Some(meta))
+                .body(body.into())
+                .send()
+                .await
+                .unwrap();
+        }
+    });
+}
+
+#[test]
+fn objects_a_non_member_wrote_are_never_served() {
+    let s = Scratch::new();
+    let o = origin(&s, BUCKET);
+    let shared = shared_store(&s);
+    let data = pattern(3 * CHUNK, 4);
+    o.put_object(BUCKET, "f.bin", data.clone());
+    let stored = s.dir.path().join("shared-root/cache/fleet");
+
+    let a = host(&s, &o, &shared.endpoint(), "a", &[]);
+    assert_eq!(sha256sum(&a.path("f.bin")), sha256_hex(&data));
+    wait_for("3 chunks written behind", || count_files(&stored) == 3);
+    assert_eq!(a.unmount(), 0);
+
+    poison_every_chunk(&shared);
+    o.reset_stats();
+    let metrics = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let b = host(
+        &s,
+        &o,
+        &shared.endpoint(),
+        "b",
+        &["--metrics-addr", &metrics],
+    );
+    assert_eq!(sha256sum(&b.path("f.bin")), sha256_hex(&data));
+    assert_eq!(
+        o.stats().get_bytes,
+        data.len() as u64,
+        "every chunk came from the origin"
+    );
+    // At least once per chunk: a reader and a readahead fill may both meet one object.
+    let rejected = counter(&metrics, "orcafs_shared_rejected_total");
+    assert!(rejected >= 3.0, "{rejected}");
+    assert!(b.log_text().contains("shared cache object rejected"));
+    // The member's fills replaced the poisoned objects: a third host reads them all.
+    wait_for("3 chunks written behind again", || {
+        count_files(&stored) == 3
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(b.unmount(), 0);
+    o.reset_stats();
+    let c = host(&s, &o, &shared.endpoint(), "c", &[]);
+    assert_eq!(sha256sum(&c.path("f.bin")), sha256_hex(&data));
+    assert_eq!(o.stats().get_requests, 0, "{:?}", o.stats());
 }

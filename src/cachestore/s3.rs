@@ -7,10 +7,18 @@
 //! key, ETag) and the chunk size, the index in decimal. The body is the raw chunk; user metadata
 //! carries what makes it verifiable: `orcafs-id` (the [`ChunkKey::id`]), `orcafs-len`,
 //! `orcafs-block` (the block size, a power of two ≥ 64 KiB chosen so a chunk has at most 128
-//! blocks) and `orcafs-crcs` (the CRC32C of every block, hex). A read is one ranged GET of the
-//! blocks covering the range; every block is checked before any of its bytes is yielded, and a
-//! short, foreign, metadata-less or damaged object is [`StoreError::Corrupt`] (and deleted, so
-//! the next fill stores it afresh), never bytes.
+//! blocks), `orcafs-tags` (per block, the first 8 bytes of HMAC-SHA256 under the store key over
+//! the chunk id, the block index and the block's bytes; base64) and `orcafs-mac` (HMAC-SHA256
+//! over the id, length, block size and tags; hex). The store key is derived from a secret every
+//! member holds ([`StoreKey`]), so someone who can write to the bucket but holds no secret can
+//! neither forge an object nor move a member's object to another key.
+//!
+//! A read is one ranged GET of the blocks covering the range; the metadata's MAC is checked
+//! first, then every block's tag before any of its bytes is yielded. An object that fails
+//! (unauthenticated, written with another secret or before objects were authenticated, moved,
+//! short, damaged) is never served: it is counted (`shared_rejected`), logged, deleted so the
+//! next fill stores it afresh, and read as a miss (or, when a block fails mid-stream, the stream
+//! ends with [`StoreError::Corrupt`]).
 //!
 //! A put is stat-then-put: when an intact copy is already there it reports
 //! [`Committed::AlreadyThere`] and uploads nothing. Two hosts racing both upload identical bytes,
@@ -29,17 +37,29 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::BucketVersioningStatus;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
+use hmac::{Hmac, Mac};
 use sha2::{Digest as _, Sha256};
 
 use super::{check_put, read_after_write, CacheStore, ChunkStream, Committed, Info, StoreError};
-use crate::chunk::ChunkKey;
+use crate::chunk::{ChunkId, ChunkKey};
 use crate::config::SharedCacheConfig;
+use crate::metrics::Metrics;
 use crate::s3::{self, HasStatus, Kind};
+use crate::secret::Secret;
 
-/// Smallest block with its own CRC.
+/// Smallest block with its own tag.
 const MIN_BLOCK: u64 = 64 << 10;
-/// Most blocks a chunk has, so `orcafs-crcs` stays within S3's 2 KiB of user metadata.
+/// Most blocks a chunk has, so `orcafs-tags` stays within S3's 2 KiB of user metadata.
 const MAX_BLOCKS: u64 = 128;
+/// Bytes of each block's tag: 128 of them are 1368 base64 characters, leaving room for the rest
+/// of the metadata under 2 KiB; a forger still has one chance in 2^64 per try, and each try is
+/// deleted and counted.
+const TAG_LEN: usize = 8;
+/// What the store key is derived for; changing it makes every stored object a miss.
+const KEY_LABEL: &str = "orcafs shared cache objects v1";
+/// Domain separation of the two MACs under the store key.
+const TAG_DOMAIN: &[u8] = b"orcafs-block\0";
+const MAC_DOMAIN: &[u8] = b"orcafs-meta\0";
 /// Deletes in flight during an eviction pass.
 const EVICT_PARALLEL: usize = 8;
 /// Shortest interval between eviction passes.
@@ -48,7 +68,78 @@ const MIN_EVICT_EVERY: Duration = Duration::from_millis(100);
 const META_ID: &str = "orcafs-id";
 const META_LEN: &str = "orcafs-len";
 const META_BLOCK: &str = "orcafs-block";
+const META_TAGS: &str = "orcafs-tags";
+const META_MAC: &str = "orcafs-mac";
+/// The CRC list of objects written before they were authenticated: named only to say so.
 const META_CRCS: &str = "orcafs-crcs";
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// The key a store's objects are authenticated with: HMAC-SHA256 under the fleet secret of a
+/// fixed label ([`Secret::derive`]), so the cluster's request-signing key is never used as is.
+/// Its Debug never shows it.
+#[derive(Clone)]
+pub struct StoreKey([u8; 32]);
+
+impl std::fmt::Debug for StoreKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreKey(redacted)")
+    }
+}
+
+impl StoreKey {
+    pub fn from_secret(secret: &Secret) -> StoreKey {
+        StoreKey(secret.derive(KEY_LABEL))
+    }
+
+    fn mac(&self, domain: &[u8], id: &ChunkId) -> HmacSha256 {
+        // HMAC takes keys of any length.
+        let mut m = HmacSha256::new_from_slice(&self.0).expect("HMAC accepts any key length");
+        m.update(domain);
+        m.update(&id.0);
+        m
+    }
+
+    /// The MAC state of block `index` of chunk `id`, ready to finalize or verify.
+    fn block_mac(&self, id: &ChunkId, index: u64, data: &[u8]) -> HmacSha256 {
+        let mut m = self.mac(TAG_DOMAIN, id);
+        m.update(&index.to_le_bytes());
+        m.update(data);
+        m
+    }
+
+    /// The MAC state over the metadata fields; `tags` are the raw concatenated tags.
+    fn meta_mac(&self, id: &ChunkId, len: u64, block: u64, tags: &[u8]) -> HmacSha256 {
+        let mut m = self.mac(MAC_DOMAIN, id);
+        m.update(&len.to_le_bytes());
+        m.update(&block.to_le_bytes());
+        m.update(tags);
+        m
+    }
+
+    /// The metadata that makes `body` (the whole chunk `key`) verifiable, as put stores it.
+    fn sign(&self, key: &ChunkKey, body: &[u8]) -> Vec<(&'static str, String)> {
+        let id = key.id();
+        let len = body.len() as u64;
+        let block = block_size(len);
+        let mut tags = Vec::with_capacity(len.div_ceil(block) as usize * TAG_LEN);
+        for (i, b) in body.chunks(block as usize).enumerate() {
+            let full = self.block_mac(&id, i as u64, b).finalize().into_bytes();
+            tags.extend_from_slice(&full[..TAG_LEN]);
+        }
+        let mac = self
+            .meta_mac(&id, len, block, &tags)
+            .finalize()
+            .into_bytes();
+        vec![
+            (META_ID, id.to_hex()),
+            (META_LEN, len.to_string()),
+            (META_BLOCK, block.to_string()),
+            (META_TAGS, aws_smithy_types::base64::encode(&tags)),
+            (META_MAC, hex::encode(mac)),
+        ]
+    }
+}
 
 /// The shared store over one bucket and prefix.
 pub struct S3Store {
@@ -58,6 +149,8 @@ pub struct S3Store {
     timeout: Duration,
     max_age: Option<Duration>,
     required: bool,
+    key: StoreKey,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for S3Store {
@@ -70,16 +163,27 @@ impl std::fmt::Debug for S3Store {
     }
 }
 
-/// What a HEAD or GET found about a stored chunk object.
+/// What a HEAD or GET found about a stored chunk object, once authenticated.
+#[derive(Debug)]
 struct Meta {
     block: u64,
-    crcs: Vec<u32>,
+    /// `TAG_LEN` bytes per block.
+    tags: Vec<u8>,
     committed: SystemTime,
 }
 
+/// What a HEAD found.
+enum Found {
+    Absent,
+    Good(Meta),
+    /// There, but failed a check: why.
+    Bad(String),
+}
+
 impl S3Store {
-    /// Builds the client; no request is sent (that is [`CacheStore::self_test`]'s job).
-    pub async fn new(cfg: &SharedCacheConfig) -> S3Store {
+    /// Builds the client; no request is sent (that is [`CacheStore::self_test`]'s job). Objects
+    /// are written and checked with `key`; rejected ones are counted in `metrics`.
+    pub async fn new(cfg: &SharedCacheConfig, key: StoreKey, metrics: Arc<Metrics>) -> S3Store {
         S3Store {
             client: s3::client(&cfg.client()).await,
             bucket: cfg.bucket.clone(),
@@ -87,6 +191,8 @@ impl S3Store {
             timeout: cfg.timeout,
             max_age: cfg.max_age,
             required: cfg.required,
+            key,
+            metrics,
         }
     }
 
@@ -208,10 +314,10 @@ impl S3Store {
         }
     }
 
-    /// HEAD the chunk's object and check its metadata against the key: `Some` only for an
-    /// intact copy (as far as HEAD can tell: the CRCs are checked by reads), `None` when absent,
-    /// `Corrupt` otherwise.
-    async fn head(&self, key: &ChunkKey) -> Result<Option<Meta>, StoreError> {
+    /// HEAD the chunk's object and check its metadata against the key and the store key:
+    /// `Good` only for an authentic copy (as far as HEAD can tell: the block tags are checked by
+    /// reads).
+    async fn head(&self, key: &ChunkKey) -> Result<Found, StoreError> {
         let object = self.object_key(key);
         let out = match self
             .client
@@ -222,28 +328,38 @@ impl S3Store {
             .await
         {
             Ok(out) => out,
-            Err(e) if is_missing(&e) => return Ok(None),
+            Err(e) if is_missing(&e) => return Ok(Found::Absent),
             Err(e) => return Err(self.classify(e, &object)),
         };
-        let meta = check_meta(key, out.metadata(), out.last_modified())
-            .map_err(|why| corrupt(&object, &why))?;
+        let meta = match check_meta(&self.key, key, out.metadata(), out.last_modified()) {
+            Ok(meta) => meta,
+            Err(why) => return Ok(Found::Bad(why)),
+        };
         let stored = out.content_length().unwrap_or(-1);
         if stored != key.len() as i64 {
-            return Err(corrupt(
-                &object,
-                &format!("object holds {stored} bytes, the chunk has {}", key.len()),
-            ));
+            let why = format!("object holds {stored} bytes, the chunk has {}", key.len());
+            return Ok(Found::Bad(why));
         }
-        Ok(Some(meta))
+        Ok(Found::Good(meta))
     }
 
-    /// Deletes an object found bad, so the next fill stores it afresh; best effort.
-    async fn drop_corrupt(&self, object: &str, why: &str) -> StoreError {
-        tracing::warn!(bucket = %self.bucket, object, why, "corrupt shared cache object: deleting it");
+    /// Counts and logs an object that failed a check; it is never served.
+    fn count_rejected(&self, object: &str, why: &str) {
+        Metrics::inc(&self.metrics.shared_rejected);
+        tracing::warn!(
+            bucket = %self.bucket,
+            object,
+            why,
+            "shared cache object rejected: not written by a member holding this secret, or damaged"
+        );
+    }
+
+    /// Rejects an object and deletes it, so the next fill stores it afresh (best effort).
+    async fn reject(&self, object: &str, why: &str) {
+        self.count_rejected(object, why);
         if let Err(e) = self.delete_object(object).await {
-            tracing::warn!(bucket = %self.bucket, object, error = %e, "cannot delete corrupt shared cache object");
+            tracing::warn!(bucket = %self.bucket, object, error = %e, "cannot delete a rejected shared cache object");
         }
-        corrupt(object, why)
     }
 
     fn classify<E, R>(&self, err: SdkError<E, R>, what: &str) -> StoreError
@@ -295,11 +411,13 @@ impl CacheStore for S3Store {
         let end = offset.saturating_add(len).min(klen);
         if offset >= end {
             // Nothing to read; still tell a miss (or a bad object) from a hit.
-            let object = self.object_key(key);
-            return match self.head(key).await {
-                Ok(found) => Ok(found.map(|_| Box::pin(futures::stream::empty()) as ChunkStream)),
-                Err(StoreError::Corrupt(why)) => Err(self.drop_corrupt(&object, &why).await),
-                Err(e) => Err(e),
+            return match self.head(key).await? {
+                Found::Good(_) => Ok(Some(Box::pin(futures::stream::empty()))),
+                Found::Absent => Ok(None),
+                Found::Bad(why) => {
+                    self.reject(&self.object_key(key), &why).await;
+                    Ok(None)
+                }
             };
         }
         let block = block_size(klen);
@@ -320,7 +438,8 @@ impl CacheStore for S3Store {
             Ok(out) => out,
             Err(SdkError::ServiceError(s)) if s.raw().status().as_u16() == 416 => {
                 let why = "object is shorter than the chunk (range not satisfiable)";
-                return Err(self.drop_corrupt(&object, why).await);
+                self.reject(&object, why).await;
+                return Ok(None);
             }
             Err(e) if is_missing(&e) => return Ok(None),
             Err(e) => return Err(self.classify(e, &object)),
@@ -333,23 +452,28 @@ impl CacheStore for S3Store {
                 self.bucket
             )));
         }
-        let checked = check_meta(key, out.metadata(), out.last_modified()).and_then(|meta| {
-            check_range(out.content_range(), span_start, span_end, klen)?;
-            let got = out.content_length().unwrap_or(-1);
-            if got != (span_end - span_start) as i64 {
-                return Err(format!(
-                    "asked for {} bytes at {span_start}, the store answers {got}",
-                    span_end - span_start
-                ));
-            }
-            Ok(meta)
-        });
+        let checked =
+            check_meta(&self.key, key, out.metadata(), out.last_modified()).and_then(|meta| {
+                check_range(out.content_range(), span_start, span_end, klen)?;
+                let got = out.content_length().unwrap_or(-1);
+                if got != (span_end - span_start) as i64 {
+                    return Err(format!(
+                        "asked for {} bytes at {span_start}, the store answers {got}",
+                        span_end - span_start
+                    ));
+                }
+                Ok(meta)
+            });
         let meta = match checked {
             Ok(meta) => meta,
-            Err(why) => return Err(self.drop_corrupt(&object, &why).await),
+            Err(why) => {
+                self.reject(&object, &why).await;
+                return Ok(None);
+            }
         };
         let reader = BlockReader {
             store: self.clone_handle(),
+            id: key.id(),
             object,
             body: out.body,
             pending: BytesMut::new(),
@@ -358,7 +482,7 @@ impl CacheStore for S3Store {
             last,
             klen,
             want: (offset, end),
-            crcs: meta.crcs,
+            tags: meta.tags,
         };
         Ok(Some(Box::pin(futures::stream::unfold(
             Some(reader),
@@ -380,11 +504,11 @@ impl CacheStore for S3Store {
         data: Vec<Bytes>,
     ) -> Result<Committed, StoreError> {
         check_put(key, size, &data)?;
-        match self.head(key).await {
-            Ok(Some(_)) => return Ok(Committed::AlreadyThere),
-            // Absent, or a bad copy to be replaced.
-            Ok(None) | Err(StoreError::Corrupt(_)) => {}
-            Err(e) => return Err(e),
+        match self.head(key).await? {
+            Found::Good(_) => return Ok(Committed::AlreadyThere),
+            Found::Absent => {}
+            // Replaced by the upload below, so not deleted first.
+            Found::Bad(why) => self.count_rejected(&self.object_key(key), &why),
         }
         let body = match <[Bytes; 1]>::try_from(data) {
             Ok([one]) => one,
@@ -396,22 +520,23 @@ impl CacheStore for S3Store {
                 buf.freeze()
             }
         };
-        let block = block_size(size);
-        let crcs: String = body
-            .chunks(block as usize)
-            .map(|b| format!("{:08x}", crc32c::crc32c(b)))
-            .collect();
         let object = self.object_key(key);
+        // SHA-256 over a whole chunk takes milliseconds: keep it off the async workers.
+        let (store_key, chunk, whole) = (self.key.clone(), key.clone(), body.clone());
+        let metadata: HashMap<String, String> =
+            tokio::task::spawn_blocking(move || store_key.sign(&chunk, &whole))
+                .await
+                .map_err(|e| StoreError::Other(format!("signing {object}: {e}")))?
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
         self.client
             .put_object()
             .bucket(&self.bucket)
             .key(&object)
             .content_length(size as i64)
             .content_type("application/octet-stream")
-            .metadata(META_ID, key.id().to_hex())
-            .metadata(META_LEN, size.to_string())
-            .metadata(META_BLOCK, block.to_string())
-            .metadata(META_CRCS, crcs)
+            .set_metadata(Some(metadata))
             .body(ByteStream::from(body))
             .send()
             .await
@@ -420,10 +545,17 @@ impl CacheStore for S3Store {
     }
 
     async fn stat(&self, key: &ChunkKey) -> Result<Option<Info>, StoreError> {
-        Ok(self.head(key).await?.map(|meta| Info {
-            size: key.len(),
-            committed: meta.committed,
-        }))
+        match self.head(key).await? {
+            Found::Good(meta) => Ok(Some(Info {
+                size: key.len(),
+                committed: meta.committed,
+            })),
+            Found::Absent => Ok(None),
+            Found::Bad(why) => {
+                self.reject(&self.object_key(key), &why).await;
+                Ok(None)
+            }
+        }
     }
 
     async fn delete(&self, key: &ChunkKey) -> Result<(), StoreError> {
@@ -483,14 +615,17 @@ impl S3Store {
             timeout: self.timeout,
             max_age: self.max_age,
             required: self.required,
+            key: self.key.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }
 
 /// Reads a ranged GET body block by block, yielding each block's part of the wanted range only
-/// after its CRC matched.
+/// after its tag matched.
 struct BlockReader {
     store: S3Store,
+    id: ChunkId,
     object: String,
     body: ByteStream,
     pending: BytesMut,
@@ -501,7 +636,7 @@ struct BlockReader {
     klen: u64,
     /// `[from, to)` inside the chunk.
     want: (u64, u64),
-    crcs: Vec<u32>,
+    tags: Vec<u8>,
 }
 
 impl BlockReader {
@@ -522,7 +657,8 @@ impl BlockReader {
                         self.pending.len(),
                         self.next
                     );
-                    return Some(Err(self.store.drop_corrupt(&self.object, &why).await));
+                    self.store.reject(&self.object, &why).await;
+                    return Some(Err(corrupt(&self.object, &why)));
                 }
                 Ok(Err(e)) => {
                     return Some(Err(StoreError::Transient(format!(
@@ -541,9 +677,17 @@ impl BlockReader {
             }
         }
         let data = self.pending.split_to(need).freeze();
-        if crc32c::crc32c(&data) != self.crcs[self.next as usize] {
-            let why = format!("CRC32C mismatch in block {}", self.next);
-            return Some(Err(self.store.drop_corrupt(&self.object, &why).await));
+        let i = self.next as usize;
+        let authentic = self
+            .store
+            .key
+            .block_mac(&self.id, self.next, &data)
+            .verify_truncated_left(&self.tags[i * TAG_LEN..(i + 1) * TAG_LEN])
+            .is_ok();
+        if !authentic {
+            let why = format!("block {} does not match its tag", self.next);
+            self.store.reject(&self.object, &why).await;
+            return Some(Err(corrupt(&self.object, &why)));
         }
         self.next += 1;
         let from = self.want.0.max(start) - start;
@@ -651,48 +795,63 @@ fn meta_get<'a>(meta: &'a HashMap<String, String>, name: &str) -> Option<&'a str
         .map(String::as_str)
 }
 
-/// Checks an object's user metadata against the key it should hold.
+/// Authenticates an object's user metadata with the store key, then checks it against the
+/// chunk it should hold. The error says why, for the log (never key material).
 fn check_meta(
+    store_key: &StoreKey,
     key: &ChunkKey,
     meta: Option<&HashMap<String, String>>,
     last_modified: Option<&aws_smithy_types::DateTime>,
 ) -> Result<Meta, String> {
     let meta = meta.ok_or("no orcafs metadata")?;
     let field = |name: &str| meta_get(meta, name).ok_or(format!("no {name} metadata"));
-    let id = field(META_ID)?;
-    if id != key.id().to_hex() {
-        return Err(format!("foreign object: {META_ID} is {id}"));
+    if meta_get(meta, META_MAC).is_none() && meta_get(meta, META_CRCS).is_some() {
+        return Err(format!(
+            "no {META_MAC}: written before shared objects were authenticated, or by a non-member"
+        ));
     }
+    let mac = field(META_MAC)?;
+    let mut mac_raw = [0u8; 32];
+    hex::decode_to_slice(mac, &mut mac_raw).map_err(|_| format!("bad {META_MAC}"))?;
+    let id = field(META_ID)?;
+    let id_raw = ChunkId::from_hex(id).ok_or(format!("bad {META_ID}"))?;
     let len: u64 = field(META_LEN)?
         .parse()
         .map_err(|_| format!("bad {META_LEN}"))?;
-    if len != key.len() {
-        return Err(format!("{META_LEN} is {len}, the chunk has {}", key.len()));
-    }
     let block: u64 = field(META_BLOCK)?
         .parse()
         .map_err(|_| format!("bad {META_BLOCK}"))?;
+    let tags = aws_smithy_types::base64::decode(field(META_TAGS)?)
+        .map_err(|_| format!("bad {META_TAGS}"))?;
+    store_key
+        .meta_mac(&id_raw, len, block, &tags)
+        .verify_slice(&mac_raw)
+        .map_err(|_| {
+            format!("{META_MAC} does not match: written by a non-member, or with another secret")
+        })?;
+    // Authentic from here on: what is left catches a member's object under another key.
+    if id_raw != key.id() {
+        return Err(format!("holds chunk {id}, not this one (moved or swapped)"));
+    }
+    if len != key.len() {
+        return Err(format!("{META_LEN} is {len}, the chunk has {}", key.len()));
+    }
     if block != block_size(len) {
         return Err(format!(
             "{META_BLOCK} is {block}, expected {}",
             block_size(len)
         ));
     }
-    let hex = field(META_CRCS)?;
     let blocks = len.div_ceil(block) as usize;
-    if hex.len() != blocks * 8 || !hex.is_ascii() {
-        return Err(format!("{META_CRCS} does not hold {blocks} CRCs"));
+    if tags.len() != blocks * TAG_LEN {
+        return Err(format!("{META_TAGS} does not hold {blocks} tags"));
     }
-    let crcs = (0..blocks)
-        .map(|i| u32::from_str_radix(&hex[i * 8..i * 8 + 8], 16).ok())
-        .collect::<Option<Vec<u32>>>()
-        .ok_or(format!("bad {META_CRCS}"))?;
     let committed = last_modified
         .and_then(|t| SystemTime::try_from(*t).ok())
         .unwrap_or(SystemTime::UNIX_EPOCH);
     Ok(Meta {
         block,
-        crcs,
+        tags,
         committed,
     })
 }
@@ -795,34 +954,99 @@ mod tests {
         }
     }
 
+    fn store_key(secret: &[u8]) -> StoreKey {
+        StoreKey::from_secret(&Secret::from_bytes(secret))
+    }
+
+    fn as_map(fields: Vec<(&'static str, String)>) -> HashMap<String, String> {
+        fields
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect()
+    }
+
+    /// The derivation, the tag and the MAC, pinned (computed independently with Python's hmac):
+    /// changing any of them turns every stored object into a miss.
+    #[test]
+    fn format_is_pinned() {
+        let k = store_key(b"orcafs test secret");
+        assert_eq!(
+            hex::encode(k.0),
+            "9561e0c65e7b6ae5a91d66e7784394d63bfd572db26790bcf88cb03b8ef8f163"
+        );
+        let id = ChunkId([7; 32]);
+        let tag = k.block_mac(&id, 1, b"abc").finalize().into_bytes();
+        assert_eq!(hex::encode(&tag[..TAG_LEN]), "6212f1b50b1e9f03");
+        let tags: Vec<u8> = (1..=8).collect();
+        let mac = k.meta_mac(&id, 3, 65536, &tags).finalize().into_bytes();
+        assert_eq!(
+            hex::encode(mac),
+            "6eea43ba591ee532b8ba8b2e84f9fede4d6722602ac8e39b381d61e9eca8f6ae"
+        );
+        assert_eq!(format!("{k:?}"), "StoreKey(redacted)");
+    }
+
+    /// 128 blocks (the most a chunk has) with the longest length and block size still fit S3's
+    /// 2 KiB of user metadata (names and values, as AWS counts it).
+    #[test]
+    fn metadata_fits_in_2_kib() {
+        let len = MAX_BLOCKS * MIN_BLOCK;
+        let k = key("o", len, len, 0);
+        let fields = store_key(b"s").sign(&k, &vec![0u8; len as usize]);
+        let size: usize = fields.iter().map(|(n, v)| n.len() + v.len()).sum();
+        // The largest chunk (1 GiB) has a 10-digit length and a 7-digit block size.
+        let worst = size + (10 - len.to_string().len()) + (7 - MIN_BLOCK.to_string().len());
+        assert!(worst <= 2048, "{worst} bytes of metadata");
+        assert_eq!(fields[3].1.len(), 1368, "128 tags in base64");
+    }
+
     #[test]
     fn metadata_checks() {
+        let sk = store_key(b"fleet secret");
         let k = key("o", 200_000, 1 << 20, 0);
-        let good = || {
-            let mut m = HashMap::new();
-            m.insert(META_ID.to_string(), k.id().to_hex());
-            m.insert(META_LEN.to_string(), "200000".to_string());
-            m.insert(META_BLOCK.to_string(), "65536".to_string());
-            m.insert(META_CRCS.to_string(), "0000000a".repeat(4));
-            m
-        };
-        let meta = check_meta(&k, Some(&good()), None).unwrap();
-        assert_eq!(meta.crcs, vec![10; 4]);
-        assert!(check_meta(&k, None, None).is_err());
+        let body = vec![5u8; 200_000];
+        let good = || as_map(sk.sign(&k, &body));
+        let meta = check_meta(&sk, &k, Some(&good()), None).unwrap();
+        assert_eq!((meta.block, meta.tags.len()), (65536, 4 * TAG_LEN));
+        assert!(check_meta(&sk, &k, None, None).is_err());
+
+        // Another secret: the MAC does not match.
+        let e = check_meta(&store_key(b"other secret"), &k, Some(&good()), None).unwrap_err();
+        assert!(e.contains("another secret"), "{e}");
+        // Any field changed, even to another member's plausible value, breaks the MAC.
+        let other_tags = as_map(sk.sign(&k, &vec![6u8; 200_000]))[META_TAGS].clone();
         for (field, value) in [
             (META_ID, "00".repeat(32)),
             (META_LEN, "199999".into()),
             (META_BLOCK, "131072".into()),
-            (META_CRCS, "0000000a".repeat(3)),
-            (META_CRCS, "zzzzzzzz".repeat(4)),
+            (META_TAGS, other_tags),
+            (META_TAGS, "AAAA".into()),
+            (META_MAC, "00".repeat(32)),
+            (META_MAC, "zz".into()),
         ] {
             let mut m = good();
             m.insert(field.to_string(), value);
-            assert!(check_meta(&k, Some(&m), None).is_err(), "{field}");
+            assert!(check_meta(&sk, &k, Some(&m), None).is_err(), "{field}");
         }
-        let mut m = good();
-        m.remove(META_CRCS);
-        assert!(check_meta(&k, Some(&m), None).is_err());
+        for field in [META_ID, META_LEN, META_BLOCK, META_TAGS, META_MAC] {
+            let mut m = good();
+            m.remove(field);
+            assert!(check_meta(&sk, &k, Some(&m), None).is_err(), "{field}");
+        }
+        // An object of the format before authentication.
+        let mut old = good();
+        old.remove(META_MAC);
+        old.remove(META_TAGS);
+        old.insert(META_CRCS.to_string(), "0000000a".repeat(4));
+        let e = check_meta(&sk, &k, Some(&old), None).unwrap_err();
+        assert!(
+            e.contains("before shared objects were authenticated"),
+            "{e}"
+        );
+        // A member's authentic object under another chunk's key.
+        let other = key("o", 200_000, 1 << 20, 1);
+        let e = check_meta(&sk, &other, Some(&good()), None).unwrap_err();
+        assert!(e.contains("moved or swapped"), "{e}");
     }
 
     #[test]

@@ -5,18 +5,17 @@
 //! [`MAX_SKEW`] away from its clock, and compares in constant time. Neither the secret nor a
 //! signature is ever logged.
 //!
-//! Owns the secret (read from `secret_file`) and the signature. Must not touch HTTP, the peer set
-//! or the wire format of the request it signs.
+//! Owns the signature (the secret file is read by [`crate::secret`]). Must not touch HTTP, the
+//! peer set or the wire format of the request it signs.
 
-use std::fmt;
-use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use super::ClusterError;
+pub(crate) use crate::secret::Secret;
+use crate::secret::SecretError;
 
 /// The header carrying the signature.
 pub const HEADER: &str = "x-orcafs-auth";
@@ -38,44 +37,13 @@ pub enum AuthFailure {
     BadSignature,
 }
 
-/// The shared secret. Its Debug never shows it.
-#[derive(Clone)]
-pub(crate) struct Secret(Arc<[u8]>);
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(redacted)")
-    }
-}
-
-impl Secret {
-    pub(crate) fn read(path: &Path) -> Result<Secret, ClusterError> {
-        let raw = std::fs::read(path).map_err(|source| ClusterError::SecretRead {
-            path: path.to_owned(),
-            source,
-        })?;
-        let trimmed = raw.trim_ascii();
-        if trimmed.is_empty() {
-            return Err(ClusterError::SecretEmpty {
-                path: path.to_owned(),
-            });
+/// The secret file's errors, worded as the cluster's.
+impl From<SecretError> for ClusterError {
+    fn from(e: SecretError) -> ClusterError {
+        match e {
+            SecretError::Read { path, source } => ClusterError::SecretRead { path, source },
+            SecretError::Empty { path } => ClusterError::SecretEmpty { path },
         }
-        if trimmed.len() < 16 {
-            tracing::warn!(path = %path.display(), "the cluster secret is shorter than 16 bytes");
-        }
-        {
-            use std::os::unix::fs::PermissionsExt as _;
-            if let Ok(meta) = std::fs::metadata(path) {
-                if meta.permissions().mode() & 0o004 != 0 {
-                    tracing::warn!(path = %path.display(), "the cluster secret file is readable by every user");
-                }
-            }
-        }
-        Ok(Secret(trimmed.into()))
-    }
-
-    pub(crate) fn bytes(&self) -> &[u8] {
-        &self.0
     }
 }
 

@@ -261,6 +261,9 @@ pub struct MountArgs {
     /// Endpoint of the shared cache store, e.g. http://127.0.0.1:3900
     #[arg(long, value_name = "URL")]
     pub shared_cache_endpoint_url: Option<String>,
+    /// File with the secret that authenticates shared cache objects [default: [cluster] secret_file]
+    #[arg(long, value_name = "FILE")]
+    pub shared_cache_secret_file: Option<PathBuf>,
     /// Serve /healthz, /readyz and /metrics on ADDR (hosts without [cluster])
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<String>,
@@ -277,6 +280,9 @@ impl MountArgs {
                     if c.secret_file.is_relative() {
                         c.secret_file = dir.join(&c.secret_file);
                     }
+                }
+                if let (Some(sc), Some(dir)) = (f.shared_cache.as_mut(), path.parent()) {
+                    sc.secret_file = sc.secret_file.take().map(|p| dir.join(p));
                 }
                 f
             }
@@ -384,7 +390,7 @@ fn merge(args: &MountArgs, file: FileConfig) -> Result<Config, ConfigError> {
     }
 
     let cache_max_age = pick_duration("cache max age", &args.cache_max_age, &file.cache_max_age)?;
-    let shared_cache = shared_cache(args, file.shared_cache.clone())?;
+    let shared_cache = shared_cache(args, file.shared_cache.clone(), file.cluster.as_ref())?;
 
     let file_mode = pick_mode("file mode", &args.file_mode, &file.file_mode)?.unwrap_or(0o644);
     let dir_mode = pick_mode("dir mode", &args.dir_mode, &file.dir_mode)?.unwrap_or(0o755);
@@ -455,10 +461,12 @@ fn merge(args: &MountArgs, file: FileConfig) -> Result<Config, ConfigError> {
 }
 
 /// The shared store from `--shared-cache` (which replaces the TOML section) or `[shared_cache]`,
-/// with `--shared-cache-endpoint-url` applied to either.
+/// with `--shared-cache-endpoint-url` and `--shared-cache-secret-file` applied to either, and
+/// the cluster's secret file when it has none of its own.
 fn shared_cache(
     args: &MountArgs,
     file: Option<SharedCacheConfig>,
+    cluster: Option<&ClusterConfig>,
 ) -> Result<Option<SharedCacheConfig>, ConfigError> {
     let mut sc = match &args.shared_cache {
         Some(url) => Some(SharedCacheConfig::from_url(url)?),
@@ -481,7 +489,33 @@ fn shared_cache(
         }
         _ => {}
     }
-    Ok(sc)
+    let Some(mut sc) = sc else {
+        if let Some(path) = &args.shared_cache_secret_file {
+            return Err(invalid(
+                "shared cache secret file",
+                path.display().to_string(),
+                "needs --shared-cache s3://BUCKET/PREFIX or a [shared_cache] section",
+            ));
+        }
+        return Ok(None);
+    };
+    if let Some(path) = &args.shared_cache_secret_file {
+        sc.secret_file = Some(path.clone());
+    }
+    if sc.secret_file.is_none() {
+        sc.secret_file = cluster.map(|c| c.secret_file.clone());
+    }
+    if sc.secret_file.is_none() {
+        // Refused rather than run open: without a secret, anyone who can write to the bucket
+        // could serve this mount any bytes they like.
+        return Err(invalid(
+            "shared cache",
+            format!("s3://{}/{}", sc.bucket, sc.prefix),
+            "has no secret to authenticate its objects: set secret_file in [shared_cache] \
+             (or --shared-cache-secret-file FILE), or [cluster] secret_file",
+        ));
+    }
+    Ok(Some(sc))
 }
 
 /// `BUCKET`, `BUCKET/PREFIX/` or `s3://BUCKET/PREFIX/` → (bucket, prefix ending in `/` or empty).

@@ -1,7 +1,9 @@
 //! config::shared_cache: the `[shared_cache]` section (or `--shared-cache s3://BUCKET/PREFIX`),
 //! typed and validated when the file is parsed, so a bad value names the file, the line and the
 //! key before anything is probed. Builds no client and sends nothing: `cachestore::s3` does.
+//! Names the secret file but does not read it: `mount` does.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -38,6 +40,9 @@ pub struct SharedCacheConfig {
     /// A read-through of a chunk that has not started answering by then is skipped (and the
     /// store with it, for a while); at most `timeout`.
     pub first_byte_timeout: Duration,
+    /// The file whose secret authenticates every object (`secret_file`, else `[cluster]
+    /// secret_file`; relative to the config file). Always set once a mount's config is resolved.
+    pub secret_file: Option<PathBuf>,
 }
 
 /// The section as written (these names are an interface; keep them).
@@ -62,6 +67,7 @@ struct Section {
     timeout: Option<Duration>,
     #[serde(default, deserialize_with = "de::opt_positive_duration")]
     first_byte_timeout: Option<Duration>,
+    secret_file: Option<PathBuf>,
 }
 
 fn yes() -> bool {
@@ -114,6 +120,7 @@ impl TryFrom<Section> for SharedCacheConfig {
                 .first_byte_timeout
                 .unwrap_or(DEFAULT_FIRST_BYTE_TIMEOUT)
                 .min(timeout),
+            secret_file: s.secret_file,
         })
     }
 }
@@ -141,6 +148,7 @@ impl SharedCacheConfig {
             max_age: None,
             timeout: DEFAULT_TIMEOUT,
             first_byte_timeout: DEFAULT_FIRST_BYTE_TIMEOUT,
+            secret_file: None,
         })
     }
 
@@ -197,6 +205,7 @@ mod tests {
             required = false
             max_age = "7d"
             timeout = "2s"
+            secret_file = "shared.secret"
             "#,
         )
         .unwrap();
@@ -204,6 +213,7 @@ mod tests {
         assert_eq!(c.prefix, "orcafs/");
         assert_eq!(c.max_age, Some(Duration::from_secs(7 * 86400)));
         assert_eq!(c.timeout, Duration::from_secs(2));
+        assert_eq!(c.secret_file, Some(PathBuf::from("shared.secret")));
         assert!(!c.required);
         assert_eq!(
             c.credentials,
@@ -215,6 +225,7 @@ mod tests {
         let f: File = toml::from_str("[shared_cache]\nbucket = \"b\"\n").unwrap();
         assert!(f.shared_cache.required);
         assert_eq!(f.shared_cache.timeout, DEFAULT_TIMEOUT);
+        assert_eq!(f.shared_cache.secret_file, None);
     }
 
     #[test]
@@ -236,6 +247,66 @@ mod tests {
                 .to_string();
             assert!(e.contains(says), "{text:?}: {e}");
         }
+    }
+
+    /// Resolves a mount over a config file holding `toml` (in `dir`), with `args` adjusted.
+    fn resolve(
+        dir: &std::path::Path,
+        toml: &str,
+        adjust: impl FnOnce(&mut crate::config::MountArgs),
+    ) -> Result<Option<SharedCacheConfig>, String> {
+        let path = dir.join("orcafs.toml");
+        std::fs::write(&path, toml).unwrap();
+        let mut args = crate::config::MountArgs {
+            source: "bkt".into(),
+            mountpoint: "/mnt/x".into(),
+            config: Some(path),
+            ..Default::default()
+        };
+        adjust(&mut args);
+        args.resolve()
+            .map(|c| c.shared_cache)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_secret_file_is_its_own_or_the_clusters_and_never_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let section = "[shared_cache]\nbucket = \"b\"\n";
+        let cluster = "[cluster]\nlisten = \"127.0.0.1:7420\"\nsecret_file = \"cluster.secret\"\n";
+        let own = "secret_file = \"shared.secret\"\n";
+        let secret = |r: Result<Option<SharedCacheConfig>, String>| r.unwrap().unwrap().secret_file;
+
+        // Its own, next to the config file; it wins over the cluster's.
+        let r = resolve(d, &format!("{section}{own}"), |_| {});
+        assert_eq!(secret(r), Some(d.join("shared.secret")));
+        let r = resolve(d, &format!("{section}{own}{cluster}"), |_| {});
+        assert_eq!(secret(r), Some(d.join("shared.secret")));
+        // Else the cluster's.
+        let r = resolve(d, &format!("{section}{cluster}"), |_| {});
+        assert_eq!(secret(r), Some(d.join("cluster.secret")));
+        // The flag form, with the secret as a flag.
+        let r = resolve(d, "", |a| {
+            a.shared_cache = Some("s3://b/p".into());
+            a.shared_cache_secret_file = Some("/etc/orcafs/shared.secret".into());
+        });
+        assert_eq!(secret(r), Some(PathBuf::from("/etc/orcafs/shared.secret")));
+
+        // None at all: refused, in one sentence naming the keys to set.
+        for (toml, flag) in [(section, None), ("", Some("s3://b/p"))] {
+            let e = resolve(d, toml, |a| a.shared_cache = flag.map(Into::into)).unwrap_err();
+            assert!(
+                e.contains("has no secret")
+                    && e.contains("secret_file in [shared_cache]")
+                    && e.contains("--shared-cache-secret-file")
+                    && e.contains("[cluster] secret_file"),
+                "{e}"
+            );
+        }
+        let e = resolve(d, "", |a| a.shared_cache_secret_file = Some("s".into())).unwrap_err();
+        assert!(e.contains("needs --shared-cache"), "{e}");
+        assert_eq!(resolve(d, "", |_| {}), Ok(None));
     }
 
     #[test]
