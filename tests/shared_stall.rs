@@ -77,11 +77,15 @@ impl Drop for Proxy {
 
 fn host(s: &Scratch, o: &DevOrigin, shared: &str, name: &str, extra: &[&str]) -> Mount {
     let cfg = s.dir.path().join(format!("{name}.toml"));
+    // Every host of the site holds the secret that authenticates the store's objects.
+    let secret = s.dir.path().join("shared.secret");
+    std::fs::write(&secret, "stall-test-secret-0123456789").unwrap();
     std::fs::write(
         &cfg,
         format!(
             "[shared_cache]\nendpoint_url = \"{shared}\"\nbucket = \"cache\"\nprefix = \"fleet\"\n\
-             force_path_style = true\ntimeout = \"2s\"\n"
+             force_path_style = true\ntimeout = \"2s\"\nsecret_file = \"{}\"\n",
+            secret.display()
         ),
     )
     .unwrap();
