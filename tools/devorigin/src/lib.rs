@@ -21,6 +21,7 @@ mod listing;
 mod samples;
 mod server;
 mod stats;
+mod synthetic;
 
 use std::future::Future;
 use std::io;
@@ -60,6 +61,7 @@ pub struct DevOrigin {
     root: PathBuf,
     stats: Arc<Stats>,
     faults: Arc<Faults>,
+    synthetic: Arc<synthetic::Synthetic>,
     runtime: Handle,
     helper: aws_sdk_s3::Client,
     shutdown: Option<oneshot::Sender<()>>,
@@ -84,11 +86,13 @@ impl DevOrigin {
 
         let stats = Arc::new(Stats::default());
         let faults = Arc::new(Faults::default());
+        let synthetic = Arc::new(synthetic::Synthetic::default());
         let shared = Arc::new(server::Shared {
             s3,
             root: root.clone(),
             stats: Arc::clone(&stats),
             faults: Arc::clone(&faults),
+            synthetic: Arc::clone(&synthetic),
         });
         let (shutdown, shutdown_rx) = oneshot::channel();
         let handle = runtime.handle().clone();
@@ -104,11 +108,18 @@ impl DevOrigin {
             root,
             stats,
             faults,
+            synthetic,
             runtime: handle,
             helper: client_for(&endpoint_of(addr), ACCESS_KEY, SECRET_KEY),
             shutdown: Some(shutdown),
             server_thread: Some(server_thread),
         })
+    }
+
+    /// Makes `prefix` (ending in `/`) of `bucket` list `count` made-up empty keys, page by page,
+    /// without storing them: a directory of millions of names for tests and benchmarks.
+    pub fn synthesize_prefix(&self, bucket: &str, prefix: &str, count: u64) {
+        self.synthetic.add(bucket, prefix, count);
     }
 
     /// `http://127.0.0.1:PORT`.

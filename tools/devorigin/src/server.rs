@@ -32,6 +32,7 @@ pub(crate) struct Shared {
     pub root: PathBuf,
     pub stats: Arc<Stats>,
     pub faults: Arc<Faults>,
+    pub synthetic: Arc<crate::synthetic::Synthetic>,
 }
 
 /// The s3s-fs service over `root`, with SigV4 auth for the fixed test keys.
@@ -87,6 +88,12 @@ async fn handle(
         return handle_get_object(&shared, req).await;
     }
     let bucket = bucket_of(req.uri().path());
+    if kind == RequestKind::List {
+        let query = req.uri().query().unwrap_or_default();
+        if let Some(page) = shared.synthetic.page(&bucket, query) {
+            return Ok(page);
+        }
+    }
     let resp = shared.s3.call(req).await?;
     if kind == RequestKind::List && resp.status().is_success() {
         return list_with_etags(&shared, &bucket, resp).await;
