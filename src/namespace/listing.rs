@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{watch, Notify};
 
-use super::{dir_entry, valid_name, DirEntry, Kind, NsError};
+use super::{page_entries, DirEntry, NsError};
 use crate::origin::{ListPage, Origin};
 
 /// Entries fetched ahead of the furthest reader: two pages.
@@ -176,30 +176,13 @@ impl DirStream {
     fn add_page(&self, prefix: &str, page: &ListPage) {
         {
             let mut st = self.lock();
-            let objects = page.objects.iter().filter_map(|o| {
-                let name = o.key.strip_prefix(prefix)?;
-                valid_name(name).then(|| DirEntry {
-                    name: name.to_string(),
-                    ino: 0,
-                    kind: Kind::File,
-                    size: o.size,
-                    mtime: o.last_modified,
-                    etag: o.etag.clone(),
-                })
-            });
-            for e in objects {
-                st.pending.insert(e.name.clone(), e);
+            let (files, dirs) = page_entries(prefix, page);
+            for f in files {
+                st.pending.insert(f.name.clone(), f);
             }
-            for p in &page.prefixes {
-                let Some(rest) = p.strip_prefix(prefix) else {
-                    continue;
-                };
-                let name = rest.trim_end_matches('/');
-                // `a//b` lists the prefix `a//`, whose name is empty: hidden.
-                if rest.len() == name.len() + 1 && valid_name(name) {
-                    st.pending.remove(name);
-                    st.push(dir_entry(name));
-                }
+            for d in dirs {
+                st.pending.remove(&d.name);
+                st.push(d);
             }
             let last = [
                 page.objects.last().map(|o| o.key.as_str()),
@@ -353,6 +336,7 @@ impl Drop for DirReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::namespace::Kind;
     use crate::origin::fault::FaultOrigin;
 
     fn origin_with(keys: &[String]) -> Arc<FaultOrigin> {

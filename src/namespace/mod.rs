@@ -338,37 +338,45 @@ impl State {
     }
 }
 
-/// Adds one LIST page under `prefix` to a directory's entries; a directory wins over an object
-/// of the same name, and names that cannot be paths are hidden.
-fn merge_page(prefix: &str, page: &ListPage, merged: &mut BTreeMap<String, DirEntry>) {
-    for o in &page.objects {
-        // A server may list keys outside the prefix: they are not in this directory.
-        let Some(name) = o.key.strip_prefix(prefix) else {
-            continue;
-        };
-        if valid_name(name) && !merged.contains_key(name) {
-            merged.insert(
-                name.to_string(),
-                DirEntry {
-                    name: name.to_string(),
-                    ino: 0,
-                    kind: Kind::File,
-                    size: o.size,
-                    mtime: o.last_modified,
-                    etag: o.etag.clone(),
-                },
-            );
-        }
-    }
-    for p in &page.prefixes {
-        let Some(rest) = p.strip_prefix(prefix) else {
-            continue;
-        };
+/// The entries one LIST page under `prefix` shows: its objects (files) and its common prefixes
+/// (directories). Keys outside the prefix (a server may list them) and names that cannot be
+/// paths are left out.
+fn page_entries<'a>(
+    prefix: &'a str,
+    page: &'a ListPage,
+) -> (
+    impl Iterator<Item = DirEntry> + 'a,
+    impl Iterator<Item = DirEntry> + 'a,
+) {
+    let files = page.objects.iter().filter_map(move |o| {
+        let name = o.key.strip_prefix(prefix)?;
+        valid_name(name).then(|| DirEntry {
+            name: name.to_string(),
+            ino: 0,
+            kind: Kind::File,
+            size: o.size,
+            mtime: o.last_modified,
+            etag: o.etag.clone(),
+        })
+    });
+    let dirs = page.prefixes.iter().filter_map(move |p| {
+        let rest = p.strip_prefix(prefix)?;
         let name = rest.trim_end_matches('/');
         // `a//b` lists the prefix `a//`, whose name is empty: hidden.
-        if rest.len() == name.len() + 1 && valid_name(name) {
-            merged.insert(name.to_string(), dir_entry(name));
-        }
+        (rest.len() == name.len() + 1 && valid_name(name)).then(|| dir_entry(name))
+    });
+    (files, dirs)
+}
+
+/// Adds one LIST page under `prefix` to a directory's entries; a directory wins over an object
+/// of the same name.
+fn merge_page(prefix: &str, page: &ListPage, merged: &mut BTreeMap<String, DirEntry>) {
+    let (files, dirs) = page_entries(prefix, page);
+    for f in files {
+        merged.entry(f.name.clone()).or_insert(f);
+    }
+    for d in dirs {
+        merged.insert(d.name.clone(), d);
     }
 }
 
