@@ -32,7 +32,7 @@ pub const MAX_SKEW: Duration = Duration::from_secs(300);
 /// Shortest accepted secret: the public key derived from it is shown to anyone who connects, so a
 /// guessable secret could be found offline.
 pub const MIN_SECRET_LEN: usize = 16;
-/// Signatures remembered at most for replay refusal (about 12 MiB): more requests than this
+/// Signatures remembered at most for replay refusal (some 16 MiB): more requests than this
 /// within [`MAX_SKEW`] shorten the window instead of growing memory.
 const REPLAY_CAPACITY: usize = 1 << 18;
 const NONCE_LEN: usize = 12;
