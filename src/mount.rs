@@ -152,16 +152,18 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
         }
         None => None,
     };
-    // Kept alive until the session ends.
-    let _listener = match (&cluster, &cfg.metrics_addr) {
-        (Some(c), _) => {
+    // Kept alive until the session ends. The cluster listener speaks TLS; `metrics_addr`, with
+    // or without a cluster, serves /healthz, /readyz and /metrics in plain HTTP.
+    let _listener = match &cluster {
+        Some(c) => {
             let fills = Arc::new(LocalFetchFills(fetch.clone()));
             Some(rt.block_on(c.serve(fills, observe.clone()))?)
         }
-        (None, Some(addr)) => {
-            Some(rt.block_on(cluster::serve_metrics_only(addr, observe.clone()))?)
-        }
-        (None, None) => None,
+        None => None,
+    };
+    let _metrics_listener = match &cfg.metrics_addr {
+        Some(addr) => Some(rt.block_on(cluster::serve_metrics_only(addr, observe.clone()))?),
+        None => None,
     };
     let _control = serve_control(&cfg, &mountpoint, &metrics, &disk, cluster.clone());
     let ns = Arc::new(Namespace::new(
@@ -374,6 +376,10 @@ struct LocalFetchFills(Arc<Fetcher>);
 impl LocalFills for LocalFetchFills {
     fn stream_local(&self, key: ChunkKey) -> ChunkStream {
         self.0.stream_local(key)
+    }
+
+    fn chunk_size(&self) -> u64 {
+        self.0.chunk_size()
     }
 }
 

@@ -1,7 +1,9 @@
 //! client: the signed fill request to a peer, its body as a checked stream, health checks.
 //!
-//! Owns the requesting end of the RPC. Must not touch the peer set (the caller decides whom to
-//! ask and what a failure means for the peer's health).
+//! Owns the requesting end of the RPC, over the TLS connector of `tls`: a peer that fails the
+//! handshake, or answers 200 without the secret's proof, gets none of its body read. Must not
+//! touch the peer set (the caller decides whom to ask and what a failure means for the peer's
+//! health).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,48 +13,54 @@ use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Incoming;
 use hyper::StatusCode;
 
+use super::tls::ConnectError;
 use super::wire::{fill_query, FILL_PATH};
 use super::{auth, stats::Stats, Cluster};
 use crate::cachestore::{ChunkStream, StoreError};
 use crate::chunk::ChunkKey;
 use crate::peer::{PeerAddr, PeerError};
 
-/// Sends the fill request; Ok(body) once the headers say 200 with the chunk's length.
+/// Sends the fill request; Ok(body) once the headers say 200 with the chunk's length and the
+/// secret's proof.
 pub(crate) async fn request_fill(
     cluster: &Cluster,
     peer: &PeerAddr,
     key: &ChunkKey,
 ) -> Result<Incoming, PeerError> {
     let path_and_query = format!("{FILL_PATH}?{}", fill_query(key));
-    let signature = auth::sign(
-        cluster.secret().bytes(),
-        "GET",
-        &path_and_query,
-        auth::now_unix(),
-    );
+    let uri = format!("https://{peer}{path_and_query}");
+    // Signed afresh for each attempt: the server accepts each signature once.
     let request = || {
-        hyper::Request::get(format!("http://{peer}{path_and_query}"))
+        let signature = auth::sign(
+            cluster.secret().bytes(),
+            "GET",
+            &path_and_query,
+            auth::now_unix(),
+        );
+        let request = hyper::Request::get(uri.as_str())
             .header(auth::HEADER, signature.as_str())
             .body(Empty::<Bytes>::new())
-            .map_err(|e| PeerError::Request(e.to_string()))
+            .map_err(|e| PeerError::Request(e.to_string()))?;
+        Ok::<_, PeerError>((request, signature))
     };
     let timeout = cluster.tuning().peer_timeout;
     let send = async {
-        match cluster.http().request(request()?).await {
+        let (req, mut signature) = request()?;
+        let response = match cluster.http().request(req).await {
             // A pooled connection the peer had closed (it restarted, or timed it out) as we
             // sent: the GET is idempotent, so try once more on a fresh connection.
-            Err(e) if closed_before_response(&e) => cluster.http().request(request()?).await,
-            other => other,
-        }
-        .map_err(|e| {
-            if e.is_connect() {
-                PeerError::Connect(error_chain(&e))
-            } else {
-                PeerError::Request(error_chain(&e))
+            Err(e) if closed_before_response(&e) => {
+                let (req, again) = request()?;
+                signature = again;
+                cluster.http().request(req).await
             }
-        })
+            other => other,
+        };
+        response
+            .map(|r| (r, signature))
+            .map_err(|e| classify(cluster, &e))
     };
-    let response = tokio::time::timeout(timeout, send)
+    let (response, signature) = tokio::time::timeout(timeout, send)
         .await
         .map_err(|_| PeerError::Timeout(timeout))??;
     match response.status() {
@@ -60,6 +68,14 @@ pub(crate) async fn request_fill(
         StatusCode::CONFLICT => return Err(PeerError::NotCoordinator),
         StatusCode::UNAUTHORIZED => return Err(PeerError::Unauthorized),
         s => return Err(PeerError::Status(s.as_u16())),
+    }
+    let proof = response
+        .headers()
+        .get(auth::PROOF_HEADER)
+        .map(|v| v.as_bytes());
+    if !auth::check_response_proof(cluster.secret().bytes(), &signature, proof) {
+        // Dropping the response closes the connection: no byte of its body is read.
+        return Err(PeerError::Unauthenticated);
     }
     let expected = key.len();
     let got = response
@@ -73,12 +89,48 @@ pub(crate) async fn request_fill(
     Ok(response.into_body())
 }
 
-/// The connection closed before any response: the request may be sent again.
+/// A failed request as a [`PeerError`]: a TLS handshake that failed is not a dead peer.
+fn classify(cluster: &Cluster, e: &hyper_util::client::legacy::Error) -> PeerError {
+    match connect_error(e) {
+        Some(ConnectError::Handshake(_)) => {
+            cluster.stats().tls_failures.inc();
+            PeerError::Tls(error_chain(e))
+        }
+        Some(_) => PeerError::Connect(error_chain(e)),
+        None if e.is_connect() => PeerError::Connect(error_chain(e)),
+        None => PeerError::Request(error_chain(e)),
+    }
+}
+
+/// The connector's own error inside hyper's, if the connection failed.
+fn connect_error(e: &hyper_util::client::legacy::Error) -> Option<&ConnectError> {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(ce) = c.downcast_ref::<ConnectError>() {
+            return Some(ce);
+        }
+        cause = c.source();
+    }
+    None
+}
+
+/// The connection closed before any response: the request may be sent again. Over TLS a
+/// pooled connection the peer dropped shows as an I/O error (EOF without close_notify, a
+/// reset), not as hyper's incomplete message.
 fn closed_before_response(e: &hyper_util::client::legacy::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
     let mut cause = std::error::Error::source(e);
     while let Some(c) = cause {
         if let Some(h) = c.downcast_ref::<hyper::Error>() {
-            return h.is_incomplete_message() || h.is_canceled();
+            if h.is_incomplete_message() || h.is_canceled() {
+                return true;
+            }
+        }
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                UnexpectedEof | ConnectionReset | BrokenPipe | ConnectionAborted
+            );
         }
         cause = c.source();
     }
@@ -184,14 +236,22 @@ pub(crate) fn body_stream(
     }))
 }
 
-/// `GET /healthz` answered 200 within the health timeout.
+/// `GET /healthz` answered 200 within the health timeout, over an authenticated TLS connection.
 pub(crate) async fn healthz(cluster: &Cluster, peer: &PeerAddr) -> bool {
-    let Ok(request) = hyper::Request::get(format!("http://{peer}/healthz")).body(Empty::new())
+    let Ok(request) = hyper::Request::get(format!("https://{peer}/healthz")).body(Empty::new())
     else {
         return false;
     };
     let check = async {
-        let response = cluster.http().request(request).await.ok()?;
+        let response = match cluster.http().request(request).await {
+            Ok(r) => r,
+            Err(e) => {
+                if let PeerError::Tls(why) = classify(cluster, &e) {
+                    tracing::debug!(%peer, error = %why, "peer health check: TLS failed");
+                }
+                return None;
+            }
+        };
         let ok = response.status() == StatusCode::OK;
         // Read the (tiny) body so that the connection goes back to the pool.
         response.into_body().collect().await.ok()?;

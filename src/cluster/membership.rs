@@ -179,6 +179,11 @@ impl PeerSet {
         })
     }
 
+    /// This host's name in the peer set.
+    pub(super) fn me(&self) -> &PeerAddr {
+        &self.me
+    }
+
     fn read(&self) -> RwLockReadGuard<'_, PeerState> {
         self.state.read().unwrap_or_else(|p| p.into_inner())
     }
