@@ -511,8 +511,13 @@ fn health_and_readiness_endpoints_answer() {
         "orcafs_origin_get_requests",
         "orcafs_fill_memory_in_use_bytes",
         "orcafs_cluster_peers_alive",
-        "orcafs_fuse_op_seconds_count{op=\"readdir\"}",
     ] {
         assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
     }
+    // The first batch of a listing is READDIRPLUS, later ones plain READDIR (the kernel picks).
+    assert!(
+        text.contains("orcafs_fuse_op_seconds_count{op=\"readdirplus\"}")
+            || text.contains("orcafs_fuse_op_seconds_count{op=\"readdir\"}"),
+        "no directory read latency in /metrics:\n{text}"
+    );
 }
