@@ -157,7 +157,11 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
     let _listener = match &cluster {
         Some(c) => {
             let fills = Arc::new(LocalFetchFills(fetch.clone()));
-            Some(rt.block_on(c.serve(fills, observe.clone()))?)
+            let listener = rt.block_on(c.serve(fills, observe.clone()))?;
+            // Serving now: tell the others at once, so hosts that start together agree on who
+            // coordinates what from the first read, not a health round later.
+            rt.block_on(c.announce(true));
+            Some(listener)
         }
         None => None,
     };
@@ -205,6 +209,10 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
     let result = mounted.session.run();
     observe.ready.store(false, Ordering::Relaxed);
     notifier.stopping();
+    if let Some(c) = &cluster {
+        // Out of the others' coordinator choice before this host stops answering.
+        rt.block_on(c.announce(false));
+    }
     tracing::info!(metrics = %metrics.summary(), "unmounted");
     if let Some(r) = &replica {
         if !rt.block_on(r.drain(WRITE_BEHIND_DRAIN)) {

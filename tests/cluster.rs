@@ -52,6 +52,9 @@ struct HostSpec<'a> {
     secret: &'a str,
 }
 
+/// How often hosts health-check each other in these tests (the default is 2s).
+const HEALTH_INTERVAL: &str = "500ms";
+
 /// Starts one orcafs host with a `[cluster]` section (and `[shared_cache]` when given).
 fn start_host(
     s: &Scratch,
@@ -59,6 +62,17 @@ fn start_host(
     shared: Option<&DevOrigin>,
     name: &str,
     spec: HostSpec,
+) -> Host {
+    start_host_checking_every(s, o, shared, name, spec, HEALTH_INTERVAL)
+}
+
+fn start_host_checking_every(
+    s: &Scratch,
+    o: &DevOrigin,
+    shared: Option<&DevOrigin>,
+    name: &str,
+    spec: HostSpec,
+    health_interval: &str,
 ) -> Host {
     let dir = s.path(name);
     let secret = dir.join("secret");
@@ -69,7 +83,7 @@ fn start_host(
         .map(|p| format!("\"127.0.0.1:{p}\""))
         .collect();
     let mut toml = format!(
-        "[cluster]\nlisten = \"127.0.0.1:{}\"\npeers = [{}]\nsecret_file = \"{}\"\nhealth_interval = \"500ms\"\n",
+        "[cluster]\nlisten = \"127.0.0.1:{}\"\npeers = [{}]\nsecret_file = \"{}\"\nhealth_interval = \"{health_interval}\"\n",
         spec.port,
         peers.join(", "),
         secret.display()
@@ -160,6 +174,84 @@ fn three_hosts_reading_one_cold_object_fetch_each_chunk_from_the_origin_once() {
         .map(|h| metric(&h.addr, "orcafs_cluster_peer_fills_served"))
         .sum();
     assert!(served > 0.0, "hosts streamed chunks to each other");
+}
+
+/// `n` hosts started together (no waiting for one before the next), with health checks too rare
+/// to matter: their views can only agree through the announcements.
+fn hosts_started_together(s: &Scratch, o: &DevOrigin, n: usize) -> Vec<Host> {
+    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    std::thread::scope(|scope| {
+        let started: Vec<_> = (0..n)
+            .map(|i| {
+                let ports = &ports;
+                scope.spawn(move || {
+                    let spec = HostSpec {
+                        port: ports[i],
+                        peers: ports,
+                        secret: "started-together-secret-123",
+                    };
+                    start_host_checking_every(s, o, None, &format!("h{i}"), spec, "1h")
+                })
+            })
+            .collect();
+        started.into_iter().map(|t| t.join().unwrap()).collect()
+    })
+}
+
+fn hosts_started_together_read_each_chunk_from_the_origin_once(n: usize) {
+    let s = Scratch::new();
+    let o = origin(&s, BUCKET);
+    let data = pattern(32 * CHUNK, 9);
+    o.put_object(BUCKET, "cold.bin", data.clone());
+    let hosts = hosts_started_together(&s, &o, n);
+    // Read at once, within half a second of the last mount: no health round has run.
+    o.reset_stats();
+    let sums = concurrent_sha256(hosts.iter().map(|h| h.mount.path("cold.bin")).collect());
+    for sum in sums {
+        assert_eq!(sum, sha256_hex(&data));
+    }
+    let st = o.stats();
+    assert_eq!(
+        st.get_bytes,
+        data.len() as u64,
+        "{n} hosts started together: each byte from the origin once: {st:?}"
+    );
+    for h in &hosts {
+        assert_eq!(metric(&h.addr, "orcafs_cluster_peers_alive"), n as f64);
+    }
+}
+
+#[test]
+fn three_hosts_started_together_read_each_chunk_from_the_origin_once() {
+    hosts_started_together_read_each_chunk_from_the_origin_once(3);
+}
+
+#[test]
+fn five_hosts_started_together_read_each_chunk_from_the_origin_once() {
+    hosts_started_together_read_each_chunk_from_the_origin_once(5);
+}
+
+#[test]
+fn a_host_that_stops_cleanly_leaves_the_others_views_at_once() {
+    let s = Scratch::new();
+    let o = origin(&s, BUCKET);
+    let mut hosts = hosts_started_together(&s, &o, 3);
+    let gone = hosts.pop().unwrap();
+    assert_eq!(gone.mount.unmount(), 0);
+    for h in &hosts {
+        assert_eq!(
+            metric(&h.addr, "orcafs_cluster_peers_alive"),
+            2.0,
+            "the leaver announced it: no health round needed"
+        );
+    }
+    // And the two left still read everything once between them.
+    let data = pattern(8 * CHUNK, 10);
+    o.put_object(BUCKET, "after.bin", data.clone());
+    o.reset_stats();
+    let sums = concurrent_sha256(hosts.iter().map(|h| h.mount.path("after.bin")).collect());
+    assert!(sums.iter().all(|x| *x == sha256_hex(&data)));
+    assert_eq!(o.stats().get_bytes, data.len() as u64);
 }
 
 #[test]

@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use hyper::StatusCode;
 
 use super::tls::ConnectError;
-use super::wire::{fill_query, FILL_PATH};
+use super::wire::{fill_query, from_query, FILL_PATH};
 use super::{auth, stats::Stats, Cluster};
 use crate::cachestore::{ChunkStream, StoreError};
 use crate::chunk::ChunkKey;
@@ -27,7 +27,11 @@ pub(crate) async fn request_fill(
     peer: &PeerAddr,
     key: &ChunkKey,
 ) -> Result<Incoming, PeerError> {
-    let path_and_query = format!("{FILL_PATH}?{}", fill_query(key));
+    let path_and_query = format!(
+        "{FILL_PATH}?{}&{}",
+        fill_query(key),
+        from_query(cluster.advertise())
+    );
     let uri = format!("https://{peer}{path_and_query}");
     // Signed afresh for each attempt: the server accepts each signature once.
     let request = || {
@@ -234,6 +238,40 @@ pub(crate) fn body_stream(
             return Some((Ok(data), Some(st)));
         }
     }))
+}
+
+/// Tells `peer` that this member has started (`HELLO_PATH`) or stops (`BYE_PATH`): a signed
+/// request naming this host. True when the peer answered 200 with the secret's proof, which is
+/// proof of life of the peer too.
+pub(crate) async fn announce(cluster: &Cluster, peer: &PeerAddr, path: &str) -> bool {
+    let path_and_query = format!("{path}?{}", from_query(cluster.advertise()));
+    let signature = auth::sign(
+        cluster.secret().bytes(),
+        "GET",
+        &path_and_query,
+        auth::now_unix(),
+    );
+    let Ok(request) = hyper::Request::get(format!("https://{peer}{path_and_query}"))
+        .header(auth::HEADER, signature.as_str())
+        .body(Empty::new())
+    else {
+        return false;
+    };
+    let send = async {
+        let response = cluster.http().request(request).await.ok()?;
+        let proof = response
+            .headers()
+            .get(auth::PROOF_HEADER)
+            .map(|v| v.as_bytes().to_vec());
+        let ok = response.status() == StatusCode::OK
+            && auth::check_response_proof(cluster.secret().bytes(), &signature, proof.as_deref());
+        response.into_body().collect().await.ok()?;
+        Some(ok)
+    };
+    matches!(
+        tokio::time::timeout(cluster.tuning().health_timeout, send).await,
+        Ok(Some(true))
+    )
 }
 
 /// `GET /healthz` answered 200 within the health timeout, over an authenticated TLS connection.

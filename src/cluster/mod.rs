@@ -279,6 +279,7 @@ impl Cluster {
                 match &e {
                     PeerError::NotCoordinator => {
                         self.stats.not_coordinator_received.inc();
+                        self.recheck_soon();
                         tracing::debug!(%peer, ?key, "peer is not the coordinator; filling locally");
                     }
                     PeerError::Connect(_) => {

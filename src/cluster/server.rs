@@ -32,7 +32,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 
 use super::stats::Stats;
-use super::wire::{parse_fill_query, FILL_PATH};
+use super::wire::{parse_fill_query, parse_from, BYE_PATH, FILL_PATH, HELLO_PATH};
 use super::{auth, Cluster, ClusterError, LocalFills, Observe};
 use crate::cachestore::ChunkStream;
 use crate::chunk::ChunkKey;
@@ -273,7 +273,10 @@ static LAST_REFUSAL_LOG: AtomicU64 = AtomicU64::new(0);
 impl App {
     fn handle(&self, req: Request<Incoming>, remote: SocketAddr) -> Response<ResponseBody> {
         let path = req.uri().path();
-        let known = matches!(path, "/healthz" | "/readyz" | "/metrics" | FILL_PATH);
+        let known = matches!(
+            path,
+            "/healthz" | "/readyz" | "/metrics" | FILL_PATH | HELLO_PATH | BYE_PATH
+        );
         if known && req.method() != Method::GET && req.method() != Method::HEAD {
             return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
         }
@@ -283,6 +286,10 @@ impl App {
             "/metrics" => self.metrics(),
             FILL_PATH => match &self.cluster {
                 Some((cluster, fills)) => fill(cluster, fills, &req, remote),
+                None => text(StatusCode::NOT_FOUND, "not a cluster member\n"),
+            },
+            HELLO_PATH | BYE_PATH => match &self.cluster {
+                Some((cluster, _)) => announced(cluster, &req, remote, path == HELLO_PATH),
                 None => text(StatusCode::NOT_FOUND, "not a cluster member\n"),
             },
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -319,16 +326,16 @@ impl App {
     }
 }
 
-/// `GET /internal/fill`: check the signature (once), the key and that we coordinate it, then
-/// stream.
-fn fill(
-    cluster: &Arc<Cluster>,
-    fills: &Arc<dyn LocalFills>,
-    req: &Request<Incoming>,
-    remote: SocketAddr,
-) -> Response<ResponseBody> {
-    let signature = match authenticate(cluster, req) {
-        Ok(signature) => signature,
+/// The signature of an internal request that verified (once), and the proof of life of the
+/// member it names; None (answer 401) otherwise.
+fn admit(cluster: &Cluster, req: &Request<Incoming>, remote: SocketAddr) -> Option<String> {
+    match authenticate(cluster, req) {
+        Ok(signature) => {
+            if let Some(from) = parse_from(req.uri().query().unwrap_or("")) {
+                cluster.note_contact(&from);
+            }
+            Some(signature)
+        }
         Err(why) => {
             cluster.stats().auth_failures.inc();
             if why == auth::AuthFailure::Replayed {
@@ -337,8 +344,49 @@ fn fill(
             if may_log(&LAST_AUTH_LOG) {
                 tracing::warn!(%remote, reason = %why, "refused an internal request: bad credentials");
             }
-            return empty(StatusCode::UNAUTHORIZED);
+            None
         }
+    }
+}
+
+/// Adds the proof that this answer comes from a holder of the secret.
+fn prove(cluster: &Cluster, signature: &str, r: &mut Response<ResponseBody>) {
+    let proof = auth::response_proof(cluster.secret().bytes(), signature);
+    if let Ok(v) = HeaderValue::from_str(&proof) {
+        r.headers_mut().insert(auth::PROOF_HEADER, v);
+    }
+}
+
+/// `GET /internal/hello` or `/internal/bye`: a member started, or stops cleanly.
+fn announced(
+    cluster: &Cluster,
+    req: &Request<Incoming>,
+    remote: SocketAddr,
+    hello: bool,
+) -> Response<ResponseBody> {
+    let Some(signature) = admit(cluster, req, remote) else {
+        return empty(StatusCode::UNAUTHORIZED);
+    };
+    if !hello {
+        if let Some(from) = parse_from(req.uri().query().unwrap_or("")) {
+            cluster.note_leaving(&from);
+        }
+    }
+    let mut r = text(StatusCode::OK, "ok\n");
+    prove(cluster, &signature, &mut r);
+    r
+}
+
+/// `GET /internal/fill`: check the signature (once), the key and that we coordinate it, then
+/// stream.
+fn fill(
+    cluster: &Arc<Cluster>,
+    fills: &Arc<dyn LocalFills>,
+    req: &Request<Incoming>,
+    remote: SocketAddr,
+) -> Response<ResponseBody> {
+    let Some(signature) = admit(cluster, req, remote) else {
+        return empty(StatusCode::UNAUTHORIZED);
     };
     let key = match checked_key(req.uri().query().unwrap_or(""), fills.chunk_size()) {
         Ok(key) => key,
@@ -377,10 +425,7 @@ fn fill(
     };
     r.headers_mut()
         .insert(CONTENT_LENGTH, HeaderValue::from(len));
-    let proof = auth::response_proof(cluster.secret().bytes(), &signature);
-    if let Ok(v) = HeaderValue::from_str(&proof) {
-        r.headers_mut().insert(auth::PROOF_HEADER, v);
-    }
+    prove(cluster, &signature, &mut r);
     r
 }
 
