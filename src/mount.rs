@@ -22,13 +22,14 @@ use crate::cachestore::replica::{Replica, TierTimeouts};
 use crate::cachestore::s3::{S3Store, StoreKey};
 use crate::cachestore::{CacheStore, ChunkStream, DiskStore, StoreError};
 use crate::chunk::ChunkKey;
-use crate::cluster::{self, Cluster, LocalFills, Observe};
+use crate::cluster::{self, Cluster, LocalFills, LocalMeta, Observe};
 use crate::config::Config;
 use crate::control;
 use crate::fetch::{FetchPolicy, Fetcher, Peers};
 use crate::fs::{OrcaFs, Presentation, MAX_READ};
 use crate::metrics::Metrics;
 use crate::namespace::Namespace;
+use crate::origin::fleet::{FleetOrigin, MetaPeers, MetaQuery};
 use crate::origin::{Origin, OriginError, S3Origin};
 use crate::peer::{PeerAddr, PeerError};
 use crate::secret::{Secret, SecretError};
@@ -144,10 +145,14 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
         replica: replica.clone(),
         ready: AtomicBool::new(false),
     });
+    // Names, listings and HEADs: the fleet's, once per TTL, when there is a cluster.
+    let fleet = FleetOrigin::new(origin.clone(), cfg.metadata_ttl);
     let cluster = match &cfg.cluster {
         Some(cc) => {
             let c = rt.block_on(Cluster::start(cc))?;
             fetch.set_peers(Arc::new(ClusterPeers(c.clone())));
+            fleet.set_peers(Arc::new(ClusterMeta(c.clone())));
+            c.set_local_meta(Arc::new(LocalFleetMeta(fleet.clone())));
             Some(c)
         }
         None => None,
@@ -171,7 +176,7 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
     };
     let _control = serve_control(&cfg, &mountpoint, &metrics, &disk, cluster.clone());
     let ns = Arc::new(Namespace::new(
-        origin,
+        fleet,
         &cfg.prefix,
         cfg.metadata_ttl,
         cfg.negative_ttl,
@@ -375,6 +380,43 @@ impl Peers for ClusterPeers {
 
     async fn fetch(&self, peer: &PeerAddr, key: &ChunkKey) -> Result<ChunkStream, PeerError> {
         self.0.fetch_from_peer(peer, key).await
+    }
+}
+
+/// The cluster as the fleet origin sees it: who coordinates a name, and asking it.
+struct ClusterMeta(Arc<Cluster>);
+
+#[async_trait::async_trait]
+impl MetaPeers for ClusterMeta {
+    fn coordinator_for_name(&self, name: &str) -> Option<PeerAddr> {
+        self.0.coordinator_for_name(name)
+    }
+
+    async fn ask(&self, peer: &PeerAddr, query: &MetaQuery) -> Result<bytes::Bytes, PeerError> {
+        let text = serde_json::to_string(query).map_err(|e| PeerError::Request(e.to_string()))?;
+        self.0.ask_meta(peer, &text).await
+    }
+}
+
+/// Metadata served to peers: this host's answers, never forwarded.
+struct LocalFleetMeta(Arc<FleetOrigin>);
+
+impl LocalMeta for LocalFleetMeta {
+    fn name_of(&self, query: &str) -> Option<String> {
+        serde_json::from_str::<MetaQuery>(query)
+            .ok()
+            .map(|q| q.name())
+    }
+
+    fn answer(
+        &self,
+        query: String,
+    ) -> futures::future::BoxFuture<'static, Result<bytes::Bytes, String>> {
+        let fleet = self.0.clone();
+        Box::pin(async move {
+            let q: MetaQuery = serde_json::from_str(&query).map_err(|e| e.to_string())?;
+            fleet.answer_local(&q).await
+        })
     }
 }
 

@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use hyper::StatusCode;
 
 use super::tls::ConnectError;
-use super::wire::{fill_query, from_query, FILL_PATH};
+use super::wire::{fill_query, from_query, meta_query, FILL_PATH, META_PATH};
 use super::{auth, stats::Stats, Cluster};
 use crate::cachestore::{ChunkStream, StoreError};
 use crate::chunk::ChunkKey;
@@ -238,6 +238,58 @@ pub(crate) fn body_stream(
             return Some((Ok(data), Some(st)));
         }
     }))
+}
+
+/// Largest metadata answer read from a peer (a LIST page of 1000 keys is a few hundred KiB).
+const MAX_META_ANSWER: usize = 8 << 20;
+
+/// Asks `peer` for its answer to a metadata query; Ok only for a 200 with the secret's proof
+/// and a body within [`MAX_META_ANSWER`].
+pub(crate) async fn request_meta(
+    cluster: &Cluster,
+    peer: &PeerAddr,
+    query: &str,
+) -> Result<Bytes, PeerError> {
+    let path_and_query = format!("{META_PATH}?{}", meta_query(query, cluster.advertise()));
+    let signature = auth::sign(
+        cluster.secret().bytes(),
+        "GET",
+        &path_and_query,
+        auth::now_unix(),
+    );
+    let request = hyper::Request::get(format!("https://{peer}{path_and_query}"))
+        .header(auth::HEADER, signature.as_str())
+        .body(Empty::new())
+        .map_err(|e| PeerError::Request(e.to_string()))?;
+    let timeout = cluster.tuning().peer_timeout;
+    let ask = async {
+        let response = cluster
+            .http()
+            .request(request)
+            .await
+            .map_err(|e| classify(cluster, &e))?;
+        match response.status() {
+            StatusCode::OK => {}
+            StatusCode::CONFLICT => return Err(PeerError::NotCoordinator),
+            StatusCode::UNAUTHORIZED => return Err(PeerError::Unauthorized),
+            s => return Err(PeerError::Status(s.as_u16())),
+        }
+        let proof = response
+            .headers()
+            .get(auth::PROOF_HEADER)
+            .map(|v| v.as_bytes().to_vec());
+        if !auth::check_response_proof(cluster.secret().bytes(), &signature, proof.as_deref()) {
+            return Err(PeerError::Unauthenticated);
+        }
+        let body = http_body_util::Limited::new(response.into_body(), MAX_META_ANSWER)
+            .collect()
+            .await
+            .map_err(|e| PeerError::Body(e.to_string()))?;
+        Ok(body.to_bytes())
+    };
+    tokio::time::timeout(timeout, ask)
+        .await
+        .map_err(|_| PeerError::Timeout(timeout))?
 }
 
 /// Tells `peer` that this member has started (`HELLO_PATH`) or stops (`BYE_PATH`): a signed

@@ -35,7 +35,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -46,10 +46,11 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 
 use crate::cachestore::ChunkStream;
-use crate::chunk::ChunkKey;
+use crate::chunk::{ChunkId, ChunkKey};
 use crate::config::cluster::ClusterConfig;
 use crate::peer::{PeerAddr, PeerError};
 use auth::{ReplayGuard, Secret};
+use futures::future::BoxFuture;
 use membership::{PeerSet, Resolver};
 use tls::{Tls, TlsConnector};
 
@@ -66,6 +67,15 @@ pub use membership::DNS_GRACE;
 pub use rendezvous::{rendezvous, weight};
 pub use server::{serve_metrics_only, ServerHandle, MAX_OBJECT_SIZE};
 pub use tls::DERIVED_SERVER_NAME;
+
+/// What the metadata server needs from the origin side: the name whose coordinator answers a
+/// query, and this host's own answer to it (never forwarded to a peer). Queries and answers are
+/// opaque text and bytes here.
+pub trait LocalMeta: Send + Sync + 'static {
+    /// None: not a query this host understands.
+    fn name_of(&self, query: &str) -> Option<String>;
+    fn answer(&self, query: String) -> BoxFuture<'static, Result<Bytes, String>>;
+}
 
 /// What the fill server needs from `fetch`: a local-only fill stream (never forwarded to a peer
 /// again).
@@ -173,6 +183,8 @@ pub struct Cluster {
     replays: ReplayGuard,
     max_connections: usize,
     stats: Arc<stats::Stats>,
+    /// Answers metadata queries this host coordinates (set by `mount`).
+    meta: OnceLock<Arc<dyn LocalMeta>>,
 }
 
 impl fmt::Debug for Cluster {
@@ -227,6 +239,7 @@ impl Cluster {
             replays: ReplayGuard::default(),
             max_connections: cfg.max_connections(),
             stats: Arc::new(stats::Stats::new()),
+            meta: OnceLock::new(),
         });
         cluster.start_rounds().await;
         tracing::info!(
@@ -256,6 +269,34 @@ impl Cluster {
     /// ([`PeerError::Unauthenticated`]), 409 ([`PeerError::NotCoordinator`]), 401, 4xx/5xx,
     /// connect errors and timeouts. Every Err, and every error of the stream, is a fallback the caller fills
     /// locally from where the peer's bytes stopped.
+    pub fn set_local_meta(&self, meta: Arc<dyn LocalMeta>) {
+        let _ = self.meta.set(meta);
+    }
+
+    pub(crate) fn local_meta(&self) -> Option<&Arc<dyn LocalMeta>> {
+        self.meta.get()
+    }
+
+    /// The peer that coordinates a name (a prefix's listing, a key's HEAD), or None when this
+    /// host does: rendezvous hashing of the name, as for chunks.
+    pub fn coordinator_for_name(&self, name: &str) -> Option<PeerAddr> {
+        use sha2::Digest as _;
+        self.coordinator_for(&ChunkId(sha2::Sha256::digest(name.as_bytes()).into()))
+    }
+
+    /// The coordinator's answer to a metadata query: Err on any failure (the caller asks the
+    /// origin itself).
+    pub async fn ask_meta(&self, peer: &PeerAddr, query: &str) -> Result<Bytes, PeerError> {
+        let result = client::request_meta(self, peer, query).await;
+        if let Err(e) = &result {
+            self.stats.fallback(e.reason());
+            if matches!(e, PeerError::NotCoordinator) {
+                self.recheck_soon();
+            }
+        }
+        result
+    }
+
     pub async fn fetch_from_peer(
         &self,
         peer: &PeerAddr,

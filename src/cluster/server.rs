@@ -32,7 +32,9 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 
 use super::stats::Stats;
-use super::wire::{parse_fill_query, parse_from, BYE_PATH, FILL_PATH, HELLO_PATH};
+use super::wire::{
+    parse_fill_query, parse_from, parse_meta_query, BYE_PATH, FILL_PATH, HELLO_PATH, META_PATH,
+};
 use super::{auth, Cluster, ClusterError, LocalFills, Observe};
 use crate::cachestore::ChunkStream;
 use crate::chunk::ChunkKey;
@@ -275,7 +277,7 @@ impl App {
         let path = req.uri().path();
         let known = matches!(
             path,
-            "/healthz" | "/readyz" | "/metrics" | FILL_PATH | HELLO_PATH | BYE_PATH
+            "/healthz" | "/readyz" | "/metrics" | FILL_PATH | HELLO_PATH | BYE_PATH | META_PATH
         );
         if known && req.method() != Method::GET && req.method() != Method::HEAD {
             return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
@@ -286,6 +288,10 @@ impl App {
             "/metrics" => self.metrics(),
             FILL_PATH => match &self.cluster {
                 Some((cluster, fills)) => fill(cluster, fills, &req, remote),
+                None => text(StatusCode::NOT_FOUND, "not a cluster member\n"),
+            },
+            META_PATH => match &self.cluster {
+                Some((cluster, _)) => meta(cluster, &req, remote),
                 None => text(StatusCode::NOT_FOUND, "not a cluster member\n"),
             },
             HELLO_PATH | BYE_PATH => match &self.cluster {
@@ -373,6 +379,43 @@ fn announced(
         }
     }
     let mut r = text(StatusCode::OK, "ok\n");
+    prove(cluster, &signature, &mut r);
+    r
+}
+
+/// `GET /internal/meta`: a LIST page or HEAD this host coordinates, answered from its cache or
+/// its origin (never forwarded).
+fn meta(
+    cluster: &Arc<Cluster>,
+    req: &Request<Incoming>,
+    remote: SocketAddr,
+) -> Response<ResponseBody> {
+    let Some(signature) = admit(cluster, req, remote) else {
+        return empty(StatusCode::UNAUTHORIZED);
+    };
+    let Some(local) = cluster.local_meta().cloned() else {
+        return text(StatusCode::NOT_FOUND, "no metadata service\n");
+    };
+    let query = parse_meta_query(req.uri().query().unwrap_or(""));
+    let Some((query, name)) = query.and_then(|q| local.name_of(&q).map(|n| (q, n))) else {
+        return text(StatusCode::BAD_REQUEST, "bad metadata query\n");
+    };
+    if let Some(other) = cluster.coordinator_for_name(&name) {
+        cluster.stats().not_coordinator_sent.inc();
+        return text(
+            StatusCode::CONFLICT,
+            format!("not the coordinator; {other} is\n"),
+        );
+    }
+    // The answer may need the origin: the body waits for it; a failure cuts the body, which
+    // the asking host takes as a failed answer (and asks the origin itself).
+    let answer = local.answer(query);
+    let body = http_body_util::StreamBody::new(futures::stream::once(async move {
+        answer.await.map(Frame::data).map_err(BoxError::from)
+    }));
+    let mut r = Response::new(body.boxed_unsync());
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     prove(cluster, &signature, &mut r);
     r
 }

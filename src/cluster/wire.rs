@@ -16,6 +16,23 @@ pub const FILL_PATH: &str = "/internal/fill";
 pub const HELLO_PATH: &str = "/internal/hello";
 /// A member announcing that it stops cleanly.
 pub const BYE_PATH: &str = "/internal/bye";
+/// A metadata query (a LIST page, a HEAD) to the host that coordinates its name.
+pub const META_PATH: &str = "/internal/meta";
+
+/// The query string of a metadata request: the query itself (opaque here) and the sender.
+pub fn meta_query(query: &str, me: &PeerAddr) -> String {
+    form_urlencoded::Serializer::new(String::new())
+        .append_pair("q", query)
+        .append_pair("from", me.as_str())
+        .finish()
+}
+
+/// The metadata query a request carries.
+pub fn parse_meta_query(query: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "q")
+        .map(|(_, v)| v.into_owned())
+}
 
 /// The query naming the member that sends a request (`from=<host:port>`): signed with the rest
 /// of the request, so an authenticated request is also proof that this member is alive.
