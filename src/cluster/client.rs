@@ -67,20 +67,8 @@ pub(crate) async fn request_fill(
     let (response, signature) = tokio::time::timeout(timeout, send)
         .await
         .map_err(|_| PeerError::Timeout(timeout))??;
-    match response.status() {
-        StatusCode::OK => {}
-        StatusCode::CONFLICT => return Err(PeerError::NotCoordinator),
-        StatusCode::UNAUTHORIZED => return Err(PeerError::Unauthorized),
-        s => return Err(PeerError::Status(s.as_u16())),
-    }
-    let proof = response
-        .headers()
-        .get(auth::PROOF_HEADER)
-        .map(|v| v.as_bytes());
-    if !auth::check_response_proof(cluster.secret().bytes(), &signature, proof) {
-        // Dropping the response closes the connection: no byte of its body is read.
-        return Err(PeerError::Unauthenticated);
-    }
+    // On Err, dropping the response closes the connection: no byte of its body is read.
+    check_answer(cluster, &response, &signature)?;
     let expected = key.len();
     let got = response
         .headers()
@@ -91,6 +79,29 @@ pub(crate) async fn request_fill(
         return Err(PeerError::BadLength { expected, got });
     }
     Ok(response.into_body())
+}
+
+/// A 200 that carries the secret's proof for the request signed with `signature`, else the
+/// reason it is not one.
+fn check_answer(
+    cluster: &Cluster,
+    response: &hyper::Response<Incoming>,
+    signature: &str,
+) -> Result<(), PeerError> {
+    match response.status() {
+        StatusCode::OK => {}
+        StatusCode::CONFLICT => return Err(PeerError::NotCoordinator),
+        StatusCode::UNAUTHORIZED => return Err(PeerError::Unauthorized),
+        s => return Err(PeerError::Status(s.as_u16())),
+    }
+    let proof = response
+        .headers()
+        .get(auth::PROOF_HEADER)
+        .map(|v| v.as_bytes());
+    if !auth::check_response_proof(cluster.secret().bytes(), signature, proof) {
+        return Err(PeerError::Unauthenticated);
+    }
+    Ok(())
 }
 
 /// A failed request as a [`PeerError`]: a TLS handshake that failed is not a dead peer.
@@ -268,19 +279,7 @@ pub(crate) async fn request_meta(
             .request(request)
             .await
             .map_err(|e| classify(cluster, &e))?;
-        match response.status() {
-            StatusCode::OK => {}
-            StatusCode::CONFLICT => return Err(PeerError::NotCoordinator),
-            StatusCode::UNAUTHORIZED => return Err(PeerError::Unauthorized),
-            s => return Err(PeerError::Status(s.as_u16())),
-        }
-        let proof = response
-            .headers()
-            .get(auth::PROOF_HEADER)
-            .map(|v| v.as_bytes().to_vec());
-        if !auth::check_response_proof(cluster.secret().bytes(), &signature, proof.as_deref()) {
-            return Err(PeerError::Unauthenticated);
-        }
+        check_answer(cluster, &response, &signature)?;
         let body = http_body_util::Limited::new(response.into_body(), MAX_META_ANSWER)
             .collect()
             .await
@@ -311,12 +310,7 @@ pub(crate) async fn announce(cluster: &Cluster, peer: &PeerAddr, path: &str) -> 
     };
     let send = async {
         let response = cluster.http().request(request).await.ok()?;
-        let proof = response
-            .headers()
-            .get(auth::PROOF_HEADER)
-            .map(|v| v.as_bytes().to_vec());
-        let ok = response.status() == StatusCode::OK
-            && auth::check_response_proof(cluster.secret().bytes(), &signature, proof.as_deref());
+        let ok = check_answer(cluster, &response, &signature).is_ok();
         response.into_body().collect().await.ok()?;
         Some(ok)
     };

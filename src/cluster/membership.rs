@@ -263,6 +263,17 @@ impl Cluster {
         }
     }
 
+    /// Every member but this host.
+    fn others(&self) -> Vec<PeerAddr> {
+        self.peer_set
+            .read()
+            .members
+            .iter()
+            .filter(|m| !m.is_self)
+            .map(|m| m.addr.clone())
+            .collect()
+    }
+
     /// A peer answered that it does not coordinate a chunk we thought it did: our views differ.
     /// The next health round runs now (at most every 250 ms), so the disagreement, and the
     /// duplicate fills it causes, last one round trip, not a health interval.
@@ -281,14 +292,7 @@ impl Cluster {
     /// left to the health checks (it may not be serving yet: it announces itself when it is).
     pub async fn announce(&self, hello: bool) {
         let path = if hello { HELLO_PATH } else { BYE_PATH };
-        let targets: Vec<PeerAddr> = self
-            .peer_set
-            .read()
-            .members
-            .iter()
-            .filter(|m| !m.is_self)
-            .map(|m| m.addr.clone())
-            .collect();
+        let targets = self.others();
         let calls = targets.iter().map(|p| async move {
             let answered = client::announce(self, p, path).await;
             (p, answered)
@@ -344,14 +348,7 @@ impl Cluster {
 
     /// Checks every peer but self once, concurrently, and records who answered.
     async fn check_health_once(&self) {
-        let targets: Vec<PeerAddr> = self
-            .peer_set
-            .read()
-            .members
-            .iter()
-            .filter(|m| !m.is_self)
-            .map(|m| m.addr.clone())
-            .collect();
+        let targets = self.others();
         let checks = targets.iter().map(|p| async move {
             let ok = client::healthz(self, p).await;
             (p, ok)
