@@ -171,7 +171,8 @@ impl FleetOrigin {
     /// or the coordinator cannot answer.
     async fn resolve(&self, query: MetaQuery) -> Result<Arc<Answer>, OriginError> {
         let Some(peers) = self.peers.get() else {
-            return self.local(&query).await;
+            // No fleet: ask the origin as the caller would, cancellable, nothing kept.
+            return ask_origin(&*self.inner, &query).await;
         };
         let Some(peer) = peers.coordinator_for_name(&query.name()) else {
             return self.local(&query).await;
@@ -252,6 +253,19 @@ mod tests {
         }
     }
 
+    /// The host that coordinates every name.
+    struct Me;
+
+    #[async_trait::async_trait]
+    impl MetaPeers for Me {
+        fn coordinator_for_name(&self, _: &str) -> Option<PeerAddr> {
+            None
+        }
+        async fn ask(&self, _: &PeerAddr, _: &MetaQuery) -> Result<Bytes, PeerError> {
+            unreachable!("never asked: this host coordinates")
+        }
+    }
+
     struct Gone;
 
     #[async_trait::async_trait]
@@ -272,6 +286,7 @@ mod tests {
         }
         let a = FleetOrigin::new(origin.clone(), Duration::from_secs(60));
         let b = FleetOrigin::new(origin.clone(), Duration::from_secs(60));
+        a.set_peers(Arc::new(Me));
         b.set_peers(Arc::new(ViaA(a.clone())));
         let mut pages = 0;
         for host in [&a, &b, &b] {
