@@ -1,18 +1,24 @@
 //! `orcafs-bench`: measures a real orcafs mount end to end and writes the
 //! results to a Markdown report (docs/benchmarks.md).
 //!
-//! One run starts a local S3 origin (`orcafs-devorigin`, s3s-fs on
-//! 127.0.0.1) in a temporary directory, puts the test objects, mounts the
-//! given `orcafs` binary for real (FUSE, `--foreground` so its pid is known)
-//! and measures: cold sequential read vs a plain SDK GET, warm and hot
-//! re-reads vs a local file, time to first byte, 4 KiB random reads (cached
-//! IOPS, cold read amplification), origin bytes with 8 readers of one cold
-//! object, and peak RSS with 8 readers of different objects. With
-//! `--with-peers` it measures rclone and s3fs the same way when installed.
+//! One run starts a local S3 origin on 127.0.0.1 in a temporary directory (a
+//! single-node Garage by default, s3s-fs with `--origin s3s-fs`), puts the
+//! test objects, mounts the given `orcafs` binary for real (FUSE,
+//! `--foreground` so its pid is known) and measures: cold sequential read vs
+//! a plain SDK GET, warm and hot re-reads vs a local file, time to first
+//! byte, 4 KiB random reads (cached IOPS, cold read amplification), origin
+//! bytes with 8 readers of one cold object, peak RSS with 8 readers of
+//! different objects, directory listings (`ls -l`, first names, tree walks)
+//! vs plain LISTs and local directories, and a cold read with a hung shared
+//! cache store. With `--with-peers` it measures rclone, s3fs and Mountpoint
+//! the same way when installed.
 //!
 //! Needs root (page cache dropping, mounting) and /dev/fuse. Run it through
-//! `scripts/bench`; it is not part of `cargo test`.
+//! `scripts/bench`, which runs it in a network namespace of its own with
+//! delayed ACKs off on loopback; it is not part of `cargo test`.
 
+mod dir_rows;
+mod dirs;
 mod error;
 mod fs;
 mod fsmount;
@@ -21,6 +27,8 @@ mod origin;
 mod phases;
 mod reads;
 mod report;
+mod server;
+mod shared;
 mod sys;
 
 use std::path::{Path, PathBuf};
@@ -28,13 +36,13 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use orcafs_devorigin::DevOrigin;
 
 use crate::error::{Context, Result};
 use crate::fs::{Fs, MountEnv};
 use crate::origin::{PlainClient, Plan};
 use crate::phases::{Bench, Knobs, Phase};
 use crate::report::Report;
+use crate::server::{OriginKind, OriginServer};
 
 /// Bytes in a MiB.
 pub const MIB: u64 = 1 << 20;
@@ -77,9 +85,27 @@ struct Args {
     /// Size of each time-to-first-byte object, MiB.
     #[arg(long, default_value_t = 64)]
     ttfb_object_mib: u64,
-    /// Also measure rclone and s3fs (each skipped when not installed).
+    /// Also measure rclone, s3fs and Mountpoint (`mount-s3`), each skipped when not installed.
     #[arg(long)]
     with_peers: bool,
+    /// The S3 server to measure against.
+    #[arg(long, value_enum, default_value = "garage")]
+    origin: OriginKind,
+    /// Objects of the large directory (rows 8-10).
+    #[arg(long, default_value_t = 30_000)]
+    dir_objects: usize,
+    /// Directories of the tree (row 11).
+    #[arg(long, default_value_t = 100)]
+    tree_dirs: usize,
+    /// Objects in each directory of the tree.
+    #[arg(long, default_value_t = 300)]
+    tree_objects: usize,
+    /// Objects of the one-page directory (row 12).
+    #[arg(long, default_value_t = 1000)]
+    page_objects: usize,
+    /// Internal: run as the TCP proxy in front of the shared store (row 13) and do nothing else.
+    #[arg(long, hide = true, value_name = "ADDR")]
+    tcp_proxy_to: Option<std::net::SocketAddr>,
     /// Directory for the temporary origin, caches, mounts and local copy.
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -123,6 +149,9 @@ impl Args {
             ttfb_size: self.ttfb_object_mib * MIB,
             rss_objects: self.readers,
             rss_size: self.rss_mib() * MIB,
+            dir_large: self.dir_objects,
+            dir_page: self.page_objects,
+            tree: (self.tree_dirs, self.tree_objects),
         }
     }
 
@@ -140,6 +169,15 @@ impl Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(target) = args.tcp_proxy_to {
+        return match shared::serve(target) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("orcafs-bench proxy: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run(&args) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => {
@@ -237,6 +275,10 @@ fn preflight(args: &Args) -> Result<()> {
         || args.ttfb_samples == 0
         || args.main_mib() == 0
         || args.rss_mib() == 0
+        || args.dir_objects == 0
+        || args.page_objects == 0
+        || args.tree_dirs == 0
+        || args.tree_objects == 0
     {
         return Err(error::Error::msg("counts and sizes must be at least 1"));
     }
@@ -257,7 +299,8 @@ fn run_in(args: &Args, work: &Path, started: Instant) -> Result<bool> {
         .orcafs
         .canonicalize()
         .with_context(|| format!("resolving {}", args.orcafs.display()))?;
-    let origin = DevOrigin::start(&work.join("s3")).context("starting the local S3 origin")?;
+    progress(&format!("starting the origin ({:?})", args.origin));
+    let origin = OriginServer::start(args.origin, work)?;
     let plain = PlainClient::new(&origin)?;
     let plan = args.plan();
     progress(&format!(
@@ -269,18 +312,34 @@ fn run_in(args: &Args, work: &Path, started: Instant) -> Result<bool> {
         plan.rss_size / MIB
     ));
     let local_copy = work.join("local-copy.bin");
-    let data = plain.create_objects(&plan, &local_copy)?;
+    let put_started = Instant::now();
+    let data = plain.create_objects(&origin, &plan, &local_copy)?;
+    let put_secs = put_started.elapsed().as_secs_f64();
     let env = MountEnv {
         endpoint: origin.endpoint(),
+        access_key: origin.access_key(),
+        secret_key: origin.secret_key(),
         work: work.to_owned(),
         orcafs_flags: orcafs_flags(args, &orcafs)?,
         orcafs,
     };
+    let retrans_at_start = sys::tcp_retransmitted_segments();
     let mut bench = Bench::new(args.knobs(), origin, plain, data, env, local_copy);
     let mut report = new_report(args, &bench, work);
+    report
+        .details
+        .push(format!("Putting every object took {put_secs:.0} s."));
     let baselines = measure::measure_orcafs(&mut bench, &mut report);
     if args.with_peers && args.only.is_empty() {
         measure::measure_peers(&mut bench, &mut report, baselines);
+    }
+    if let (Some(first), Some(last)) = (retrans_at_start, sys::tcp_retransmitted_segments()) {
+        report.details.push(format!(
+            "TCP segments retransmitted in the bench's network namespace during the run: {} \
+             (loopback loses nothing: any are spurious, and each adds up to 64 KiB to the \
+             origin bytes counted).",
+            last.saturating_sub(first)
+        ));
     }
     report.details.push(format!(
         "Load average at the end: {}. Anything else running (builds, tests) disturbs the numbers.",
@@ -345,12 +404,23 @@ fn new_report(args: &Args, bench: &Bench, work: &Path) -> Report {
                 plan.rss_objects,
                 plan.rss_size / MIB
             ),
+            format!(
+                "Directories: {} objects in one prefix (rows 8-10); a tree of {} x {} objects (row 11); {} objects in one prefix (row 12)",
+                plan.dir_large, plan.tree.0, plan.tree.1, plan.dir_page
+            ),
+            format!("Origin: {}", bench.origin.describe()),
+            format!("Network: {}", sys::loopback_setup()),
             format!("orcafs mount: `{}`", Fs::Orcafs.describe(&bench.env)),
+            format!(
+                "Directory rows mount orcafs with `--metadata-ttl {}` added; row 13 with `--config FILE` naming the shared store",
+                dir_rows::metadata_ttl()
+            ),
         ],
         rows: Vec::new(),
         peers: None,
         peer_notes: Vec::new(),
         peer_baselines: (None, None),
+        peer_ls_baselines: (None, None),
         details: vec![format!(
             "Load average (1, 5, 15 min) when measuring started: {}.",
             sys::load_average()

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use crate::dir_rows::{self, PageMedians};
 use crate::error::{Context, Result};
 use crate::fs::Fs;
 use crate::origin::{BIG_DIR_FILLERS, KERNEL_FIRST_READ};
@@ -16,6 +17,8 @@ use crate::{progress, MIB};
 pub struct Baselines {
     plain_mibps: Option<f64>,
     local_warm_mibps: Option<f64>,
+    /// orcafs's `ls -l` of one page and its baselines.
+    page: Option<PageMedians>,
 }
 
 /// Every orcafs metric, in the order of the issue; failures become rows.
@@ -75,7 +78,15 @@ pub fn measure_orcafs(bench: &mut Bench, report: &mut Report) -> Baselines {
         ));
         rss_rows(report, &bench.rss(), bench.data.rss_size, readers);
     }
+    let mut page = None;
+    if knobs.runs(Phase::Dirs) {
+        page = dir_rows::measure_dirs(bench, report);
+    }
+    if knobs.runs(Phase::SharedStall) {
+        dir_rows::measure_shared_stall(bench, report);
+    }
     Baselines {
+        page,
         plain_mibps: seq.as_ref().ok().map(|v| median_of(v.iter().map(|s| s.0))),
         local_warm_mibps: reread
             .as_ref()
@@ -89,7 +100,7 @@ fn skipped() -> crate::error::Error {
 }
 
 /// Runs `f` for each of `rounds` rounds; the first error ends it.
-fn repeated<T>(rounds: usize, what: &str, mut f: impl FnMut() -> Result<T>) -> Result<Vec<T>> {
+pub fn repeated<T>(rounds: usize, what: &str, mut f: impl FnMut() -> Result<T>) -> Result<Vec<T>> {
     (0..rounds)
         .map(|i| {
             progress(&format!("{what} (round {} of {rounds})", i + 1));
@@ -99,14 +110,14 @@ fn repeated<T>(rounds: usize, what: &str, mut f: impl FnMut() -> Result<T>) -> R
 }
 
 /// Median of the values (the upper middle for even counts).
-fn median_of(values: impl Iterator<Item = f64>) -> f64 {
+pub fn median_of(values: impl Iterator<Item = f64>) -> f64 {
     let mut v: Vec<f64> = values.collect();
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// Values as a short comma-separated list.
-fn listed(values: impl Iterator<Item = f64>) -> String {
+pub fn listed(values: impl Iterator<Item = f64>) -> String {
     values
         .map(|v| format!("{v:.1}"))
         .collect::<Vec<_>>()
@@ -173,11 +184,13 @@ fn sequential_rows(report: &mut Report, seq: &SeqRounds, reread: &RereadRounds, 
     ));
     report.details.push(format!(
         "Re-read rounds (MiB/s): orcafs warm {}, local warm {}; orcafs hot {}, local hot {}. \
-         The origin sent {} body bytes during them (0 = all from the disk cache).",
+         The origin answered {} GetObject requests during them (0 = all from the disk \
+         cache) and sent {} bytes in all (lookups included).",
         listed(v.iter().map(|r| r.0.warm_mibps)),
         listed(v.iter().map(|r| r.1.warm_mibps)),
         listed(v.iter().map(|r| r.0.hot_mibps)),
         listed(v.iter().map(|r| r.1.hot_mibps)),
+        v.iter().map(|r| r.0.origin_gets).sum::<u64>(),
         v.iter().map(|r| r.0.origin_bytes).sum::<u64>()
     ));
 }
@@ -193,12 +206,14 @@ fn ttfb_rows(report: &mut Report, ttfb: &Result<phases::Ttfb>) {
         }
     };
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let (mount, plain) = (reads::median(&t.mount), reads::median(&t.plain));
+    // The baseline is timed to the bytes the kernel asks orcafs for, not to the first byte.
+    let (mount, plain) = (reads::median(&t.mount), reads::median(&t.plain_16k));
+    let plain_what = format!("plain GET, first {} KiB", KERNEL_FIRST_READ >> 10);
     report.rows.push(Row::compared(
         M_TTFB,
         Quantity::Millis(ms(mount)),
         Quantity::Millis(ms(plain)),
-        "plain GET",
+        &plain_what,
         target,
     ));
     let list = |v: &[Duration]| {
@@ -211,7 +226,7 @@ fn ttfb_rows(report: &mut Report, ttfb: &Result<phases::Ttfb>) {
         M_TTFB_BIG,
         Quantity::Millis(ms(reads::median(&t.big_dir))),
         Quantity::Millis(ms(plain)),
-        "plain GET",
+        &plain_what,
         Target::None,
     ));
     report.details.push(format!(
@@ -335,15 +350,24 @@ fn rss_rows(report: &mut Report, r: &Result<phases::Rss>, size: u64, readers: us
     ));
 }
 
-/// rclone and s3fs: cold read, warm re-read and shared-object origin bytes.
+/// rclone, s3fs and Mountpoint: cold read, warm re-read, shared-object origin bytes, and
+/// `ls -l` of one page cold and warm.
 pub fn measure_peers(bench: &mut Bench, report: &mut Report, baselines: Baselines) {
     report.peer_baselines = (baselines.plain_mibps, baselines.local_warm_mibps);
-    let mut rows = vec![orcafs_peer_row(report)];
-    for fs in [Fs::Rclone, Fs::S3fs] {
+    report.peer_ls_baselines = (
+        baselines.page.map(|p| p.plain_page_ms),
+        baselines.page.map(|p| p.local_ms),
+    );
+    let mut rows = vec![orcafs_peer_row(report, baselines.page)];
+    for fs in [Fs::Rclone, Fs::S3fs, Fs::Mountpoint] {
         if !fs.installed() {
-            report
-                .peer_notes
-                .push(format!("{}: not installed, skipped.", fs.name()));
+            let why = match fs {
+                Fs::Mountpoint => {
+                    "no `mount-s3` on PATH (Mountpoint has no Debian package), skipped"
+                }
+                _ => "not installed (scripts/bench --with-peers installs it), skipped",
+            };
+            report.peer_notes.push(format!("{}: {why}.", fs.name()));
             continue;
         }
         report
@@ -355,7 +379,7 @@ pub fn measure_peers(bench: &mut Bench, report: &mut Report, baselines: Baseline
 }
 
 /// The orcafs line of the peer table, from the rows already measured.
-fn orcafs_peer_row(report: &Report) -> PeerRow {
+fn orcafs_peer_row(report: &Report, page: Option<PageMedians>) -> PeerRow {
     let value = |prefix: &str| -> std::result::Result<f64, String> {
         let row = report.rows.iter().find(|r| r.metric.starts_with(prefix));
         match row.map(|r| &r.outcome) {
@@ -371,11 +395,15 @@ fn orcafs_peer_row(report: &Report) -> PeerRow {
         .and_then(|r| r.outcome.as_ref().ok())
         .and_then(|m| m.ratio())
         .ok_or_else(|| "not measured".to_string());
+    let not = || "not measured".to_string();
     PeerRow {
         name: "orcafs".into(),
         cold_seq: value(M_COLD),
         warm: value(M_WARM),
         readers8: readers,
+        ls_cold: page.map(|p| p.cold_ms).ok_or_else(not),
+        ls_warm: page.map(|p| p.warm_ms).ok_or_else(not),
+        ls_warm_requests: page.map(|p| p.warm_requests).ok_or_else(not),
     }
 }
 
@@ -394,10 +422,27 @@ fn measure_peer(bench: &mut Bench, fs: Fs) -> PeerRow {
         .readers(fs)
         .map(|r| r.origin_bytes as f64 / size)
         .map_err(text);
+    progress(&format!("{}: ls -l cold and warm", fs.name()));
+    let rounds = bench.knobs.repeat;
+    let pages = repeated(rounds, &format!("{}: ls -l", fs.name()), || {
+        bench.page_ls(fs)
+    });
+    let med = |f: fn(&crate::dirs::PageLs) -> f64| {
+        pages
+            .as_ref()
+            .map(|v| median_of(v.iter().map(f)))
+            .map_err(|e| e.to_string())
+    };
     PeerRow {
         name: fs.name().into(),
         cold_seq: cold,
         warm,
         readers8,
+        ls_cold: med(|p| p.cold.as_secs_f64() * 1000.0),
+        ls_warm: med(|p| p.warm.as_secs_f64() * 1000.0),
+        ls_warm_requests: pages
+            .as_ref()
+            .map(|v| v.iter().map(|p| p.warm_requests).max().unwrap_or(0))
+            .map_err(|e| e.to_string()),
     }
 }

@@ -1,19 +1,20 @@
-//! The S3 side: the objects put into the local origin, and the plain
-//! single-stream SDK GET that orcafs is compared with.
+//! The S3 side: the objects put into the origin (in parallel), and the plain SDK client that
+//! orcafs is compared with: single-stream GETs and paginated LISTs on one warm connection.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_sdk_s3::error::DisplayErrorContext;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::Client;
 use bytes::Bytes;
-use orcafs_devorigin::{pseudo_random_bytes, DevOrigin};
+use orcafs_devorigin::pseudo_random_bytes;
 use tokio::runtime::Runtime;
 
 use crate::bail;
 use crate::error::{Context, Result};
-use crate::MIB;
+use crate::server::OriginServer;
 
 /// Bucket holding every benchmark object.
 pub const BUCKET: &str = "bench";
@@ -28,6 +29,10 @@ pub struct Plan {
     pub ttfb_size: u64,
     pub rss_objects: usize,
     pub rss_size: u64,
+    /// Objects in `DIR_LARGE`, in `DIR_PAGE`, and directories x objects of `TREE`.
+    pub dir_large: usize,
+    pub dir_page: usize,
+    pub tree: (usize, usize),
 }
 
 /// The objects in the origin, and what is known about them.
@@ -40,6 +45,12 @@ pub struct Dataset {
     pub ttfb_big_dir_keys: Vec<String>,
     pub rss_keys: Vec<String>,
     pub rss_size: u64,
+    /// Keys and bodies of every small object of the directory phases.
+    pub dir_objects: Vec<(String, Bytes)>,
+    /// Objects in `DIR_LARGE`, in `DIR_PAGE`, and directories x objects of `TREE`.
+    pub dir_large: usize,
+    pub dir_page: usize,
+    pub tree: (usize, usize),
 }
 
 /// A directory holding TTFB objects among more than 1000 others, so its lookup cannot keep a
@@ -48,37 +59,99 @@ pub const BIG_DIR: &str = "ttfb-big-dir";
 /// Filler objects put in `BIG_DIR`.
 pub const BIG_DIR_FILLERS: usize = 1000;
 
+/// A prefix of many small objects (`ls -l`, first names).
+pub const DIR_LARGE: &str = "dir-large";
+/// A prefix of one LIST page of small objects (`ls -l`, with the peers).
+pub const DIR_PAGE: &str = "dir-page";
+/// A tree of directories of small objects (`find`, `du -s`, `ls -R`).
+pub const TREE: &str = "tree";
+/// Small objects put at once.
+const SMALL_PARALLEL: usize = 32;
+/// Large objects put at once (each is generated in memory first).
+const LARGE_PARALLEL: usize = 2;
+
 /// An SDK client on its own single-threaded runtime: what a plain
-/// application doing one GET at a time looks like.
+/// application doing one request at a time looks like.
 pub struct PlainClient {
     runtime: Runtime,
     client: Client,
 }
 
+/// One object to put.
+struct Upload {
+    key: String,
+    body: Body,
+}
+
+enum Body {
+    Bytes(Bytes),
+    /// `pseudo_random_bytes(seed, size)`, generated when its turn comes.
+    Random {
+        seed: u64,
+        size: usize,
+    },
+}
+
 impl PlainClient {
-    pub fn new(origin: &DevOrigin) -> Result<PlainClient> {
+    pub fn new(server: &OriginServer) -> Result<PlainClient> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .context("building the client runtime")?;
         Ok(PlainClient {
             runtime,
-            client: origin.client(),
+            client: server.client(),
         })
+    }
+
+    /// Creates `bucket`: with the server's admin tool when it has one, else through S3.
+    pub fn create_bucket(&self, server: &OriginServer, bucket: &str) -> Result<()> {
+        if server.admin_create_bucket(bucket)? {
+            return Ok(());
+        }
+        let req = self.client.create_bucket().bucket(bucket);
+        self.runtime
+            .block_on(req.send())
+            .map_err(DisplayErrorContext)
+            .with_context(|| format!("creating bucket {bucket}"))?;
+        Ok(())
     }
 
     /// Creates the bucket and puts every object of `plan`; writes the large
     /// object to `local_copy` too (the local-file baseline).
-    pub fn create_objects(&self, plan: &Plan, local_copy: &Path) -> Result<Dataset> {
-        self.create_bucket()?;
+    pub fn create_objects(
+        &self,
+        server: &OriginServer,
+        plan: &Plan,
+        local_copy: &Path,
+    ) -> Result<Dataset> {
+        self.create_bucket(server, BUCKET)?;
         let main = Bytes::from(pseudo_random_bytes(1, to_usize(plan.main_size)?));
         std::fs::write(local_copy, &main)
             .with_context(|| format!("writing the local copy {}", local_copy.display()))?;
         let main_sha256 = crate::reads::sha256_hex(&main);
-        self.put(MAIN_KEY, main)?;
-        let ttfb_keys = self.put_series("ttfb", 10, plan.ttfb_objects, plan.ttfb_size)?;
-        let ttfb_big_dir_keys = self.put_series(BIG_DIR, 50, plan.ttfb_objects, plan.ttfb_size)?;
-        let rss_keys = self.put_series("rss", 100, plan.rss_objects, plan.rss_size)?;
+        let mut large = vec![Upload {
+            key: MAIN_KEY.into(),
+            body: Body::Bytes(main),
+        }];
+        let ttfb_keys = series(&mut large, "ttfb", 10, plan.ttfb_objects, plan.ttfb_size)?;
+        let ttfb_big_dir_keys = series(&mut large, BIG_DIR, 50, plan.ttfb_objects, plan.ttfb_size)?;
+        let rss_keys = series(&mut large, "rss", 100, plan.rss_objects, plan.rss_size)?;
+        self.put_all(large, LARGE_PARALLEL)?;
+        let dir_objects = small_objects(plan);
+        let mut small: Vec<Upload> = dir_objects
+            .iter()
+            .map(|(key, body)| Upload {
+                key: key.clone(),
+                body: Body::Bytes(body.clone()),
+            })
+            .collect();
+        small.extend((0..BIG_DIR_FILLERS).map(|i| Upload {
+            key: format!("{BIG_DIR}/filler-{i:04}"),
+            body: Body::Bytes(Bytes::from_static(b"f")),
+        }));
+        crate::progress(&format!("putting {} small objects", small.len()));
+        self.put_all(small, SMALL_PARALLEL)?;
         Ok(Dataset {
             main_size: plan.main_size,
             main_sha256,
@@ -86,50 +159,82 @@ impl PlainClient {
             ttfb_big_dir_keys,
             rss_keys,
             rss_size: plan.rss_size,
+            dir_objects,
+            dir_large: plan.dir_large,
+            dir_page: plan.dir_page,
+            tree: plan.tree,
         })
     }
 
-    fn create_bucket(&self) -> Result<()> {
-        let req = self.client.create_bucket().bucket(BUCKET);
-        self.runtime
-            .block_on(req.send())
-            .map_err(DisplayErrorContext)
-            .with_context(|| format!("creating bucket {BUCKET}"))?;
-        Ok(())
+    /// Puts every upload, `parallel` at a time, on a runtime of its own (the plain client's is
+    /// single-threaded on purpose); the first error ends it.
+    fn put_all(&self, uploads: Vec<Upload>, parallel: usize) -> Result<()> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("building the upload runtime")?;
+        let client = self.client.clone();
+        runtime.block_on(async move {
+            let slots = Arc::new(tokio::sync::Semaphore::new(parallel));
+            let mut tasks = tokio::task::JoinSet::new();
+            for upload in uploads {
+                let slot = Arc::clone(&slots)
+                    .acquire_owned()
+                    .await
+                    .context("upload slots closed")?;
+                let client = client.clone();
+                tasks.spawn(async move {
+                    let result = put(&client, upload).await;
+                    drop(slot);
+                    result
+                });
+                while let Some(done) = tasks.try_join_next() {
+                    done.context("upload task")??;
+                }
+            }
+            while let Some(done) = tasks.join_next().await {
+                done.context("upload task")??;
+            }
+            Ok(())
+        })
     }
 
-    /// Puts `count` objects `PREFIX/NNN.bin` of `size` bytes, each with its
-    /// own content (seed `first_seed + i`).
-    fn put_series(
-        &self,
-        prefix: &str,
-        first_seed: u64,
-        count: usize,
-        size: u64,
-    ) -> Result<Vec<String>> {
-        let mut keys = Vec::with_capacity(count);
-        for i in 0..count {
-            let key = format!("{prefix}/{i:03}.bin");
-            let body = pseudo_random_bytes(first_seed + i as u64, to_usize(size)?);
-            self.put(&key, Bytes::from(body))?;
-            keys.push(key);
-        }
-        Ok(keys)
+    /// One GetObject of `key` read to its end and dropped: puts the object's files in the
+    /// server's page cache, so the next reader is served from memory like a remote server's.
+    pub fn get_discard(&self, key: &str) -> Result<u64> {
+        let req = self.client.get_object().bucket(BUCKET).key(key);
+        self.runtime
+            .block_on(async move {
+                let out = req
+                    .send()
+                    .await
+                    .map_err(DisplayErrorContext)
+                    .context("sending")?;
+                let mut body = out.body;
+                let mut n = 0u64;
+                while let Some(chunk) = body.next().await {
+                    n += chunk.context("reading the body")?.len() as u64;
+                }
+                Ok::<u64, crate::error::Error>(n)
+            })
+            .with_context(|| format!("GET of {BUCKET}/{key}"))
     }
 
-    fn put(&self, key: &str, body: Bytes) -> Result<()> {
-        let len = body.len();
-        let req = self
-            .client
-            .put_object()
-            .bucket(BUCKET)
-            .key(key)
-            .body(ByteStream::from(body));
+    /// Paginated ListObjectsV2 of `prefix` with delimiter `/` (what listing one directory
+    /// costs a plain client): the time of all pages and the entries (keys and subdirectories).
+    pub fn list_dir(&self, prefix: &str) -> Result<(Duration, Vec<String>)> {
         self.runtime
-            .block_on(req.send())
-            .map_err(DisplayErrorContext)
-            .with_context(|| format!("putting {BUCKET}/{key} ({} MiB)", len / MIB as usize))?;
-        Ok(())
+            .block_on(list_dir(&self.client, prefix, None))
+            .with_context(|| format!("listing {BUCKET}/{prefix}"))
+    }
+
+    /// One ListObjectsV2 page of at most `max_keys` entries of `prefix`: its time.
+    pub fn list_page(&self, prefix: &str, max_keys: i32) -> Result<Duration> {
+        self.runtime
+            .block_on(list_dir(&self.client, prefix, Some(max_keys)))
+            .map(|(t, _)| t)
+            .with_context(|| format!("listing a page of {BUCKET}/{prefix}"))
     }
 
     /// One GetObject of the whole `key`, its body copied into `buf` (which
@@ -158,6 +263,108 @@ impl PlainClient {
             .with_context(|| format!("head of {BUCKET}/{key}"))?;
         Ok(())
     }
+}
+
+/// `count` objects `PREFIX/NNN.bin` of `size` bytes, each with its own content (seed
+/// `first_seed + i`), added to `uploads`; returns their keys.
+fn series(
+    uploads: &mut Vec<Upload>,
+    prefix: &str,
+    first_seed: u64,
+    count: usize,
+    size: u64,
+) -> Result<Vec<String>> {
+    let size = to_usize(size)?;
+    let keys: Vec<String> = (0..count).map(|i| format!("{prefix}/{i:03}.bin")).collect();
+    uploads.extend(keys.iter().enumerate().map(|(i, key)| Upload {
+        key: key.clone(),
+        body: Body::Random {
+            seed: first_seed + i as u64,
+            size,
+        },
+    }));
+    Ok(keys)
+}
+
+/// The small objects of the directory phases: `DIR_LARGE/o-NNNNN`, `DIR_PAGE/o-NNNN` and
+/// `TREE/dNNN/o-NNN`, each a few hundred bytes to a few KiB (sizes vary, as real files do).
+fn small_objects(plan: &Plan) -> Vec<(String, Bytes)> {
+    let body = |i: usize| {
+        let size = 100 + (i * 7919) % 4000;
+        Bytes::from(vec![b'a' + (i % 26) as u8; size])
+    };
+    let mut out = Vec::new();
+    out.extend((0..plan.dir_large).map(|i| (format!("{DIR_LARGE}/o-{i:05}"), body(i))));
+    out.extend((0..plan.dir_page).map(|i| (format!("{DIR_PAGE}/o-{i:04}"), body(i))));
+    let (dirs, per_dir) = plan.tree;
+    for d in 0..dirs {
+        out.extend(
+            (0..per_dir).map(|i| (format!("{TREE}/d{d:03}/o-{i:03}"), body(d * per_dir + i))),
+        );
+    }
+    out
+}
+
+async fn put(client: &Client, upload: Upload) -> Result<()> {
+    let body = match upload.body {
+        Body::Bytes(b) => b,
+        Body::Random { seed, size } => {
+            tokio::task::spawn_blocking(move || Bytes::from(pseudo_random_bytes(seed, size)))
+                .await
+                .context("generating an object")?
+        }
+    };
+    let len = body.len();
+    client
+        .put_object()
+        .bucket(BUCKET)
+        .key(&upload.key)
+        .body(ByteStream::from(body))
+        .send()
+        .await
+        .map_err(DisplayErrorContext)
+        .with_context(|| format!("putting {BUCKET}/{} ({} KiB)", upload.key, len >> 10))?;
+    Ok(())
+}
+
+/// All pages (or only the first `max_keys`) of a delimited listing of `prefix`.
+async fn list_dir(
+    client: &Client,
+    prefix: &str,
+    max_keys: Option<i32>,
+) -> Result<(Duration, Vec<String>)> {
+    let started = Instant::now();
+    let mut entries = Vec::new();
+    let mut token: Option<String> = None;
+    // Bounded: a 30,000-object prefix is 30 pages.
+    for _ in 0..10_000 {
+        let out = client
+            .list_objects_v2()
+            .bucket(BUCKET)
+            .prefix(prefix)
+            .delimiter("/")
+            .set_max_keys(max_keys)
+            .set_continuation_token(token.take())
+            .send()
+            .await
+            .map_err(DisplayErrorContext)
+            .context("ListObjectsV2")?;
+        entries.extend(
+            out.contents()
+                .iter()
+                .filter_map(|o| o.key().map(str::to_owned)),
+        );
+        entries.extend(
+            out.common_prefixes()
+                .iter()
+                .filter_map(|p| p.prefix().map(str::to_owned)),
+        );
+        token = out.next_continuation_token().map(str::to_owned);
+        if max_keys.is_some() || !out.is_truncated().unwrap_or(false) || token.is_none() {
+            return Ok((started.elapsed(), entries));
+        }
+    }
+    bail!("more than 10,000 pages")
 }
 
 async fn get_into(client: &Client, key: &str, buf: &mut [u8]) -> Result<Duration> {

@@ -5,14 +5,13 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use orcafs_devorigin::DevOrigin;
-
 use crate::bail;
 use crate::error::{Context, Result};
 use crate::fs::{Fs, MountEnv};
 use crate::fsmount::FsMount;
-use crate::origin::{Dataset, PlainClient, BIG_DIR, BIG_DIR_FILLERS, BUCKET, MAIN_KEY};
+use crate::origin::{Dataset, PlainClient, MAIN_KEY};
 use crate::reads::{self, BLOCK};
+use crate::server::OriginServer;
 use crate::sys;
 use crate::MIB;
 
@@ -46,6 +45,10 @@ pub enum Phase {
     Readers,
     /// Peak RSS with readers of different objects (row 7).
     Rss,
+    /// Directory listings (rows 8-12).
+    Dirs,
+    /// Cold read with a stalled shared cache store (row 13).
+    SharedStall,
 }
 
 impl Knobs {
@@ -57,7 +60,7 @@ impl Knobs {
 /// Shared state of the measuring phases.
 pub struct Bench {
     pub knobs: Knobs,
-    pub origin: DevOrigin,
+    pub origin: OriginServer,
     pub plain: PlainClient,
     pub data: Dataset,
     pub env: MountEnv,
@@ -74,6 +77,8 @@ pub struct Bench {
 pub struct ColdSeq {
     pub mibps: f64,
     pub origin_bytes: u64,
+    /// Peak RSS of the filesystem process.
+    pub hwm_bytes: u64,
 }
 
 /// Re-reads over a warm disk cache.
@@ -81,8 +86,9 @@ pub struct ColdSeq {
 pub struct Reread {
     pub warm_mibps: f64,
     pub hot_mibps: f64,
-    /// Origin body bytes during the warm and hot reads.
+    /// Origin bytes and GetObject requests during the warm and hot reads.
     pub origin_bytes: u64,
+    pub origin_gets: u64,
     pub random_iops: Option<f64>,
 }
 
@@ -145,7 +151,7 @@ pub struct Rss {
 impl Bench {
     pub fn new(
         knobs: Knobs,
-        origin: DevOrigin,
+        origin: OriginServer,
         plain: PlainClient,
         data: Dataset,
         env: MountEnv,
@@ -166,12 +172,12 @@ impl Bench {
         }
     }
 
-    fn mibps(&self, elapsed: Duration) -> f64 {
+    pub fn mibps(&self, elapsed: Duration) -> f64 {
         self.data.main_size as f64 / MIB as f64 / elapsed.as_secs_f64()
     }
 
     /// An empty cache directory `WORK/cache/NAME` (emptied if it exists).
-    fn fresh_cache(&self, name: &str) -> Result<PathBuf> {
+    pub fn fresh_cache(&self, name: &str) -> Result<PathBuf> {
         let dir = self.cache_dir(name);
         remove_dir(&dir)?;
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -184,12 +190,16 @@ impl Bench {
 
     /// Reads the origin's files of `keys` once so they sit in the page
     /// cache: the origin then costs CPU only, like a remote origin, and its
-    /// disk reads neither compete with the cache writes nor add noise.
-    fn preload_origin(&self, keys: &[&str]) -> Result<()> {
+    /// disk reads neither compete with the cache writes nor add noise. (Garage
+    /// keeps objects as blocks named by hash: a GET of each reads them.)
+    pub fn preload_origin(&self, keys: &[&str]) -> Result<()> {
         for key in keys {
-            let path = self.origin.root().join(BUCKET).join(key);
-            reads::read_whole_discard(&path)
-                .with_context(|| format!("preloading the origin file {}", path.display()))?;
+            match self.origin.object_file(key) {
+                Some(path) => reads::read_whole_discard(&path)
+                    .map(drop)
+                    .with_context(|| format!("preloading the origin file {}", path.display()))?,
+                None => self.plain.get_discard(key).map(drop)?,
+            }
         }
         Ok(())
     }
@@ -197,23 +207,24 @@ impl Bench {
     /// Waits until the origin has seen no request and sent no byte for a
     /// while, so background fills (readahead) of one step neither leak into
     /// the next one nor escape the byte count of this one.
-    fn wait_origin_idle(&self) {
+    pub fn wait_origin_idle(&self) -> Result<()> {
         let deadline = Instant::now() + IDLE_MAX_WAIT;
-        let mut last = self.origin.stats();
+        let mut last = self.origin.counts()?;
         let mut quiet_since = Instant::now();
         while Instant::now() < deadline && quiet_since.elapsed() < IDLE_QUIET {
             std::thread::sleep(Duration::from_millis(50));
-            let now = self.origin.stats();
+            let now = self.origin.counts()?;
             if (now.requests, now.get_bytes) != (last.requests, last.get_bytes) {
                 quiet_since = Instant::now();
                 last = now;
             }
         }
+        Ok(())
     }
 
     /// Times a full read of the large object through `mount` into the
     /// buffer, then checks its SHA-256.
-    fn timed_main_read(&mut self, mount: &FsMount, what: &str) -> Result<Duration> {
+    pub fn timed_main_read(&mut self, mount: &FsMount, what: &str) -> Result<Duration> {
         let path = mount.path(MAIN_KEY);
         let limit = self.knobs.phase_limit;
         let buf = &mut self.buf;
@@ -235,13 +246,15 @@ impl Bench {
         let cache = self.fresh_cache(&format!("{}-main", fs.name()))?;
         let mount = fs.mount(&self.env, &cache, "cold-seq")?;
         self.preload_origin(&[MAIN_KEY])?;
-        self.origin.reset_stats();
+        self.origin.zero_counts()?;
         let elapsed = self.timed_main_read(&mount, "cold sequential read")?;
-        let origin_bytes = self.origin.stats().get_bytes;
+        let origin_bytes = self.origin.counts()?.get_bytes;
+        let hwm_bytes = sys::proc_status_bytes(mount.pid(), "VmHWM")?;
         mount.unmount()?;
         Ok(ColdSeq {
             mibps: self.mibps(elapsed),
             origin_bytes,
+            hwm_bytes,
         })
     }
 
@@ -252,10 +265,10 @@ impl Bench {
         let cache = self.cache_dir(&format!("{}-main", fs.name()));
         let mount = fs.mount(&self.env, &cache, "reread")?;
         sys::drop_caches()?;
-        self.origin.reset_stats();
+        self.origin.zero_counts()?;
         let warm = self.timed_main_read(&mount, "warm re-read")?;
         let hot = self.timed_main_read(&mount, "hot re-read")?;
-        let origin_bytes = self.origin.stats().get_bytes;
+        let counts = self.origin.counts()?;
         let random_iops = match random {
             true => Some(self.random_cached(&mount)?),
             false => None,
@@ -264,7 +277,8 @@ impl Bench {
         Ok(Reread {
             warm_mibps: self.mibps(warm),
             hot_mibps: self.mibps(hot),
-            origin_bytes,
+            origin_bytes: counts.get_bytes,
+            origin_gets: counts.get_requests,
             random_iops,
         })
     }
@@ -305,13 +319,13 @@ impl Bench {
         let offsets =
             reads::random_offsets(self.data.main_size, self.knobs.cold_random_reads, 0xC01D);
         self.preload_origin(&[MAIN_KEY])?;
-        self.origin.reset_stats();
+        self.origin.zero_counts()?;
         let path = mount.path(MAIN_KEY);
         let elapsed = mount.guarded("cold random reads", self.knobs.phase_limit, || {
             reads::random_reads(&path, &offsets)
         })?;
-        self.wait_origin_idle();
-        let origin_bytes = self.origin.stats().get_bytes;
+        self.wait_origin_idle()?;
+        let origin_bytes = self.origin.counts()?.get_bytes;
         mount.unmount()?;
         remove_dir(&cache)?;
         Ok(ColdRandom {
@@ -327,7 +341,6 @@ impl Bench {
         let cache = self.fresh_cache("orcafs-ttfb")?;
         let keys = self.data.ttfb_keys.clone();
         let big_keys = self.data.ttfb_big_dir_keys.clone();
-        self.put_big_dir_fillers()?;
         // Start from a settled machine: earlier phases leave dirty pages and a full page cache.
         sys::drop_caches()?;
         self.preload_origin(
@@ -376,12 +389,12 @@ impl Bench {
         mount.guarded("first 4 KiB of each object", limit, || {
             let mut out = Ttfb1::default();
             for key in keys {
-                self.wait_origin_idle();
+                self.wait_origin_idle()?;
                 let (lookup, first) = reads::lookup_then_first_block(&mount.path(key))?;
                 out.mount.push(lookup + first);
                 out.lookup.push(lookup);
                 if plain {
-                    self.wait_origin_idle();
+                    self.wait_origin_idle()?;
                     let (first, kernel_read) = self.plain.first_bytes(key)?;
                     out.plain.push(first);
                     out.plain_16k.push(kernel_read);
@@ -391,30 +404,19 @@ impl Bench {
         })
     }
 
-    /// Tiny objects that make `BIG_DIR` bigger than one LIST page (written as files of the
-    /// origin's directory: s3s-fs lists them like any object).
-    fn put_big_dir_fillers(&self) -> Result<()> {
-        let dir = self.origin.root().join(BUCKET).join(BIG_DIR);
-        for i in 0..BIG_DIR_FILLERS {
-            let path = dir.join(format!("filler-{i:04}"));
-            std::fs::write(&path, b"f").with_context(|| format!("writing {}", path.display()))?;
-        }
-        Ok(())
-    }
-
     /// `readers` threads reading the whole cold large object at once.
     pub fn readers(&mut self, fs: Fs) -> Result<Readers> {
         let cache = self.fresh_cache(&format!("{}-readers", fs.name()))?;
         let mount = fs.mount(&self.env, &cache, "readers")?;
         let paths = vec![mount.path(MAIN_KEY); self.knobs.readers];
         self.preload_origin(&[MAIN_KEY])?;
-        self.origin.reset_stats();
+        self.origin.zero_counts()?;
         let size = self.data.main_size;
         let elapsed = mount.guarded("concurrent readers", self.knobs.phase_limit, || {
             reads::read_concurrently(&paths, size)
         })?;
-        self.wait_origin_idle();
-        let origin_bytes = self.origin.stats().get_bytes;
+        self.wait_origin_idle()?;
+        let origin_bytes = self.origin.counts()?.get_bytes;
         mount.unmount()?;
         remove_dir(&cache)?;
         Ok(Readers {
@@ -433,7 +435,7 @@ impl Bench {
         if paths.is_empty() {
             bail!("no objects for the memory test");
         }
-        self.origin.reset_stats();
+        self.origin.zero_counts()?;
         let size = self.data.rss_size;
         let elapsed = mount.guarded(
             "readers of different objects",
@@ -441,7 +443,8 @@ impl Bench {
             || reads::read_concurrently(&paths, size),
         )?;
         let hwm_bytes = sys::proc_status_bytes(pid, "VmHWM")?;
-        let origin_bytes = self.origin.stats().get_bytes;
+        self.wait_origin_idle()?;
+        let origin_bytes = self.origin.counts()?.get_bytes;
         mount.unmount()?;
         remove_dir(&cache)?;
         Ok(Rss {
@@ -453,7 +456,7 @@ impl Bench {
     }
 }
 
-fn remove_dir(dir: &Path) -> Result<()> {
+pub fn remove_dir(dir: &Path) -> Result<()> {
     match std::fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

@@ -166,3 +166,63 @@ fn work_filesystem(dir: &Path) -> String {
         })
         .unwrap_or_else(|| "unknown".into())
 }
+
+/// Whether loopback is the only network interface this process sees (/proc/net/dev follows
+/// the process's network namespace): true in a namespace made by `unshare --net`, where rules
+/// and routes touch nothing but the bench's own traffic.
+pub fn in_private_net_namespace() -> bool {
+    let Ok(dev) = std::fs::read_to_string("/proc/net/dev") else {
+        return false;
+    };
+    // Two header lines, then `NAME: counters…` per interface.
+    let names: Vec<&str> = dev
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next())
+        .map(str::trim)
+        .collect();
+    names == ["lo"]
+}
+
+/// How loopback is set up for the report: whether the namespace is private and whether the
+/// local routes of 127.0.0.0/8 and 127.0.0.1 carry `quickack 1` (no delayed ACKs).
+pub fn loopback_setup() -> String {
+    let private = in_private_net_namespace();
+    let routes = command_output("ip", &["route", "show", "table", "local"]).unwrap_or_default();
+    let quick = |dst: &str| {
+        routes
+            .lines()
+            .any(|l| l.starts_with(&format!("local {dst} ")) && l.contains("quickack 1"))
+    };
+    let quickack = quick("127.0.0.0/8") && quick("127.0.0.1");
+    let probes = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_early_retrans")
+        .is_ok_and(|v| v.trim() == "0");
+    format!(
+        "{}; delayed ACKs on loopback {}; TCP tail loss probes {}",
+        if private {
+            "a network namespace of its own (`unshare --net`: loopback only)"
+        } else {
+            "the host's network namespace"
+        },
+        if quickack {
+            "off (`quickack 1` on the local routes of 127.0.0.0/8 and 127.0.0.1)"
+        } else {
+            "**on** (a small request may stall 40 ms on a delayed ACK)"
+        },
+        if probes {
+            "off (`net.ipv4.tcp_early_retrans=0`: loopback loses nothing)"
+        } else {
+            "on"
+        }
+    )
+}
+
+/// TCP segments retransmitted in this network namespace so far (`RetransSegs` of
+/// /proc/net/snmp), or `None` when unreadable.
+pub fn tcp_retransmitted_segments() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next()?, tcp.next()?);
+    let i = names.split_whitespace().position(|n| n == "RetransSegs")?;
+    values.split_whitespace().nth(i)?.parse().ok()
+}

@@ -120,16 +120,29 @@ impl Garage {
         crate::client_for(&self.endpoint(), &self.access_key, &self.secret_key)
     }
 
+    /// The S3 API's address.
+    pub fn s3_addr(&self) -> SocketAddr {
+        self.s3_addr
+    }
+
     /// Creates `bucket` and allows our key to read, write and own it. Panics on error (test
     /// helper).
     pub fn create_bucket(&self, bucket: &str) {
+        self.try_create_bucket(bucket)
+            .unwrap_or_else(|e| panic!("garage create_bucket {bucket}: {e}"));
+    }
+
+    /// [`Garage::create_bucket`] for callers that report errors instead of panicking (the
+    /// benchmark); the error quotes the tail of the server log.
+    pub fn try_create_bucket(&self, bucket: &str) -> io::Result<()> {
         let key = self.access_key.as_str();
         let allow = [
             "bucket", "allow", "--read", "--write", "--owner", bucket, "--key", key,
         ];
         self.cli(["bucket", "create", bucket])
             .and_then(|_| self.cli(allow))
-            .unwrap_or_else(|e| panic!("garage create_bucket {bucket}: {}", self.failure(e)));
+            .map(drop)
+            .map_err(|e| self.failure(e))
     }
 
     /// Puts an object through the S3 API. Panics on error (test helper).
