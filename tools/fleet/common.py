@@ -96,6 +96,14 @@ def proc_start_time(pid):
     return stat.rsplit(")", 1)[1].split()[19]
 
 
+def proc_state(pid):
+    """R, S, D, Z, …; None if the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
 def proc_status_kib(pid, field):
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():

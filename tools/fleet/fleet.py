@@ -350,7 +350,9 @@ def main(argv):
     if argv and argv[0] == "run":
         argv = argv[1:]
     args = parse_args(argv)
-    # Ctrl-C and SIGTERM unwind through the `finally` that cleans up.
+    # Ctrl-C and SIGTERM unwind through the `finally` that cleans up (SIGINT even when started
+    # from a shell that ignores it for background jobs).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         do_run(args)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from common import (FleetError, NS_PREFIX, ORIGIN_ADDR, host_addr, mounted_paths, ns_name,
-                    proc_start_time, run)
+                    proc_start_time, proc_state, run)
 
 class Registry:
     """Append-only record of everything created: pids, mounts, namespaces."""
@@ -48,8 +48,17 @@ class Registry:
 
 
 def ours_alive(entry):
-    start = proc_start_time(entry["pid"])
-    return start is not None and start == entry["start"]
+    """Whether the process we recorded still runs. A zombie child of ours is reaped and gone."""
+    pid = entry["pid"]
+    if proc_start_time(pid) != entry["start"]:
+        return False
+    if proc_state(pid) == "Z":
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        return False
+    return True
 
 
 def signal_ours(entries, sig):
