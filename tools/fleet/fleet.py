@@ -217,10 +217,10 @@ def parse_args(argv):
                    help="origin link rate of the single-fast run (one host, to show where it is CPU-bound)")
     p.add_argument("--latency-ms", type=int, default=20, help="first-byte latency of the origin")
     p.add_argument("--large-count", type=int, default=3)
-    p.add_argument("--large-size", type=parse_size, default=parse_size("192MiB"))
+    p.add_argument("--large-size", type=parse_size, default=parse_size("512MiB"))
     p.add_argument("--small-count", type=int, default=1000)
     p.add_argument("--small-min", type=parse_size, default=parse_size("64KiB"))
-    p.add_argument("--small-max", type=parse_size, default=parse_size("832KiB"))
+    p.add_argument("--small-max", type=parse_size, default=parse_size("1MiB"))
     p.add_argument("--reader-threads", type=int, default=4)
     p.add_argument("--idle-seconds", type=int, default=10)
     p.add_argument("--kill-at", type=float, default=0.4,

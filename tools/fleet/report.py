@@ -5,6 +5,7 @@ results dict (fleet.py's `measure_all`), except the stated defaults of orcafs it
 """
 
 import statistics
+import textwrap
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -94,20 +95,45 @@ def per_host_table(run, dataset):
 
 def topology(s):
     n = s["hosts"]
+    shown = list(range(1, n + 1)) if n <= 5 else [1, 2, 3, 4, None, n]
+    cols = [("…", "…", "…") if i is None else
+            (f"orcafleet-h{i}", f"198.18.0.{10 + i}", "orcafs") for i in shown]
+    row = lambda k: "   " + "".join(f"{c[k]:<15}" for c in cols).rstrip()  # noqa: E731
+    inner = [
+        "Garage, S3 on 127.0.0.1:3900 (one node)",
+        "  ▲",
+        f"delaying proxy on 198.18.0.2:8080: +{s['latency_ms']} ms before",
+        "the first byte of every answer; counts the origin's bytes",
+    ]
+    box = "\n".join(f"          │ {line:<60} │" for line in inner)
     return f"""```
-                       ┌────────────────── namespace orcafleet-origin ──────────────────┐
-                       │ Garage 127.0.0.1:3900  ◄──  delaying proxy 198.18.0.2:{8080}        │
-                       │   (S3, 1 node)             +{s['latency_ms']} ms before each answer's first byte │
-                       └──────────────────────────────┬──────────────────────────────────┘
-                                     eth0, tc tbf {s['rate']} (burst {s['burst'] // 1024} KiB)
-                                                      │   ← the only shaped link
-   ┌──────────────────────── namespace orcafleet-br: bridge br0 (unshaped veths) ────────────────────────┐
-   └─────┬────────────┬────────────┬────────────┬─────────── … ───────────┬──────────────────────────────┘
-         │            │            │            │                         │
-   orcafleet-h1  orcafleet-h2  orcafleet-h3  orcafleet-h4      …     orcafleet-h{n}
-   198.18.0.11   198.18.0.12   198.18.0.13   198.18.0.14             198.18.0.{10 + n}
-   orcafs mount  orcafs mount  …  (own cache dir, own mount point, cluster listener :7070)
+          ┌──────────────── namespace orcafleet-origin ──────────────────┐
+{box}
+          └──────────────────────────────┬───────────────────────────────┘
+                     eth0: tc tbf {s['rate']}, burst {s['burst'] // 1024} KiB  ← the only shaped link
+                                         │
+   ┌──────────────── namespace orcafleet-br: bridge br0, unshaped veths ───────────────┐
+   └───────────────────────────────────────────────────────────────────────────────────┘
+{row(0)}
+{row(1)}
+{row(2)}
+   each: own cache dir and mount point; with the cluster, a listener on :7070
 ```"""
+
+
+def garage_version(s):
+    words = s["garage_version"].replace("cargo:", "").split()
+    return words[1] if len(words) > 1 else s["garage_version"]
+
+
+def scale_sentence(s):
+    moved = size(s["hosts"] * s["dataset_bytes"])
+    if s["dataset_bytes"] >= 1.9 * GIB:
+        return (f"The size issue #12 asks for; each run with {s['hosts']} hosts writes {moved} of "
+                f"cache and moves as much through FUSE, and the runs without the cluster move "
+                f"{moved} through the shaped link.")
+    return (f"Scaled down from the 2 GiB of issue #12 (`--large-size`, `--small-count`): each run "
+            f"with {s['hosts']} hosts writes {moved} of cache and moves as much through FUSE.")
 
 
 def fast_sentence(res):
@@ -140,7 +166,7 @@ def setup_section(res):
   (RFC 2544's benchmarking range) and exist only inside those namespaces. Processes enter a
   namespace with `nsenter --net=…`, not `ip netns exec`, which also unshares the mount namespace
   and would hide each FUSE mount from the readers and from `orcafs status`.
-- **Origin.** Garage ({s['garage_version']}), one node, in its own namespace. In front of it a
+- **Origin.** Garage {garage_version(s)}, one node, in its own namespace. In front of it a
   delaying TCP proxy (`tools/fleet/proxy.py`) holds back the first byte of every answer by
   {s['latency_ms']} ms (the kernels here have no `netem`), and counts every byte the origin sends:
   that count is the "origin bytes" below (bodies, headers and listings). The origin's veth is
@@ -153,10 +179,7 @@ def setup_section(res):
   fleet. The ratios, not the absolute times, are the result.
 - **Dataset.** {s['large_count']} large objects of {mib(s['large_size'])} and {s['small_count']}
   small ones ({s['small_min'] // 1024}–{s['small_max'] // 1024} KiB, {mib(s['small_bytes'])} in
-  all): **{size(s['dataset_bytes'])}**, random bytes, uploaded once. Scaled down from the 2 GiB of
-  issue #12: {s['hosts']} hosts × {size(s['dataset_bytes'])} per run already writes
-  {size(s['hosts'] * s['dataset_bytes'])} of cache and pushes as much through FUSE on 2 cores,
-  and the runs without the cluster move {s['hosts']}× the dataset through the shaped link.
+  all): **{size(s['dataset_bytes'])}**, random bytes, uploaded once. {scale_sentence(s)}
 - **Hosts.** `orcafs mount fleet MNT --foreground --config hN.toml`, orcafs defaults (8 MiB
   chunks, `memory_limit` 512 MiB, 4 FUSE threads, readahead 4 chunks), each with its own cache
   dir and mount point, emptied before every run; with the cluster, `[cluster]` lists the
@@ -168,10 +191,10 @@ def setup_section(res):
   last file is read. Everyone wanting the same chunk at the same moment is the worst case for a
   coordinator, and the case of a fleet loading the same model or dataset at once.
 - **Kill run.** The same as the cluster run, except that the last host is SIGKILLed when the
-  origin has sent {s['kill_at'] * 100:.0f}% of the dataset; the survivors hash a share of the
-  files each (host k hashes files i with i mod {s['hosts']} = k), so every file that a survivor
-  reads is compared with the dataset's SHA-256 by one of them.
-- orcafs {s['orcafs_version']}, commit {s['commit']}; kernel {s['kernel']}; {s['date']}."""
+  origin has sent {s['kill_at'] * 100:.0f}% of the dataset; the {s['hosts'] - 1} survivors share the
+  hashing (survivor k = 0…{s['hosts'] - 2} hashes the files i with i mod {s['hosts'] - 1} = k), so every
+  file is compared with the dataset's SHA-256 by one of the hosts that read it.
+- {s['orcafs_version']}, commit {s['commit']}; kernel {s['kernel']}; {s['date']}."""
 
 
 def results_section(res):
@@ -277,7 +300,7 @@ def extrapolation_section(res):
 Three things grow with the number of hosts N; one does not.
 
 **Health traffic grows as N².** Each host checks every other every `health_interval` (2 s):
-N(N−1)/2 s checks for the cluster, N−1 sent and N−1 answered per host. The size of one check is
+N(N−1) checks every 2 s for the cluster, N−1 sent and N−1 answered by each host. The size of one check is
 {measured}.
 
 **Fan-in per coordinator grows as N.** A chunk has one coordinator; when N hosts want it cold at
@@ -290,8 +313,8 @@ moment costs its coordinator (N−1) × 8 MiB of egress before the slowest reade
 
 **Per-host memory does not grow with N.** Fills and readahead are bounded by `memory_limit`
 (512 MiB by default), whoever asked for them; peer requests are served as streams from the
-chunk being filled or from disk. What is O(N) per host is small: one membership entry and one
-(TLS) connection per peer. Measured peak RSS in the {n0}-host cluster run:
+chunk being filled or from disk. What is O(N) per host is small: one membership entry per peer
+and the pooled connections to the peers. Measured peak RSS in the {n0}-host cluster run:
 {f'{rss_max:.0f} MiB' if rss_max else '–'} at most, the same order as a host alone
 ({rss_summary(runs['single']) if 'single' in runs else '–'}).
 
@@ -316,6 +339,40 @@ under a second at 10–25 Gbit/s.
   restarts and deploys."""
 
 
+WIDTH = 100
+
+
+def reflow(md):
+    """Rewraps paragraphs and list items to WIDTH; leaves code fences, tables and headings."""
+    out, block, fence = [], [], False
+
+    def flush():
+        if block:
+            first = block[0]
+            lead = "- " if first.startswith("- ") else ""
+            text = " ".join(x.strip() for x in block)[len(lead):]
+            out.extend(textwrap.wrap(text, WIDTH, initial_indent=lead,
+                                     subsequent_indent=" " * len(lead),
+                                     break_on_hyphens=False, break_long_words=False))
+            block.clear()
+
+    for line in md.split("\n"):
+        if line.startswith("```"):
+            flush()
+            fence = not fence
+            out.append(line)
+        elif fence or line.startswith(("|", "#")) or not line.strip():
+            flush()
+            out.append(line)
+        elif line.startswith("- "):
+            flush()
+            block.append(line)
+        else:
+            block.append(line)
+    flush()
+    return "\n".join(out)
+
+
 def render(res):
     s = res["setup"]
     runs = res["runs"]
@@ -337,7 +394,7 @@ def render(res):
             + (f" and **{i['time_max'] / runs['single']['time_max']:.2f}×** the time" if "single" in runs else "")
             + "."
         )
-    return f"""# A simulated datacenter: {s['hosts']} hosts read one dataset at once
+    return reflow(f"""# A simulated datacenter: {s['hosts']} hosts read one dataset at once
 
 Generated by `{s['command']}` ({s['date']}, commit {s['commit']}); rerun it rather than editing
 this file. Issue #12, item 2: does the cluster make the fleet read each byte from the origin
@@ -352,4 +409,4 @@ once, and does it take about as long for the whole fleet as for one host?
 {twocore_section(res)}
 
 {extrapolation_section(res)}
-"""
+""")
