@@ -69,6 +69,7 @@ def snapshot(ctx, hosts):
         "origin": ctx.origin.proxy_stats(),
         "links": {h.node: link_bytes(h.node) for h in hosts},
         "cpu": machine_cpu(),
+        "origin_cpu": sum(proc_cpu_seconds(p.pid) or 0 for p in (ctx.origin.garage, ctx.origin.proxy)),
     }
 
 
@@ -163,7 +164,8 @@ def summarize(ctx, hosts, readers, before, after, victim):
                 raise FleetError(f"reader on {h.node} failed ({p.returncode}):\n{tail(logp)}")
             r = json.loads(out.read_text())
             entry.update(time=r["end"] - before["t"], bytes=r["bytes"], hashed=r["hashed"],
-                         errors=r["errors"][:5], error_count=len(r["errors"]))
+                         errors=r["errors"][:5], error_count=len(r["errors"]),
+                         reader_cpu_seconds=r["cpu_seconds"])
         if h is victim:
             entry.update(vmhwm_kib=h.vmhwm, cpu_seconds=h.cpu)
         else:
@@ -173,6 +175,9 @@ def summarize(ctx, hosts, readers, before, after, victim):
     finished = [e for e in per_host if not e["victim"]]
     busy0, total0 = before["cpu"]
     busy1, total1 = after["cpu"]
+    fleet_cpu = (after["origin_cpu"] - before["origin_cpu"]
+                 + sum(e.get("cpu_seconds") or 0 for e in per_host)
+                 + sum(e.get("reader_cpu_seconds", 0) for e in per_host))
     return {
         "per_host": per_host,
         "origin_bytes": after["origin"]["bytes_down"] - before["origin"]["bytes_down"],
@@ -183,6 +188,8 @@ def summarize(ctx, hosts, readers, before, after, victim):
         "bytes_ok": all(e["bytes"] == ctx.manifest["total"] for e in finished),
         "hashed": sum(e["hashed"] for e in finished),
         "cpu_busy": (busy1 - busy0) / max(1, total1 - total0),
+        "fleet_cpu_seconds": fleet_cpu,
+        "fleet_cpu_share": fleet_cpu / ((after["t"] - before["t"]) * os.cpu_count()),
     }
 
 
@@ -330,6 +337,7 @@ def setup_facts(ctx, burst):
         "reader_threads": a.reader_threads,
         "kill_at": a.kill_at,
         "cpus": os.cpu_count(),
+        "loadavg": Path("/proc/loadavg").read_text().split()[:3],
         "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)),
         "kernel": os.uname().release,
         "orcafs_version": run([ctx.orcafs, "--version"], check=False).strip(),

@@ -10,12 +10,18 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 READ_BUF = 1 << 20
+
+
+def cpu_seconds():
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime + u.ru_stime
 
 
 def read_main(argv):
@@ -67,6 +73,7 @@ def read_main(argv):
         "files": len(results),
         "hashed": sum(1 for r in results if r.get("hashed")),
         "errors": [r for r in results if "error" in r],
+        "cpu_seconds": cpu_seconds(),
     }
     Path(a.out).write_text(json.dumps(out))
 
