@@ -26,7 +26,7 @@ Layout: common (constants, helpers), netns (what is created and its cleanup, the
 origin (Garage, proxy.py, the dataset), hosts (orcafs and rclone mounts), reader (one host's
 workload, a separate process per host), report (docs/fleet.md), and this file: the runs.
 
-Subcommands: run (the default), cleanup.
+Subcommands: run (the default), cleanup, render (the document again from a results.json).
 """
 
 import argparse
@@ -355,6 +355,14 @@ def main(argv):
         p = argparse.ArgumentParser(prog="fleet.py cleanup")
         p.add_argument("--workdir", required=True)
         return cleanup(Path(p.parse_args(argv[1:]).workdir))
+    if argv and argv[0] == "render":
+        p = argparse.ArgumentParser(prog="fleet.py render", description="rewrite the document "
+                                    "from a run's results.json, without running anything")
+        p.add_argument("--results", required=True)
+        p.add_argument("--out", required=True)
+        a = p.parse_args(argv[1:])
+        Path(a.out).write_text(report.render(json.loads(Path(a.results).read_text())))
+        return
     if argv and argv[0] == "run":
         argv = argv[1:]
     args = parse_args(argv)

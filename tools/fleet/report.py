@@ -221,13 +221,32 @@ def results_section(res):
             "",
             f"Chunks streamed from a coordinator peer: {served:,.0f}; peer fills that fell back to "
             f"the origin: {fallbacks:,.0f}; read errors: {c['errors']}; every host read exactly "
-            f"{size(d)}: {'yes' if c['bytes_ok'] else 'NO'}. A host sends about (N−1)/N of its "
-            f"share of the dataset to each of the others, so each link carries roughly the "
-            f"dataset once in each direction.",
+            f"{size(d)}: {'yes' if c['bytes_ok'] else 'NO'}. Each host receives the dataset "
+            f"once (from the origin or its peers) and sends what it coordinates to the N−1 others; "
+            f"how much that is depends on which chunks rendezvous hashing gives it.",
         ]
+        parts += ["", requests_sentence(runs)]
     if "kill" in runs:
         parts += ["", kill_section(runs["kill"], d)]
     return "\n".join(parts)
+
+
+def requests_sentence(runs):
+    """Where the origin requests of the cluster run come from, per kind, against one host."""
+    def kinds(run):
+        return {k: status_sum(run, f"origin_{k}_requests") for k in ("get", "head", "list")}
+    c = kinds(runs["cluster"])
+    one = kinds(runs["single"]) if "single" in runs else None
+    n = runs["cluster"]["hosts"]
+    text = (f"Origin requests of the {n} hosts, as they counted them: {c['get']:,.0f} GETs, "
+            f"{c['head']:,.0f} HEADs, {c['list']:,.0f} LISTs")
+    if one:
+        text += (f" (one host alone: {one['get']:,.0f}, {one['head']:,.0f}, {one['list']:,.0f}). "
+                 f"The cluster shares chunk fills, not metadata: each host looks names up at the "
+                 f"origin itself, so HEADs and LISTs grow with N while the bytes they carry stay "
+                 f"small next to the data.")
+        return text
+    return text + "."
 
 
 def kill_section(k, d):
