@@ -28,6 +28,7 @@ use crate::config::{self, Config, MountArgs};
 use crate::control;
 use crate::mount::{self, ReadyNotifier};
 use crate::notify::{self, Notifiers, SystemdNotifier};
+use crate::warm;
 
 /// Mount an S3 bucket read-only through FUSE. Objects are fetched lazily in content-addressed
 /// chunks and kept in a local disk cache, so ls, cat, cp, grep, tail, dd, sha256sum and any
@@ -64,6 +65,45 @@ enum Cmd {
     /// Inspect and maintain a local cache directory.
     #[command(subcommand)]
     Cache(CacheCmd),
+    /// Fill the cache of mounted files and directories (recursively) so later reads are warm.
+    ///
+    /// Reads through the mount, so each chunk takes the normal path: this host's cache, the
+    /// shared store, the chunk's coordinator peer, and only then the origin; a chunk is filled
+    /// once for the whole cluster. Chunks already in this host's cache are skipped, so a second
+    /// run fetches only what is missing.
+    #[command(after_help = WARM_AFTER_HELP)]
+    Warm(WarmArgs),
+}
+
+const WARM_AFTER_HELP: &str = "\
+Progress goes to stderr: a bar on a terminal, else a line every few seconds; the summary goes to
+stdout. Ctrl-C stops after the reads in flight, prints the summary and exits 130 (a second
+Ctrl-C quits at once); run the same command again to resume. Exit 1 when a file or chunk could
+not be read (each is named on stderr). PATHs must be inside orcafs mounts of this user.
+
+Examples:
+  orcafs warm /mnt/orca/datasets/imagenet
+  orcafs warm --dry-run -v /mnt/orca/models      # what would be fetched, per file
+  orcafs warm -j 32 /mnt/orca/a /mnt/orca/b.bin  # 32 chunks at a time";
+
+#[derive(Debug, Args)]
+struct WarmArgs {
+    /// Files or directories inside an orcafs mount (directories are warmed recursively)
+    #[arg(required = true, value_name = "PATH")]
+    paths: Vec<PathBuf>,
+    /// Show what would be fetched (objects, bytes, chunks) and fetch nothing
+    #[arg(long)]
+    dry_run: bool,
+    /// Chunks read at once
+    #[arg(short, long, value_name = "N", default_value_t = 8,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    jobs: u16,
+    /// One line per file (with --dry-run: what each would fetch)
+    #[arg(short, long)]
+    verbose: bool,
+    /// How often a progress line is printed when stderr is not a terminal
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration, hide = true)]
+    progress_every: std::time::Duration,
 }
 
 #[derive(Debug, Args)]
@@ -124,7 +164,7 @@ const READY_FD_ENV: &str = "ORCAFS_READY_FD";
 /// The fd number the ready pipe is placed at in the child.
 const READY_FD: i32 = 3;
 /// Subcommand names; anything else in first position is the helper form's SOURCE.
-const SUBCOMMANDS: &[&str] = &["mount", "status", "cache", "help"];
+const SUBCOMMANDS: &[&str] = &["mount", "status", "cache", "warm", "help"];
 
 pub fn main() -> i32 {
     default_home();
@@ -146,6 +186,7 @@ pub fn main() -> i32 {
         Cmd::Mount(args) => mount_command(*args, &inv.notes),
         Cmd::Status(a) => status_command(&a),
         Cmd::Cache(c) => cache_command(c),
+        Cmd::Warm(a) => warm_command(a),
     }
 }
 
@@ -631,6 +672,20 @@ fn status_command(a: &StatusArgs) -> i32 {
     }
 }
 
+fn warm_command(a: WarmArgs) -> i32 {
+    let opts = warm::Options {
+        paths: a.paths,
+        dry_run: a.dry_run,
+        jobs: usize::from(a.jobs),
+        verbose: a.verbose,
+        progress_every: a.progress_every,
+    };
+    match warm::run(&opts, &fs_type_at) {
+        Ok(code) => code,
+        Err(e) => fail(&e),
+    }
+}
+
 /// Filesystem type of the mount at `abs`, from /proc/self/mountinfo (the last one wins).
 fn fs_type_at(abs: &Path) -> Option<String> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
@@ -892,6 +947,19 @@ mod tests {
         assert_eq!(strs(&inv.argv), ["orcafs", "status", "/m"]);
         let inv = normalize_args(argv(&["orcafs", "cache", "stats", "--cache-dir", "/c"])).unwrap();
         assert_eq!(inv.argv.len(), 5);
+        // Two paths to warm are not the helper form's SOURCE MOUNTPOINT.
+        let inv = normalize_args(argv(&["orcafs", "warm", "/m/a", "/m/b"])).unwrap();
+        assert_eq!(strs(&inv.argv), ["orcafs", "warm", "/m/a", "/m/b"]);
+        let cli = Cli::try_parse_from(&inv.argv).unwrap();
+        let Cmd::Warm(w) = cli.command else {
+            panic!("not a warm")
+        };
+        assert_eq!((w.paths.len(), w.jobs, w.dry_run), (2, 8, false));
+        assert!(
+            Cli::try_parse_from(["orcafs", "warm"]).is_err(),
+            "a PATH is required"
+        );
+        assert!(Cli::try_parse_from(["orcafs", "warm", "-j", "0", "/m"]).is_err());
     }
 
     #[test]

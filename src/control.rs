@@ -20,7 +20,9 @@
 //!   "mountpoint": "/mnt/orca",
 //!   "origin": { "endpoint": "http://127.0.0.1:3900", "bucket": "bkt", "prefix": "",
 //!               "origin_id": "http://127.0.0.1:3900" },   // endpoint null means AWS S3
-//!   "cache": { "dir": "/var/cache/orcafs", "used_bytes": 123, "max_bytes": 10737418240 },
+//!   "cache": { "dir": "/var/cache/orcafs", "used_bytes": 123, "max_bytes": 10737418240,
+//!              "chunk_size": 8388608 },   // dir is absolute; origin_id, bucket and chunk_size
+//!                                         // name chunks (`orcafs warm` computes their keys)
 //!   "metrics": { "disk_hits": 10, "disk_misses": 2, "origin_get_requests": 2, ... },
 //!   "peers": [ { "addr": "10.0.0.2:7070", "state": "up" } ]   // empty without a cluster
 //! }
@@ -266,8 +268,12 @@ pub fn mount_report_with_peers(
         "origin_id": cfg.origin_id,
     });
     let mountpoint = mountpoint.to_string_lossy().into_owned();
-    let cache_dir = cfg.cache_dir.to_string_lossy().into_owned();
-    let max_bytes = cfg.cache_max_size;
+    // Absolute, so a client in another working directory finds the chunk files.
+    let cache_dir = std::path::absolute(&cfg.cache_dir)
+        .unwrap_or_else(|_| cfg.cache_dir.clone())
+        .to_string_lossy()
+        .into_owned();
+    let (max_bytes, chunk_size) = (cfg.cache_max_size, cfg.chunk_size);
     Arc::new(move || {
         let counters: serde_json::Map<String, Value> = metrics
             .snapshot()
@@ -280,7 +286,12 @@ pub fn mount_report_with_peers(
             "uptime_secs": started.elapsed().as_secs(),
             "mountpoint": mountpoint,
             "origin": origin,
-            "cache": { "dir": cache_dir, "used_bytes": used_bytes(), "max_bytes": max_bytes },
+            "cache": {
+                "dir": cache_dir,
+                "used_bytes": used_bytes(),
+                "max_bytes": max_bytes,
+                "chunk_size": chunk_size,
+            },
             "metrics": counters,
             "peers": peers(),
         })
@@ -508,6 +519,21 @@ mod tests {
         assert_eq!(doc["mountpoint"], "/mnt/x");
         assert_eq!(doc["cache"]["used_bytes"], 42);
         assert_eq!(doc["cache"]["max_bytes"], cfg.cache_max_size);
+        assert_eq!(doc["cache"]["chunk_size"], cfg.chunk_size);
+        assert_eq!(doc["origin"]["origin_id"], cfg.origin_id);
+        let relative = crate::config::MountArgs {
+            source: "bkt".into(),
+            mountpoint: "/mnt/x".into(),
+            cache_dir: Some("rel/cache".into()),
+            ..Default::default()
+        };
+        let cfg_rel = relative.resolve().unwrap();
+        let doc_rel = mount_report(&cfg_rel, Path::new("/mnt/x"), Arc::default(), || 0)();
+        let dir = doc_rel["cache"]["dir"].as_str().unwrap();
+        assert!(
+            dir.starts_with('/') && dir.ends_with("/rel/cache"),
+            "the cache dir is reported absolute: {dir}"
+        );
         assert_eq!(doc["metrics"]["disk_hits"], 1);
         assert_eq!(doc["pid"], std::process::id());
         let text = render(&doc);

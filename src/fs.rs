@@ -449,23 +449,43 @@ impl Filesystem for OrcaFs {
         reply.statfs(BLOCKS, 0, 0, 1 << 32, 0, 4096, 255, 4096);
     }
 
-    fn getxattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _size: u32,
-        reply: ReplyXattr,
-    ) {
-        reply.error(Errno::ENODATA);
+    /// `user.orcafs.key` and `user.orcafs.etag` of a file: the object version the inode stands
+    /// for, so a tool (`orcafs warm`) can name its chunks. An open handle of the inode answers
+    /// without any lookup; otherwise the version is pinned as `open` pins it (a HEAD only when
+    /// the node's attributes are older than the TTL). Directories have none.
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let Some(attr) = name.to_str().and_then(VersionXattr::parse) else {
+            return reply.error(Errno::ENODATA);
+        };
+        let open = self
+            .handles()
+            .values()
+            .find(|f| f.ino == ino.0)
+            .map(|f| f.object.clone());
+        if let Some(o) = open {
+            return reply_xattr(reply, size, attr.of(&o.key, &o.etag).as_bytes());
+        }
+        // Pinning marks this version as the inode's last opened one. An inode stands for one
+        // version and has no cached pages before its first open, so no open's page-cache
+        // decision changes in effect.
+        if let Local::Answer(r) = self.ns.open_local(ino.0) {
+            return reply_version_xattr(reply, size, attr, r);
+        }
+        let ns = self.ns.clone();
+        self.rt.spawn(async move {
+            reply_version_xattr(reply, size, attr, ns.open(ino.0).await);
+        });
     }
 
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if size == 0 {
-            reply.size(0)
-        } else {
-            reply.data(&[])
-        }
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let is_file = self.handles().values().any(|f| f.ino == ino.0)
+            || match self.ns.getattr_local(ino.0) {
+                Local::Answer(r) => r.is_ok_and(|a| a.kind == Kind::File),
+                // Only a file's attributes expire.
+                Local::AskOrigin(_) => true,
+            };
+        let names: &[u8] = if is_file { VersionXattr::LIST } else { &[] };
+        reply_xattr(reply, size, names)
     }
 
     // Everything below would change the bucket: the mount is read-only.
@@ -654,6 +674,58 @@ async fn read_listing(
             Read::Failed(e) => return Err(e),
             Read::Restart => *listing = ns.opendir(dir.ino, rt)?.0,
         }
+    }
+}
+
+/// The read-only extended attributes of a file.
+#[derive(Debug, Clone, Copy)]
+enum VersionXattr {
+    Key,
+    Etag,
+}
+
+impl VersionXattr {
+    /// What `listxattr` answers for a file: the names, each NUL-terminated.
+    const LIST: &'static [u8] = b"user.orcafs.etag\0user.orcafs.key\0";
+
+    fn parse(name: &str) -> Option<VersionXattr> {
+        match name {
+            "user.orcafs.key" => Some(VersionXattr::Key),
+            "user.orcafs.etag" => Some(VersionXattr::Etag),
+            _ => None,
+        }
+    }
+
+    fn of<'a>(self, key: &'a str, etag: &'a str) -> &'a str {
+        match self {
+            VersionXattr::Key => key,
+            VersionXattr::Etag => etag,
+        }
+    }
+}
+
+/// A value, or its length when the caller asks with size 0 (the xattr protocol).
+fn reply_xattr(reply: ReplyXattr, size: u32, value: &[u8]) {
+    if size == 0 {
+        reply.size(value.len() as u32)
+    } else if value.len() > size as usize {
+        reply.error(Errno::ERANGE)
+    } else {
+        reply.data(value)
+    }
+}
+
+fn reply_version_xattr(
+    reply: ReplyXattr,
+    size: u32,
+    attr: VersionXattr,
+    r: Result<OpenedObject, NsError>,
+) {
+    match r {
+        Ok(o) => reply_xattr(reply, size, attr.of(&o.key, &o.etag).as_bytes()),
+        // Nothing to name: a directory, or an object without a version to pin.
+        Err(NsError::IsADirectory | NsError::NoEtag(_)) => reply.error(Errno::ENODATA),
+        Err(e) => reply.error(errno_of(&e)),
     }
 }
 

@@ -3,7 +3,8 @@
 //!
 //! The data path reads top to bottom: [`fs`] (FUSE adapter) → [`namespace`] (names) and
 //! [`fetch`] (bytes) → [`cachestore`] and [`origin`]. [`mount`] wires them together and
-//! [`cli`] is the command line.
+//! [`cli`] is the command line;
+//! [`warm`] (`orcafs warm`) fills a mount's cache by reading through it.
 
 pub mod cachestore;
 pub mod chunk;
@@ -21,3 +22,4 @@ pub mod origin;
 pub mod peer;
 pub mod s3;
 pub mod secret;
+pub mod warm;

@@ -22,13 +22,14 @@ use crate::cachestore::replica::{Replica, TierTimeouts};
 use crate::cachestore::s3::{S3Store, StoreKey};
 use crate::cachestore::{CacheStore, ChunkStream, DiskStore, StoreError};
 use crate::chunk::ChunkKey;
-use crate::cluster::{self, Cluster, LocalFills, Observe};
+use crate::cluster::{self, Cluster, LocalFills, LocalMeta, Observe};
 use crate::config::Config;
 use crate::control;
 use crate::fetch::{FetchPolicy, Fetcher, Peers};
 use crate::fs::{OrcaFs, Presentation, MAX_READ};
 use crate::metrics::Metrics;
 use crate::namespace::Namespace;
+use crate::origin::fleet::{FleetOrigin, MetaPeers, MetaQuery};
 use crate::origin::{Origin, OriginError, S3Origin};
 use crate::peer::{PeerAddr, PeerError};
 use crate::secret::{Secret, SecretError};
@@ -144,28 +145,38 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
         replica: replica.clone(),
         ready: AtomicBool::new(false),
     });
+    // Names, listings and HEADs: the fleet's, once per TTL, when there is a cluster.
+    let fleet = FleetOrigin::new(origin.clone(), cfg.metadata_ttl);
     let cluster = match &cfg.cluster {
         Some(cc) => {
             let c = rt.block_on(Cluster::start(cc))?;
             fetch.set_peers(Arc::new(ClusterPeers(c.clone())));
+            fleet.set_peers(Arc::new(ClusterMeta(c.clone())));
+            c.set_local_meta(Arc::new(LocalFleetMeta(fleet.clone())));
             Some(c)
         }
         None => None,
     };
-    // Kept alive until the session ends.
-    let _listener = match (&cluster, &cfg.metrics_addr) {
-        (Some(c), _) => {
+    // Kept alive until the session ends. The cluster listener speaks TLS; `metrics_addr`, with
+    // or without a cluster, serves /healthz, /readyz and /metrics in plain HTTP.
+    let _listener = match &cluster {
+        Some(c) => {
             let fills = Arc::new(LocalFetchFills(fetch.clone()));
-            Some(rt.block_on(c.serve(fills, observe.clone()))?)
+            let listener = rt.block_on(c.serve(fills, observe.clone()))?;
+            // Serving now: tell the others at once, so hosts that start together agree on who
+            // coordinates what from the first read, not a health round later.
+            rt.block_on(c.announce(true));
+            Some(listener)
         }
-        (None, Some(addr)) => {
-            Some(rt.block_on(cluster::serve_metrics_only(addr, observe.clone()))?)
-        }
-        (None, None) => None,
+        None => None,
+    };
+    let _metrics_listener = match &cfg.metrics_addr {
+        Some(addr) => Some(rt.block_on(cluster::serve_metrics_only(addr, observe.clone()))?),
+        None => None,
     };
     let _control = serve_control(&cfg, &mountpoint, &metrics, &disk, cluster.clone());
     let ns = Arc::new(Namespace::new(
-        origin,
+        fleet,
         &cfg.prefix,
         cfg.metadata_ttl,
         cfg.negative_ttl,
@@ -203,6 +214,10 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
     let result = mounted.session.run();
     observe.ready.store(false, Ordering::Relaxed);
     notifier.stopping();
+    if let Some(c) = &cluster {
+        // Out of the others' coordinator choice before this host stops answering.
+        rt.block_on(c.announce(false));
+    }
     tracing::info!(metrics = %metrics.summary(), "unmounted");
     if let Some(r) = &replica {
         if !rt.block_on(r.drain(WRITE_BEHIND_DRAIN)) {
@@ -368,12 +383,53 @@ impl Peers for ClusterPeers {
     }
 }
 
+/// The cluster as the fleet origin sees it: who coordinates a name, and asking it.
+struct ClusterMeta(Arc<Cluster>);
+
+#[async_trait::async_trait]
+impl MetaPeers for ClusterMeta {
+    fn coordinator_for_name(&self, name: &str) -> Option<PeerAddr> {
+        self.0.coordinator_for_name(name)
+    }
+
+    async fn ask(&self, peer: &PeerAddr, query: &MetaQuery) -> Result<bytes::Bytes, PeerError> {
+        let text = serde_json::to_string(query).map_err(|e| PeerError::Request(e.to_string()))?;
+        self.0.ask_meta(peer, &text).await
+    }
+}
+
+/// Metadata served to peers: this host's answers, never forwarded.
+struct LocalFleetMeta(Arc<FleetOrigin>);
+
+impl LocalMeta for LocalFleetMeta {
+    fn name_of(&self, query: &str) -> Option<String> {
+        serde_json::from_str::<MetaQuery>(query)
+            .ok()
+            .map(|q| q.name())
+    }
+
+    fn answer(
+        &self,
+        query: String,
+    ) -> futures::future::BoxFuture<'static, Result<bytes::Bytes, String>> {
+        let fleet = self.0.clone();
+        Box::pin(async move {
+            let q: MetaQuery = serde_json::from_str(&query).map_err(|e| e.to_string())?;
+            fleet.answer_local(&q).await
+        })
+    }
+}
+
 /// Fills served to peers: local only, never forwarded again.
 struct LocalFetchFills(Arc<Fetcher>);
 
 impl LocalFills for LocalFetchFills {
     fn stream_local(&self, key: ChunkKey) -> ChunkStream {
         self.0.stream_local(key)
+    }
+
+    fn chunk_size(&self) -> u64 {
+        self.0.chunk_size()
     }
 }
 

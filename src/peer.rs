@@ -58,6 +58,13 @@ pub enum PeerError {
     Status(u16),
     #[error("cannot connect to the peer: {0}")]
     Connect(String),
+    /// Connected, but the peer did not prove the cluster's TLS identity (an impostor at a
+    /// member's address, or a listener that closed the handshake). None of its bytes were read.
+    #[error("the peer failed TLS authentication: {0}")]
+    Tls(String),
+    /// A 200 without the proof that the server holds the cluster secret. None of its body was read.
+    #[error("the peer's answer does not prove the cluster secret")]
+    Unauthenticated,
     #[error("the peer did not answer within {0:?}")]
     Timeout(Duration),
     #[error("the peer announced {got:?} bytes for a chunk of {expected}")]
@@ -77,6 +84,8 @@ impl PeerError {
             PeerError::Unauthorized => "unauthorized",
             PeerError::Status(_) => "status",
             PeerError::Connect(_) => "connect",
+            PeerError::Tls(_) => "tls",
+            PeerError::Unauthenticated => "unauthenticated",
             PeerError::Timeout(_) => "timeout",
             PeerError::BadLength { .. } => "bad_length",
             PeerError::Request(_) => "request",

@@ -268,3 +268,48 @@ async fn reads_across_chunk_boundaries_and_the_tail() {
     assert!(r.read(4 * CHUNK, 10).await.unwrap().is_empty());
     assert_eq!(r.origin.get_bytes(), 2 * CHUNK + 123);
 }
+
+/// A coordinator peer that streams the first `cut` bytes of the chunk, then breaks.
+struct BreakingPeer {
+    data: Bytes,
+    cut: usize,
+}
+
+#[async_trait::async_trait]
+impl orcafs::fetch::Peers for BreakingPeer {
+    fn coordinator_for(&self, _key: &ChunkKey) -> Option<orcafs::peer::PeerAddr> {
+        Some(orcafs::peer::PeerAddr::new("127.0.0.1:9"))
+    }
+
+    async fn fetch(
+        &self,
+        _peer: &orcafs::peer::PeerAddr,
+        key: &ChunkKey,
+    ) -> Result<orcafs::cachestore::ChunkStream, orcafs::peer::PeerError> {
+        let start = key.start() as usize;
+        let first = self.data.slice(start..start + self.cut);
+        let pieces: Vec<Result<Bytes, orcafs::cachestore::StoreError>> = vec![
+            Ok(first),
+            Err(orcafs::cachestore::StoreError::Transient(
+                "peer died".into(),
+            )),
+        ];
+        Ok(Box::pin(futures::stream::iter(pieces)))
+    }
+}
+
+#[tokio::test]
+async fn a_peer_that_breaks_mid_chunk_is_completed_from_the_origin_at_its_offset() {
+    let r = rig(CHUNK, policy());
+    r.fetch.set_peers(Arc::new(BreakingPeer {
+        data: r.data.clone(),
+        cut: 100_000,
+    }));
+    assert_eq!(r.read(0, CHUNK).await.unwrap(), r.data);
+    assert_eq!(r.origin.gets(), 1);
+    assert_eq!(
+        r.origin.get_bytes(),
+        CHUNK - 100_000,
+        "the origin sends only what the peer did not"
+    );
+}

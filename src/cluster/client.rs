@@ -1,7 +1,9 @@
 //! client: the signed fill request to a peer, its body as a checked stream, health checks.
 //!
-//! Owns the requesting end of the RPC. Must not touch the peer set (the caller decides whom to
-//! ask and what a failure means for the peer's health).
+//! Owns the requesting end of the RPC, over the TLS connector of `tls`: a peer that fails the
+//! handshake, or answers 200 without the secret's proof, gets none of its body read. Must not
+//! touch the peer set (the caller decides whom to ask and what a failure means for the peer's
+//! health).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,56 +13,62 @@ use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Incoming;
 use hyper::StatusCode;
 
-use super::wire::{fill_query, FILL_PATH};
+use super::tls::ConnectError;
+use super::wire::{fill_query, from_query, meta_query, FILL_PATH, META_PATH};
 use super::{auth, stats::Stats, Cluster};
 use crate::cachestore::{ChunkStream, StoreError};
 use crate::chunk::ChunkKey;
 use crate::peer::{PeerAddr, PeerError};
 
-/// Sends the fill request; Ok(body) once the headers say 200 with the chunk's length.
+/// Sends the fill request; Ok(body) once the headers say 200 with the chunk's length and the
+/// secret's proof.
 pub(crate) async fn request_fill(
     cluster: &Cluster,
     peer: &PeerAddr,
     key: &ChunkKey,
 ) -> Result<Incoming, PeerError> {
-    let path_and_query = format!("{FILL_PATH}?{}", fill_query(key));
-    let signature = auth::sign(
-        cluster.secret().bytes(),
-        "GET",
-        &path_and_query,
-        auth::now_unix(),
+    let path_and_query = format!(
+        "{FILL_PATH}?{}&{}",
+        fill_query(key),
+        from_query(cluster.advertise())
     );
+    let uri = format!("https://{peer}{path_and_query}");
+    // Signed afresh for each attempt: the server accepts each signature once.
     let request = || {
-        hyper::Request::get(format!("http://{peer}{path_and_query}"))
+        let signature = auth::sign(
+            cluster.secret().bytes(),
+            "GET",
+            &path_and_query,
+            auth::now_unix(),
+        );
+        let request = hyper::Request::get(uri.as_str())
             .header(auth::HEADER, signature.as_str())
             .body(Empty::<Bytes>::new())
-            .map_err(|e| PeerError::Request(e.to_string()))
+            .map_err(|e| PeerError::Request(e.to_string()))?;
+        Ok::<_, PeerError>((request, signature))
     };
     let timeout = cluster.tuning().peer_timeout;
     let send = async {
-        match cluster.http().request(request()?).await {
+        let (req, mut signature) = request()?;
+        let response = match cluster.http().request(req).await {
             // A pooled connection the peer had closed (it restarted, or timed it out) as we
             // sent: the GET is idempotent, so try once more on a fresh connection.
-            Err(e) if closed_before_response(&e) => cluster.http().request(request()?).await,
-            other => other,
-        }
-        .map_err(|e| {
-            if e.is_connect() {
-                PeerError::Connect(error_chain(&e))
-            } else {
-                PeerError::Request(error_chain(&e))
+            Err(e) if closed_before_response(&e) => {
+                let (req, again) = request()?;
+                signature = again;
+                cluster.http().request(req).await
             }
-        })
+            other => other,
+        };
+        response
+            .map(|r| (r, signature))
+            .map_err(|e| classify(cluster, &e))
     };
-    let response = tokio::time::timeout(timeout, send)
+    let (response, signature) = tokio::time::timeout(timeout, send)
         .await
         .map_err(|_| PeerError::Timeout(timeout))??;
-    match response.status() {
-        StatusCode::OK => {}
-        StatusCode::CONFLICT => return Err(PeerError::NotCoordinator),
-        StatusCode::UNAUTHORIZED => return Err(PeerError::Unauthorized),
-        s => return Err(PeerError::Status(s.as_u16())),
-    }
+    // On Err, dropping the response closes the connection: no byte of its body is read.
+    check_answer(cluster, &response, &signature)?;
     let expected = key.len();
     let got = response
         .headers()
@@ -73,12 +81,71 @@ pub(crate) async fn request_fill(
     Ok(response.into_body())
 }
 
-/// The connection closed before any response: the request may be sent again.
+/// A 200 that carries the secret's proof for the request signed with `signature`, else the
+/// reason it is not one.
+fn check_answer(
+    cluster: &Cluster,
+    response: &hyper::Response<Incoming>,
+    signature: &str,
+) -> Result<(), PeerError> {
+    match response.status() {
+        StatusCode::OK => {}
+        StatusCode::CONFLICT => return Err(PeerError::NotCoordinator),
+        StatusCode::UNAUTHORIZED => return Err(PeerError::Unauthorized),
+        s => return Err(PeerError::Status(s.as_u16())),
+    }
+    let proof = response
+        .headers()
+        .get(auth::PROOF_HEADER)
+        .map(|v| v.as_bytes());
+    if !auth::check_response_proof(cluster.secret().bytes(), signature, proof) {
+        return Err(PeerError::Unauthenticated);
+    }
+    Ok(())
+}
+
+/// A failed request as a [`PeerError`]: a TLS handshake that failed is not a dead peer.
+fn classify(cluster: &Cluster, e: &hyper_util::client::legacy::Error) -> PeerError {
+    match connect_error(e) {
+        Some(ConnectError::Handshake(_)) => {
+            cluster.stats().tls_failures.inc();
+            PeerError::Tls(error_chain(e))
+        }
+        Some(_) => PeerError::Connect(error_chain(e)),
+        None if e.is_connect() => PeerError::Connect(error_chain(e)),
+        None => PeerError::Request(error_chain(e)),
+    }
+}
+
+/// The connector's own error inside hyper's, if the connection failed.
+fn connect_error(e: &hyper_util::client::legacy::Error) -> Option<&ConnectError> {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(ce) = c.downcast_ref::<ConnectError>() {
+            return Some(ce);
+        }
+        cause = c.source();
+    }
+    None
+}
+
+/// The connection closed before any response: the request may be sent again. Over TLS a
+/// pooled connection the peer dropped shows as an I/O error (EOF without close_notify, a
+/// reset), not as hyper's incomplete message.
 fn closed_before_response(e: &hyper_util::client::legacy::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
     let mut cause = std::error::Error::source(e);
     while let Some(c) = cause {
         if let Some(h) = c.downcast_ref::<hyper::Error>() {
-            return h.is_incomplete_message() || h.is_canceled();
+            if h.is_incomplete_message() || h.is_canceled() {
+                return true;
+            }
+        }
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                UnexpectedEof | ConnectionReset | BrokenPipe | ConnectionAborted
+            );
         }
         cause = c.source();
     }
@@ -184,14 +251,91 @@ pub(crate) fn body_stream(
     }))
 }
 
-/// `GET /healthz` answered 200 within the health timeout.
+/// Largest metadata answer read from a peer (a LIST page of 1000 keys is a few hundred KiB).
+const MAX_META_ANSWER: usize = 8 << 20;
+
+/// Asks `peer` for its answer to a metadata query; Ok only for a 200 with the secret's proof
+/// and a body within [`MAX_META_ANSWER`].
+pub(crate) async fn request_meta(
+    cluster: &Cluster,
+    peer: &PeerAddr,
+    query: &str,
+) -> Result<Bytes, PeerError> {
+    let path_and_query = format!("{META_PATH}?{}", meta_query(query, cluster.advertise()));
+    let signature = auth::sign(
+        cluster.secret().bytes(),
+        "GET",
+        &path_and_query,
+        auth::now_unix(),
+    );
+    let request = hyper::Request::get(format!("https://{peer}{path_and_query}"))
+        .header(auth::HEADER, signature.as_str())
+        .body(Empty::new())
+        .map_err(|e| PeerError::Request(e.to_string()))?;
+    let timeout = cluster.tuning().peer_timeout;
+    let ask = async {
+        let response = cluster
+            .http()
+            .request(request)
+            .await
+            .map_err(|e| classify(cluster, &e))?;
+        check_answer(cluster, &response, &signature)?;
+        let body = http_body_util::Limited::new(response.into_body(), MAX_META_ANSWER)
+            .collect()
+            .await
+            .map_err(|e| PeerError::Body(e.to_string()))?;
+        Ok(body.to_bytes())
+    };
+    tokio::time::timeout(timeout, ask)
+        .await
+        .map_err(|_| PeerError::Timeout(timeout))?
+}
+
+/// Tells `peer` that this member has started (`HELLO_PATH`) or stops (`BYE_PATH`): a signed
+/// request naming this host. True when the peer answered 200 with the secret's proof, which is
+/// proof of life of the peer too.
+pub(crate) async fn announce(cluster: &Cluster, peer: &PeerAddr, path: &str) -> bool {
+    let path_and_query = format!("{path}?{}", from_query(cluster.advertise()));
+    let signature = auth::sign(
+        cluster.secret().bytes(),
+        "GET",
+        &path_and_query,
+        auth::now_unix(),
+    );
+    let Ok(request) = hyper::Request::get(format!("https://{peer}{path_and_query}"))
+        .header(auth::HEADER, signature.as_str())
+        .body(Empty::new())
+    else {
+        return false;
+    };
+    let send = async {
+        let response = cluster.http().request(request).await.ok()?;
+        let ok = check_answer(cluster, &response, &signature).is_ok();
+        response.into_body().collect().await.ok()?;
+        Some(ok)
+    };
+    matches!(
+        tokio::time::timeout(cluster.tuning().health_timeout, send).await,
+        Ok(Some(true))
+    )
+}
+
+/// `GET /healthz` answered 200 within the health timeout, over an authenticated TLS connection.
 pub(crate) async fn healthz(cluster: &Cluster, peer: &PeerAddr) -> bool {
-    let Ok(request) = hyper::Request::get(format!("http://{peer}/healthz")).body(Empty::new())
+    let Ok(request) = hyper::Request::get(format!("https://{peer}/healthz")).body(Empty::new())
     else {
         return false;
     };
     let check = async {
-        let response = cluster.http().request(request).await.ok()?;
+        let response = match cluster.http().request(request).await {
+            Ok(r) => r,
+            Err(e) => {
+                if let PeerError::Tls(why) = classify(cluster, &e) {
+                    tracing::debug!(%peer, error = %why, "peer health check: TLS failed");
+                }
+                return None;
+            }
+        };
         let ok = response.status() == StatusCode::OK;
         // Read the (tiny) body so that the connection goes back to the pool.
         response.into_body().collect().await.ok()?;

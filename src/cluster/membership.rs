@@ -16,6 +16,7 @@ use sha2::Sha256;
 use tokio::time::Instant;
 
 use super::rendezvous::{peer_hasher, weigh};
+use super::wire::{BYE_PATH, HELLO_PATH};
 use super::{client, config_err, Cluster, ClusterError};
 use crate::chunk::ChunkId;
 use crate::config::cluster::ClusterConfig;
@@ -85,7 +86,12 @@ pub(super) struct PeerSet {
     source: Source,
     resolver: Resolver,
     state: RwLock<PeerState>,
+    /// Asks for a health round now: a peer disagreed about who coordinates a chunk.
+    recheck: Arc<tokio::sync::Notify>,
 }
+
+/// Shortest time between two health rounds asked for by disagreements.
+const MIN_RECHECK_GAP: Duration = Duration::from_millis(250);
 
 impl PeerSet {
     /// The checks between `[cluster]` keys (each value's form is checked by `config`): where the
@@ -176,7 +182,13 @@ impl PeerSet {
                 last_dns_ok: Instant::now(),
                 dns_failing: false,
             }),
+            recheck: Arc::default(),
         })
+    }
+
+    /// This host's name in the peer set.
+    pub(super) fn me(&self) -> &PeerAddr {
+        &self.me
     }
 
     fn read(&self) -> RwLockReadGuard<'_, PeerState> {
@@ -236,6 +248,63 @@ impl Cluster {
         self.peer_set.read().known
     }
 
+    /// An authenticated request or answer from `peer`: it is alive, whatever the last health
+    /// check said. So views converge as soon as members talk, not a health round later.
+    pub(super) fn note_contact(&self, peer: &PeerAddr) {
+        let was_dead = self
+            .peer_set
+            .read()
+            .members
+            .iter()
+            .any(|m| &m.addr == peer && !m.is_self && !m.alive);
+        if was_dead {
+            tracing::info!(%peer, "peer is alive (it contacted us)");
+            self.set_alive(peer, true);
+        }
+    }
+
+    /// Every member but this host.
+    fn others(&self) -> Vec<PeerAddr> {
+        self.peer_set
+            .read()
+            .members
+            .iter()
+            .filter(|m| !m.is_self)
+            .map(|m| m.addr.clone())
+            .collect()
+    }
+
+    /// A peer answered that it does not coordinate a chunk we thought it did: our views differ.
+    /// The next health round runs now (at most every 250 ms), so the disagreement, and the
+    /// duplicate fills it causes, last one round trip, not a health interval.
+    pub(super) fn recheck_soon(&self) {
+        self.peer_set.recheck.notify_one();
+    }
+
+    /// `peer` announced that it stops: out of the coordinator choice at once.
+    pub(super) fn note_leaving(&self, peer: &PeerAddr) {
+        tracing::info!(%peer, "peer is leaving");
+        self.set_alive(peer, false);
+    }
+
+    /// Tells every other member that this host has started (`hello`) or stops, concurrently,
+    /// each within the health timeout. A member that answers is alive; one that does not is
+    /// left to the health checks (it may not be serving yet: it announces itself when it is).
+    pub async fn announce(&self, hello: bool) {
+        let path = if hello { HELLO_PATH } else { BYE_PATH };
+        let targets = self.others();
+        let calls = targets.iter().map(|p| async move {
+            let answered = client::announce(self, p, path).await;
+            (p, answered)
+        });
+        for (peer, answered) in futures::future::join_all(calls).await {
+            if hello && answered {
+                self.note_contact(peer);
+            }
+        }
+        self.publish_gauges();
+    }
+
     pub(super) fn set_alive(&self, peer: &PeerAddr, alive: bool) {
         let changed = {
             let mut state = self.peer_set.write();
@@ -279,14 +348,7 @@ impl Cluster {
 
     /// Checks every peer but self once, concurrently, and records who answered.
     async fn check_health_once(&self) {
-        let targets: Vec<PeerAddr> = self
-            .peer_set
-            .read()
-            .members
-            .iter()
-            .filter(|m| !m.is_self)
-            .map(|m| m.addr.clone())
-            .collect();
+        let targets = self.others();
         let checks = targets.iter().map(|p| async move {
             let ok = client::healthz(self, p).await;
             (p, ok)
@@ -433,11 +495,30 @@ async fn every(cluster: Weak<Cluster>, round: Round) {
     let mut tick = tokio::time::interval_at(Instant::now() + interval, interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        let asked = match (round, cluster.upgrade()) {
+            (_, None) => return,
+            (Round::Health, Some(c)) => {
+                // Not holding the cluster while waiting: the loop ends once it is dropped.
+                let recheck = c.peer_set.recheck.clone();
+                drop(c);
+                tokio::select! {
+                    _ = tick.tick() => false,
+                    _ = recheck.notified() => true,
+                }
+            }
+            (Round::Dns, Some(_)) => {
+                tick.tick().await;
+                false
+            }
+        };
         let Some(c) = cluster.upgrade() else { return };
         match round {
             Round::Health => c.check_health_once().await,
             Round::Dns => c.resolve_once().await,
+        }
+        drop(c);
+        if asked {
+            tokio::time::sleep(MIN_RECHECK_GAP).await;
         }
     }
 }

@@ -1,7 +1,10 @@
-//! server: the HTTP listener of `/internal/fill`, `/healthz`, `/readyz` and `/metrics`.
+//! server: the listener of `/internal/fill`, `/healthz`, `/readyz` and `/metrics`: TLS for a
+//! cluster member, plain HTTP for `--metrics-addr`.
 //!
-//! Owns the serving end of the RPC: checks the signature, the key and that this host coordinates
-//! the chunk, then streams a local fill. Must not touch the peer set (it asks
+//! Owns the serving end of the RPC: caps connections, completes the TLS handshake within
+//! [`HANDSHAKE_TIMEOUT`], checks the signature (once only: replays are refused), the key (this
+//! host's chunk size, an object size S3 can hold) and that this host coordinates the chunk, then
+//! streams a local fill with the secret's proof. Must not touch the peer set (it asks
 //! [`Cluster::coordinator_for`]) nor forward a request to another peer.
 
 use std::convert::Infallible;
@@ -22,12 +25,16 @@ use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
+use tokio_rustls::TlsAcceptor;
 
 use super::stats::Stats;
-use super::wire::{parse_fill_query, FILL_PATH};
+use super::wire::{
+    parse_fill_query, parse_from, parse_meta_query, BYE_PATH, FILL_PATH, HELLO_PATH, META_PATH,
+};
 use super::{auth, Cluster, ClusterError, LocalFills, Observe};
 use crate::cachestore::ChunkStream;
 use crate::chunk::ChunkKey;
@@ -37,6 +44,13 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
 
 const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The largest object S3 stores: a key for a larger one is no request of a real reader.
+pub const MAX_OBJECT_SIZE: u64 = 5 << 40;
+/// A connection that has not finished its TLS handshake by then is closed (it holds a slot).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections the metrics-only listener holds at once.
+const METRICS_ONLY_MAX_CONNECTIONS: usize = 64;
 
 /// A running listener. Dropping it (or [`ServerHandle::shutdown`]) stops accepting and closes
 /// the connections.
@@ -78,6 +92,8 @@ pub async fn serve_metrics_only(
         App {
             cluster: None,
             observe,
+            tls: None,
+            max_connections: METRICS_ONLY_MAX_CONNECTIONS,
         },
     )
     .await
@@ -86,6 +102,9 @@ pub async fn serve_metrics_only(
 pub(crate) struct App {
     pub cluster: Option<(Arc<Cluster>, Arc<dyn LocalFills>)>,
     pub observe: Arc<dyn Observe>,
+    /// TLS for every connection (a cluster member); None serves plain HTTP (metrics only).
+    pub tls: Option<TlsAcceptor>,
+    pub max_connections: usize,
 }
 
 pub(crate) async fn bind(addr: &str, app: App) -> Result<ServerHandle, ClusterError> {
@@ -96,6 +115,7 @@ pub(crate) async fn bind(addr: &str, app: App) -> Result<ServerHandle, ClusterEr
     let listener = TcpListener::bind(addr).await.map_err(bind_err)?;
     let local = listener.local_addr().map_err(bind_err)?;
     let (stop, mut stopped) = watch::channel(false);
+    let slots = Arc::new(Semaphore::new(app.max_connections));
     let app = Arc::new(app);
     let task = tokio::spawn(async move {
         let mut conns = JoinSet::new();
@@ -104,8 +124,12 @@ pub(crate) async fn bind(addr: &str, app: App) -> Result<ServerHandle, ClusterEr
                 _ = stopped.changed() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, remote)) => {
+                        let Ok(slot) = slots.clone().try_acquire_owned() else {
+                            app.refuse_connection(remote);
+                            continue; // dropping `tcp` closes it
+                        };
                         let _ = tcp.set_nodelay(true);
-                        conns.spawn(serve_connection(app.clone(), tcp, remote));
+                        conns.spawn(serve_connection(app.clone(), tcp, remote, slot));
                     }
                     Err(e) => {
                         // Out of file descriptors and the like: don't spin.
@@ -126,7 +150,85 @@ pub(crate) async fn bind(addr: &str, app: App) -> Result<ServerHandle, ClusterEr
     })
 }
 
-async fn serve_connection(app: Arc<App>, tcp: tokio::net::TcpStream, remote: SocketAddr) {
+/// Last time a refused connection or failed handshake was logged (unix seconds).
+static LAST_CONN_LOG: AtomicU64 = AtomicU64::new(0);
+
+/// Whether a warning may be logged now: one line per 10 s at most per `last`, so that a flood
+/// does not flood the log too.
+fn may_log(last: &AtomicU64) -> bool {
+    let now = auth::now_unix();
+    let then = last.load(Ordering::Relaxed);
+    now >= then + 10
+        && last
+            .compare_exchange(then, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+}
+
+/// Counts a connection as open while it lives.
+struct OpenConnection(Option<Gauge>);
+
+impl OpenConnection {
+    fn new(stats: Option<&Arc<Stats>>) -> OpenConnection {
+        let gauge = stats.map(|s| s.connections.clone());
+        if let Some(g) = &gauge {
+            g.inc();
+        }
+        OpenConnection(gauge)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        if let Some(g) = &self.0 {
+            g.dec();
+        }
+    }
+}
+
+impl App {
+    fn stats(&self) -> Option<&Arc<Stats>> {
+        self.cluster.as_ref().map(|(c, _)| c.stats())
+    }
+
+    fn refuse_connection(&self, remote: SocketAddr) {
+        if let Some(stats) = self.stats() {
+            stats.connections_refused.inc();
+        }
+        if may_log(&LAST_CONN_LOG) {
+            tracing::warn!(%remote, max = self.max_connections, "connection refused: the listener holds max_connections");
+        }
+    }
+}
+
+async fn serve_connection(
+    app: Arc<App>,
+    tcp: TcpStream,
+    remote: SocketAddr,
+    _slot: OwnedSemaphorePermit,
+) {
+    let _open = OpenConnection::new(app.stats());
+    let Some(acceptor) = app.tls.clone() else {
+        return serve_http(app, tcp, remote).await;
+    };
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => serve_http(app, tls, remote).await,
+        failed => {
+            if let Some(stats) = app.stats() {
+                stats.inbound_tls_failures.inc();
+            }
+            let why = match failed {
+                Ok(Err(e)) => e.to_string(),
+                _ => format!("no handshake within {HANDSHAKE_TIMEOUT:?}"),
+            };
+            tracing::debug!(%remote, error = %why, "TLS handshake failed");
+        }
+    }
+}
+
+async fn serve_http<I>(app: Arc<App>, io: I, remote: SocketAddr)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn(move |req| {
         let app = app.clone();
         async move { Ok::<_, Infallible>(app.handle(req, remote)) }
@@ -134,7 +236,7 @@ async fn serve_connection(app: Arc<App>, tcp: tokio::net::TcpStream, remote: Soc
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(10))
-        .serve_connection(TokioIo::new(tcp), service);
+        .serve_connection(TokioIo::new(io), service);
     if let Err(e) = conn.await {
         tracing::debug!(%remote, error = %e, "connection ended with an error");
     }
@@ -165,13 +267,18 @@ fn empty(status: StatusCode) -> Response<ResponseBody> {
     r
 }
 
-/// Last time an auth failure was logged (unix seconds): one line per 10 s at most.
+/// Last time an auth failure was logged (unix seconds).
 static LAST_AUTH_LOG: AtomicU64 = AtomicU64::new(0);
+/// Last time a refused fill key was logged (unix seconds).
+static LAST_REFUSAL_LOG: AtomicU64 = AtomicU64::new(0);
 
 impl App {
     fn handle(&self, req: Request<Incoming>, remote: SocketAddr) -> Response<ResponseBody> {
         let path = req.uri().path();
-        let known = matches!(path, "/healthz" | "/readyz" | "/metrics" | FILL_PATH);
+        let known = matches!(
+            path,
+            "/healthz" | "/readyz" | "/metrics" | FILL_PATH | HELLO_PATH | BYE_PATH | META_PATH
+        );
         if known && req.method() != Method::GET && req.method() != Method::HEAD {
             return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
         }
@@ -181,6 +288,14 @@ impl App {
             "/metrics" => self.metrics(),
             FILL_PATH => match &self.cluster {
                 Some((cluster, fills)) => fill(cluster, fills, &req, remote),
+                None => text(StatusCode::NOT_FOUND, "not a cluster member\n"),
+            },
+            META_PATH => match &self.cluster {
+                Some((cluster, _)) => meta(cluster, &req, remote),
+                None => text(StatusCode::NOT_FOUND, "not a cluster member\n"),
+            },
+            HELLO_PATH | BYE_PATH => match &self.cluster {
+                Some((cluster, _)) => announced(cluster, &req, remote, path == HELLO_PATH),
                 None => text(StatusCode::NOT_FOUND, "not a cluster member\n"),
             },
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -217,40 +332,114 @@ impl App {
     }
 }
 
-/// `GET /internal/fill`: check the signature, the key and that we coordinate it, then stream.
+/// The signature of an internal request that verified (once), and the proof of life of the
+/// member it names; None (answer 401) otherwise.
+fn admit(cluster: &Cluster, req: &Request<Incoming>, remote: SocketAddr) -> Option<String> {
+    match authenticate(cluster, req) {
+        Ok(signature) => {
+            if let Some(from) = parse_from(req.uri().query().unwrap_or("")) {
+                cluster.note_contact(&from);
+            }
+            Some(signature)
+        }
+        Err(why) => {
+            cluster.stats().auth_failures.inc();
+            if why == auth::AuthFailure::Replayed {
+                cluster.stats().replays_refused.inc();
+            }
+            if may_log(&LAST_AUTH_LOG) {
+                tracing::warn!(%remote, reason = %why, "refused an internal request: bad credentials");
+            }
+            None
+        }
+    }
+}
+
+/// Adds the proof that this answer comes from a holder of the secret.
+fn prove(cluster: &Cluster, signature: &str, r: &mut Response<ResponseBody>) {
+    let proof = auth::response_proof(cluster.secret().bytes(), signature);
+    if let Ok(v) = HeaderValue::from_str(&proof) {
+        r.headers_mut().insert(auth::PROOF_HEADER, v);
+    }
+}
+
+/// `GET /internal/hello` or `/internal/bye`: a member started, or stops cleanly.
+fn announced(
+    cluster: &Cluster,
+    req: &Request<Incoming>,
+    remote: SocketAddr,
+    hello: bool,
+) -> Response<ResponseBody> {
+    let Some(signature) = admit(cluster, req, remote) else {
+        return empty(StatusCode::UNAUTHORIZED);
+    };
+    if !hello {
+        if let Some(from) = parse_from(req.uri().query().unwrap_or("")) {
+            cluster.note_leaving(&from);
+        }
+    }
+    let mut r = text(StatusCode::OK, "ok\n");
+    prove(cluster, &signature, &mut r);
+    r
+}
+
+/// `GET /internal/meta`: a LIST page or HEAD this host coordinates, answered from its cache or
+/// its origin (never forwarded).
+fn meta(
+    cluster: &Arc<Cluster>,
+    req: &Request<Incoming>,
+    remote: SocketAddr,
+) -> Response<ResponseBody> {
+    let Some(signature) = admit(cluster, req, remote) else {
+        return empty(StatusCode::UNAUTHORIZED);
+    };
+    let Some(local) = cluster.local_meta().cloned() else {
+        return text(StatusCode::NOT_FOUND, "no metadata service\n");
+    };
+    let query = parse_meta_query(req.uri().query().unwrap_or(""));
+    let Some((query, name)) = query.and_then(|q| local.name_of(&q).map(|n| (q, n))) else {
+        return text(StatusCode::BAD_REQUEST, "bad metadata query\n");
+    };
+    if let Some(other) = cluster.coordinator_for_name(&name) {
+        cluster.stats().not_coordinator_sent.inc();
+        return text(
+            StatusCode::CONFLICT,
+            format!("not the coordinator; {other} is\n"),
+        );
+    }
+    // The answer may need the origin: the body waits for it; a failure cuts the body, which
+    // the asking host takes as a failed answer (and asks the origin itself).
+    let answer = local.answer(query);
+    let body = http_body_util::StreamBody::new(futures::stream::once(async move {
+        answer.await.map(Frame::data).map_err(BoxError::from)
+    }));
+    let mut r = Response::new(body.boxed_unsync());
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    prove(cluster, &signature, &mut r);
+    r
+}
+
+/// `GET /internal/fill`: check the signature (once), the key and that we coordinate it, then
+/// stream.
 fn fill(
     cluster: &Arc<Cluster>,
     fills: &Arc<dyn LocalFills>,
     req: &Request<Incoming>,
     remote: SocketAddr,
 ) -> Response<ResponseBody> {
-    let path_and_query = req
-        .uri()
-        .path_and_query()
-        .map(|pq| pq.as_str())
-        .unwrap_or("");
-    let header = req.headers().get(auth::HEADER).map(|v| v.as_bytes());
-    if let Err(why) = auth::verify(
-        cluster.secret().bytes(),
-        req.method().as_str(),
-        path_and_query,
-        header,
-        auth::now_unix(),
-    ) {
-        cluster.stats().auth_failures.inc();
-        let now = auth::now_unix();
-        let last = LAST_AUTH_LOG.load(Ordering::Relaxed);
-        if now >= last + 10
-            && LAST_AUTH_LOG
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            tracing::warn!(%remote, reason = %why, "refused an internal request: bad credentials");
-        }
+    let Some(signature) = admit(cluster, req, remote) else {
         return empty(StatusCode::UNAUTHORIZED);
-    }
-    let Some(key) = parse_fill_query(req.uri().query().unwrap_or("")) else {
-        return text(StatusCode::BAD_REQUEST, "bad chunk key\n");
+    };
+    let key = match checked_key(req.uri().query().unwrap_or(""), fills.chunk_size()) {
+        Ok(key) => key,
+        Err((reason, why)) => {
+            cluster.stats().refused(reason);
+            if may_log(&LAST_REFUSAL_LOG) {
+                tracing::warn!(%remote, reason, "refused a fill request before any work");
+            }
+            return text(StatusCode::BAD_REQUEST, why);
+        }
     };
     if let Some(other) = cluster.coordinator_for(&key.id()) {
         cluster.stats().not_coordinator_sent.inc();
@@ -262,25 +451,72 @@ fn fill(
     }
     tracing::debug!(%remote, ?key, "serving a fill to a peer");
     let len = key.len();
-    if req.method() == Method::HEAD {
-        let mut r = empty(StatusCode::OK);
-        r.headers_mut()
-            .insert(CONTENT_LENGTH, HeaderValue::from(len));
-        return r;
-    }
-    let body = FillBody::new(
-        fills.stream_local(key.clone()),
-        key,
-        cluster.stats().clone(),
-    );
-    let mut r = Response::new(body.boxed_unsync());
+    let mut r = if req.method() == Method::HEAD {
+        empty(StatusCode::OK)
+    } else {
+        let body = FillBody::new(
+            fills.stream_local(key.clone()),
+            key,
+            cluster.stats().clone(),
+        );
+        let mut r = Response::new(body.boxed_unsync());
+        r.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        r
+    };
     r.headers_mut()
         .insert(CONTENT_LENGTH, HeaderValue::from(len));
-    r.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
+    prove(cluster, &signature, &mut r);
     r
+}
+
+/// The request's signature header, once it verified and was not seen before.
+fn authenticate(cluster: &Cluster, req: &Request<Incoming>) -> Result<String, auth::AuthFailure> {
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map(|pq| pq.as_str())
+        .unwrap_or("");
+    let header = req.headers().get(auth::HEADER);
+    let now = auth::now_unix();
+    let verified = auth::verify(
+        cluster.secret().bytes(),
+        req.method().as_str(),
+        path_and_query,
+        header.map(|v| v.as_bytes()),
+        now,
+    )?;
+    cluster.replays().first_use(verified, now)?;
+    // It verified, so it is ASCII.
+    let header = header.and_then(|v| v.to_str().ok()).unwrap_or_default();
+    Ok(header.to_string())
+}
+
+/// The chunk key of a fill request, if it is one this host would ever read: `Err((reason for
+/// the counter, text for the peer))` otherwise.
+fn checked_key(query: &str, chunk_size: u64) -> Result<ChunkKey, (&'static str, String)> {
+    let key = parse_fill_query(query).ok_or(("bad_key", "bad chunk key\n".to_string()))?;
+    if key.chunk_size != chunk_size {
+        return Err((
+            "chunk_size",
+            format!(
+                "chunk size {} is not this host's {chunk_size}; set the same chunk_size on every host\n",
+                key.chunk_size
+            ),
+        ));
+    }
+    if key.object.size > MAX_OBJECT_SIZE {
+        return Err((
+            "object_size",
+            format!(
+                "object size {} is larger than any S3 object\n",
+                key.object.size
+            ),
+        ));
+    }
+    Ok(key)
 }
 
 /// Decrements the gauge when the body is dropped, finished or not.

@@ -1,5 +1,7 @@
 //! stats: the cluster's own counters, in a prometheus-client registry (prefix `orcafs_cluster`),
 //! encoded by [`crate::metrics::encode`] like the process's.
+//!
+//! Owns their names and help texts. Must not touch what they count.
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -20,6 +22,12 @@ pub(crate) struct Stats {
     pub not_coordinator_sent: Counter,
     pub not_coordinator_received: Counter,
     pub auth_failures: Counter,
+    pub replays_refused: Counter,
+    pub fill_requests_refused: Family<Reason, Counter>,
+    pub tls_failures: Counter,
+    pub inbound_tls_failures: Counter,
+    pub connections: Gauge,
+    pub connections_refused: Counter,
     pub request_seconds: Histogram,
     pub peers: Gauge,
     pub peers_alive: Gauge,
@@ -40,6 +48,12 @@ impl Stats {
             not_coordinator_sent: Counter::default(),
             not_coordinator_received: Counter::default(),
             auth_failures: Counter::default(),
+            replays_refused: Counter::default(),
+            fill_requests_refused: Family::default(),
+            tls_failures: Counter::default(),
+            inbound_tls_failures: Counter::default(),
+            connections: Gauge::default(),
+            connections_refused: Counter::default(),
             // 1 ms … ~16 s
             request_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             peers: Gauge::default(),
@@ -90,8 +104,38 @@ impl Stats {
         );
         registry.register(
             "peer_auth_failures",
-            "Internal requests refused with 401 (missing, stale or wrong signature)",
+            "Internal requests refused with 401 (missing, stale, wrong or replayed signature)",
             s.auth_failures.clone(),
+        );
+        registry.register(
+            "peer_replays_refused",
+            "Internal requests refused with 401 because their signature was already used",
+            s.replays_refused.clone(),
+        );
+        registry.register(
+            "fill_requests_refused",
+            "Signed fill requests refused with 400 before any work (bad key, another chunk size, object too large)",
+            s.fill_requests_refused.clone(),
+        );
+        registry.register(
+            "peer_tls_failures",
+            "Connections to peers whose TLS handshake or identity check failed (fills and health checks)",
+            s.tls_failures.clone(),
+        );
+        registry.register(
+            "inbound_tls_failures",
+            "Connections to this listener whose TLS handshake failed or timed out",
+            s.inbound_tls_failures.clone(),
+        );
+        registry.register(
+            "connections",
+            "Connections this listener holds open",
+            s.connections.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections closed at once because the listener held max_connections",
+            s.connections_refused.clone(),
         );
         registry.register(
             "peer_request_seconds",
@@ -123,6 +167,12 @@ impl Stats {
 
     pub fn fallback(&self, reason: &'static str) {
         self.fallbacks.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    pub fn refused(&self, reason: &'static str) {
+        self.fill_requests_refused
+            .get_or_create(&[("reason", reason)])
+            .inc();
     }
 
     /// Prometheus text, without the OpenMetrics `# EOF` line so that it can be concatenated.

@@ -139,6 +139,11 @@ fn config(secret_file: PathBuf) -> ClusterConfig {
         health_interval: None,
         peer_timeout: None,
         dns_interval: None,
+        tls_cert: None,
+        tls_key: None,
+        tls_ca: None,
+        tls_server_name: None,
+        max_connections: None,
     }
 }
 

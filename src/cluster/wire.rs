@@ -1,15 +1,53 @@
 //! wire: the fill request as it travels between hosts: its path, and the chunk key in its query.
 //!
-//! Owns [`FILL_PATH`], [`fill_query`] and [`parse_fill_query`], public so that tests build a
-//! request exactly as the client does. Both sides of every host must agree on it. Must not touch
+//! Owns [`FILL_PATH`], [`fill_query`] and [`parse_fill_query`], the membership announcements
+//! ([`HELLO_PATH`], [`BYE_PATH`]) and the sender's name ([`from_query`]), public so that tests
+//! build a request exactly as the client does. Both sides of every host must agree on it. Must not touch
 //! HTTP, the signature (`auth`) or the peer set.
 
 use std::sync::Arc;
 
 use crate::chunk::{ChunkKey, ObjectVersion};
+use crate::peer::PeerAddr;
 
 /// The path of the internal fill RPC.
 pub const FILL_PATH: &str = "/internal/fill";
+/// A member announcing that it has started (or restarted) and serves.
+pub const HELLO_PATH: &str = "/internal/hello";
+/// A member announcing that it stops cleanly.
+pub const BYE_PATH: &str = "/internal/bye";
+/// A metadata query (a LIST page, a HEAD) to the host that coordinates its name.
+pub const META_PATH: &str = "/internal/meta";
+
+/// The query string of a metadata request: the query itself (opaque here) and the sender.
+pub fn meta_query(query: &str, me: &PeerAddr) -> String {
+    form_urlencoded::Serializer::new(String::new())
+        .append_pair("q", query)
+        .append_pair("from", me.as_str())
+        .finish()
+}
+
+/// The metadata query a request carries.
+pub fn parse_meta_query(query: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "q")
+        .map(|(_, v)| v.into_owned())
+}
+
+/// The query naming the member that sends a request (`from=<host:port>`): signed with the rest
+/// of the request, so an authenticated request is also proof that this member is alive.
+pub fn from_query(me: &PeerAddr) -> String {
+    form_urlencoded::Serializer::new(String::new())
+        .append_pair("from", me.as_str())
+        .finish()
+}
+
+/// The sender a request's query names, if it names one.
+pub fn parse_from(query: &str) -> Option<PeerAddr> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "from")
+        .map(|(_, v)| PeerAddr::new(&v))
+}
 
 /// The query string of a fill request: every chunk key field.
 pub fn fill_query(key: &ChunkKey) -> String {
@@ -39,6 +77,9 @@ pub fn parse_fill_query(query: &str) -> Option<ChunkKey> {
         "object_size",
     ];
     for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        if name == "from" {
+            continue;
+        }
         let i = NAMES.iter().position(|n| *n == name)?;
         if fields[i].replace(value.into_owned()).is_some() {
             return None;

@@ -10,11 +10,13 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::de::{self, HostPort};
+use super::de::{self, HostPort, TlsName};
 
 const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_DNS_INTERVAL: Duration = Duration::from_secs(10);
+/// Enough for every peer's pooled connections and a few scrapers; excess ones are closed.
+const DEFAULT_MAX_CONNECTIONS: usize = 512;
 
 /// The `[cluster]` section of the config file.
 #[derive(Debug, Clone, Deserialize)]
@@ -32,8 +34,24 @@ pub struct ClusterConfig {
     /// Or: a `name:port` resolved to the peer set every `dns_interval`.
     #[serde(default, deserialize_with = "dns")]
     pub dns: Option<HostPort>,
-    /// File holding the shared secret that signs internal requests.
+    /// File holding the shared secret that signs internal requests (and, without `tls_cert`,
+    /// from which every member's TLS identity is derived).
     pub secret_file: PathBuf,
+    /// PEM certificate chain this host's listener presents, from the operator's CA.
+    #[serde(default, deserialize_with = "tls_cert")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    #[serde(default, deserialize_with = "tls_key")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s) the peers' certificates are verified against.
+    #[serde(default, deserialize_with = "tls_ca")]
+    pub tls_ca: Option<PathBuf>,
+    /// Name checked in every peer's certificate [default: the peer's own host].
+    #[serde(default, deserialize_with = "tls_server_name")]
+    pub tls_server_name: Option<TlsName>,
+    /// Connections the listener holds at once [default: 512]; more are closed at once.
+    #[serde(default, deserialize_with = "max_connections")]
+    pub max_connections: Option<usize>,
     /// How often peers are health-checked [default: 2s].
     #[serde(default, deserialize_with = "health_interval")]
     pub health_interval: Option<Duration>,
@@ -53,6 +71,11 @@ de::named_keys! { "cluster":
     health_interval -> Option<Duration> = de::opt_positive_duration;
     peer_timeout -> Option<Duration> = de::opt_positive_duration;
     dns_interval -> Option<Duration> = de::opt_positive_duration;
+    tls_cert -> Option<PathBuf> = de::opt_absolute_path;
+    tls_key -> Option<PathBuf> = de::opt_absolute_path;
+    tls_ca -> Option<PathBuf> = de::opt_absolute_path;
+    tls_server_name -> Option<TlsName> = Deserialize::deserialize;
+    max_connections -> Option<usize> = de::opt_positive_count;
 }
 
 impl ClusterConfig {
@@ -69,6 +92,11 @@ impl ClusterConfig {
     /// `dns_interval`, or its default.
     pub fn dns_interval(&self) -> Duration {
         self.dns_interval.unwrap_or(DEFAULT_DNS_INTERVAL)
+    }
+
+    /// `max_connections`, or its default.
+    pub fn max_connections(&self) -> usize {
+        self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS)
     }
 }
 
@@ -96,6 +124,29 @@ mod tests {
         assert_eq!(cfg.peer_timeout(), Duration::from_secs(2));
         assert_eq!(cfg.health_interval(), Duration::from_secs(2));
         assert_eq!(cfg.dns_interval(), Duration::from_secs(10));
+        assert_eq!(cfg.max_connections(), 512);
+        assert_eq!(cfg.tls_cert, None);
+        let tls: ClusterConfig = toml::from_str(
+            r#"
+            listen = "127.0.0.2:7420"
+            secret_file = "/etc/orcafs/cluster.secret"
+            tls_cert = "/etc/orcafs/host.pem"
+            tls_key = "/etc/orcafs/host.key"
+            tls_ca = "/etc/orcafs/ca.pem"
+            tls_server_name = " orcafs.internal "
+            max_connections = 64
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            tls.tls_ca.as_deref().unwrap(),
+            Path::new("/etc/orcafs/ca.pem")
+        );
+        assert_eq!(
+            tls.tls_server_name.as_ref().unwrap().as_str(),
+            "orcafs.internal"
+        );
+        assert_eq!(tls.max_connections(), 64);
         assert!(toml::from_str::<ClusterConfig>(
             "listen = \"a:1\"\nsecret_file = \"s\"\nbogus = 1"
         )
@@ -134,6 +185,13 @@ mod tests {
             ("health_interval = \"0s\"\n", "[cluster] health_interval", 7),
             ("dns_interval = true\n", "[cluster] dns_interval", 7),
             ("advertise = \"http://h:1\"\n", "[cluster] advertise", 7),
+            ("tls_cert = \"host.pem\"\n", "[cluster] tls_cert", 7),
+            (
+                "tls_server_name = \"a b\"\n",
+                "[cluster] tls_server_name",
+                7,
+            ),
+            ("max_connections = 0\n", "[cluster] max_connections", 7),
         ] {
             let e = resolve(dir.path(), &format!("{good}{bad}")).unwrap_err();
             assert!(e.contains("orcafs.toml"), "{e}");

@@ -4,6 +4,7 @@
 //! whose error names the file, the line and the key, before anything is probed or mounted.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -26,6 +27,31 @@ pub fn opt_positive_duration<'de, D: Deserializer<'de>>(
         )));
     }
     Ok(Some(dur))
+}
+
+/// An optional path that must be absolute (nothing relative is guessed for key material).
+pub fn opt_absolute_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    let Some(path) = Option::<PathBuf>::deserialize(d)? else {
+        return Ok(None);
+    };
+    if path.is_absolute() {
+        Ok(Some(path))
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "invalid path {:?}: must be absolute",
+            path.display().to_string()
+        )))
+    }
+}
+
+/// An optional count that must be at least 1.
+pub fn opt_positive_count<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    match Option::<usize>::deserialize(d)? {
+        Some(0) => Err(serde::de::Error::custom(
+            "invalid count 0: must be at least 1",
+        )),
+        n => Ok(n),
+    }
 }
 
 /// Defines one `deserialize_with` function per key, named after the key, that deserializes with
@@ -73,6 +99,37 @@ impl TryFrom<String> for HostPort {
 
     fn try_from(text: String) -> Result<HostPort, String> {
         text.parse()
+    }
+}
+
+/// A name a TLS certificate can be checked for: a DNS name or an IP address.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct TlsName(String);
+
+impl TlsName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn to_server_name(&self) -> rustls::pki_types::ServerName<'static> {
+        // Checked when parsed.
+        rustls::pki_types::ServerName::try_from(self.0.clone())
+            .unwrap_or_else(|_| unreachable!("TlsName is checked when parsed"))
+    }
+}
+
+impl TryFrom<String> for TlsName {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<TlsName, String> {
+        let t = text.trim();
+        match rustls::pki_types::ServerName::try_from(t) {
+            Ok(_) => Ok(TlsName(t.to_string())),
+            Err(_) => Err(format!(
+                "invalid name {text:?}: expected a DNS name or an IP address"
+            )),
+        }
     }
 }
 

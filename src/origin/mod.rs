@@ -4,7 +4,8 @@
 //! Drivers: [`s3`] (any S3-compatible server, through the crate's one S3 client layer) and
 //! [`fault`] (in memory, with injected delays, errors, cut or hung bodies and replaced objects,
 //! and counts of requests and bytes: the fetch path's unit tests run on it without a kernel or
-//! a server). `fetch` and `namespace` hold an `Arc<dyn Origin>`.
+//! a server). [`fleet`] wraps another origin so that a cluster lists each prefix (and HEADs each
+//! key) once per TTL for the whole fleet. `fetch` and `namespace` hold an `Arc<dyn Origin>`.
 //!
 //! Knows nothing of chunks' storage, inodes or FUSE.
 
@@ -15,6 +16,7 @@ use bytes::Bytes;
 use futures::Stream;
 
 pub mod fault;
+pub mod fleet;
 pub mod s3;
 
 pub use s3::S3Origin;
@@ -50,7 +52,7 @@ impl OriginError {
 }
 
 /// What HEAD tells about an object.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ObjectMeta {
     /// Empty when the origin sends none.
     pub etag: String,
@@ -59,7 +61,7 @@ pub struct ObjectMeta {
 }
 
 /// One object in a listing. Some servers omit the ETag in listings, so it is optional.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ListedObject {
     pub key: String,
     pub size: u64,
@@ -68,7 +70,7 @@ pub struct ListedObject {
 }
 
 /// One page of ListObjectsV2 with delimiter `/`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct ListPage {
     pub prefixes: Vec<String>,
     pub objects: Vec<ListedObject>,

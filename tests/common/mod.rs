@@ -292,3 +292,83 @@ pub fn mode_of(p: &Path) -> u32 {
         .mode()
         & 0o7777
 }
+
+/// A TLS client that accepts any server certificate, as `curl -k` or a Prometheus job with
+/// `insecure_skip_verify` does: enough to scrape a cluster listener without its secret.
+pub fn insecure_tls_client() -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{DigitallySignedStruct, SignatureScheme};
+
+    #[derive(Debug)]
+    struct AcceptAny(rustls::crypto::WebPkiSupportedAlgorithms);
+    impl ServerCertVerifier for AcceptAny {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(m, c, d, &self.0)
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(m, c, d, &self.0)
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.supported_schemes()
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let algs = provider.signature_verification_algorithms;
+    std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .dangerous()
+            .with_custom_certificate_verifier(std::sync::Arc::new(AcceptAny(algs)))
+            .with_no_client_auth(),
+    )
+}
+
+/// `GET path` over TLS from a cluster listener (certificate not checked, as `curl -k`); the
+/// whole response, head and body. Empty when the connection or handshake fails.
+pub fn https_get(addr: &str, path: &str) -> String {
+    use std::io::Write as _;
+    let Ok(tcp) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
+    let _ = tcp.set_read_timeout(Some(Duration::from_secs(5)));
+    let name = rustls::pki_types::ServerName::try_from(orcafs::cluster::DERIVED_SERVER_NAME)
+        .expect("a valid name");
+    let Ok(conn) = rustls::ClientConnection::new(insecure_tls_client(), name) else {
+        return String::new();
+    };
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    if write!(
+        tls,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .is_err()
+    {
+        return String::new();
+    }
+    let mut out = Vec::new();
+    // The server may close without close_notify after `Connection: close`: keep what came.
+    let _ = tls.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
