@@ -240,13 +240,16 @@ def requests_sentence(runs):
     n = runs["cluster"]["hosts"]
     text = (f"Origin requests of the {n} hosts, as they counted them: {c['get']:,.0f} GETs, "
             f"{c['head']:,.0f} HEADs, {c['list']:,.0f} LISTs")
-    if one:
-        text += (f" (one host alone: {one['get']:,.0f}, {one['head']:,.0f}, {one['list']:,.0f}). "
-                 f"The cluster shares chunk fills, not metadata: each host looks names up at the "
-                 f"origin itself, so HEADs and LISTs grow with N while the bytes they carry stay "
-                 f"small next to the data.")
-        return text
-    return text + "."
+    if not one:
+        return text + "."
+    text += f" (one host alone: {one['get']:,.0f}, {one['head']:,.0f}, {one['list']:,.0f}). "
+    meta, meta1 = c["head"] + c["list"], one["head"] + one["list"]
+    if meta <= 1.5 * meta1:
+        return text + ("Metadata is shared like the data: each name's coordinator asks the "
+                       "origin once for the fleet, so the origin sees about one host's lookups.")
+    return text + (f"Metadata is not shared: each host looks names up at the origin itself, so "
+                   f"HEADs and LISTs grow with N ({meta / meta1:.1f}× one host's here), while the "
+                   f"bytes they carry stay small next to the data.")
 
 
 def kill_section(k, d):
@@ -347,7 +350,9 @@ is noise next to the data, and a 49-way fan-in of one 8 MiB chunk is ~400 MiB fr
 under a second at 10–25 Gbit/s.
 
 **At 500 hosts** it would have to change:
-- *Membership*: ~125,000 checks a second and 499 connections per host just to know who is alive.
+- *Membership*: ~125,000 checks a second and 499 connections per host just to know who is alive;
+  the listener's default `max_connections` (512) would be nearly used up by the peers' pooled
+  connections alone.
   Replace all-to-all checks with gossip (SWIM-style: each host probes a few random peers per
   period, indirect probes before suspecting, suspicion spread by piggybacking), so traffic is
   O(N) for the cluster and O(1) per host, with a partial view per host.
