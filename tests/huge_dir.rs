@@ -10,17 +10,6 @@ use common::*;
 
 const BUCKET: &str = "bkt";
 
-/// Peak resident memory of a process (VmHWM), in bytes.
-fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kib * 1024
-}
-
 /// Lists a synthetic directory of `count` keys with `os.scandir` (names only, as `find` and
 /// `ls -f` read them) and returns (entries seen, peak RSS of the mount).
 fn list_synthetic(count: u64) -> (u64, u64) {

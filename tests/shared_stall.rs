@@ -100,17 +100,6 @@ fn host(s: &Scratch, o: &DevOrigin, shared: &str, name: &str, extra: &[&str]) ->
     )
 }
 
-/// Peak resident memory of a process (VmHWM), in bytes.
-fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kib * 1024
-}
-
 #[test]
 fn a_hung_shared_store_neither_holds_cold_reads_back_nor_grows_memory() {
     let s = Scratch::new();

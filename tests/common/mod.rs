@@ -372,3 +372,14 @@ pub fn https_get(addr: &str, path: &str) -> String {
     let _ = tls.read_to_end(&mut out);
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// Peak resident memory of a process (VmHWM), in bytes.
+pub fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib * 1024
+}
