@@ -280,10 +280,10 @@ fn hosts_listing_one_prefix_together_list_each_page_from_the_origin_once() {
         st.list_requests <= 3,
         "each LIST page once for three hosts: {st:?}"
     );
-    // The lookups' HEADs of `d` go through one coordinator, whose request is not cancelled when
-    // a lookup drops it: s3s-fs answers HEAD of a "directory" key with a 500, which the SDK
-    // retries once (S3 answers 404), so 2 here.
-    assert!(st.head_requests <= 2, "{st:?}");
+    // HEADs are not counted here: the lookups' HEAD of `d` goes through one coordinator whose
+    // request is not cancelled when a lookup drops it, and s3s-fs answers HEAD of a "directory"
+    // key with a 500 that the SDK retries in the background (S3 answers 404). That HEADs are
+    // asked once per fleet is pinned by origin::fleet's unit test.
 
     // The coordinator of the listing dies: the others list it from the origin, no error.
     let mut hosts = hosts;

@@ -291,6 +291,7 @@ impl Cluster {
         if let Err(e) = &result {
             self.stats.fallback(e.reason());
             if matches!(e, PeerError::NotCoordinator) {
+                self.stats.not_coordinator_received.inc();
                 self.recheck_soon();
             }
         }
