@@ -36,9 +36,11 @@ fn ls_l_of_a_big_directory_costs_its_list_pages_and_a_repeat_costs_nothing() {
         "f00006 has size 6"
     );
     let st = o.stats();
-    // The lookup of `d` (one LIST page, and a HEAD that may race it), then 3 pages.
+    // The lookup of `d` (one LIST page, and a HEAD that may race it), then 3 pages. That HEAD
+    // of a "directory" key gets a 500 from s3s-fs, which the SDK may retry before the lookup drops
+    // it; a HEAD per name would be 2100.
     assert!(st.list_requests <= 4, "{st:?}");
-    assert!(st.head_requests <= 1, "no HEAD per name: {st:?}");
+    assert!(st.head_requests <= 4, "no HEAD per name: {st:?}");
     assert_eq!(st.get_requests, 0);
 
     o.reset_stats();
