@@ -28,6 +28,7 @@ pub struct ChunkKey {
     pub chunk_size: u64,
     pub index: u64,
     id: ChunkId,
+    version: VersionId,
 }
 
 impl PartialEq for ChunkKey {
@@ -41,6 +42,44 @@ impl Eq for ChunkKey {}
 impl std::hash::Hash for ChunkKey {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         self.id.hash(state)
+    }
+}
+
+/// SHA-256 over an object version's fields and the chunk size: names the local cache's files of
+/// that version (all its chunks of that size live in one file, at their offsets).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VersionId(pub [u8; 32]);
+
+impl VersionId {
+    pub fn of(o: &ObjectVersion, chunk_size: u64) -> VersionId {
+        let mut h = Sha256::new();
+        hash_version(&mut h, o);
+        h.update(chunk_size.to_le_bytes());
+        VersionId(h.finalize().into())
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    pub fn from_hex(text: &str) -> Option<VersionId> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(text, &mut out).ok()?;
+        Some(VersionId(out))
+    }
+}
+
+impl fmt::Debug for VersionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", &self.to_hex()[..16])
+    }
+}
+
+/// Each field is length-prefixed so that no two distinct versions hash the same input.
+fn hash_version(h: &mut Sha256, o: &ObjectVersion) {
+    for field in [&*o.origin_id, &*o.bucket, &*o.key, &*o.etag] {
+        h.update((field.len() as u64).to_le_bytes());
+        h.update(field.as_bytes());
     }
 }
 
@@ -69,11 +108,13 @@ impl fmt::Debug for ChunkId {
 impl ChunkKey {
     pub fn new(object: Arc<ObjectVersion>, chunk_size: u64, index: u64) -> ChunkKey {
         let id = Self::hash(&object, chunk_size, index);
+        let version = VersionId::of(&object, chunk_size);
         ChunkKey {
             object,
             chunk_size,
             index,
             id,
+            version,
         }
     }
 
@@ -81,13 +122,14 @@ impl ChunkKey {
         self.id
     }
 
-    /// Each field is length-prefixed so that no two distinct keys hash the same input.
+    /// The object version (at this chunk size) the chunk belongs to.
+    pub fn version(&self) -> VersionId {
+        self.version
+    }
+
     fn hash(o: &ObjectVersion, chunk_size: u64, index: u64) -> ChunkId {
         let mut h = Sha256::new();
-        for field in [&*o.origin_id, &*o.bucket, &*o.key, &*o.etag] {
-            h.update((field.len() as u64).to_le_bytes());
-            h.update(field.as_bytes());
-        }
+        hash_version(&mut h, o);
         h.update(chunk_size.to_le_bytes());
         h.update(index.to_le_bytes());
         ChunkId(h.finalize().into())

@@ -23,7 +23,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
-use crate::cachestore::{admin, chunkfile, disk};
+use crate::cachestore::{admin, disk, layout};
 use crate::config::{self, Config, MountArgs};
 use crate::control;
 use crate::mount::{self, ReadyNotifier};
@@ -437,7 +437,7 @@ fn init_logging(cfg: &Config, detached: bool) -> Result<Reload, String> {
     let file = match &cfg.log_file {
         Some(p) => Some(p.clone()),
         // In the cache's own directory (made and checked here, before anything is logged).
-        None if detached => Some(chunkfile::log_path(
+        None if detached => Some(layout::log_path(
             &disk::prepare_root(&cfg.cache_dir).map_err(|e| e.to_string())?,
         )),
         None => None,
@@ -624,8 +624,8 @@ fn detach(cfg: &Config) -> i32 {
 
 /// Where a detached mount with `cfg` logs by default: in the cache's own directory.
 fn default_log(cfg: &Config) -> PathBuf {
-    let root = chunkfile::find_root(&cfg.cache_dir).ok().flatten();
-    chunkfile::log_path(&root.unwrap_or_else(|| cfg.cache_dir.clone()))
+    let root = layout::find_root(&cfg.cache_dir).ok().flatten();
+    layout::log_path(&root.unwrap_or_else(|| cfg.cache_dir.clone()))
 }
 
 fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
@@ -782,6 +782,7 @@ fn run_cache_command(cmd: CacheCmd) -> Result<i32, String> {
                     .unwrap_or_else(|| "-".into())
             };
             println!("cache dir    {}", dir.display());
+            println!("objects      {}", s.objects);
             println!(
                 "chunks       {} ({}, {} bytes; bound {})",
                 s.chunks,
@@ -805,13 +806,13 @@ fn run_cache_command(cmd: CacheCmd) -> Result<i32, String> {
                 println!("bad  {}: {}", b.path.display(), b.reason);
             }
             println!(
-                "checked {} chunk files: {} good ({}), {} bad{}",
+                "checked {} chunks: {} good ({}), {} bad{}",
                 r.checked,
                 r.good,
                 hb(r.good_bytes),
                 r.bad.len(),
                 if repair {
-                    format!(", {} removed", r.removed)
+                    format!(", {} repaired", r.removed)
                 } else {
                     String::new()
                 }

@@ -660,25 +660,25 @@ mod fixtures {
         Some(f)
     }
 
-    /// Where `DiskStore` keeps a chunk: `<root>/chunks/<hex[0..2]>/<hex[2..4]>/<hex>`.
-    fn disk_path(root: &std::path::Path, key: &ChunkKey) -> PathBuf {
-        let hex = key.id().to_hex();
-        root.join("chunks")
-            .join(&hex[0..2])
-            .join(&hex[2..4])
-            .join(&hex)
+    /// Where `DiskStore` keeps a chunk: in its object version's data file, at the chunk's own
+    /// offsets, with the blocks' CRCs in the block map beside it.
+    fn disk_paths(root: &std::path::Path, key: &ChunkKey) -> (PathBuf, PathBuf) {
+        let v = key.version();
+        (
+            orcafs::cachestore::layout::data_path(root, &v),
+            orcafs::cachestore::layout::map_path(root, &v),
+        )
     }
 
     fn disk_corruptor(root: PathBuf) -> Corruptor {
         Arc::new(move |key, data, damage| {
-            let path = disk_path(&root, &key);
+            let (path, map) = disk_paths(&root, &key);
             let other = match &damage {
-                Damage::CopyOf(k) => Some(disk_path(&root, k)),
+                Damage::CopyOf(k) => Some(disk_paths(&root, k)),
                 _ => None,
             };
             Box::pin(async move {
-                let file_len = std::fs::metadata(&path).unwrap().len();
-                let header = file_len - data.len() as u64;
+                let start = key.start();
                 let open = || {
                     std::fs::OpenOptions::new()
                         .write(true)
@@ -688,15 +688,18 @@ mod fixtures {
                 };
                 match damage {
                     Damage::Garbage => open()
-                        .write_all_at(&pattern(data.len() as u64, 7), header)
+                        .write_all_at(&pattern(data.len() as u64, 7), start)
                         .unwrap(),
-                    Damage::Truncated => open().set_len(file_len - 1).unwrap(),
-                    Damage::Bare => std::fs::write(&path, &data).unwrap(),
+                    Damage::Truncated => open().set_len(start + data.len() as u64 - 1).unwrap(),
+                    // The data without its block map.
+                    Damage::Bare => std::fs::remove_file(&map).unwrap(),
                     Damage::FlipByte(at) => open()
-                        .write_all_at(&[!data[at as usize]], header + at)
+                        .write_all_at(&[!data[at as usize]], start + at)
                         .unwrap(),
                     Damage::CopyOf(_) => {
-                        std::fs::copy(other.unwrap(), &path).unwrap();
+                        let (other_data, other_map) = other.unwrap();
+                        std::fs::copy(other_data, &path).unwrap();
+                        std::fs::copy(other_map, &map).unwrap();
                     }
                 }
             })

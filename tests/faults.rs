@@ -25,22 +25,7 @@ fn mounted(s: &Scratch, o: &DevOrigin, extra: &[&str]) -> Mount {
 }
 
 fn chunk_files(cache: &Path) -> usize {
-    fn walk(p: &Path) -> usize {
-        std::fs::read_dir(p)
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| {
-                        if e.path().is_dir() {
-                            walk(&e.path())
-                        } else {
-                            1
-                        }
-                    })
-                    .sum()
-            })
-            .unwrap_or(0)
-    }
-    walk(&cache.join("chunks"))
+    cached_chunks(cache) as usize
 }
 
 /// Reads a whole file with O_DIRECT through `dd`: one FUSE read per block, no kernel

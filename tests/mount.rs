@@ -338,22 +338,20 @@ fn corrupt_cache_file_is_refetched_never_served() {
     assert_eq!(read_all(&m.path("c.bin")), data);
     assert_eq!(m.unmount(), 0);
 
-    // Flip one byte in the data of every cached chunk file.
-    let mut corrupted = 0;
-    for f in walk(&s.path("cache").join("chunks")) {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&f)
-            .unwrap();
-        let len = file.metadata().unwrap().len();
+    // Flip one byte in the data of each cached chunk (one object file holds both).
+    let files = cached_data_files(&s.path("cache"));
+    assert_eq!(files.len(), 1, "{files:?}");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&files[0])
+        .unwrap();
+    for at in [CHUNK as u64 - 100, 2 * CHUNK as u64 - 100] {
         let mut b = [0u8; 1];
-        file.read_at(&mut b, len - 100).unwrap();
+        file.read_at(&mut b, at).unwrap();
         b[0] ^= 0xff;
-        file.write_at(&b, len - 100).unwrap();
-        corrupted += 1;
+        file.write_at(&b, at).unwrap();
     }
-    assert_eq!(corrupted, 2);
     o.reset_stats();
     let m = mounted(&s, &o, &[]);
     assert_eq!(sha256sum(&m.path("c.bin")), sha256_hex(&data));
@@ -389,11 +387,14 @@ fn cache_stays_under_its_max_size() {
     let m = mounted(&s, &o, &["--cache-max-size", &max.to_string()]);
     assert_eq!(sha256sum(&m.path("big.bin")), sha256_hex(&data));
     assert_eq!(m.unmount(), 0);
-    let used: u64 = walk(&s.path("cache").join("chunks"))
-        .iter()
-        .map(|p| p.metadata().unwrap().len())
-        .sum();
+    let used = cache_stats(&s.path("cache")).bytes;
     assert!(used <= max, "cache holds {used} bytes, bound is {max}");
+    // The data file is sparse: what the disk holds follows what the maps say, not the size.
+    let on_disk: u64 = cached_data_files(&s.path("cache"))
+        .iter()
+        .map(|p| std::os::unix::fs::MetadataExt::blocks(&p.metadata().unwrap()) * 512)
+        .sum();
+    assert!(on_disk <= max + CHUNK as u64, "evicted chunks punched out: {on_disk} on disk");
     assert!(
         used >= 3 * CHUNK as u64,
         "cache still holds recent chunks: {used}"
@@ -546,8 +547,8 @@ fn a_cache_dir_holding_other_files_keeps_them_and_the_cache_is_private() {
         root.join(".orcafs-cache").is_file(),
         "orcafs keeps to its own subdirectory"
     );
-    let files = walk(&root.join("chunks"));
-    assert_eq!(files.len(), 3, "{files:?}");
+    let files = walk(&root.join("objects"));
+    assert_eq!(files.len(), 2, "the object's data and block map: {files:?}");
     for f in &files {
         assert_eq!(mode_of(f), 0o600, "{}", f.display());
         let mut dir = f.parent();

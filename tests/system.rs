@@ -407,22 +407,6 @@ fn sighup_rereads_the_log_level_from_the_config_file() {
     assert_eq!(p.wait_exit(), 0);
 }
 
-fn chunk_files(cache: &Path) -> Vec<PathBuf> {
-    fn walk(p: &Path, out: &mut Vec<PathBuf>) {
-        for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
-            let path = e.path();
-            if path.is_dir() {
-                walk(&path, out);
-            } else {
-                out.push(path);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(&cache.join("chunks"), &mut out);
-    out.sort();
-    out
-}
 
 #[test]
 fn sigkill_leaves_a_mount_umount_l_clears_and_the_cache_recovers() {
@@ -444,7 +428,7 @@ fn sigkill_leaves_a_mount_umount_l_clears_and_the_cache_recovers() {
     wait_until(
         "commits of the warm chunks",
         Duration::from_secs(10),
-        || chunk_files(&cache).len() >= 4,
+        || cached_chunks(&cache) >= 4,
     );
     o.faults()
         .stall_next_bodies(1000, 1000, Duration::from_secs(60));
@@ -481,11 +465,11 @@ fn sigkill_leaves_a_mount_umount_l_clears_and_the_cache_recovers() {
     assert!(!is_mounted(&mnt));
 
     // What a crash at a worse moment leaves: a half-written temp file, and (after a power
-    // loss, say) a chunk file cut short. Neither may ever be served.
-    // (orcafs's own temp name: the chunk id in hex, a dot, 16 hex digits.)
+    // loss, say) an object's data file cut short. Neither may ever be served.
+    // (orcafs's own temp name: the version id in hex, a dot, 16 hex digits.)
     let temp_name = format!("{}.0123456789abcdef", "de".repeat(32));
     std::fs::write(cache.join("tmp").join(&temp_name), b"half").unwrap();
-    let victim = chunk_files(&cache)[0].clone();
+    let victim = cached_data_files(&cache)[0].clone();
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(&victim)
@@ -541,13 +525,14 @@ fn cache_commands_stats_verify_evict_clear() {
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(stdout.contains("chunks       7 ("), "{stdout}");
+    assert!(stdout.contains("objects      2"), "{stdout}");
 
     let out = orcafs(&["cache", "verify", "--cache-dir", dir]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("7 good"));
 
-    // One flipped byte in the data of one chunk file.
-    let victim = chunk_files(&cache)[3].clone();
+    // One flipped byte in the data of one object (its last byte, in its last chunk).
+    let victim = cached_data_files(&cache)[0].clone();
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -562,23 +547,22 @@ fn cache_commands_stats_verify_evict_clear() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
-        stdout.contains(&format!("bad  {}: block", victim.display())),
+        stdout.contains(&format!("bad  {}: chunks failing their CRC", victim.display())),
         "{stdout}"
     );
-    assert!(victim.exists(), "verify alone deletes nothing");
+    assert!(stdout.contains("6 good"), "{stdout}");
     let out = orcafs(&["cache", "verify", "--repair", "--cache-dir", dir]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(!victim.exists(), "--repair deletes the bad file");
+    assert!(victim.exists(), "--repair marks the bad blocks absent, keeps the rest");
+    let out = orcafs(&["cache", "verify", "--cache-dir", dir]);
+    assert!(out.status.success(), "every block left is good: {}", text(&out));
 
     // Evict down to about two chunks, least recently used first.
     let out = orcafs(&["cache", "evict", "--cache-dir", dir, "--max-size", "600KiB"]);
     assert!(out.status.success(), "{}", text(&out));
-    let total: u64 = chunk_files(&cache)
-        .iter()
-        .map(|p| std::fs::metadata(p).unwrap().len())
-        .sum();
+    let total = cache_stats(&cache).bytes;
     assert!(total <= 600 * 1024, "{total} bytes left");
-    assert!(!chunk_files(&cache).is_empty());
+    assert!(cached_chunks(&cache) > 0);
 
     let temp_name = format!("{}.0123456789abcdef", "ab".repeat(32));
     std::fs::write(cache.join("tmp").join(&temp_name), b"x").unwrap();
@@ -586,7 +570,8 @@ fn cache_commands_stats_verify_evict_clear() {
     std::fs::write(cache.join("tmp/leftover"), b"x").unwrap();
     let out = orcafs(&["cache", "clear", "--cache-dir", dir]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(chunk_files(&cache).is_empty());
+    assert!(cached_data_files(&cache).is_empty());
+    assert_eq!(cached_chunks(&cache), 0);
     let left: Vec<_> = std::fs::read_dir(cache.join("tmp"))
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -674,7 +659,11 @@ fn systemd_units_pass_systemd_analyze_verify() {
     }
     // The units' ExecStart= is the documented install path; verify needs it to exist.
     let installed = Path::new("/usr/local/bin/orcafs");
-    if std::fs::symlink_metadata(installed).is_err() {
+    if std::fs::metadata(installed).is_err() {
+        // Absent, or a link left dangling by an earlier build directory.
+        if std::fs::symlink_metadata(installed).is_ok_and(|m| m.file_type().is_symlink()) {
+            std::fs::remove_file(installed).expect("remove a dangling /usr/local/bin/orcafs");
+        }
         std::os::unix::fs::symlink(orcafs_bin(), installed).expect("install /usr/local/bin/orcafs");
     }
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd");

@@ -1,14 +1,14 @@
 //! admin: operator commands on a local cache directory (`orcafs cache stats|verify|evict|clear`).
 //!
 //! These work on the files alone, without a running mount, and read them through the same
-//! [`super::chunkfile`] code the mount does: every check the mount applies on a read is applied
-//! here to the whole file, so `verify` never passes a file the mount would refuse. A file's
-//! mtime is its chunk's last use, so `evict` removes the oldest mtimes first, the order a mount
-//! evicts in.
+//! [`super::layout`] code the mount does: every check the mount applies on a read (map header,
+//! placement, data length, each block's CRC) is applied here to every block held, so `verify`
+//! never passes a block the mount would refuse. A map's mtime is its object's last use, so
+//! `evict` removes the objects with the oldest mtimes first, the order a mount evicts in.
 //!
-//! Like the mount, they find the cache where [`chunkfile::find_root`] says (the directory given,
-//! or its `orcafs/` subdirectory) and delete only orcafs's own files: chunk files at chunk
-//! paths and temp files by name. Anything else there is counted and left in place.
+//! Like the mount, they find the cache where [`layout::find_root`] says (the directory given,
+//! or its `orcafs/` subdirectory) and delete only orcafs's own files: object data and map files
+//! at their paths and temp files by name. Anything else there is counted and left in place.
 
 use std::fs::{self, File};
 use std::io;
@@ -16,21 +16,24 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use super::chunkfile::{self, read_dir_paths, BLOCK};
+use super::layout::{self, MapHeader, Role};
+use crate::chunk::VersionId;
 
 /// What a cache directory holds.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Stats {
-    /// Files named and placed like chunk files (not checked; see [`verify`]).
+    /// Object versions with at least one block held (maps not checked; see [`verify`]).
+    pub objects: u64,
+    /// Chunks with at least one block held, as the maps say.
     pub chunks: u64,
-    /// Their size on disk, headers included (what `cache_max_size` bounds).
+    /// The bytes of the blocks held (what `cache_max_size` bounds).
     pub bytes: u64,
     /// Writes in progress, or left by a crash (swept when a mount starts).
     pub temp_files: u64,
     pub temp_bytes: u64,
-    /// Files under `chunks/` that are not chunk files: not orcafs's, so never deleted by it.
+    /// Files under `objects/` that are not orcafs's: never deleted by it.
     pub other_files: u64,
-    /// Least and most recent last use among the chunks.
+    /// Least and most recent last use among the objects.
     pub oldest_use: Option<SystemTime>,
     pub newest_use: Option<SystemTime>,
 }
@@ -44,12 +47,14 @@ pub struct BadFile {
 
 #[derive(Debug, Default, Clone)]
 pub struct VerifyReport {
-    /// Chunk files checked in full.
+    /// Chunks (with a block held) checked in full.
     pub checked: u64,
     pub good: u64,
     pub good_bytes: u64,
+    /// One line per bad object (or foreign file), naming the bad chunks.
     pub bad: Vec<BadFile>,
-    /// Bad chunk files deleted (with `repair`); files that are not chunk files are never deleted.
+    /// Bad objects repaired (with `repair`: bad blocks marked absent, or unusable files
+    /// deleted); files that are not orcafs's are never deleted.
     pub removed: u64,
     pub temp_files: u64,
 }
@@ -67,63 +72,100 @@ pub struct ClearReport {
     pub chunks_removed: u64,
     pub bytes_freed: u64,
     pub temp_removed: u64,
-    /// Files under `chunks/` that are not chunk files, left in place.
+    /// Files under `objects/` that are not orcafs's, left in place.
     pub other_kept: u64,
 }
 
 /// The cache `--cache-dir dir` holds (`dir` or `dir/orcafs`); refuses a directory that holds
 /// none, so no command empties a random directory.
+/// The cache `--cache-dir dir` holds (`dir` or `dir/orcafs`); refuses a directory that holds
+/// none, so no command empties a random directory.
 pub fn check_cache_dir(dir: &Path) -> io::Result<PathBuf> {
-    let found = chunkfile::find_root(dir)
+    let found = layout::find_root(dir)
         .map_err(|e| io::Error::new(e.kind(), format!("cannot read {}: {e}", dir.display())))?;
     found.ok_or_else(|| {
         let text = format!(
             "{} is not an orcafs cache directory (it has no {} marker, no chunks/ subdirectory, \
              and no {}/ subdirectory holding a cache)",
             dir.display(),
-            chunkfile::MARKER,
-            chunkfile::SUBDIR
+            layout::MARKER,
+            layout::SUBDIR
         );
         io::Error::new(io::ErrorKind::NotFound, text)
     })
 }
 
-/// A file found under `chunks/`.
-struct Entry {
-    path: PathBuf,
-    size: u64,
+/// One object version's files as found under `objects/`.
+struct Object {
+    v: VersionId,
+    map: PathBuf,
+    data: PathBuf,
     mtime: SystemTime,
-    /// Named and placed as the chunk file of some chunk id.
-    is_chunk: bool,
 }
 
-/// Every file under `<root>/chunks`, at any depth.
-fn walk_chunks(root: &Path) -> Vec<Entry> {
-    fn walk(root: &Path, dir: &Path, out: &mut Vec<Entry>) {
-        for path in read_dir_paths(dir) {
-            let Ok(meta) = fs::symlink_metadata(&path) else {
-                continue;
-            };
-            if meta.is_dir() {
-                walk(root, &path, out);
-                continue;
-            }
-            out.push(Entry {
-                is_chunk: meta.is_file() && chunkfile::chunk_id_at(root, &path).is_some(),
-                size: meta.len(),
-                mtime: meta.modified().unwrap_or(std::time::UNIX_EPOCH),
-                path,
-            });
+/// What a walk of `objects/` found: objects (by their maps), and files that are not orcafs's.
+struct Found {
+    objects: Vec<Object>,
+    others: Vec<PathBuf>,
+}
+
+fn walk(root: &Path) -> Found {
+    let w = layout::walk_objects(root);
+    let mut found = Found {
+        objects: Vec::new(),
+        others: Vec::new(),
+    };
+    found.others.extend((0..w.strays).map(|_| layout::objects_dir(root)));
+    for path in w.files {
+        let meta = fs::symlink_metadata(&path);
+        match (layout::file_at(root, &path), meta) {
+            (Some((v, Role::Map)), Ok(m)) if m.is_file() => found.objects.push(Object {
+                v,
+                data: layout::data_path(root, &v),
+                mtime: m.modified().unwrap_or(std::time::UNIX_EPOCH),
+                map: path,
+            }),
+            // A data file is counted with its map (or removed by the next mount when alone).
+            (Some((_, Role::Data)), Ok(m)) if m.is_file() => {}
+            _ => found.others.push(path),
         }
     }
-    let mut out = Vec::new();
-    walk(root, &chunkfile::chunks_dir(root), &mut out);
-    out
+    found
+}
+
+/// A map's header and entries, checked as the mount checks them; the error says what is wrong.
+fn read_map(o: &Object) -> Result<(MapHeader, Vec<Option<u32>>), String> {
+    let map = File::open(&o.map).map_err(|e| format!("cannot open: {e}"))?;
+    let h = layout::read_header(&map).map_err(|e| format!("cannot read: {e}"))??;
+    if !h.is_of(&o.v) {
+        return Err(format!(
+            "holds the map of {}/{} at another version's place (foreign file)",
+            h.bucket, h.key
+        ));
+    }
+    let len = map.metadata().map_err(|e| format!("cannot stat: {e}"))?.len();
+    if len != h.file_len() {
+        return Err(format!("map is {len} bytes long, its header says {}", h.file_len()));
+    }
+    let entries = layout::read_entries(&map, &h).map_err(|e| format!("cannot read: {e}"))?;
+    Ok((h, entries))
+}
+
+/// Chunks with a block held, and the bytes held.
+fn held(h: &MapHeader, entries: &[Option<u32>]) -> (u64, u64) {
+    let mut chunks = std::collections::BTreeSet::new();
+    let mut bytes = 0;
+    for (i, _) in entries.iter().enumerate().filter(|(_, e)| e.is_some()) {
+        let start = i as u64 * h.block;
+        chunks.insert(start / h.chunk_size);
+        bytes += (h.size - start).min(h.block);
+    }
+    (chunks.len() as u64, bytes)
 }
 
 /// orcafs's temp files (by name) and their sizes.
 fn temp_files(root: &Path) -> Vec<(PathBuf, u64)> {
-    chunkfile::temp_files(root)
+    layout::temp_files(root)
         .into_iter()
         .map(|p| {
             let len = fs::symlink_metadata(&p).map(|m| m.len()).unwrap_or(0);
@@ -132,19 +174,23 @@ fn temp_files(root: &Path) -> Vec<(PathBuf, u64)> {
         .collect()
 }
 
-/// Counts what the cache directory holds; reads no chunk contents.
+/// Counts what the cache directory holds; reads the maps, not the data.
 pub fn stats(dir: &Path) -> io::Result<Stats> {
     let root = &check_cache_dir(dir)?;
     let mut s = Stats::default();
-    for e in walk_chunks(root) {
-        if !e.is_chunk {
+    let found = walk(root);
+    s.other_files = found.others.len() as u64;
+    for o in &found.objects {
+        let Ok((h, entries)) = read_map(o) else {
             s.other_files += 1;
             continue;
-        }
-        s.chunks += 1;
-        s.bytes += e.size;
-        s.oldest_use = Some(s.oldest_use.map_or(e.mtime, |t| t.min(e.mtime)));
-        s.newest_use = Some(s.newest_use.map_or(e.mtime, |t| t.max(e.mtime)));
+        };
+        let (chunks, bytes) = held(&h, &entries);
+        s.objects += 1;
+        s.chunks += chunks;
+        s.bytes += bytes;
+        s.oldest_use = Some(s.oldest_use.map_or(o.mtime, |t| t.min(o.mtime)));
+        s.newest_use = Some(s.newest_use.map_or(o.mtime, |t| t.max(o.mtime)));
     }
     for (_, len) in temp_files(root) {
         s.temp_files += 1;
@@ -153,9 +199,10 @@ pub fn stats(dir: &Path) -> io::Result<Stats> {
     Ok(s)
 }
 
-/// Reads every chunk file in full and checks header, placement, length and every block's CRC.
-/// Files under `chunks/` that are not chunk files count as bad. With `repair`, bad chunk files
-/// are deleted (a mount would refetch them anyway; it never serves them); the others are not
+/// Reads every block held in full and checks it against its map entry (and the map's header,
+/// placement and length, and the data file's length). Files under `objects/` that are not
+/// orcafs's count as bad. With `repair`, bad blocks are marked absent (a mount would refetch
+/// them anyway; it never serves them), and unusable object files deleted; the others are not
 /// orcafs's and stay for the operator to look at.
 pub fn verify(dir: &Path, repair: bool) -> io::Result<VerifyReport> {
     let root = &check_cache_dir(dir)?;
@@ -163,90 +210,196 @@ pub fn verify(dir: &Path, repair: bool) -> io::Result<VerifyReport> {
         temp_files: temp_files(root).len() as u64,
         ..Default::default()
     };
-    for e in walk_chunks(root) {
-        let result = if e.is_chunk {
-            r.checked += 1;
-            verify_file(&e.path)
-        } else {
-            Err("not a chunk file (foreign name or place); not orcafs's, left in place".to_string())
-        };
-        match result {
-            Ok(()) => {
-                r.good += 1;
-                r.good_bytes += e.size;
-            }
+    let found = walk(root);
+    for path in found.others {
+        r.bad.push(BadFile {
+            path,
+            reason: "not orcafs's (foreign name or place); left in place".into(),
+        });
+    }
+    for o in &found.objects {
+        let checked = match read_map(o) {
+            Ok((h, entries)) => verify_object(o, &h, &entries, repair),
             // Evicted by a running mount while we looked: not a bad file.
-            Err(_) if fs::symlink_metadata(&e.path).is_err() => {
-                r.checked -= u64::from(e.is_chunk);
+            Err(_) if fs::symlink_metadata(&o.map).is_err() => continue,
+            Err(reason) => Checked::Unusable(o.map.clone(), reason),
+        };
+        match checked {
+            Checked::Good { chunks, bytes } => {
+                r.checked += chunks;
+                r.good += chunks;
+                r.good_bytes += bytes;
             }
-            Err(reason) => {
-                if repair && e.is_chunk && fs::remove_file(&e.path).is_ok() {
-                    r.removed += 1;
-                }
+            Checked::BadBlocks {
+                chunks,
+                bad,
+                bytes,
+                repaired,
+            } => {
+                r.checked += chunks;
+                r.good += chunks - bad.len() as u64;
+                r.good_bytes += bytes;
+                r.removed += u64::from(repaired);
+                let list: Vec<String> = bad.iter().map(|(c, b)| format!("{c} (block {b})")).collect();
                 r.bad.push(BadFile {
-                    path: e.path,
-                    reason,
+                    path: o.data.clone(),
+                    reason: format!("chunks failing their CRC: {}", list.join(", ")),
                 });
+            }
+            Checked::Unusable(path, reason) => {
+                if repair {
+                    let gone = fs::remove_file(&o.map).is_ok();
+                    let _ = fs::remove_file(&o.data);
+                    r.removed += u64::from(gone);
+                }
+                r.bad.push(BadFile { path, reason });
             }
         }
     }
     Ok(r)
 }
 
-/// Deletes chunks, least recently used first, until the chunks total at most `max_bytes`.
+enum Checked {
+    Good {
+        chunks: u64,
+        bytes: u64,
+    },
+    /// (chunk, first bad block) per bad chunk; `bytes` of good blocks.
+    BadBlocks {
+        chunks: u64,
+        bad: Vec<(u64, u64)>,
+        bytes: u64,
+        repaired: bool,
+    },
+    /// The file at fault and why.
+    Unusable(PathBuf, String),
+}
+
+fn verify_object(o: &Object, h: &MapHeader, entries: &[Option<u32>], repair: bool) -> Checked {
+    let data = match File::open(&o.data) {
+        Ok(f) => f,
+        Err(e) => return Checked::Unusable(o.data.clone(), format!("cannot open: {e}")),
+    };
+    match data.metadata() {
+        Ok(m) if m.len() == h.size => {}
+        Ok(m) => {
+            let why = format!(
+                "{} bytes long, the object {} (truncated or extended)",
+                m.len(),
+                h.size
+            );
+            return Checked::Unusable(o.data.clone(), why);
+        }
+        Err(e) => return Checked::Unusable(o.data.clone(), format!("cannot stat: {e}")),
+    }
+    let (chunks, _) = held(h, entries);
+    let mut bad: Vec<(u64, u64)> = Vec::new();
+    let mut bad_blocks = Vec::new();
+    let mut bytes = 0;
+    let mut buf = vec![0u8; h.block as usize];
+    for (i, crc) in entries.iter().enumerate() {
+        let Some(crc) = crc else { continue };
+        let start = i as u64 * h.block;
+        let len = (h.size - start).min(h.block) as usize;
+        let ok = data.read_exact_at(&mut buf[..len], start).is_ok()
+            && crc32c::crc32c(&buf[..len]) == *crc;
+        if ok {
+            bytes += len as u64;
+            continue;
+        }
+        bad_blocks.push(i as u64);
+        let chunk = start / h.chunk_size;
+        if bad.last().is_none_or(|(c, _)| *c != chunk) {
+            bad.push((chunk, i as u64));
+        }
+    }
+    if bad.is_empty() {
+        return Checked::Good { chunks, bytes };
+    }
+    let repaired = repair && clear_blocks(&o.map, h, &bad_blocks).is_ok();
+    Checked::BadBlocks {
+        chunks,
+        bad,
+        bytes,
+        repaired,
+    }
+}
+
+/// Marks blocks absent in a map file.
+fn clear_blocks(map: &Path, h: &MapHeader, blocks: &[u64]) -> io::Result<()> {
+    let f = fs::OpenOptions::new().write(true).open(map)?;
+    for b in blocks {
+        f.write_all_at(&[0; layout::ENTRY as usize], h.entry_at(*b))?;
+    }
+    Ok(())
+}
+
+/// Deletes objects, least recently used first, until the blocks held total at most
+/// `max_bytes`.
 pub fn evict(dir: &Path, max_bytes: u64) -> io::Result<EvictReport> {
     let root = &check_cache_dir(dir)?;
-    let mut chunks: Vec<Entry> = walk_chunks(root)
+    let mut objects: Vec<(Object, u64, u64)> = walk(root)
+        .objects
         .into_iter()
-        .filter(|e| e.is_chunk)
+        .filter_map(|o| {
+            let (h, entries) = read_map(&o).ok()?;
+            let (chunks, bytes) = held(&h, &entries);
+            Some((o, chunks, bytes))
+        })
         .collect();
-    chunks.sort_by_key(|e| e.mtime);
+    objects.sort_by_key(|(o, _, _)| o.mtime);
     let mut r = EvictReport {
-        remaining_chunks: chunks.len() as u64,
-        remaining_bytes: chunks.iter().map(|e| e.size).sum(),
+        remaining_chunks: objects.iter().map(|(_, c, _)| c).sum(),
+        remaining_bytes: objects.iter().map(|(_, _, b)| b).sum(),
         ..Default::default()
     };
-    for e in &chunks {
+    for (o, chunks, bytes) in &objects {
         if r.remaining_bytes <= max_bytes {
             break;
         }
-        match fs::remove_file(&e.path) {
-            Ok(()) => {}
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-            Err(err) => {
-                return Err(io::Error::new(
-                    err.kind(),
-                    format!("cannot remove {}: {err}", e.path.display()),
-                ))
-            }
-        }
-        r.removed += 1;
-        r.freed_bytes += e.size;
-        r.remaining_chunks -= 1;
-        r.remaining_bytes -= e.size;
+        remove_object(o)?;
+        r.removed += chunks;
+        r.freed_bytes += bytes;
+        r.remaining_chunks -= chunks;
+        r.remaining_bytes -= bytes;
     }
     prune_empty_dirs(root);
     Ok(r)
 }
 
-/// Deletes every chunk file and every temp file. The directory, its marker and log, and any
+/// Removes an object's map, then its data file.
+fn remove_object(o: &Object) -> io::Result<()> {
+    for p in [&o.map, &o.data] {
+        match fs::remove_file(p) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => {
+                let text = format!("cannot remove {}: {err}", p.display());
+                return Err(io::Error::new(err.kind(), text));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Deletes every object's files and every temp file. The directory, its marker and log, and any
 /// file orcafs did not write stay.
 pub fn clear(dir: &Path) -> io::Result<ClearReport> {
     let root = &check_cache_dir(dir)?;
     let mut r = ClearReport::default();
-    for e in walk_chunks(root) {
-        if !e.is_chunk {
-            r.other_kept += 1;
-            continue;
+    let found = walk(root);
+    r.other_kept = found.others.len() as u64;
+    for o in &found.objects {
+        let (chunks, bytes) = read_map(o).map_or((0, 0), |(h, e)| held(&h, &e));
+        remove_object(o)?;
+        r.chunks_removed += chunks;
+        r.bytes_freed += bytes;
+    }
+    // Data files left without a map.
+    for path in layout::walk_objects(root).files {
+        if layout::file_at(root, &path).is_some() && fs::remove_file(&path).is_ok() {
+            r.bytes_freed += 0;
         }
-        fs::remove_file(&e.path).map_err(|err| {
-            io::Error::new(
-                err.kind(),
-                format!("cannot remove {}: {err}", e.path.display()),
-            )
-        })?;
-        r.chunks_removed += 1;
-        r.bytes_freed += e.size;
     }
     for (path, _) in temp_files(root) {
         if fs::remove_file(&path).is_ok() {
@@ -257,63 +410,18 @@ pub fn clear(dir: &Path) -> io::Result<ClearReport> {
     Ok(r)
 }
 
-/// Removes empty `chunks/<xx>/<yy>` and `chunks/<xx>` directories (a mount recreates them);
-/// only those named as fan-out directories, which orcafs made.
+/// Removes empty fan-out directories under `objects/` (a mount recreates them); only those
+/// named as fan-out directories, which orcafs made.
 fn prune_empty_dirs(root: &Path) {
-    let fan_out = |p: &PathBuf| p.file_name().is_some_and(chunkfile::is_fan_out_name);
-    for l1 in read_dir_paths(&chunkfile::chunks_dir(root))
-        .into_iter()
-        .filter(fan_out)
-    {
-        for l2 in read_dir_paths(&l1).into_iter().filter(fan_out) {
-            let _ = fs::remove_dir(l2); // fails, harmlessly, unless empty
-        }
-        let _ = fs::remove_dir(l1);
+    for d in layout::walk_objects(root).fan_out_dirs {
+        let _ = fs::remove_dir(d); // fails, harmlessly, unless empty
     }
-}
-
-/// Full check of one chunk file; the error says what is wrong.
-pub fn verify_file(path: &Path) -> Result<(), String> {
-    let file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
-    let meta = file.metadata().map_err(|e| format!("cannot stat: {e}"))?;
-    let head =
-        chunkfile::read_header(&file, meta.len()).map_err(|e| format!("cannot read: {e}"))?;
-    let h = chunkfile::decode(&head)?;
-    if meta.len() != h.file_len() {
-        let (is, says) = (meta.len(), h.file_len());
-        return Err(format!(
-            "{is} bytes long, the header says {says} (truncated or extended)"
-        ));
-    }
-    let key = h.chunk_key();
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    if name != key.id().to_hex() {
-        return Err(format!(
-            "holds chunk {} of {}/{} but is stored as {name} (foreign file)",
-            h.index, h.bucket, h.key
-        ));
-    }
-    // Holds by construction today; kept so a check the mount gains is one verify applies too.
-    if !h.is_of(&key) {
-        return Err("header refused by the mount's own check".into());
-    }
-    let mut buf = vec![0u8; BLOCK as usize];
-    for i in 0..h.crcs.len() as u64 {
-        let start = i * BLOCK;
-        let len = BLOCK.min(h.data_len - start) as usize;
-        file.read_exact_at(&mut buf[..len], h.len + start)
-            .map_err(|e| format!("cannot read block {i}: {e}"))?;
-        if h.bad_block(i, &buf[..len]).is_some() {
-            return Err(format!("block {i} (bytes {start}..) checksum mismatch"));
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cachestore::chunkfile::test_key as key;
+    use crate::cachestore::layout::{test_key as key, BLOCK};
     use crate::cachestore::DiskStore;
     use crate::chunk::ChunkKey;
     use bytes::Bytes;
@@ -327,160 +435,112 @@ mod tests {
         )
     }
 
-    /// A cache written by the real disk store: a full chunk and a short tail chunk.
+    /// A cache written by the real disk store: one object of a full chunk and a short tail
+    /// chunk, and another object of one chunk.
     fn cache(dir: &Path) -> (DiskStore, Vec<ChunkKey>) {
         let (s, _) = DiskStore::open(dir, 1 << 30, Arc::default()).unwrap();
-        let chunk = 256 << 10;
+        let chunk = 4 * BLOCK;
         let size = chunk + 1000;
-        let keys = vec![key("e1", size, chunk, 0), key("e1", size, chunk, 1)];
+        let keys = vec![
+            key("e1", size, chunk, 0),
+            key("e1", size, chunk, 1),
+            key("e2", 3 * BLOCK, chunk, 0),
+        ];
         s.write(&keys[0], &[data(chunk as usize, 1)]).unwrap();
         s.write(&keys[1], &[data(500, 2), data(500, 3)]).unwrap();
+        s.write(&keys[2], &[data(3 * BLOCK as usize, 4)]).unwrap();
         (s, keys)
     }
 
-    fn chunk_path(root: &Path, k: &ChunkKey) -> PathBuf {
-        chunkfile::chunk_path(root, &k.id())
+    fn data_path(root: &Path, k: &ChunkKey) -> PathBuf {
+        layout::data_path(root, &k.version())
     }
 
     #[test]
-    fn layout_and_header_agree_with_the_disk_store() {
+    fn stats_count_what_the_disk_store_holds() {
         let dir = tempfile::tempdir().unwrap();
-        let (_s, keys) = cache(dir.path());
-        for k in &keys {
-            let p = chunk_path(dir.path(), k);
-            assert!(p.exists(), "disk store path layout changed");
-            verify_file(&p).unwrap();
-            let bytes = fs::read(&p).unwrap();
-            let h = chunkfile::decode(&bytes).unwrap();
-            assert_eq!(h.chunk_key().id(), k.id());
-            assert_eq!(h.data_len, k.len());
-        }
+        let (s, _) = cache(dir.path());
         let st = stats(dir.path()).unwrap();
-        assert_eq!(st.chunks, 2);
-        assert_eq!(
-            st.bytes,
-            keys.iter()
-                .map(|k| fs::metadata(chunk_path(dir.path(), k)).unwrap().len())
-                .sum::<u64>()
-        );
-        let v = verify(dir.path(), false).unwrap();
-        assert_eq!((v.checked, v.good, v.bad.len()), (2, 2, 0));
+        assert_eq!((st.objects, st.chunks), (2, 3));
+        assert_eq!(st.bytes, s.used_bytes());
+        assert_eq!(st.bytes, 4 * BLOCK + 1000 + 3 * BLOCK);
+        assert!(st.oldest_use.is_some() && st.newest_use.is_some());
     }
 
     #[test]
     fn verify_finds_flipped_truncated_foreign_and_stray_files() {
         let dir = tempfile::tempdir().unwrap();
-        let (s, keys) = cache(dir.path());
-        let p0 = chunk_path(dir.path(), &keys[0]);
-        let p1 = chunk_path(dir.path(), &keys[1]);
-        // Flip one byte in the last block of chunk 0.
-        let f = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&p0)
-            .unwrap();
-        let len = f.metadata().unwrap().len();
-        let mut b = [0u8; 1];
-        f.read_exact_at(&mut b, len - 10).unwrap();
-        f.write_all_at(&[b[0] ^ 0x40], len - 10).unwrap();
-        // Truncate chunk 1.
-        let f = fs::OpenOptions::new().write(true).open(&p1).unwrap();
-        f.set_len(f.metadata().unwrap().len() - 1).unwrap();
-        // A foreign chunk copied to a third chunk's path.
-        let other = key("e2", 100, 256 << 10, 0);
-        s.write(&other, &[data(100, 4)]).unwrap();
-        let third = chunk_path(dir.path(), &key("e3", 100, 256 << 10, 0));
-        fs::create_dir_all(third.parent().unwrap()).unwrap();
-        fs::copy(chunk_path(dir.path(), &other), &third).unwrap();
-        // A stray file: not orcafs's.
-        let stray = dir.path().join("chunks/stray");
-        fs::write(&stray, b"x").unwrap();
+        let root = dir.path();
+        let (s, keys) = cache(root);
+        drop(s);
+        let r = verify(root, false).unwrap();
+        assert_eq!((r.checked, r.good, r.bad.len()), (3, 3, 0));
 
-        let v = verify(dir.path(), false).unwrap();
-        assert_eq!(v.good, 1, "{:?}", v.bad);
-        assert_eq!(v.bad.len(), 4, "{:?}", v.bad);
-        let reason = |p: &Path| {
-            v.bad
-                .iter()
-                .find(|b| b.path == p)
-                .map(|b| b.reason.clone())
-                .unwrap()
-        };
-        assert!(reason(&p0).contains("checksum"), "{}", reason(&p0));
-        assert!(reason(&p1).contains("truncated"), "{}", reason(&p1));
-        assert!(reason(&third).contains("foreign"), "{}", reason(&third));
-        assert!(p0.exists(), "verify without repair deletes nothing");
+        // One flipped byte in the second block of the first object.
+        let f = fs::OpenOptions::new().write(true).open(data_path(root, &keys[0])).unwrap();
+        f.write_all_at(b"\xff", BLOCK + 9).unwrap();
+        // The second object's data file cut short.
+        let f = fs::OpenOptions::new().write(true).open(data_path(root, &keys[2])).unwrap();
+        f.set_len(BLOCK).unwrap();
+        // A stray file that is not orcafs's.
+        fs::write(layout::objects_dir(root).join("stray"), b"x").unwrap();
+        let r = verify(root, false).unwrap();
+        assert_eq!((r.checked, r.good), (2, 1), "{r:?}");
+        assert_eq!(r.bad.len(), 3, "{:?}", r.bad);
+        let reasons: Vec<&str> = r.bad.iter().map(|b| b.reason.as_str()).collect();
+        assert!(reasons.iter().any(|t| t.contains("chunks failing their CRC: 0 (block 1)")), "{reasons:?}");
+        assert!(reasons.iter().any(|t| t.contains("truncated")), "{reasons:?}");
+        assert!(reasons.iter().any(|t| t.contains("not orcafs's")), "{reasons:?}");
 
-        assert!(
-            reason(&stray).contains("left in place"),
-            "{}",
-            reason(&stray)
-        );
-
-        let v = verify(dir.path(), true).unwrap();
-        assert_eq!(v.removed, 3, "the bad chunk files, not the stray");
-        let v = verify(dir.path(), false).unwrap();
-        assert_eq!((v.good, v.bad.len()), (1, 1));
-        assert_eq!(fs::read(&stray).unwrap(), b"x");
+        let r = verify(root, true).unwrap();
+        assert_eq!(r.removed, 2);
+        let r = verify(root, false).unwrap();
+        // Chunk 0 keeps its good blocks (it is partial now), chunk 1 is whole.
+        assert_eq!((r.checked, r.good, r.bad.len()), (2, 2, 1), "only the stray remains bad");
+        assert!(layout::objects_dir(root).join("stray").exists(), "never deleted");
+        // The mount agrees: the repaired chunk is absent, the other one still there.
+        let (s, _) = DiskStore::open(root, 1 << 30, Arc::default()).unwrap();
+        assert!(!s.contains(&keys[0]) && s.contains(&keys[1]) && !s.contains(&keys[2]));
     }
 
     #[test]
     fn evict_removes_least_recently_used_first() {
         let dir = tempfile::tempdir().unwrap();
-        let (s, keys) = cache(dir.path());
-        let third = key("e9", 1000, 256 << 10, 0);
-        s.write(&third, &[data(1000, 9)]).unwrap();
-        let now = SystemTime::now();
-        let age = |k: &ChunkKey, secs: u64| {
-            File::options()
-                .write(true)
-                .open(chunk_path(dir.path(), k))
-                .unwrap()
-                .set_modified(now - std::time::Duration::from_secs(secs))
-                .unwrap();
-        };
-        age(&keys[0], 300); // oldest use
-        age(&keys[1], 10);
-        age(&third, 200);
-        let sizes: Vec<u64> = [&keys[0], &keys[1], &third]
-            .iter()
-            .map(|k| fs::metadata(chunk_path(dir.path(), k)).unwrap().len())
-            .collect();
-        let r = evict(dir.path(), sizes[1] + sizes[2]).unwrap();
-        assert_eq!(r.removed, 1);
-        assert!(!chunk_path(dir.path(), &keys[0]).exists());
-        let r = evict(dir.path(), sizes[1]).unwrap();
-        assert_eq!((r.removed, r.remaining_chunks), (1, 1));
-        assert!(chunk_path(dir.path(), &keys[1]).exists());
-        assert_eq!(evict(dir.path(), 0).unwrap().remaining_bytes, 0);
+        let root = dir.path();
+        let (s, keys) = cache(root);
+        drop(s);
+        let old = SystemTime::now() - std::time::Duration::from_secs(3600);
+        File::options()
+            .write(true)
+            .open(layout::map_path(root, &keys[2].version()))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let r = evict(root, 5 * BLOCK).unwrap();
+        assert_eq!((r.removed, r.freed_bytes), (1, 3 * BLOCK));
+        assert_eq!((r.remaining_chunks, r.remaining_bytes), (2, 4 * BLOCK + 1000));
+        assert!(!data_path(root, &keys[2]).exists() && data_path(root, &keys[0]).exists());
+        let r = evict(root, 0).unwrap();
+        assert_eq!((r.removed, r.remaining_bytes), (2, 0));
+        assert!(layout::walk_objects(root).fan_out_dirs.is_empty(), "empty dirs pruned");
     }
 
     #[test]
     fn clear_removes_only_orcafs_files() {
         let dir = tempfile::tempdir().unwrap();
-        let (_s, keys) = cache(dir.path());
-        fs::write(chunkfile::temp_path(dir.path(), &keys[0].id()), b"half").unwrap();
-        fs::write(dir.path().join("orcafs.log"), b"log").unwrap();
-        let foreign = [
-            dir.path().join("tmp/foreign"),
-            dir.path().join("chunks/stray"),
-            dir.path().join("chunks/notes"),
-        ];
-        fs::create_dir(&foreign[2]).unwrap();
-        let foreign = [foreign[0].clone(), foreign[1].clone(), foreign[2].join("n")];
-        for p in &foreign {
-            fs::write(p, b"mine").unwrap();
-        }
-        let r = clear(dir.path()).unwrap();
-        assert_eq!((r.chunks_removed, r.temp_removed, r.other_kept), (2, 1, 2));
-        let st = stats(dir.path()).unwrap();
-        assert_eq!((st.chunks, st.temp_files, st.other_files), (0, 0, 2));
-        assert!(dir.path().join("orcafs.log").exists());
-        assert!(chunkfile::marker_path(dir.path()).exists());
-        assert!(dir.path().join("chunks").is_dir() && dir.path().join("tmp").is_dir());
-        for p in &foreign {
-            assert_eq!(fs::read(p).unwrap(), b"mine", "{} kept", p.display());
-        }
+        let root = dir.path();
+        let (s, keys) = cache(root);
+        drop(s);
+        let stray = layout::objects_dir(root).join("stray");
+        fs::write(&stray, b"x").unwrap();
+        let temp = layout::temp_path(root, &keys[0].version());
+        fs::write(&temp, b"half").unwrap();
+        let r = clear(root).unwrap();
+        assert_eq!((r.chunks_removed, r.temp_removed, r.other_kept), (3, 1, 1));
+        assert_eq!(r.bytes_freed, 7 * BLOCK + 1000);
+        assert!(stray.exists() && !temp.exists());
+        assert!(layout::marker_path(root).exists(), "still a cache");
+        assert_eq!(stats(root).unwrap().objects, 0);
     }
 
     #[test]
@@ -488,10 +548,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("precious"), b"p").unwrap();
         let (s, keys) = cache(dir.path());
-        assert_eq!(s.root(), dir.path().join(chunkfile::SUBDIR));
-        assert_eq!(stats(dir.path()).unwrap().chunks, 2);
-        assert_eq!(verify(dir.path(), false).unwrap().good, 2);
-        assert_eq!(evict(dir.path(), 0).unwrap().removed, 2);
+        assert_eq!(s.root(), dir.path().join(layout::SUBDIR));
+        assert_eq!(stats(dir.path()).unwrap().chunks, 3);
+        assert_eq!(verify(dir.path(), false).unwrap().good, 3);
+        assert_eq!(evict(dir.path(), 0).unwrap().removed, 3);
+        drop(s);
+        let (s, _) = DiskStore::open(dir.path(), 1 << 30, Arc::default()).unwrap();
         s.write(&keys[1], &[data(1000, 2)]).unwrap();
         assert_eq!(clear(dir.path()).unwrap().chunks_removed, 1);
         assert_eq!(fs::read(dir.path().join("precious")).unwrap(), b"p");

@@ -1,38 +1,49 @@
-//! The local disk cache: one file per chunk, in the format [`super::chunkfile`] owns.
+//! The local disk cache: one sparse file per object version and its block map, in the layout
+//! [`super::layout`] owns.
 //!
-//! A read verifies only the blocks it touches, so a 4 KiB read of a cached 8 MiB chunk reads
-//! 64 KiB, not 8 MiB, and still never serves a corrupt byte: any mismatch, truncation or foreign
-//! header makes the file a miss and it is removed.
+//! A chunk is stored at its own offsets in its object's data file, and its 64 KiB blocks are
+//! entered in the map with their CRC32C once the data is written. A read checks only the blocks
+//! it touches, so a 4 KiB read of a cached chunk reads 64 KiB and never serves a byte that fails
+//! its CRC: a mismatch, a truncated or foreign file is a miss, and the chunk is dropped. Blocks
+//! may be held without their whole chunk (a random read caches what it fetched).
 //!
-//! Writes go to `<dir>/tmp/` and are renamed into place, so a crash leaves only temp files,
-//! which are swept at start. An in-memory LRU index of the files bounds the total size; it is
-//! rebuilt at start from the files themselves, ordered by modification time.
+//! An in-memory index of the blocks held (a bit per block) and an LRU of chunks bound the total
+//! size; it is rebuilt at start from the maps, ordered by their modification times (a read
+//! refreshes its object's at most once a minute). Evicting a chunk clears its map entries, then
+//! punches its bytes out of the data file; an object with nothing left loses both files.
+//!
+//! A whole, verified object can be handed out as a file ([`DiskStore::whole_object`]) for the
+//! kernel to read itself (FUSE passthrough): it is pinned meanwhile (never evicted or punched), and
+//! its every block is checked once per process before it is first handed out, so a file damaged
+//! while the mount was down is never served that way either.
 //!
 //! The cache is private and never destroys what it did not write. [`prepare_root`] picks the
 //! directory: `--cache-dir` itself when it is absent, empty or already an orcafs cache, else
 //! orcafs's own subdirectory of it, and refuses the root, home and system directories. What
 //! orcafs creates is 0700 (directories) and 0600 (files), never looser whatever the umask;
 //! what an earlier orcafs left looser is tightened at start. Sweeps delete only orcafs's temp
-//! files, and eviction only chunk files at chunk paths: anything else found there is counted,
-//! kept and never served.
+//! files, and eviction only files at object paths: anything else found there is counted, kept
+//! and never served.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use lru::LruCache;
 
-use super::chunkfile::{self, read_dir_paths, DirKind, Header, BLOCK};
+use super::layout::{self, DirKind, MapHeader, Role};
 use super::{
-    check_put, once, read_after_write, CacheStore, ChunkStream, Committed, Info, StoreError,
+    check_put, once, read_after_write, CacheStore, ChunkStream, Committed, Info, LocalFile,
+    StoreError,
 };
-use crate::chunk::{ChunkId, ChunkKey};
+use crate::chunk::{ChunkId, ChunkKey, ObjectVersion, VersionId};
 use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -62,64 +73,121 @@ pub struct DiskStore {
     pub(super) root: PathBuf,
     pub(super) max_bytes: u64,
     pub(super) index: Mutex<Index>,
-    /// Recently read chunk files, open with their headers decoded: a warm read is a pread and
-    /// a CRC check, not an open, a stat and a header parse.
-    open: Mutex<LruCache<ChunkId, Arc<OpenChunk>>>,
+    /// Recently used objects, their files open and their maps read: a warm read is a pread and
+    /// a CRC check, not an open, a stat and a map parse.
+    open: Mutex<LruCache<VersionId, Arc<Obj>>>,
     /// When each recently advised chunk was (see [`DiskStore::advise`]).
     advised: Mutex<LruCache<ChunkId, Instant>>,
+    /// Objects handed out whole (passthrough): never evicted or punched while pinned.
+    pins: Arc<Mutex<HashMap<VersionId, usize>>>,
+    /// Serializes creating an object's files, so two writers never both create them.
+    creating: Mutex<()>,
     pub(super) metrics: Arc<Metrics>,
 }
 
 /// How long a read-ahead advice is taken to hold (pages may be reclaimed after).
 const ADVICE_FRESH: Duration = Duration::from_secs(10);
 
-/// How many chunk files stay open for reading.
+/// How many objects stay open.
 const OPEN_FILES: usize = 64;
 
-/// A chunk file whose header matched its key and whose length matched the header.
-struct OpenChunk {
-    file: File,
-    header: Header,
+/// How stale a map's mtime may get before a read refreshes it.
+const TOUCH_EVERY: Duration = Duration::from_secs(60);
+
+/// What opening an object's files found.
+enum Opened {
+    Obj(Obj),
+    /// No map file.
+    Absent,
+    /// Files that cannot be used (bad or foreign map, missing or wrong-sized data).
+    Broken,
 }
 
-impl OpenChunk {
-    fn open(file: File, key: &ChunkKey) -> io::Result<Option<OpenChunk>> {
-        let file_len = file.metadata()?.len();
-        let head = chunkfile::read_header(&file, file_len)?;
-        Ok(chunkfile::decode(&head)
-            .ok()
-            .filter(|h| h.is_of(key) && h.file_len() == file_len)
-            .map(|header| OpenChunk { file, header }))
+/// An object version's files, open, with the map's header checked and its entries read.
+struct Obj {
+    data: File,
+    map: File,
+    head: MapHeader,
+    /// Each block's CRC as the map holds it; None = absent.
+    crcs: Mutex<Vec<Option<u32>>>,
+    /// Every block was checked against its CRC by this process (or written by it).
+    verified: AtomicBool,
+}
+
+impl Obj {
+    fn crcs(&self) -> MutexGuard<'_, Vec<Option<u32>>> {
+        self.crcs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Bytes `[offset, offset+len)` of the data, clipped to its length; None when a block they
-    /// touch fails its CRC. Whole blocks are read (into fresh, unzeroed memory) and checked.
-    fn read(&self, offset: u64, len: u64) -> io::Result<Option<Bytes>> {
-        let h = &self.header;
-        let end = offset.saturating_add(len).min(h.data_len);
-        if offset >= end {
-            return Ok(Some(Bytes::new()));
+    /// Enters blocks `first..` with these CRCs (None clears), in the map file and in memory.
+    fn set_entries(&self, first: u64, crcs: &[Option<u32>]) -> io::Result<()> {
+        let mut raw = Vec::with_capacity(crcs.len() * layout::ENTRY as usize);
+        for c in crcs {
+            raw.extend_from_slice(&c.map_or([0; layout::ENTRY as usize], layout::entry));
         }
-        let first = offset / BLOCK;
-        let last = (end - 1) / BLOCK;
-        let span_start = first * BLOCK;
-        let span_end = ((last + 1) * BLOCK).min(h.data_len);
-        let buf = match pread_exact(
-            &self.file,
-            (span_end - span_start) as usize,
-            h.len + span_start,
-        ) {
+        let mut mem = self.crcs();
+        self.map.write_all_at(&raw, self.head.entry_at(first))?;
+        for (i, c) in crcs.iter().enumerate() {
+            if let Some(slot) = mem.get_mut(first as usize + i) {
+                *slot = *c;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes `[start, end)` of the object, whole blocks read and checked; None when a block they
+    /// touch is absent or fails its CRC.
+    fn read(&self, start: u64, end: u64) -> io::Result<Option<Bytes>> {
+        let block = self.head.block;
+        let first = start / block;
+        let last = (end - 1) / block;
+        let want: Vec<Option<u32>> = self.crcs()[first as usize..=last as usize].to_vec();
+        if want.iter().any(Option::is_none) {
+            return Ok(None);
+        }
+        let span_start = first * block;
+        let span_end = ((last + 1) * block).min(self.head.size);
+        let buf = match pread_exact(&self.data, (span_end - span_start) as usize, span_start) {
             Ok(b) => b,
-            // Truncated since it was opened.
+            // Truncated behind our back.
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
             Err(e) => return Err(e),
         };
-        if h.bad_block(first, &buf).is_some() {
+        let good = buf
+            .chunks(block as usize)
+            .zip(&want)
+            .all(|(b, crc)| Some(crc32c::crc32c(b)) == *crc);
+        if !good {
             return Ok(None);
         }
-        let from = (offset - span_start) as usize;
+        let from = (start - span_start) as usize;
         let to = (end - span_start) as usize;
         Ok(Some(buf.freeze().slice(from..to)))
+    }
+
+    /// Checks every block against its CRC; the first bad block's index, if any.
+    fn verify_all(&self) -> io::Result<Option<u64>> {
+        const SPAN: u64 = 16;
+        let block = self.head.block;
+        let crcs = self.crcs().clone();
+        let mut i = 0u64;
+        while i < crcs.len() as u64 {
+            let n = SPAN.min(crcs.len() as u64 - i);
+            let start = i * block;
+            let end = ((i + n) * block).min(self.head.size);
+            let buf = match pread_exact(&self.data, (end - start) as usize, start) {
+                Ok(b) => b,
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Some(i)),
+                Err(e) => return Err(e),
+            };
+            for (j, b) in buf.chunks(block as usize).enumerate() {
+                if crcs[(i as usize) + j] != Some(crc32c::crc32c(b)) {
+                    return Ok(Some(i + j as u64));
+                }
+            }
+            i += n;
+        }
+        Ok(None)
     }
 }
 
@@ -148,29 +216,168 @@ fn pread_exact(file: &File, len: usize, at: u64) -> io::Result<BytesMut> {
     Ok(buf)
 }
 
-pub(super) struct Index {
-    pub(super) lru: LruCache<ChunkId, u64>,
-    pub(super) bytes: u64,
-    /// Last use of each chunk, mirrored into the file's mtime (at most once a minute), so the
-    /// LRU order and idle ages survive a restart.
-    pub(super) used: HashMap<ChunkId, SystemTime>,
+/// Frees `[at, at+len)` of a file's blocks, keeping its size (reads there give zeros).
+fn punch(file: &File, at: u64, len: u64) -> io::Result<()> {
+    let (at, len) = (libc::off_t::try_from(at), libc::off_t::try_from(len));
+    let (Ok(at), Ok(len)) = (at, len) else {
+        return Err(io::Error::other("offset out of range"));
+    };
+    // SAFETY: fallocate on an fd we own; no memory is passed.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            at,
+            len,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
-/// How stale a file's mtime may get before a read refreshes it.
-const TOUCH_EVERY: Duration = Duration::from_secs(60);
+/// Which blocks of one object version the cache holds, and the chunks' geometry.
+pub(super) struct Held {
+    bits: Vec<u64>,
+    count: u64,
+    blocks: u64,
+    block: u64,
+    size: u64,
+    chunk_size: u64,
+    /// Last use, mirrored into the map's mtime (at most once a minute), so the LRU order and
+    /// idle ages survive a restart.
+    used: SystemTime,
+}
+
+impl Held {
+    fn new(h: &MapHeader, used: SystemTime) -> Held {
+        let blocks = h.blocks();
+        Held {
+            bits: vec![0; blocks.div_ceil(64) as usize],
+            count: 0,
+            blocks,
+            block: h.block,
+            size: h.size,
+            chunk_size: h.chunk_size,
+            used,
+        }
+    }
+
+    fn has(&self, i: u64) -> bool {
+        self.bits
+            .get((i / 64) as usize)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+
+    fn set(&mut self, i: u64, on: bool) {
+        let Some(w) = self.bits.get_mut((i / 64) as usize) else {
+            return;
+        };
+        let bit = 1u64 << (i % 64);
+        if on && *w & bit == 0 {
+            *w |= bit;
+            self.count += 1;
+        } else if !on && *w & bit != 0 {
+            *w &= !bit;
+            self.count -= 1;
+        }
+    }
+
+    fn all(&self, first: u64, last: u64) -> bool {
+        (first..=last).all(|i| self.has(i))
+    }
+
+    /// Blocks of chunk `index`: first and last.
+    fn chunk_blocks(&self, index: u64) -> Option<(u64, u64)> {
+        let start = index * self.chunk_size;
+        let end = (start + self.chunk_size).min(self.size);
+        (start < end).then(|| (start / self.block, (end - 1) / self.block))
+    }
+
+    /// Bytes held of chunk `index`.
+    fn chunk_bytes(&self, index: u64) -> u64 {
+        let Some((first, last)) = self.chunk_blocks(index) else {
+            return 0;
+        };
+        (first..=last)
+            .filter(|i| self.has(*i))
+            .map(|i| (self.size - i * self.block).min(self.block))
+            .sum()
+    }
+
+    fn whole(&self) -> bool {
+        self.count == self.blocks
+    }
+}
+
+pub(super) struct Index {
+    /// Chunks with at least one block held, least recently used first; the value is the bytes
+    /// held of the chunk.
+    pub(super) lru: LruCache<(VersionId, u64), u64>,
+    pub(super) bytes: u64,
+    pub(super) objects: HashMap<VersionId, Held>,
+}
+
+impl Index {
+    /// Records what is now held of chunk `index` of `v` (after its bits changed).
+    fn account(&mut self, v: VersionId, index: u64) {
+        let held = self.objects.get(&v).map_or(0, |h| h.chunk_bytes(index));
+        let old = if held > 0 {
+            self.lru.put((v, index), held)
+        } else {
+            self.lru.pop(&(v, index))
+        };
+        self.bytes = self.bytes - old.unwrap_or(0) + held;
+    }
+}
 
 /// What start-up found in the cache directory.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ScanReport {
+    /// Object versions with at least one block held.
+    pub objects: u64,
+    /// Chunks with at least one block held.
     pub chunks: u64,
     pub bytes: u64,
     pub temp_removed: u64,
-    /// Files under `chunks/` that are not chunk files: orcafs did not write them, so they stay.
+    /// Files under `objects/` that are not orcafs's (by name and place): they stay.
     pub foreign_files: u64,
-    /// Chunk files and directories an earlier orcafs left readable by others, now private.
+    /// Object files that were unusable (bad map, missing partner, wrong size): removed.
+    pub removed_broken: u64,
+    /// Files and directories an earlier orcafs left readable by others, now private.
     pub made_private: u64,
 }
 
+/// An object handed out whole: the data file, open for reading, and a pin that keeps the
+/// store from evicting or punching it until dropped.
+pub struct Whole {
+    pub file: File,
+    pub pin: Pin,
+}
+
+/// Keeps an object version from being evicted while held.
+pub struct Pin {
+    pins: Arc<Mutex<HashMap<VersionId, usize>>>,
+    v: VersionId,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = pins.get_mut(&self.v) {
+            *n -= 1;
+            if *n == 0 {
+                pins.remove(&self.v);
+            }
+        }
+    }
+}
+
+/// Objects up to this size are checked in full when first handed out whole after a restart;
+/// bigger ones are checked in the background meanwhile, and served the ordinary way until then.
+pub const VERIFY_INLINE: u64 = 1 << 30;
 /// What to do instead, for the refusals that any directory of its own cures.
 const USE_OWN: &str =
     "point --cache-dir at a directory for orcafs alone, or leave it out for the default";
@@ -211,18 +418,18 @@ pub fn choose_root(dir: &Path) -> Result<(PathBuf, DirKind), DiskError> {
     if let Some(why) = forbidden(dir) {
         return Err(refused(dir, format!("{why}; {USE_OWN}")));
     }
-    let kind = chunkfile::dir_kind(dir).map_err(io_err(dir))?;
+    let kind = layout::dir_kind(dir).map_err(io_err(dir))?;
     check_usable(dir, &kind)?;
     if kind != DirKind::Foreign {
         return Ok((dir.to_owned(), kind));
     }
-    let sub = dir.join(chunkfile::SUBDIR);
-    let sub_kind = chunkfile::dir_kind(&sub).map_err(io_err(&sub))?;
+    let sub = dir.join(layout::SUBDIR);
+    let sub_kind = layout::dir_kind(&sub).map_err(io_err(&sub))?;
     if sub_kind == DirKind::Foreign {
         let why = format!(
             "it holds other files, and so does its {}/ subdirectory; point --cache-dir at an \
              empty directory or an orcafs cache",
-            chunkfile::SUBDIR
+            layout::SUBDIR
         );
         return Err(refused(dir, why));
     }
@@ -237,7 +444,7 @@ fn check_usable(dir: &Path, kind: &DirKind) -> Result<(), DiskError> {
         DirKind::Missing => return Ok(()),
         DirKind::NotADir => return Err(refused(dir, "it is not a directory")),
         DirKind::OtherMarker(line) => {
-            return Err(refused(dir, chunkfile::unknown_layout(line)));
+            return Err(refused(dir, layout::unknown_layout(line)));
         }
         _ => {}
     }
@@ -263,10 +470,10 @@ fn check_usable(dir: &Path, kind: &DirKind) -> Result<(), DiskError> {
 }
 
 /// [`choose_root`], then makes the choice orcafs's: created (0700), marked, made private if an
-/// earlier orcafs left it looser, with `chunks/` and `tmp/` in it. Returns the cache's root.
+/// earlier orcafs left it looser, with `objects/` and `tmp/` in it. Returns the cache's root.
 pub fn prepare_root(dir: &Path) -> Result<PathBuf, DiskError> {
     let (root, kind) = choose_root(dir)?;
-    if root != dir && chunkfile::chunks_dir(dir).is_dir() {
+    if root != dir && dir.join("chunks").is_dir() {
         tracing::warn!(
             dir = %dir.display(),
             cache = %root.display(),
@@ -276,16 +483,20 @@ pub fn prepare_root(dir: &Path) -> Result<PathBuf, DiskError> {
     }
     create_private_dir(&root).map_err(io_err(&root))?;
     make_private(&root, 0o700)?;
+    if kind == DirKind::Legacy {
+        // Layout 1 kept a file per chunk; this layout keeps a file per object. Its chunks are
+        // discarded (they would cost a conversion as long as a refill from the shared store).
+        let discarded = discard_layout_1(&root);
+        // Written 0644 by the orcafs that made this cache.
+        make_private(&layout::log_path(&root), 0o600)?;
+        let dir = root.display();
+        tracing::info!(%dir, discarded, "adopted the cache of an earlier orcafs (layout 1): discarded its chunk files, marked it, made it private");
+        let _ = fs::remove_file(layout::marker_path(&root));
+    }
     if kind != DirKind::Marked {
         write_marker(&root)?;
     }
-    if kind == DirKind::Legacy {
-        // Written 0644 by the orcafs that made this cache.
-        make_private(&chunkfile::log_path(&root), 0o600)?;
-        let dir = root.display();
-        tracing::info!(%dir, "adopted the cache of an earlier orcafs: marked it, made it private");
-    }
-    for p in [chunkfile::chunks_dir(&root), chunkfile::tmp_dir(&root)] {
+    for p in [layout::objects_dir(&root), layout::tmp_dir(&root)] {
         create_private_dir(&p).map_err(io_err(&p))?;
         make_private(&p, 0o700)?;
     }
@@ -326,7 +537,7 @@ fn tighten(path: &Path, meta: &fs::Metadata, mode: u32) -> io::Result<bool> {
 
 /// Writes the marker, unless a mount starting at the same moment wrote it first.
 fn write_marker(root: &Path) -> Result<(), DiskError> {
-    let path = chunkfile::marker_path(root);
+    let path = layout::marker_path(root);
     let mut file = match fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -337,33 +548,45 @@ fn write_marker(root: &Path) -> Result<(), DiskError> {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
         Err(e) => return Err(io_err(&path)(e)),
     };
-    file.write_all(chunkfile::marker_text().as_bytes())
+    file.write_all(layout::marker_text().as_bytes())
         .map_err(io_err(&path))
+}
+
+/// Deletes layout 1's chunk files and their (then empty) directories; returns how many files.
+fn discard_layout_1(root: &Path) -> u64 {
+    let mut files = 0;
+    for p in layout::layout_1_files(root) {
+        if p.is_dir() {
+            let _ = fs::remove_dir(&p);
+        } else if fs::remove_file(&p).is_ok() {
+            files += 1;
+        }
+    }
+    files
 }
 
 impl DiskStore {
     /// Opens (creating) the cache for `--cache-dir dir` (see [`prepare_root`]: its root may be
-    /// `dir/orcafs`), sweeps temp files, and indexes the chunks.
+    /// `dir/orcafs`), sweeps temp files, and indexes the objects.
     pub fn open(
         dir: &Path,
         max_bytes: u64,
         metrics: Arc<Metrics>,
     ) -> Result<(DiskStore, ScanReport), DiskError> {
         let root = prepare_root(dir)?;
+        let n = std::num::NonZeroUsize::new(OPEN_FILES).expect("non-zero");
         let store = DiskStore {
             root,
             max_bytes,
             index: Mutex::new(Index {
                 lru: LruCache::unbounded(),
                 bytes: 0,
-                used: HashMap::new(),
+                objects: HashMap::new(),
             }),
-            open: Mutex::new(LruCache::new(
-                std::num::NonZeroUsize::new(OPEN_FILES).expect("non-zero"),
-            )),
-            advised: Mutex::new(LruCache::new(
-                std::num::NonZeroUsize::new(OPEN_FILES).expect("non-zero"),
-            )),
+            open: Mutex::new(LruCache::new(n)),
+            advised: Mutex::new(LruCache::new(n)),
+            pins: Arc::default(),
+            creating: Mutex::new(()),
             metrics,
         };
         let report = store.scan()?;
@@ -380,8 +603,22 @@ impl DiskStore {
         self.lock().bytes
     }
 
-    pub fn contains(&self, id: &ChunkId) -> bool {
-        self.lock().lru.contains(id)
+    /// True when every block of the chunk is held.
+    pub fn contains(&self, key: &ChunkKey) -> bool {
+        self.contains_range(key, 0, key.len())
+    }
+
+    /// True when the blocks under `[offset, offset+len)` of the chunk are held.
+    pub fn contains_range(&self, key: &ChunkKey, offset: u64, len: u64) -> bool {
+        let start = key.start() + offset;
+        let end = (key.start() + offset.saturating_add(len).min(key.len())).max(start);
+        if start == end {
+            return self.lock().objects.contains_key(&key.version());
+        }
+        let idx = self.lock();
+        idx.objects
+            .get(&key.version())
+            .is_some_and(|h| h.all(start / h.block, (end - 1) / h.block))
     }
 
     pub(super) fn lock(&self) -> MutexGuard<'_, Index> {
@@ -389,84 +626,196 @@ impl DiskStore {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(super) fn path_of(&self, id: &ChunkId) -> PathBuf {
-        chunkfile::chunk_path(&self.root, id)
+    fn open_objects(&self) -> MutexGuard<'_, LruCache<VersionId, Arc<Obj>>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Reads `len` bytes at `offset` inside the chunk; `Ok(None)` on a miss (absent, or found bad
-    /// and removed).
+    fn pinned(&self, v: &VersionId) -> bool {
+        let pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+        pins.contains_key(v)
+    }
+
+    /// Reads `len` bytes at `offset` inside the chunk; `Ok(None)` on a miss (absent, or found
+    /// bad and dropped).
     pub fn read(&self, key: &ChunkKey, offset: u64, len: u64) -> Result<Option<Bytes>, DiskError> {
-        let id = key.id();
-        let path = self.path_of(&id);
-        let Some(chunk) = self.open_chunk(&id, key, &path)? else {
+        let start = key.start() + offset.min(key.len());
+        let end = key.start() + offset.saturating_add(len).min(key.len());
+        if !self.contains_range(key, offset, len) {
+            Metrics::inc(&self.metrics.disk_misses);
+            return Ok(None);
+        }
+        if start >= end {
+            return Ok(Some(Bytes::new()));
+        }
+        let v = key.version();
+        let Some(obj) = self.open_obj(&v, None)? else {
             Metrics::inc(&self.metrics.disk_misses);
             return Ok(None);
         };
-        match chunk.read(offset, len).map_err(io_err(&path))? {
+        let path = layout::data_path(&self.root, &v);
+        match obj.read(start, end).map_err(io_err(&path))? {
             Some(bytes) => {
-                if self.promote(&id) {
-                    // Best effort: a failed touch only makes the chunk look older after a restart.
-                    let _ = chunk.file.set_modified(SystemTime::now());
+                if self.promote(key) {
+                    // Best effort: a failed touch only makes the object look older after a restart.
+                    let _ = obj.map.set_modified(SystemTime::now());
                 }
                 Metrics::inc(&self.metrics.disk_hits);
                 Metrics::add(&self.metrics.disk_bytes_read, bytes.len() as u64);
                 Ok(Some(bytes))
             }
             None => {
-                self.drop_corrupt(&id, key, &path);
+                tracing::warn!(?key, path = %path.display(), "cache blocks absent or failing their CRC: dropping the chunk");
+                Metrics::inc(&self.metrics.disk_corrupt);
+                self.remove_chunk(&v, key.index, true);
                 Metrics::inc(&self.metrics.disk_misses);
                 Ok(None)
             }
         }
     }
 
-    /// The chunk's file, open with its header checked: from the open-file cache, else opened
-    /// now. None when there is no usable file (a missing one heals the index; a corrupt,
-    /// truncated or foreign one is removed).
-    fn open_chunk(
+    /// The object's files, open and checked: from the open-object cache, else opened now (and,
+    /// with `create`, created when absent). None when there is no usable pair of files (a
+    /// missing one heals the index; a broken, truncated or foreign one is removed).
+    fn open_obj(
         &self,
-        id: &ChunkId,
-        key: &ChunkKey,
-        path: &Path,
-    ) -> Result<Option<Arc<OpenChunk>>, DiskError> {
-        let cached = self.open_files().get(id).cloned();
-        if let Some(chunk) = cached {
+        v: &VersionId,
+        create: Option<(&ObjectVersion, u64)>,
+    ) -> Result<Option<Arc<Obj>>, DiskError> {
+        let cached = self.open_objects().get(v).cloned();
+        if let Some(obj) = cached {
             // Unlinked behind our back (`orcafs cache clear`): let its space go.
-            if chunk.file.metadata().is_ok_and(|m| m.nlink() > 0) {
-                return Ok(Some(chunk));
+            if obj.map.metadata().is_ok_and(|m| m.nlink() > 0) {
+                return Ok(Some(obj));
             }
-            self.open_files().pop(id);
+            self.open_objects().pop(v);
         }
-        let file = match File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                // An index entry without its file (a put racing a delete) heals here.
-                self.forget_entry(id);
-                return Ok(None);
-            }
-            Err(e) => return Err(io_err(path)(e)),
+        let map_path = layout::map_path(&self.root, v);
+        let obj = {
+            // Creating, opening and removing an object's files are serialized, so a writer never
+            // opens the files a remover is deleting.
+            let _files = self.files_lock();
+            self.open_files_of(v, &map_path, create)?
         };
-        match OpenChunk::open(file, key).map_err(io_err(path))? {
-            Some(chunk) => {
-                let chunk = Arc::new(chunk);
-                self.open_files().put(*id, chunk.clone());
-                Ok(Some(chunk))
+        match obj {
+            Opened::Obj(obj) => {
+                let obj = Arc::new(obj);
+                self.open_objects().put(*v, obj.clone());
+                Ok(Some(obj))
             }
-            None => {
-                self.drop_corrupt(id, key, path);
+            Opened::Absent => {
+                // An index entry without its files (a put racing a removal) heals here.
+                self.forget_object(v);
+                Ok(None)
+            }
+            Opened::Broken => {
+                tracing::warn!(path = %map_path.display(), "broken, truncated or foreign cache files: removing them");
+                Metrics::inc(&self.metrics.disk_corrupt);
+                self.remove_object(v);
                 Ok(None)
             }
         }
     }
 
-    /// Asks the kernel to read the chunk's file into the page cache in the background, so a
-    /// sequential reader finds it there instead of waiting on the disk read by read.
+    fn files_lock(&self) -> MutexGuard<'_, ()> {
+        self.creating.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Opens (with `create`, creating when absent) and checks an object's files. Called under
+    /// [`Self::files_lock`].
+    fn open_files_of(
+        &self,
+        v: &VersionId,
+        map_path: &Path,
+        create: Option<(&ObjectVersion, u64)>,
+    ) -> Result<Opened, DiskError> {
+        let map = match fs::OpenOptions::new().read(true).write(true).open(map_path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match create {
+                Some((object, chunk_size)) => self.create_files(v, object, chunk_size)?,
+                None => return Ok(Opened::Absent),
+            },
+            Err(e) => return Err(io_err(map_path)(e)),
+        };
+        let data_path = layout::data_path(&self.root, v);
+        let obj = (|| -> io::Result<Option<Obj>> {
+            let Ok(head) = layout::read_header(&map)? else {
+                return Ok(None);
+            };
+            if !head.is_of(v) || map.metadata()?.len() != head.file_len() {
+                return Ok(None);
+            }
+            let data = match fs::OpenOptions::new().read(true).write(true).open(&data_path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            if data.metadata()?.len() != head.size {
+                return Ok(None);
+            }
+            let crcs = layout::read_entries(&map, &head)?;
+            Ok(Some(Obj {
+                data,
+                map,
+                head,
+                crcs: Mutex::new(crcs),
+                verified: AtomicBool::new(false),
+            }))
+        })()
+        .map_err(io_err(map_path))?;
+        Ok(obj.map_or(Opened::Broken, Opened::Obj))
+    }
+
+    /// Creates an object's data file (sparse, its full size) and its map (all blocks absent),
+    /// the map through `tmp/` so that it is never seen half written. Called under `creating`.
+    fn create_files(
+        &self,
+        v: &VersionId,
+        object: &ObjectVersion,
+        chunk_size: u64,
+    ) -> Result<File, DiskError> {
+        let data_path = layout::data_path(&self.root, v);
+        let map_path = layout::map_path(&self.root, v);
+        let tmp = layout::temp_path(&self.root, v);
+        let result = (|| -> io::Result<File> {
+            if let Some(dir) = data_path.parent() {
+                create_private_dir(dir)?;
+            }
+            // 0600 from the start, whatever the umask; a stale data file of a lost map is reused
+            // only after being emptied.
+            let data = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&data_path)?;
+            data.set_len(object.size)?;
+            let head = layout::encode_header(object, chunk_size);
+            let blocks = object.size.div_ceil(layout::block_size_for(chunk_size));
+            let mut f = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(&head)?;
+            f.set_len(head.len() as u64 + layout::ENTRY * blocks)?;
+            fs::rename(&tmp, &map_path)?;
+            Ok(f)
+        })();
+        result.map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            io_err(&map_path)(e)
+        })
+    }
+
+    /// Asks the kernel to read the chunk's bytes into the page cache in the background, so a
+    /// sequential reader finds them there instead of waiting on the disk read by read.
     pub fn advise(&self, key: &ChunkKey) {
-        let id = key.id();
-        if let Ok(Some(chunk)) = self.open_chunk(&id, key, &self.path_of(&id)) {
+        if let Ok(Some(obj)) = self.open_obj(&key.version(), None) {
+            let (at, len) = (key.start() as i64, key.len() as i64);
             // SAFETY: a plain advice call on an fd this store keeps open.
             unsafe {
-                libc::posix_fadvise(chunk.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED);
+                libc::posix_fadvise(obj.data.as_raw_fd(), at, len, libc::POSIX_FADV_WILLNEED);
             }
         }
     }
@@ -484,225 +833,406 @@ impl DiskStore {
         }
     }
 
-    fn drop_corrupt(&self, id: &ChunkId, key: &ChunkKey, path: &Path) {
-        tracing::warn!(?key, path = %path.display(), "corrupt, truncated or foreign cache file: dropping it");
-        Metrics::inc(&self.metrics.disk_corrupt);
-        self.remove(id);
-    }
-
-    fn open_files(&self) -> MutexGuard<'_, LruCache<ChunkId, Arc<OpenChunk>>> {
-        self.open.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Marks a chunk used now; true when its file's mtime should be refreshed.
-    fn promote(&self, id: &ChunkId) -> bool {
+    /// Marks a chunk used now; true when its object's map mtime should be refreshed.
+    fn promote(&self, key: &ChunkKey) -> bool {
         let now = SystemTime::now();
+        let v = key.version();
         let mut idx = self.lock();
-        idx.lru.promote(id);
-        let stale = idx
-            .used
-            .get(id)
-            .is_none_or(|t| now.duration_since(*t).unwrap_or_default() >= TOUCH_EVERY);
+        idx.lru.promote(&(v, key.index));
+        let Some(h) = idx.objects.get_mut(&v) else {
+            return false;
+        };
+        let stale = now.duration_since(h.used).unwrap_or_default() >= TOUCH_EVERY;
         if stale {
-            idx.used.insert(*id, now);
+            h.used = now;
         }
         stale
     }
 
-    /// Evicts chunks not used for `max_age` (least recently used first); returns how many.
+    /// Evicts chunks of objects not used for `max_age` (least recently used first); returns
+    /// how many chunks.
     pub fn evict_idle(&self, max_age: Duration) -> u64 {
         let Some(cutoff) = SystemTime::now().checked_sub(max_age) else {
             return 0;
         };
-        let victims: Vec<ChunkId> = {
+        let victims: Vec<(VersionId, u64)> = {
             let idx = self.lock();
+            let idle = |v: &VersionId| idx.objects.get(v).is_some_and(|h| h.used < cutoff);
             idx.lru
                 .iter()
                 .rev()
-                .take_while(|(id, _)| idx.used.get(id).is_some_and(|t| *t < cutoff))
-                .map(|(id, _)| *id)
+                .filter(|((v, _), _)| idle(v))
+                .map(|(k, _)| *k)
                 .collect()
         };
-        for id in &victims {
-            self.remove(id);
-            Metrics::inc(&self.metrics.disk_evictions);
+        let mut n = 0;
+        for (v, index) in &victims {
+            if !self.pinned(v) {
+                self.remove_chunk(v, *index, false);
+                Metrics::inc(&self.metrics.disk_evictions);
+                n += 1;
+            }
         }
-        victims.len() as u64
+        n
     }
 
-    /// Stores a complete chunk given as pieces: temp file, then rename into place.
+    /// Stores a complete chunk given as pieces, at its offsets in its object's file, then
+    /// enters its blocks in the map.
     pub fn write(&self, key: &ChunkKey, pieces: &[Bytes]) -> Result<(), DiskError> {
-        let id = key.id();
-        let data_len: u64 = pieces.iter().map(|p| p.len() as u64).sum();
-        let header = chunkfile::encode(key, pieces);
-        let final_path = self.path_of(&id);
-        let tmp = chunkfile::temp_path(&self.root, &id);
-        let result = (|| {
-            // 0600 from the start, whatever the umask; a new name, so no planted file is reused.
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(&header)?;
-            for p in pieces {
-                f.write_all(p)?;
-            }
-            drop(f);
-            if let Some(dir) = final_path.parent() {
-                create_private_dir(dir)?;
-            }
-            fs::rename(&tmp, &final_path)
-        })();
-        if let Err(e) = result {
-            let _ = fs::remove_file(&tmp);
-            return Err(io_err(&final_path)(e));
+        self.write_blocks(key, 0, pieces)
+    }
+
+    /// Stores bytes of a chunk starting at `offset` inside it, a block boundary; they must end
+    /// at a block boundary or at the chunk's end. What a random read fetched is kept this way.
+    pub fn write_blocks(
+        &self,
+        key: &ChunkKey,
+        offset: u64,
+        pieces: &[Bytes],
+    ) -> Result<(), DiskError> {
+        // Files removed while this writer held them (a racing delete or eviction) lost what it
+        // wrote: write again into new files, once.
+        if !self.write_blocks_once(key, offset, pieces)? {
+            self.forget_object(&key.version());
+            self.write_blocks_once(key, offset, pieces)?;
         }
-        let file_bytes = header.len() as u64 + data_len;
-        self.open_files().pop(&id);
-        {
-            let mut idx = self.lock();
-            if let Some(old) = idx.lru.put(id, file_bytes) {
-                idx.bytes -= old;
-            }
-            idx.used.insert(id, SystemTime::now());
-            idx.bytes += file_bytes;
-        }
-        Metrics::inc(&self.metrics.disk_commits);
-        Metrics::add(&self.metrics.disk_bytes_written, data_len);
-        self.evict_to_fit(0);
         Ok(())
     }
 
-    /// Drops a chunk from the index only (its file is already gone).
-    fn forget_entry(&self, id: &ChunkId) {
-        let mut idx = self.lock();
-        if let Some(size) = idx.lru.pop(id) {
-            idx.bytes -= size;
+    /// [`Self::write_blocks`]; false when the files were unlinked meanwhile.
+    fn write_blocks_once(
+        &self,
+        key: &ChunkKey,
+        offset: u64,
+        pieces: &[Bytes],
+    ) -> Result<bool, DiskError> {
+        let v = key.version();
+        let len: u64 = pieces.iter().map(|p| p.len() as u64).sum();
+        let block = layout::block_size_for(key.chunk_size);
+        let end = offset + len;
+        let aligned = offset % block == 0 && (end % block == 0 || end == key.len());
+        let empty_object = key.object.size == 0;
+        if !aligned || end > key.len() || (len == 0 && !empty_object) {
+            let why = format!("blocks {offset}+{len} of a {}-byte chunk", key.len());
+            return Err(io_err(&self.root)(io::Error::other(why)));
         }
-        idx.used.remove(id);
-    }
-
-    pub(super) fn remove(&self, id: &ChunkId) {
-        self.open_files().pop(id);
+        let Some(obj) = self.open_obj(&v, Some((&key.object, key.chunk_size)))? else {
+            let why = "its files could not be created";
+            return Err(io_err(&layout::map_path(&self.root, &v))(io::Error::other(why)));
+        };
+        let data_path = layout::data_path(&self.root, &v);
+        let mut at = key.start() + offset;
+        for p in pieces {
+            obj.data.write_all_at(p, at).map_err(io_err(&data_path))?;
+            at += p.len() as u64;
+        }
+        let crcs: Vec<Option<u32>> = layout::block_crcs(pieces, block)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let first = (key.start() + offset) / block;
+        obj.set_entries(first, &crcs)
+            .map_err(io_err(&layout::map_path(&self.root, &v)))?;
         {
             let mut idx = self.lock();
-            if let Some(size) = idx.lru.pop(id) {
-                idx.bytes -= size;
+            let now = SystemTime::now();
+            let h = idx
+                .objects
+                .entry(v)
+                .or_insert_with(|| Held::new(&obj.head, now));
+            h.used = now;
+            for i in first..first + crcs.len() as u64 {
+                h.set(i, true);
             }
-            idx.used.remove(id);
+            idx.account(v, key.index);
         }
-        let _ = fs::remove_file(self.path_of(id));
+        if obj.map.metadata().is_ok_and(|m| m.nlink() == 0) {
+            self.open_objects().pop(&v);
+            return Ok(false);
+        }
+        Metrics::inc(&self.metrics.disk_commits);
+        Metrics::add(&self.metrics.disk_bytes_written, len);
+        self.evict_to_fit(0);
+        Ok(true)
     }
 
-    /// Evicts least recently used chunks until `extra` more bytes fit under the bound.
+    /// Drops an object from the index only (its files are already gone).
+    fn forget_object(&self, v: &VersionId) {
+        let mut idx = self.lock();
+        if let Some(h) = idx.objects.remove(v) {
+            for index in 0..h.size.div_ceil(h.chunk_size) {
+                if let Some(b) = idx.lru.pop(&(*v, index)) {
+                    idx.bytes -= b;
+                }
+            }
+        }
+    }
+
+    /// Removes an object's files and its index entries.
+    fn remove_object(&self, v: &VersionId) {
+        self.open_objects().pop(v);
+        self.forget_object(v);
+        self.unlink(v);
+    }
+
+    fn unlink(&self, v: &VersionId) {
+        let _files = self.files_lock();
+        let _ = fs::remove_file(layout::map_path(&self.root, v));
+        let _ = fs::remove_file(layout::data_path(&self.root, v));
+    }
+
+    /// Drops chunk `index` of `v`: its map entries cleared first, then its bytes punched out
+    /// (not while the object is pinned: a passthrough reader may be reading them); the object's
+    /// files go when nothing is left.
+    pub(super) fn remove_chunk(&self, v: &VersionId, index: u64, _bad: bool) {
+        let (range, empty) = {
+            let mut idx = self.lock();
+            let Some(h) = idx.objects.get_mut(v) else {
+                return;
+            };
+            let Some((first, last)) = h.chunk_blocks(index) else {
+                // An empty object's one (empty) chunk: the object is all there is to drop.
+                if h.size == 0 {
+                    drop(idx);
+                    self.remove_object(v);
+                }
+                return;
+            };
+            for i in first..=last {
+                h.set(i, false);
+            }
+            let range = (first, last, h.block, h.size);
+            let empty = h.count == 0;
+            if empty {
+                idx.objects.remove(v);
+            }
+            if let Some(b) = idx.lru.pop(&(*v, index)) {
+                idx.bytes -= b;
+            }
+            (range, empty)
+        };
+        let pinned = self.pinned(v);
+        if empty && !pinned {
+            self.open_objects().pop(v);
+            self.unlink(v);
+            return;
+        }
+        let (first, last, block, size) = range;
+        if let Ok(Some(obj)) = self.open_obj(v, None) {
+            let _ = obj.set_entries(first, &vec![None; (last - first + 1) as usize]);
+            obj.verified.store(false, Ordering::Relaxed);
+            if !pinned {
+                let at = first * block;
+                let _ = punch(&obj.data, at, ((last + 1) * block).min(size) - at);
+            }
+        }
+    }
+
+    /// Evicts least recently used chunks until `extra` more bytes fit under the bound; chunks
+    /// of pinned objects are passed over.
     pub(super) fn evict_to_fit(&self, extra: u64) {
         loop {
-            // Decide under the lock, unlink outside it.
             let victim = {
-                let mut idx = self.lock();
+                let idx = self.lock();
                 if idx.bytes + extra <= self.max_bytes {
                     return;
                 }
-                match idx.lru.pop_lru() {
-                    Some((id, size)) => {
-                        idx.bytes -= size;
-                        idx.used.remove(&id);
-                        id
-                    }
+                let pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+                let v = idx.lru.iter().rev().find(|((v, _), _)| !pins.contains_key(v));
+                match v {
+                    Some((k, _)) => *k,
                     None => return,
                 }
             };
-            self.open_files().pop(&victim);
-            let _ = fs::remove_file(self.path_of(&victim));
+            self.remove_chunk(&victim.0, victim.1, false);
             Metrics::inc(&self.metrics.disk_evictions);
+        }
+    }
+
+    /// The whole object, when every block of it is held and checks out: its data file open for
+    /// reading and pinned. Blocks found bad are dropped (and None returned). An object bigger
+    /// than [`VERIFY_INLINE`] not yet checked by this process is checked in the background and
+    /// None returned meanwhile.
+    pub fn whole_object(
+        self: &Arc<Self>,
+        object: &ObjectVersion,
+        chunk_size: u64,
+    ) -> Result<Option<Whole>, DiskError> {
+        let v = VersionId::of(object, chunk_size);
+        let whole = self.lock().objects.get(&v).is_some_and(Held::whole);
+        if !whole {
+            return Ok(None);
+        }
+        let pin = self.pin(v);
+        let Some(obj) = self.open_obj(&v, None)? else {
+            return Ok(None);
+        };
+        if !obj.verified.load(Ordering::Relaxed) {
+            if object.size > VERIFY_INLINE {
+                let store = self.clone();
+                std::thread::spawn(move || store.verify(&v, &obj));
+                return Ok(None);
+            }
+            if !self.verify(&v, &obj) {
+                return Ok(None);
+            }
+        }
+        let path = layout::data_path(&self.root, &v);
+        // A descriptor of its own: the kernel keeps it for the open file's life.
+        let file = File::open(&path).map_err(io_err(&path))?;
+        Ok(Some(Whole { file, pin }))
+    }
+
+    /// Checks every block of an object; drops the chunk of a bad one. True when all are good.
+    fn verify(&self, v: &VersionId, obj: &Obj) -> bool {
+        match obj.verify_all() {
+            Ok(None) => {
+                obj.verified.store(true, Ordering::Relaxed);
+                true
+            }
+            Ok(Some(bad)) => {
+                let path = layout::data_path(&self.root, v);
+                tracing::warn!(path = %path.display(), block = bad, "cache block failing its CRC: dropping its chunk");
+                Metrics::inc(&self.metrics.disk_corrupt);
+                self.remove_chunk(v, bad * obj.head.block / obj.head.chunk_size, true);
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check a cached object");
+                false
+            }
+        }
+    }
+
+    fn pin(&self, v: VersionId) -> Pin {
+        let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+        *pins.entry(v).or_default() += 1;
+        Pin {
+            pins: self.pins.clone(),
+            v,
         }
     }
 
     /// Removes temp files (a crashed or interrupted writer's), makes private what an earlier
-    /// orcafs left readable, counts files that are not chunk files (and leaves them), then
-    /// indexes the chunk files oldest first.
+    /// orcafs left readable, counts files that are not orcafs's (and leaves them), removes
+    /// object files that cannot be used, then indexes the maps' blocks oldest first.
     fn scan(&self) -> Result<ScanReport, DiskError> {
         let mut report = ScanReport {
             temp_removed: self.sweep_temp(),
             ..Default::default()
         };
-        // Best effort: `chunks/` itself is already 0700, so a miss here exposes nothing.
+        // Best effort: `objects/` itself is already 0700, so a miss here exposes nothing.
         let mut private = |p: &Path, m: &fs::Metadata, mode| {
             report.made_private += u64::from(tighten(p, m, mode).unwrap_or(false));
         };
-        let mut found: Vec<(std::time::SystemTime, ChunkId, u64)> = Vec::new();
-        let mut foreign = 0;
-        for l1 in read_dir_paths(&chunkfile::chunks_dir(&self.root)) {
-            for l2 in read_dir_paths(&l1) {
-                for file in read_dir_paths(&l2) {
-                    let meta = fs::symlink_metadata(&file);
-                    match (chunkfile::chunk_id_at(&self.root, &file), meta) {
-                        (Some(id), Ok(m)) if m.is_file() => {
-                            private(&file, &m, 0o600);
-                            let mtime = m.modified().unwrap_or(std::time::UNIX_EPOCH);
-                            found.push((mtime, id, m.len()));
+        let walk = layout::walk_objects(&self.root);
+        let mut found: Vec<(SystemTime, VersionId, Held)> = Vec::new();
+        let mut foreign = walk.strays;
+        let mut broken = Vec::new();
+        for file in &walk.files {
+            let meta = fs::symlink_metadata(file);
+            let (v, m) = match (layout::file_at(&self.root, file), meta) {
+                (Some((v, role)), Ok(m)) if m.is_file() => {
+                    private(file, &m, 0o600);
+                    if role == Role::Data {
+                        if !layout::map_path(&self.root, &v).exists() {
+                            broken.push(v);
                         }
-                        _ => foreign += 1,
+                        continue;
                     }
+                    (v, m)
                 }
-                if let Some(m) = fs::symlink_metadata(&l2).ok().filter(|m| m.is_dir()) {
-                    private(&l2, &m, 0o700);
+                _ => {
+                    foreign += 1;
+                    continue;
                 }
+            };
+            match index_map(&self.root, &v, m.modified().unwrap_or(std::time::UNIX_EPOCH)) {
+                // An object whose every block was evicted before a crash: nothing to keep.
+                Some(held) if held.count == 0 && held.blocks > 0 => {
+                    let _ = fs::remove_file(layout::map_path(&self.root, &v));
+                    let _ = fs::remove_file(layout::data_path(&self.root, &v));
+                }
+                Some(held) => found.push((held.used, v, held)),
+                None => broken.push(v),
             }
-            if let Some(m) = fs::symlink_metadata(&l1).ok().filter(|m| m.is_dir()) {
-                private(&l1, &m, 0o700);
+        }
+        for d in &walk.fan_out_dirs {
+            if let Some(m) = fs::symlink_metadata(d).ok().filter(|m| m.is_dir()) {
+                private(d, &m, 0o700);
             }
         }
         report.foreign_files = foreign;
-        found.sort();
-        let mut idx = self.lock();
-        for (mtime, id, size) in found {
-            idx.lru.put(id, size);
-            idx.used.insert(id, mtime);
-            idx.bytes += size;
-            report.chunks += 1;
-            report.bytes += size;
+        for v in &broken {
+            let _ = fs::remove_file(layout::map_path(&self.root, v));
+            let _ = fs::remove_file(layout::data_path(&self.root, v));
         }
+        report.removed_broken = broken.len() as u64;
+        found.sort_by_key(|(t, v, _)| (*t, *v));
+        let mut idx = self.lock();
+        for (_, v, held) in found {
+            let chunks = held.size.div_ceil(held.chunk_size);
+            idx.objects.insert(v, held);
+            report.objects += 1;
+            for index in 0..chunks {
+                idx.account(v, index);
+                if idx.lru.contains(&(v, index)) {
+                    report.chunks += 1;
+                }
+            }
+        }
+        report.bytes = idx.bytes;
         Ok(report)
     }
 
-    /// Deletes orcafs's temp files in `tmp/` (named as [`chunkfile::temp_path`] names them, and
+    /// Deletes orcafs's temp files in `tmp/` (named as [`layout::temp_path`] names them, and
     /// nothing else there); returns how many.
     pub fn sweep_temp(&self) -> u64 {
-        let temp = chunkfile::temp_files(&self.root);
+        let temp = layout::temp_files(&self.root);
         temp.iter().filter(|p| fs::remove_file(p).is_ok()).count() as u64
     }
+
+    /// Size and commit time of a stored chunk, when all of it is held.
+    pub fn stat(&self, key: &ChunkKey) -> Result<Option<Info>, DiskError> {
+        if !self.contains(key) {
+            return Ok(None);
+        }
+        let used = self.lock().objects.get(&key.version()).map(|h| h.used);
+        let present = self.open_obj(&key.version(), None)?.is_some();
+        Ok(used.filter(|_| present).map(|committed| Info {
+            size: key.len(),
+            committed,
+        }))
+    }
+
+    /// Removes a chunk if present.
+    pub fn delete(&self, key: &ChunkKey) {
+        self.remove_chunk(&key.version(), key.index, false);
+    }
+}
+
+/// The blocks a map file says are held, when the map and its data file are intact and
+/// belong together; None for a file to remove.
+fn index_map(root: &Path, v: &VersionId, mtime: SystemTime) -> Option<Held> {
+    let map = File::open(layout::map_path(root, v)).ok()?;
+    let head = layout::read_header(&map).ok()?.ok()?;
+    if !head.is_of(v) || map.metadata().ok()?.len() != head.file_len() {
+        return None;
+    }
+    let data = fs::metadata(layout::data_path(root, v)).ok()?;
+    if !data.is_file() || data.len() != head.size {
+        return None;
+    }
+    let mut held = Held::new(&head, mtime);
+    for (i, c) in layout::read_entries(&map, &head).ok()?.iter().enumerate() {
+        held.set(i as u64, c.is_some());
+    }
+    Some(held)
 }
 
 /// The disk store behind the [`CacheStore`] trait; file I/O runs on the blocking pool.
 #[derive(Clone)]
 pub struct DiskDriver(pub Arc<DiskStore>);
-
-impl DiskStore {
-    /// Size and commit time of a stored chunk, after checking its header and length.
-    pub fn stat(&self, key: &ChunkKey) -> Result<Option<Info>, DiskError> {
-        let path = self.path_of(&key.id());
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err(&path)(e)),
-        };
-        let meta = file.metadata().map_err(io_err(&path))?;
-        let info = Info {
-            size: key.len(),
-            committed: meta.modified().unwrap_or(std::time::UNIX_EPOCH),
-        };
-        Ok(OpenChunk::open(file, key)
-            .map_err(io_err(&path))?
-            .map(|_| info))
-    }
-
-    /// Removes a chunk if present.
-    pub fn delete(&self, key: &ChunkKey) {
-        self.remove(&key.id());
-    }
-}
 
 fn store_err(e: DiskError) -> StoreError {
     StoreError::Transient(e.to_string())
@@ -711,7 +1241,7 @@ fn store_err(e: DiskError) -> StoreError {
 impl DiskDriver {
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&DiskStore) -> T + Send + 'static,
+        f: impl FnOnce(&Arc<DiskStore>) -> T + Send + 'static,
     ) -> Result<T, StoreError> {
         let store = self.0.clone();
         tokio::task::spawn_blocking(move || f(&store))
@@ -732,9 +1262,9 @@ impl CacheStore for DiskDriver {
         offset: u64,
         len: u64,
     ) -> Result<Option<ChunkStream>, StoreError> {
-        // The index is complete (built from the files at open, kept by this process alone), so
+        // The index is complete (built from the maps at open, kept by this process alone), so
         // a miss needs no trip to a blocking thread: cold reads start their fill at once.
-        if !self.0.contains(&key.id()) {
+        if !self.0.contains_range(key, offset, len) {
             Metrics::inc(&self.0.metrics.disk_misses);
             return Ok(None);
         }
@@ -753,9 +1283,7 @@ impl CacheStore for DiskDriver {
         data: Vec<Bytes>,
     ) -> Result<Committed, StoreError> {
         check_put(key, size, &data)?;
-        let id = key.id();
-        // The index can name a file a racing delete just removed: trust it only with the file.
-        if self.0.contains(&id) && self.0.path_of(&id).exists() {
+        if self.0.contains(key) {
             return Ok(Committed::AlreadyThere);
         }
         let k = key.clone();
@@ -780,23 +1308,53 @@ impl CacheStore for DiskDriver {
     }
 
     fn contains_hint(&self, key: &ChunkKey) -> Option<bool> {
-        Some(self.0.contains(&key.id()))
+        Some(self.0.contains(key))
     }
 
     fn will_read(&self, key: &ChunkKey) {
-        if !self.0.contains(&key.id()) || !self.0.first_advice(&key.id()) {
+        if !self.0.contains(key) || !self.0.first_advice(&key.id()) {
             return;
         }
         let (store, key) = (self.0.clone(), key.clone());
         tokio::task::spawn_blocking(move || store.advise(&key));
     }
-}
 
+    fn contains_range_hint(&self, key: &ChunkKey, offset: u64, len: u64) -> Option<bool> {
+        Some(self.0.contains_range(key, offset, len))
+    }
+
+    async fn put_blocks(
+        &self,
+        key: &ChunkKey,
+        offset: u64,
+        data: Vec<Bytes>,
+    ) -> Result<(), StoreError> {
+        let k = key.clone();
+        self.blocking(move |d| d.write_blocks(&k, offset, &data))
+            .await?
+            .map_err(store_err)
+    }
+
+    async fn whole_object(
+        &self,
+        object: &ObjectVersion,
+        chunk_size: u64,
+    ) -> Result<Option<LocalFile>, StoreError> {
+        let o = object.clone();
+        let whole = self
+            .blocking(move |d| d.whole_object(&o, chunk_size))
+            .await?
+            .map_err(store_err)?;
+        Ok(whole.map(|w| LocalFile {
+            file: w.file,
+            pin: Box::new(w.pin),
+        }))
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cachestore::chunkfile::test_key as key;
-    use std::os::unix::fs::FileExt;
+    use crate::cachestore::layout::{self, read_dir_paths, test_key as key, BLOCK};
 
     fn data(n: usize) -> Vec<u8> {
         (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
@@ -827,44 +1385,59 @@ mod tests {
         }
     }
 
+    fn data_of(s: &DiskStore, k: &ChunkKey) -> PathBuf {
+        layout::data_path(s.root(), &k.version())
+    }
+
+    fn map_of(s: &DiskStore, k: &ChunkKey) -> PathBuf {
+        layout::map_path(s.root(), &k.version())
+    }
+
     #[test]
     fn corrupt_truncated_or_foreign_is_a_miss() {
         let dir = tempfile::tempdir().unwrap();
-        let s = store(dir.path(), 1 << 30);
         let size = 2 * BLOCK as usize;
         let k = key("e", size as u64, 1 << 20, 0);
-        let path = s.path_of(&k.id());
+        let data_path = layout::data_path(dir.path(), &k.version());
+        let map_path = layout::map_path(dir.path(), &k.version());
+        let fresh = || {
+            let _ = fs::remove_dir_all(dir.path().join("objects"));
+            let s = store(dir.path(), 1 << 30);
+            s.write(&k, &[Bytes::from(data(size))]).unwrap();
+            s
+        };
 
-        s.write(&k, &[Bytes::from(data(size))]).unwrap();
-        let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let s = fresh();
+        let f = fs::OpenOptions::new().write(true).open(&data_path).unwrap();
         f.write_all_at(b"X", 5000 + BLOCK).unwrap();
-        assert!(
-            s.read(&k, 0, 10).unwrap().is_some(),
-            "untouched block still verifies"
-        );
-        assert!(
-            s.read(&k, BLOCK, 10).unwrap().is_none(),
-            "flipped byte detected"
-        );
-        assert!(!path.exists(), "bad file removed");
+        assert!(s.read(&k, 0, 10).unwrap().is_some(), "untouched block still verifies");
+        assert!(s.read(&k, BLOCK, 10).unwrap().is_none(), "flipped byte detected");
+        assert!(!s.contains(&k), "bad chunk dropped");
+        assert!(!data_path.exists(), "and its object's files with it");
 
-        s.write(&k, &[Bytes::from(data(size))]).unwrap();
-        let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
-        f.set_len(f.metadata().unwrap().len() - 1).unwrap();
+        // Damage done while no mount runs is found when the files are opened.
+        drop(fresh());
+        let f = fs::OpenOptions::new().write(true).open(&data_path).unwrap();
+        f.set_len(size as u64 - 1).unwrap();
+        let s = store(dir.path(), 1 << 30);
         assert!(s.read(&k, 0, 10).unwrap().is_none(), "truncation detected");
 
-        // Another chunk's file copied to this chunk's path.
+        // Another version's map copied over this version's.
+        let s = fresh();
         let other = key("other-etag", size as u64, 1 << 20, 0);
         s.write(&other, &[Bytes::from(data(size))]).unwrap();
-        fs::create_dir_all(path.parent().unwrap()).unwrap();
-        fs::copy(s.path_of(&other.id()), &path).unwrap();
-        assert!(
-            s.read(&k, 0, 10).unwrap().is_none(),
-            "foreign header detected"
-        );
+        drop(s);
+        fs::copy(layout::map_path(dir.path(), &other.version()), &map_path).unwrap();
+        let s = store(dir.path(), 1 << 30);
+        assert!(s.read(&k, 0, 10).unwrap().is_none(), "foreign map detected");
+        assert!(s.read(&other, 0, 10).unwrap().is_some());
 
-        fs::write(&path, b"garbage").unwrap();
+        drop(fresh());
+        fs::write(&map_path, b"garbage").unwrap();
+        let (s, report) = DiskStore::open(dir.path(), 1 << 30, Arc::default()).unwrap();
+        assert_eq!(report.removed_broken, 1);
         assert!(s.read(&k, 0, 10).unwrap().is_none());
+        assert!(!data_path.exists(), "its data file went with it");
     }
 
     #[test]
@@ -872,7 +1445,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path(), 1 << 30);
         let old = key("e", 2 * BLOCK, BLOCK, 0);
-        let fresh = key("e", 2 * BLOCK, BLOCK, 1);
+        let fresh = key("f", 2 * BLOCK, BLOCK, 1);
         s.write(&old, &[Bytes::from(data(BLOCK as usize))]).unwrap();
         s.write(&fresh, &[Bytes::from(data(BLOCK as usize))])
             .unwrap();
@@ -880,7 +1453,7 @@ mod tests {
         let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
         File::options()
             .write(true)
-            .open(s.path_of(&old.id()))
+            .open(map_of(&s, &old))
             .unwrap()
             .set_modified(two_hours_ago)
             .unwrap();
@@ -908,7 +1481,7 @@ mod tests {
         assert!(s.read(&keys[0], 0, 1).unwrap().is_some());
         assert!(s.used_bytes() <= 3 * (one as u64 + 200));
 
-        fs::write(chunkfile::temp_path(dir.path(), &keys[1].id()), b"half").unwrap();
+        fs::write(layout::temp_path(dir.path(), &keys[1].version()), b"half").unwrap();
         drop(s);
         let (s, report) = DiskStore::open(dir.path(), 1 << 30, Arc::default()).unwrap();
         assert_eq!(report.chunks, 3);
@@ -941,28 +1514,29 @@ mod tests {
         s.write(&k, &[Bytes::from(data(BLOCK as usize))]).unwrap();
         drop(s);
         let own = [
-            chunkfile::temp_path(root, &k.id()),
-            chunkfile::temp_path(root, &key("f", 9, BLOCK, 0).id()),
+            layout::temp_path(root, &k.version()),
+            layout::temp_path(root, &key("f", 9, BLOCK, 0).version()),
         ];
         for p in &own {
             fs::write(p, b"half").unwrap();
         }
         // What a user (or a program sharing the directory) put there: never orcafs's to delete.
-        let lookalike = format!("{}.{}", k.id().to_hex().to_uppercase(), "0123456789abcdef");
+        let hex = k.version().to_hex();
+        let lookalike = format!("{}.{}", hex.to_uppercase(), "0123456789abcdef");
         let foreign = [
             root.join("tmp/foreign"),
             root.join("tmp").join(lookalike),
-            root.join("tmp").join(format!("{}.xyz", k.id().to_hex())),
+            root.join("tmp").join(format!("{hex}.xyz")),
             root.join("notes.txt"),
-            root.join("chunks/stray"),
-            chunkfile::chunk_path(root, &k.id()).with_extension("bak"),
+            root.join("objects/stray"),
+            layout::data_path(root, &k.version()).with_extension("bak"),
         ];
         for p in &foreign {
             fs::write(p, b"mine").unwrap();
         }
         let (s, report) = DiskStore::open(root, 1 << 30, Arc::default()).unwrap();
         assert_eq!((report.temp_removed, report.chunks), (2, 1));
-        assert_eq!(report.foreign_files, 1, "the .bak beside a chunk file");
+        assert_eq!(report.foreign_files, 2, "the stray and the .bak beside an object file");
         assert!(
             own.iter().all(|p| !p.exists()),
             "own temp files swept at open"
@@ -1000,8 +1574,8 @@ mod tests {
             }
         }
         assert!(
-            dirs >= 4 && files == 4,
-            "{dirs} dirs, {files} files (3 chunks and the marker)"
+            dirs >= 4 && files == 3,
+            "{dirs} dirs, {files} files (the object's data and map, and the marker)"
         );
     }
 
@@ -1011,10 +1585,10 @@ mod tests {
         fs::write(dir.path().join("precious"), b"p").unwrap();
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
         let s = store(dir.path(), 1 << 30);
-        let sub = dir.path().join(chunkfile::SUBDIR);
+        let sub = dir.path().join(layout::SUBDIR);
         assert_eq!(s.root(), sub);
-        assert!(chunkfile::marker_path(&sub).is_file());
-        assert!(!chunkfile::marker_path(dir.path()).exists());
+        assert!(layout::marker_path(&sub).is_file());
+        assert!(!layout::marker_path(dir.path()).exists());
         assert_eq!(
             mode(dir.path()),
             0o755,
@@ -1028,7 +1602,7 @@ mod tests {
         let s = store(dir.path(), 1 << 30);
         assert_eq!(s.root(), sub);
         assert!(s.read(&k, 0, 10).unwrap().is_some());
-        assert_eq!(chunkfile::find_root(dir.path()).unwrap(), Some(sub.clone()));
+        assert_eq!(layout::find_root(dir.path()).unwrap(), Some(sub.clone()));
         assert_eq!(fs::read(dir.path().join("precious")).unwrap(), b"p");
         // An empty directory, or one that is already orcafs's, is used as is.
         let empty = tempfile::tempdir().unwrap();
@@ -1037,38 +1611,162 @@ mod tests {
         assert_eq!(store(empty.path(), 1 << 30).root(), empty.path(), "marked");
     }
 
-    #[test]
-    fn a_cache_written_before_the_marker_is_adopted_and_made_private() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path();
-        let k = key("e", 10, BLOCK, 0);
-        store(root, 1 << 30)
-            .write(&k, &[Bytes::from_static(b"0123456789")])
-            .unwrap();
-        // As an earlier orcafs left it: no marker, everything readable by all, a log beside.
-        fs::remove_file(chunkfile::marker_path(root)).unwrap();
-        fs::write(chunkfile::log_path(root), b"log").unwrap();
-        for p in tree(root).into_iter().chain([root.to_owned()]) {
-            let m = if p.is_dir() { 0o755 } else { 0o644 };
-            fs::set_permissions(&p, fs::Permissions::from_mode(m)).unwrap();
-        }
-        assert_eq!(chunkfile::dir_kind(root).unwrap(), DirKind::Legacy);
-        assert_eq!(chunkfile::find_root(root).unwrap(), Some(root.to_owned()));
+    /// Layout 1's chunk file `chunks/<xx>/<yy>/<hex>`, as an earlier orcafs wrote it.
+    fn layout_1_chunk(root: &Path, seed: u8) -> PathBuf {
+        let hex = hex::encode([seed; 32]);
+        let dir = root.join("chunks").join(&hex[0..2]).join(&hex[2..4]);
+        fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(&hex);
+        fs::write(&p, b"ORCACHK1...").unwrap();
+        p
+    }
 
-        let (s, report) = DiskStore::open(root, 1 << 30, Arc::default()).unwrap();
-        assert_eq!(s.root(), root, "kept in place, not moved or emptied");
-        assert_eq!(report.chunks, 1);
-        assert_eq!(
-            report.made_private, 3,
-            "the chunk file and its two fan-out directories"
-        );
-        assert!(s.read(&k, 0, 10).unwrap().is_some());
-        assert_eq!(chunkfile::dir_kind(root).unwrap(), DirKind::Marked);
-        assert_eq!(fs::read(chunkfile::log_path(root)).unwrap(), b"log");
-        for p in tree(root).into_iter().chain([root.to_owned()]) {
-            let want = if p.is_dir() { 0o700 } else { 0o600 };
-            assert_eq!(mode(&p), want, "{}", p.display());
+    #[test]
+    fn a_cache_of_layout_1_is_adopted_emptied_of_its_chunks_and_made_private() {
+        for marked in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path();
+            // As an earlier orcafs left it: readable by all, a log beside, maybe no marker.
+            let chunks = [layout_1_chunk(root, 0xab), layout_1_chunk(root, 0x12)];
+            fs::create_dir(root.join("tmp")).unwrap();
+            fs::write(layout::log_path(root), b"log").unwrap();
+            if marked {
+                fs::write(layout::marker_path(root), "orcafs-cache 1\n").unwrap();
+            }
+            for p in tree(root).into_iter().chain([root.to_owned()]) {
+                let m = if p.is_dir() { 0o755 } else { 0o644 };
+                fs::set_permissions(&p, fs::Permissions::from_mode(m)).unwrap();
+            }
+            assert_eq!(layout::dir_kind(root).unwrap(), DirKind::Legacy);
+            assert_eq!(layout::find_root(root).unwrap(), Some(root.to_owned()));
+            // Not orcafs's: stays.
+            fs::write(root.join("chunks/keep.txt"), b"mine").unwrap();
+
+            let (s, report) = DiskStore::open(root, 1 << 30, Arc::default()).unwrap();
+            assert_eq!(s.root(), root, "kept in place, not moved");
+            assert_eq!(report.objects, 0);
+            assert!(chunks.iter().all(|p| !p.exists()), "layout 1's chunks discarded");
+            assert_eq!(fs::read(root.join("chunks/keep.txt")).unwrap(), b"mine");
+            assert_eq!(layout::dir_kind(root).unwrap(), DirKind::Marked);
+            assert_eq!(fs::read(layout::log_path(root)).unwrap(), b"log");
+            assert_eq!(mode(&layout::log_path(root)), 0o600);
+            assert_eq!(mode(root), 0o700);
+            let k = key("e", 10, BLOCK, 0);
+            s.write(&k, &[Bytes::from_static(b"0123456789")]).unwrap();
+            assert!(s.read(&k, 0, 10).unwrap().is_some());
         }
+    }
+
+    #[test]
+    fn blocks_of_a_chunk_are_kept_and_served_without_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), 1 << 30);
+        let chunk = 4 * BLOCK;
+        let size = 2 * chunk + 100;
+        let d = data(size as usize);
+        let tail = key("e", size, chunk, 2); // 100 bytes
+        let k1 = key("e", size, chunk, 1);
+        let block = |i: u64| Bytes::copy_from_slice(&d[(i * BLOCK) as usize..((i + 1) * BLOCK) as usize]);
+        // Blocks 1 and 2 of chunk 1 (the object's blocks 5 and 6).
+        s.write_blocks(&k1, BLOCK, &[block(5), block(6)]).unwrap();
+        assert!(s.contains_range(&k1, BLOCK, 2 * BLOCK));
+        assert!(s.contains_range(&k1, BLOCK + 7, 10));
+        assert!(!s.contains(&k1) && !s.contains_range(&k1, 0, 10));
+        let got = s.read(&k1, BLOCK + 7, BLOCK).unwrap().unwrap();
+        assert_eq!(&got[..], &d[(chunk + BLOCK + 7) as usize..][..BLOCK as usize]);
+        assert!(s.read(&k1, 0, 10).unwrap().is_none(), "an absent block is a miss");
+        assert!(s.read(&k1, 3 * BLOCK, 10).unwrap().is_none());
+        assert_eq!(s.used_bytes(), 2 * BLOCK);
+        // Misaligned or short pieces are refused.
+        assert!(s.write_blocks(&k1, 7, &[block(5)]).is_err());
+        assert!(s.write_blocks(&k1, 0, &[Bytes::from_static(b"short")]).is_err());
+        // The tail chunk's one short block.
+        let tail_bytes = Bytes::copy_from_slice(&d[(2 * chunk) as usize..]);
+        s.write_blocks(&tail, 0, &[tail_bytes]).unwrap();
+        assert!(s.contains(&tail));
+        drop(s);
+        let (s, report) = DiskStore::open(dir.path(), 1 << 30, Arc::default()).unwrap();
+        assert_eq!((report.objects, report.chunks, report.bytes), (1, 2, 2 * BLOCK + 100));
+        assert!(s.contains_range(&k1, BLOCK, 2 * BLOCK) && !s.contains(&k1));
+        // The rest of the chunk completes it.
+        let whole = Bytes::copy_from_slice(&d[chunk as usize..(2 * chunk) as usize]);
+        s.write(&k1, &[whole.clone()]).unwrap();
+        assert!(s.contains(&k1));
+        assert_eq!(s.read(&k1, 0, chunk).unwrap().unwrap(), whole);
+    }
+
+    fn allocated(p: &Path) -> u64 {
+        fs::metadata(p).unwrap().blocks() * 512
+    }
+
+    #[test]
+    fn eviction_punches_the_chunk_out_and_removes_an_empty_object() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunk = 4 * BLOCK;
+        let s = store(dir.path(), 2 * chunk);
+        let size = 3 * chunk;
+        let d = data(size as usize);
+        let keys: Vec<ChunkKey> = (0..3).map(|i| key("e", size, chunk, i)).collect();
+        let piece = |i: u64| Bytes::copy_from_slice(&d[(i * chunk) as usize..((i + 1) * chunk) as usize]);
+        s.write(&keys[0], &[piece(0)]).unwrap();
+        s.write(&keys[1], &[piece(1)]).unwrap();
+        let path = data_of(&s, &keys[0]);
+        let before = allocated(&path);
+        assert!(before >= 2 * chunk, "{before}");
+        s.write(&keys[2], &[piece(2)]).unwrap();
+        assert!(!s.contains(&keys[0]), "the least recently used chunk went");
+        assert!(s.read(&keys[0], 0, 10).unwrap().is_none());
+        assert!(allocated(&path) <= before, "its bytes punched out: {} vs {before}", allocated(&path));
+        assert_eq!(s.used_bytes(), 2 * chunk);
+        s.delete(&keys[1]);
+        s.delete(&keys[2]);
+        assert!(!path.exists() && !map_of(&s, &keys[0]).exists(), "nothing left: files removed");
+        assert_eq!(s.used_bytes(), 0);
+    }
+
+    #[test]
+    fn a_whole_object_is_handed_out_pinned_and_checked_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunk = 2 * BLOCK;
+        let size = 2 * chunk + 5;
+        let d = data(size as usize);
+        let keys: Vec<ChunkKey> = (0..3).map(|i| key("e", size, chunk, i)).collect();
+        let object = keys[0].object.clone();
+        let write = |s: &DiskStore, k: &ChunkKey| {
+            let from = k.start() as usize;
+            let bytes = Bytes::copy_from_slice(&d[from..from + k.len() as usize]);
+            s.write(k, &[bytes]).unwrap();
+        };
+        let s = Arc::new(store(dir.path(), 1 << 30));
+        write(&s, &keys[0]);
+        write(&s, &keys[1]);
+        assert!(s.whole_object(&object, chunk).unwrap().is_none(), "not whole yet");
+        write(&s, &keys[2]);
+        let whole = s.whole_object(&object, chunk).unwrap().expect("whole");
+        let mut read = Vec::new();
+        io::Read::read_to_end(&mut &whole.file, &mut read).unwrap();
+        assert_eq!(read, d, "the data file is the object, byte for byte");
+        // Pinned: a bound it no longer fits under passes it over.
+        s.evict_to_fit(u64::MAX / 2);
+        assert!(keys.iter().all(|k| s.contains(k)), "pinned objects are not evicted");
+        drop(whole);
+        s.evict_to_fit(u64::MAX / 2);
+        assert!(!s.contains(&keys[0]), "unpinned, it goes");
+        for k in &keys {
+            write(&s, k);
+        }
+        drop(s);
+
+        // Damaged while no mount ran: found before it is handed out, and its chunk dropped.
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(layout::data_path(dir.path(), &keys[0].version()))
+            .unwrap();
+        f.write_all_at(b"X", chunk + 3).unwrap();
+        let s = Arc::new(store(dir.path(), 1 << 30));
+        assert!(s.contains(&keys[1]), "the index trusts the map");
+        assert!(s.whole_object(&object, chunk).unwrap().is_none(), "the check finds it");
+        assert!(!s.contains(&keys[1]) && s.contains(&keys[0]));
     }
 
     #[test]
@@ -1098,7 +1796,7 @@ mod tests {
         fs::write(shared.join("someone's"), b"x").unwrap();
         fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).unwrap();
         assert!(why(&shared).contains("every user may write"));
-        assert!(!shared.join(chunkfile::SUBDIR).exists(), "nothing made");
+        assert!(!shared.join(layout::SUBDIR).exists(), "nothing made");
 
         let file = t.path().join("file");
         fs::write(&file, b"x").unwrap();
@@ -1106,17 +1804,17 @@ mod tests {
 
         let newer = t.path().join("newer");
         fs::create_dir(&newer).unwrap();
-        fs::write(chunkfile::marker_path(&newer), b"orcafs-cache 2\n").unwrap();
+        fs::write(layout::marker_path(&newer), b"orcafs-cache 3\n").unwrap();
         assert!(why(&newer).contains("does not know"));
         assert!(
-            chunkfile::find_root(&newer).is_err(),
+            layout::find_root(&newer).is_err(),
             "the cache commands refuse it too"
         );
 
         let taken = t.path().join("taken");
-        fs::create_dir_all(taken.join(chunkfile::SUBDIR)).unwrap();
+        fs::create_dir_all(taken.join(layout::SUBDIR)).unwrap();
         fs::write(taken.join("a"), b"x").unwrap();
-        fs::write(taken.join(chunkfile::SUBDIR).join("b"), b"x").unwrap();
+        fs::write(taken.join(layout::SUBDIR).join("b"), b"x").unwrap();
         assert!(why(&taken).contains("so does its orcafs/ subdirectory"));
 
         // SAFETY: geteuid cannot fail.

@@ -16,10 +16,10 @@ use std::time::SystemTime;
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 
-use crate::chunk::ChunkKey;
+use crate::chunk::{ChunkKey, ObjectVersion};
 
 pub mod admin;
-pub mod chunkfile;
+pub mod layout;
 pub mod disk;
 pub mod memory;
 pub mod replica;
@@ -99,6 +99,40 @@ pub trait CacheStore: Send + Sync + 'static {
     /// A hint that this chunk will be read soon (a sequential reader is heading there), so a
     /// store can start fetching it into memory. Never waits; may do nothing.
     fn will_read(&self, _key: &ChunkKey) {}
+
+    /// Where a store can tell without I/O: are the blocks under `[offset, offset+len)` of the
+    /// chunk here, even if the rest of the chunk is not? (The disk keeps parts of chunks.)
+    fn contains_range_hint(&self, _key: &ChunkKey, _offset: u64, _len: u64) -> Option<bool> {
+        None
+    }
+
+    /// Keeps blocks of a chunk (what a random read fetched), where the store keeps parts of
+    /// chunks; `offset` is a block boundary inside the chunk. Others ignore it.
+    async fn put_blocks(
+        &self,
+        _key: &ChunkKey,
+        _offset: u64,
+        _data: Vec<Bytes>,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// The whole object as one local file, checked, for the kernel to read itself (FUSE
+    /// passthrough), where the store holds all of it locally; None otherwise.
+    async fn whole_object(
+        &self,
+        _object: &ObjectVersion,
+        _chunk_size: u64,
+    ) -> Result<Option<LocalFile>, StoreError> {
+        Ok(None)
+    }
+}
+
+/// A whole object in a local file: the file, open for reading, and a guard that keeps the store
+/// from evicting it while held.
+pub struct LocalFile {
+    pub file: std::fs::File,
+    pub pin: Box<dyn Send + Sync>,
 }
 
 /// Collects a chunk stream into one buffer (zero-copy when it is one piece).

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::{collect, once, CacheStore, ChunkStream, Committed, Info, StoreError};
-use crate::chunk::ChunkKey;
+use super::{collect, once, CacheStore, ChunkStream, Committed, Info, LocalFile, StoreError};
+use crate::chunk::{ChunkKey, ObjectVersion};
 use crate::metrics::Metrics;
 
 /// How long a failing asynchronous store is first skipped by reads before it is tried again.
@@ -369,6 +369,31 @@ impl CacheStore for Replica {
     fn will_read(&self, key: &ChunkKey) {
         if let Some(s) = self.sync.first() {
             s.will_read(key)
+        }
+    }
+
+    fn contains_range_hint(&self, key: &ChunkKey, offset: u64, len: u64) -> Option<bool> {
+        self.sync
+            .first()
+            .and_then(|s| s.contains_range_hint(key, offset, len))
+    }
+
+    /// Blocks stay local: the shared store keeps whole chunks only.
+    async fn put_blocks(&self, key: &ChunkKey, offset: u64, data: Vec<Bytes>) -> Result<(), StoreError> {
+        match self.sync.first() {
+            Some(s) => s.put_blocks(key, offset, data).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn whole_object(
+        &self,
+        object: &ObjectVersion,
+        chunk_size: u64,
+    ) -> Result<Option<LocalFile>, StoreError> {
+        match self.sync.first() {
+            Some(s) => s.whole_object(object, chunk_size).await,
+            None => Ok(None),
         }
     }
 }

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::cachestore::chunkfile::{chunk_path, chunks_dir};
-use crate::chunk::{chunk_count, ChunkId, ChunkKey, ObjectVersion};
+use crate::cachestore::layout;
+use crate::chunk::{chunk_count, ChunkKey, ObjectVersion};
 use crate::control::{self, human_bytes};
 
 /// The xattrs a mount gives each file (see `fs`).
@@ -125,12 +125,12 @@ impl ChunkPlan {
 pub fn plan_chunks(
     object: &Arc<ObjectVersion>,
     chunk_size: u64,
-    is_cached: impl Fn(&ChunkId) -> bool,
+    is_cached: impl Fn(&ChunkKey) -> bool,
 ) -> ChunkPlan {
     let mut plan = ChunkPlan::default();
     for index in 0..chunk_count(object.size, chunk_size) {
         let key = ChunkKey::new(object.clone(), chunk_size, index);
-        if is_cached(&key.id()) {
+        if is_cached(&key) {
             plan.cached_bytes += key.len();
         } else {
             plan.missing.push(ChunkRead {
@@ -142,10 +142,11 @@ pub fn plan_chunks(
     plan
 }
 
-/// Whether the chunk's file is in the local cache. A file this user cannot see counts as
-/// missing: reading it through the mount is then a local hit, not a fetch.
-fn in_local_cache(cache_dir: &Path, id: &ChunkId) -> bool {
-    std::fs::symlink_metadata(chunk_path(cache_dir, id)).is_ok()
+/// Whether all of the chunk is in the local cache, as its object's block map says. A map this
+/// user cannot read counts as missing: reading it through the mount is then a local hit, not a
+/// fetch.
+fn in_local_cache(cache_dir: &Path, key: &ChunkKey) -> bool {
+    layout::chunk_cached(cache_dir, key)
 }
 
 /// The regular files at or under `abs`, in name order, appended to `out`. Directories that
@@ -199,8 +200,8 @@ pub struct FilePlan {
 pub fn plan_file(path: &Path, mount: &Arc<MountInfo>) -> io::Result<FilePlan> {
     let file = File::open(path)?;
     let object = version_of(&file, mount)?;
-    let chunks = plan_chunks(&object, mount.chunk_size, |id| {
-        in_local_cache(&mount.cache_dir, id)
+    let chunks = plan_chunks(&object, mount.chunk_size, |key| {
+        in_local_cache(&mount.cache_dir, key)
     });
     Ok(FilePlan {
         path: path.to_owned(),
@@ -322,7 +323,7 @@ const COMMIT_WAIT: Duration = Duration::from_secs(5);
 /// cache this user cannot look into are not checked.
 pub fn wait_committed<'a>(files: impl Iterator<Item = &'a FilePlan>) -> usize {
     let mut visible: HashMap<&Path, bool> = HashMap::new();
-    let mut pending: Vec<PathBuf> = Vec::new();
+    let mut pending: Vec<(&Path, ChunkKey)> = Vec::new();
     for f in files {
         let dir = f.mount.cache_dir.as_path();
         if !*visible
@@ -333,12 +334,12 @@ pub fn wait_committed<'a>(files: impl Iterator<Item = &'a FilePlan>) -> usize {
         }
         for c in &f.chunks.missing {
             let key = ChunkKey::new(f.object.clone(), f.mount.chunk_size, c.index);
-            pending.push(chunk_path(dir, &key.id()));
+            pending.push((dir, key));
         }
     }
     let deadline = Instant::now() + COMMIT_WAIT;
     loop {
-        pending.retain(|p| std::fs::symlink_metadata(p).is_err());
+        pending.retain(|(dir, key)| !in_local_cache(dir, key));
         if pending.is_empty() || Instant::now() >= deadline {
             return pending.len();
         }
@@ -348,7 +349,7 @@ pub fn wait_committed<'a>(files: impl Iterator<Item = &'a FilePlan>) -> usize {
 
 /// Why the mount's cache directory cannot be looked into, if it cannot.
 pub fn cache_unreadable(mount: &MountInfo) -> Option<io::Error> {
-    std::fs::read_dir(chunks_dir(&mount.cache_dir)).err()
+    std::fs::read_dir(layout::objects_dir(&mount.cache_dir)).err()
 }
 
 #[cfg(test)]
@@ -382,7 +383,7 @@ mod tests {
 
         let middle = ChunkKey::new(o.clone(), 10, 1).id();
         let tail = ChunkKey::new(o.clone(), 10, 2).id();
-        let some = plan_chunks(&o, 10, |id| *id == middle || *id == tail);
+        let some = plan_chunks(&o, 10, |k| k.id() == middle || k.id() == tail);
         assert_eq!(some.missing, [ChunkRead { index: 0, len: 10 }]);
         assert_eq!(some.cached_bytes, 15);
 
@@ -396,11 +397,11 @@ mod tests {
     fn plan_names_chunks_as_the_mount_does() {
         let dir = tempfile::tempdir().unwrap();
         let o = object(30);
-        let id = ChunkKey::new(o.clone(), 10, 1).id();
-        let p = chunk_path(dir.path(), &id);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(&p, b"x").unwrap();
-        let plan = plan_chunks(&o, 10, |id| in_local_cache(dir.path(), id));
+        let (store, _) =
+            crate::cachestore::DiskStore::open(dir.path(), 1 << 20, Arc::default()).unwrap();
+        let k = ChunkKey::new(o.clone(), 10, 1);
+        store.write(&k, &[bytes::Bytes::from_static(b"0123456789")]).unwrap();
+        let plan = plan_chunks(&o, 10, |k| in_local_cache(dir.path(), k));
         assert_eq!(
             plan.missing.iter().map(|c| c.index).collect::<Vec<_>>(),
             [0, 2]

@@ -383,3 +383,36 @@ pub fn peak_rss(pid: u32) -> u64 {
         .unwrap();
     kib * 1024
 }
+
+/// What the local cache at `cache` holds, as `orcafs cache stats` counts it (zeros when there is
+/// no cache there yet).
+pub fn cache_stats(cache: &Path) -> orcafs::cachestore::admin::Stats {
+    orcafs::cachestore::admin::stats(cache).unwrap_or_default()
+}
+
+/// Chunks with a block in the local cache at `cache`.
+pub fn cached_chunks(cache: &Path) -> u64 {
+    cache_stats(cache).chunks
+}
+
+/// The objects' data files in the local cache at `cache` (not their block maps), sorted.
+pub fn cached_data_files(cache: &Path) -> Vec<PathBuf> {
+    fn walk(p: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_none() {
+                out.push(p);
+            }
+        }
+    }
+    let root = orcafs::cachestore::layout::find_root(cache)
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| cache.to_owned());
+    let mut out = Vec::new();
+    walk(&orcafs::cachestore::layout::objects_dir(&root), &mut out);
+    out.sort();
+    out
+}
