@@ -31,8 +31,8 @@ use futures::StreamExt;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
-use crate::cachestore::{collect, CacheStore, ChunkStream, StoreError};
-use crate::chunk::{self, ChunkId, ChunkKey, ObjectVersion};
+use crate::cachestore::{collect, CacheStore, ChunkStream, LocalFile, StoreError};
+use crate::chunk::{self, chunk_count, ChunkId, ChunkKey, ObjectVersion};
 use crate::metrics::Metrics;
 use crate::origin::{Origin, OriginError};
 use crate::peer::{PeerAddr, PeerError};
@@ -340,6 +340,28 @@ impl Fetcher {
 
     fn is_stored(&self, key: &ChunkKey) -> bool {
         self.store.contains_hint(key) == Some(true)
+    }
+
+    /// True when the local store says, without I/O, that it holds every chunk of the object.
+    pub fn is_whole_locally(&self, object: &Arc<ObjectVersion>) -> bool {
+        let cs = self.policy.chunk_size;
+        (0..chunk_count(object.size, cs).max(1))
+            .all(|i| self.is_stored(&ChunkKey::new(object.clone(), cs, i)))
+    }
+
+    /// The object as one checked local file (for passthrough), when the store holds all of it.
+    pub async fn whole_object(&self, object: &ObjectVersion) -> Option<LocalFile> {
+        match self
+            .store
+            .whole_object(object, self.policy.chunk_size)
+            .await
+        {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(bucket = %object.bucket, key = %object.key, error = %e, "cannot hand out a cached object whole");
+                None
+            }
+        }
     }
 
     fn start_fill(

@@ -26,6 +26,10 @@ use crate::namespace::{
 };
 use crate::origin::OriginError;
 
+mod passthrough;
+use passthrough::Mode;
+pub use passthrough::Passthrough;
+
 /// Largest read the kernel may send (and `max_read`).
 pub const MAX_READ: u32 = 1 << 20;
 
@@ -87,6 +91,7 @@ pub struct OrcaFs {
     dirs: Dirs,
     next_fh: AtomicU64,
     latency: Arc<OpLatency>,
+    passthrough: Arc<Passthrough>,
 }
 
 /// The one place errors become errno.
@@ -121,23 +126,30 @@ fn errno_of_fetch(e: &FetchError) -> Errno {
     }
 }
 
+/// Where the mount's objects come from: named in every object version it opens.
+pub struct Source<'a> {
+    pub origin_id: &'a str,
+    pub bucket: &'a str,
+}
+
 impl OrcaFs {
     pub fn new(
         ns: Arc<Namespace>,
         fetch: Arc<Fetcher>,
         rt: tokio::runtime::Handle,
         show: Presentation,
-        origin_id: &str,
-        bucket: &str,
+        source: Source<'_>,
         latency: Arc<OpLatency>,
+        passthrough: Arc<Passthrough>,
     ) -> OrcaFs {
         OrcaFs {
+            passthrough,
             ns,
             fetch,
             rt,
             show,
-            origin_id: origin_id.into(),
-            bucket: bucket.into(),
+            origin_id: source.origin_id.into(),
+            bucket: source.bucket.into(),
             handles: Handles::default(),
             dirs: Dirs::default(),
             next_fh: AtomicU64::new(1),
@@ -187,6 +199,15 @@ impl Filesystem for OrcaFs {
         let plus = InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO;
         if config.add_capabilities(plus).is_err() {
             tracing::info!("the kernel offers no READDIRPLUS: ls -l looks names up one by one");
+        }
+        // Objects held whole in the local cache are read by the kernel from their files.
+        if self.passthrough.is_on() {
+            let offered = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            if !offered {
+                self.passthrough.turn_off();
+                tracing::info!("the kernel offers no FUSE passthrough (Linux 6.9+): cached objects are read through orcafs");
+            }
         }
         Ok(())
     }
@@ -240,6 +261,9 @@ impl Filesystem for OrcaFs {
             fh: self.next_fh.fetch_add(1, Ordering::Relaxed),
             ino: ino.0,
             handles: self.handles.clone(),
+            passthrough: self.passthrough.clone(),
+            fetch: self.fetch.clone(),
+            rt: self.rt.clone(),
         };
         let started = Instant::now();
         if let Local::Answer(r) = self.ns.open_local(ino.0) {
@@ -299,7 +323,9 @@ impl Filesystem for OrcaFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.handles().remove(&fh.0);
+        if let Some(file) = self.handles().remove(&fh.0) {
+            self.passthrough.release(file.ino);
+        }
         reply.ok();
     }
 
@@ -736,6 +762,9 @@ struct Opener {
     fh: u64,
     ino: u64,
     handles: Handles,
+    passthrough: Arc<Passthrough>,
+    fetch: Arc<Fetcher>,
+    rt: tokio::runtime::Handle,
 }
 
 impl Opener {
@@ -745,12 +774,40 @@ impl Opener {
             Err(e) => return reply.error(errno_of(&e)),
         };
         let object = Arc::new(ObjectVersion {
-            origin_id: self.origin_id,
-            bucket: self.bucket,
+            origin_id: self.origin_id.clone(),
+            bucket: self.bucket.clone(),
             key: o.key.into(),
             etag: o.etag.into(),
             size: o.size,
         });
+        let flags = if o.keep_cache {
+            FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
+        };
+        if !self.passthrough.is_on() {
+            return self.answer(reply, object, flags, Mode::Orcafs);
+        }
+        if let Some(mode) = self.passthrough.join(self.ino) {
+            return self.answer(reply, object, flags, mode);
+        }
+        if !self.fetch.is_whole_locally(&object) {
+            let mode = self.passthrough.open_through_orcafs(self.ino);
+            return self.answer(reply, object, flags, mode);
+        }
+        // All of it is cached: get the checked file off the FUSE thread (a first open after a
+        // restart reads it through once to check it).
+        let rt = self.rt.clone();
+        rt.spawn(async move {
+            let mode = match self.fetch.whole_object(&object).await {
+                Some(local) => self.passthrough.open_backing(self.ino, local, &reply),
+                None => self.passthrough.open_through_orcafs(self.ino),
+            };
+            self.answer(reply, object, flags, mode);
+        });
+    }
+
+    fn answer(self, reply: ReplyOpen, object: Arc<ObjectVersion>, flags: FopenFlags, mode: Mode) {
         lock_handles(&self.handles).insert(
             self.fh,
             Arc::new(OpenFile {
@@ -759,12 +816,13 @@ impl Opener {
                 next_offset: AtomicU64::new(0),
             }),
         );
-        let flags = if o.keep_cache {
-            FopenFlags::FOPEN_KEEP_CACHE
-        } else {
-            FopenFlags::empty()
-        };
-        reply.opened(FileHandle(self.fh), flags);
+        match mode {
+            Mode::Orcafs => reply.opened(FileHandle(self.fh), flags),
+            Mode::Backing(id) => {
+                self.passthrough.count_open();
+                reply.opened_passthrough(FileHandle(self.fh), FopenFlags::empty(), &id)
+            }
+        }
     }
 }
 

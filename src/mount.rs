@@ -26,7 +26,7 @@ use crate::cluster::{self, Cluster, LocalFills, LocalMeta, Observe};
 use crate::config::Config;
 use crate::control;
 use crate::fetch::{FetchPolicy, Fetcher, Peers};
-use crate::fs::{OrcaFs, Presentation, MAX_READ};
+use crate::fs::{OrcaFs, Passthrough, Presentation, Source, MAX_READ};
 use crate::metrics::Metrics;
 use crate::namespace::Namespace;
 use crate::origin::fleet::{FleetOrigin, MetaPeers, MetaQuery};
@@ -193,9 +193,12 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
         fetch,
         rt.handle().clone(),
         show,
-        &cfg.origin_id,
-        &cfg.bucket,
+        Source {
+            origin_id: &cfg.origin_id,
+            bucket: &cfg.bucket,
+        },
         Arc::new(metrics.fuse_op_latency.clone()),
+        Arc::new(Passthrough::new(cfg.passthrough, metrics.clone())),
     );
 
     let mounted = mount_fuse(fs, &mountpoint, &cfg)?;

@@ -394,7 +394,10 @@ fn cache_stays_under_its_max_size() {
         .iter()
         .map(|p| std::os::unix::fs::MetadataExt::blocks(&p.metadata().unwrap()) * 512)
         .sum();
-    assert!(on_disk <= max + CHUNK as u64, "evicted chunks punched out: {on_disk} on disk");
+    assert!(
+        on_disk <= max + CHUNK as u64,
+        "evicted chunks punched out: {on_disk} on disk"
+    );
     assert!(
         used >= 3 * CHUNK as u64,
         "cache still holds recent chunks: {used}"

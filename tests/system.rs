@@ -407,7 +407,6 @@ fn sighup_rereads_the_log_level_from_the_config_file() {
     assert_eq!(p.wait_exit(), 0);
 }
 
-
 #[test]
 fn sigkill_leaves_a_mount_umount_l_clears_and_the_cache_recovers() {
     let s = Scratch::new();
@@ -547,15 +546,25 @@ fn cache_commands_stats_verify_evict_clear() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
-        stdout.contains(&format!("bad  {}: chunks failing their CRC", victim.display())),
+        stdout.contains(&format!(
+            "bad  {}: chunks failing their CRC",
+            victim.display()
+        )),
         "{stdout}"
     );
     assert!(stdout.contains("6 good"), "{stdout}");
     let out = orcafs(&["cache", "verify", "--repair", "--cache-dir", dir]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(victim.exists(), "--repair marks the bad blocks absent, keeps the rest");
+    assert!(
+        victim.exists(),
+        "--repair marks the bad blocks absent, keeps the rest"
+    );
     let out = orcafs(&["cache", "verify", "--cache-dir", dir]);
-    assert!(out.status.success(), "every block left is good: {}", text(&out));
+    assert!(
+        out.status.success(),
+        "every block left is good: {}",
+        text(&out)
+    );
 
     // Evict down to about two chunks, least recently used first.
     let out = orcafs(&["cache", "evict", "--cache-dir", dir, "--max-size", "600KiB"]);

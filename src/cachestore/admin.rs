@@ -115,7 +115,9 @@ fn walk(root: &Path) -> Found {
         objects: Vec::new(),
         others: Vec::new(),
     };
-    found.others.extend((0..w.strays).map(|_| layout::objects_dir(root)));
+    found
+        .others
+        .extend((0..w.strays).map(|_| layout::objects_dir(root)));
     for path in w.files {
         let meta = fs::symlink_metadata(&path);
         match (layout::file_at(root, &path), meta) {
@@ -143,9 +145,15 @@ fn read_map(o: &Object) -> Result<(MapHeader, Vec<Option<u32>>), String> {
             h.bucket, h.key
         ));
     }
-    let len = map.metadata().map_err(|e| format!("cannot stat: {e}"))?.len();
+    let len = map
+        .metadata()
+        .map_err(|e| format!("cannot stat: {e}"))?
+        .len();
     if len != h.file_len() {
-        return Err(format!("map is {len} bytes long, its header says {}", h.file_len()));
+        return Err(format!(
+            "map is {len} bytes long, its header says {}",
+            h.file_len()
+        ));
     }
     let entries = layout::read_entries(&map, &h).map_err(|e| format!("cannot read: {e}"))?;
     Ok((h, entries))
@@ -240,7 +248,10 @@ pub fn verify(dir: &Path, repair: bool) -> io::Result<VerifyReport> {
                 r.good += chunks - bad.len() as u64;
                 r.good_bytes += bytes;
                 r.removed += u64::from(repaired);
-                let list: Vec<String> = bad.iter().map(|(c, b)| format!("{c} (block {b})")).collect();
+                let list: Vec<String> = bad
+                    .iter()
+                    .map(|(c, b)| format!("{c} (block {b})"))
+                    .collect();
                 r.bad.push(BadFile {
                     path: o.data.clone(),
                     reason: format!("chunks failing their CRC: {}", list.join(", ")),
@@ -477,10 +488,16 @@ mod tests {
         assert_eq!((r.checked, r.good, r.bad.len()), (3, 3, 0));
 
         // One flipped byte in the second block of the first object.
-        let f = fs::OpenOptions::new().write(true).open(data_path(root, &keys[0])).unwrap();
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(data_path(root, &keys[0]))
+            .unwrap();
         f.write_all_at(b"\xff", BLOCK + 9).unwrap();
         // The second object's data file cut short.
-        let f = fs::OpenOptions::new().write(true).open(data_path(root, &keys[2])).unwrap();
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(data_path(root, &keys[2]))
+            .unwrap();
         f.set_len(BLOCK).unwrap();
         // A stray file that is not orcafs's.
         fs::write(layout::objects_dir(root).join("stray"), b"x").unwrap();
@@ -488,16 +505,34 @@ mod tests {
         assert_eq!((r.checked, r.good), (2, 1), "{r:?}");
         assert_eq!(r.bad.len(), 3, "{:?}", r.bad);
         let reasons: Vec<&str> = r.bad.iter().map(|b| b.reason.as_str()).collect();
-        assert!(reasons.iter().any(|t| t.contains("chunks failing their CRC: 0 (block 1)")), "{reasons:?}");
-        assert!(reasons.iter().any(|t| t.contains("truncated")), "{reasons:?}");
-        assert!(reasons.iter().any(|t| t.contains("not orcafs's")), "{reasons:?}");
+        assert!(
+            reasons
+                .iter()
+                .any(|t| t.contains("chunks failing their CRC: 0 (block 1)")),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons.iter().any(|t| t.contains("truncated")),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons.iter().any(|t| t.contains("not orcafs's")),
+            "{reasons:?}"
+        );
 
         let r = verify(root, true).unwrap();
         assert_eq!(r.removed, 2);
         let r = verify(root, false).unwrap();
         // Chunk 0 keeps its good blocks (it is partial now), chunk 1 is whole.
-        assert_eq!((r.checked, r.good, r.bad.len()), (2, 2, 1), "only the stray remains bad");
-        assert!(layout::objects_dir(root).join("stray").exists(), "never deleted");
+        assert_eq!(
+            (r.checked, r.good, r.bad.len()),
+            (2, 2, 1),
+            "only the stray remains bad"
+        );
+        assert!(
+            layout::objects_dir(root).join("stray").exists(),
+            "never deleted"
+        );
         // The mount agrees: the repaired chunk is absent, the other one still there.
         let (s, _) = DiskStore::open(root, 1 << 30, Arc::default()).unwrap();
         assert!(!s.contains(&keys[0]) && s.contains(&keys[1]) && !s.contains(&keys[2]));
@@ -518,11 +553,17 @@ mod tests {
             .unwrap();
         let r = evict(root, 5 * BLOCK).unwrap();
         assert_eq!((r.removed, r.freed_bytes), (1, 3 * BLOCK));
-        assert_eq!((r.remaining_chunks, r.remaining_bytes), (2, 4 * BLOCK + 1000));
+        assert_eq!(
+            (r.remaining_chunks, r.remaining_bytes),
+            (2, 4 * BLOCK + 1000)
+        );
         assert!(!data_path(root, &keys[2]).exists() && data_path(root, &keys[0]).exists());
         let r = evict(root, 0).unwrap();
         assert_eq!((r.removed, r.remaining_bytes), (2, 0));
-        assert!(layout::walk_objects(root).fan_out_dirs.is_empty(), "empty dirs pruned");
+        assert!(
+            layout::walk_objects(root).fan_out_dirs.is_empty(),
+            "empty dirs pruned"
+        );
     }
 
     #[test]

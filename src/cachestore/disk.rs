@@ -744,7 +744,11 @@ impl DiskStore {
             if !head.is_of(v) || map.metadata()?.len() != head.file_len() {
                 return Ok(None);
             }
-            let data = match fs::OpenOptions::new().read(true).write(true).open(&data_path) {
+            let data = match fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&data_path)
+            {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
                 Err(e) => return Err(e),
@@ -918,7 +922,9 @@ impl DiskStore {
         }
         let Some(obj) = self.open_obj(&v, Some((&key.object, key.chunk_size)))? else {
             let why = "its files could not be created";
-            return Err(io_err(&layout::map_path(&self.root, &v))(io::Error::other(why)));
+            return Err(io_err(&layout::map_path(&self.root, &v))(io::Error::other(
+                why,
+            )));
         };
         let data_path = layout::data_path(&self.root, &v);
         let mut at = key.start() + offset;
@@ -1038,7 +1044,11 @@ impl DiskStore {
                     return;
                 }
                 let pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
-                let v = idx.lru.iter().rev().find(|((v, _), _)| !pins.contains_key(v));
+                let v = idx
+                    .lru
+                    .iter()
+                    .rev()
+                    .find(|((v, _), _)| !pins.contains_key(v));
                 match v {
                     Some((k, _)) => *k,
                     None => return,
@@ -1147,7 +1157,11 @@ impl DiskStore {
                     continue;
                 }
             };
-            match index_map(&self.root, &v, m.modified().unwrap_or(std::time::UNIX_EPOCH)) {
+            match index_map(
+                &self.root,
+                &v,
+                m.modified().unwrap_or(std::time::UNIX_EPOCH),
+            ) {
                 // An object whose every block was evicted before a crash: nothing to keep.
                 Some(held) if held.count == 0 && held.blocks > 0 => {
                     let _ = fs::remove_file(layout::map_path(&self.root, &v));
@@ -1410,8 +1424,14 @@ mod tests {
         let s = fresh();
         let f = fs::OpenOptions::new().write(true).open(&data_path).unwrap();
         f.write_all_at(b"X", 5000 + BLOCK).unwrap();
-        assert!(s.read(&k, 0, 10).unwrap().is_some(), "untouched block still verifies");
-        assert!(s.read(&k, BLOCK, 10).unwrap().is_none(), "flipped byte detected");
+        assert!(
+            s.read(&k, 0, 10).unwrap().is_some(),
+            "untouched block still verifies"
+        );
+        assert!(
+            s.read(&k, BLOCK, 10).unwrap().is_none(),
+            "flipped byte detected"
+        );
         assert!(!s.contains(&k), "bad chunk dropped");
         assert!(!data_path.exists(), "and its object's files with it");
 
@@ -1536,7 +1556,10 @@ mod tests {
         }
         let (s, report) = DiskStore::open(root, 1 << 30, Arc::default()).unwrap();
         assert_eq!((report.temp_removed, report.chunks), (2, 1));
-        assert_eq!(report.foreign_files, 2, "the stray and the .bak beside an object file");
+        assert_eq!(
+            report.foreign_files, 2,
+            "the stray and the .bak beside an object file"
+        );
         assert!(
             own.iter().all(|p| !p.exists()),
             "own temp files swept at open"
@@ -1645,7 +1668,10 @@ mod tests {
             let (s, report) = DiskStore::open(root, 1 << 30, Arc::default()).unwrap();
             assert_eq!(s.root(), root, "kept in place, not moved");
             assert_eq!(report.objects, 0);
-            assert!(chunks.iter().all(|p| !p.exists()), "layout 1's chunks discarded");
+            assert!(
+                chunks.iter().all(|p| !p.exists()),
+                "layout 1's chunks discarded"
+            );
             assert_eq!(fs::read(root.join("chunks/keep.txt")).unwrap(), b"mine");
             assert_eq!(layout::dir_kind(root).unwrap(), DirKind::Marked);
             assert_eq!(fs::read(layout::log_path(root)).unwrap(), b"log");
@@ -1666,31 +1692,43 @@ mod tests {
         let d = data(size as usize);
         let tail = key("e", size, chunk, 2); // 100 bytes
         let k1 = key("e", size, chunk, 1);
-        let block = |i: u64| Bytes::copy_from_slice(&d[(i * BLOCK) as usize..((i + 1) * BLOCK) as usize]);
+        let block =
+            |i: u64| Bytes::copy_from_slice(&d[(i * BLOCK) as usize..((i + 1) * BLOCK) as usize]);
         // Blocks 1 and 2 of chunk 1 (the object's blocks 5 and 6).
         s.write_blocks(&k1, BLOCK, &[block(5), block(6)]).unwrap();
         assert!(s.contains_range(&k1, BLOCK, 2 * BLOCK));
         assert!(s.contains_range(&k1, BLOCK + 7, 10));
         assert!(!s.contains(&k1) && !s.contains_range(&k1, 0, 10));
         let got = s.read(&k1, BLOCK + 7, BLOCK).unwrap().unwrap();
-        assert_eq!(&got[..], &d[(chunk + BLOCK + 7) as usize..][..BLOCK as usize]);
-        assert!(s.read(&k1, 0, 10).unwrap().is_none(), "an absent block is a miss");
+        assert_eq!(
+            &got[..],
+            &d[(chunk + BLOCK + 7) as usize..][..BLOCK as usize]
+        );
+        assert!(
+            s.read(&k1, 0, 10).unwrap().is_none(),
+            "an absent block is a miss"
+        );
         assert!(s.read(&k1, 3 * BLOCK, 10).unwrap().is_none());
         assert_eq!(s.used_bytes(), 2 * BLOCK);
         // Misaligned or short pieces are refused.
         assert!(s.write_blocks(&k1, 7, &[block(5)]).is_err());
-        assert!(s.write_blocks(&k1, 0, &[Bytes::from_static(b"short")]).is_err());
+        assert!(s
+            .write_blocks(&k1, 0, &[Bytes::from_static(b"short")])
+            .is_err());
         // The tail chunk's one short block.
         let tail_bytes = Bytes::copy_from_slice(&d[(2 * chunk) as usize..]);
         s.write_blocks(&tail, 0, &[tail_bytes]).unwrap();
         assert!(s.contains(&tail));
         drop(s);
         let (s, report) = DiskStore::open(dir.path(), 1 << 30, Arc::default()).unwrap();
-        assert_eq!((report.objects, report.chunks, report.bytes), (1, 2, 2 * BLOCK + 100));
+        assert_eq!(
+            (report.objects, report.chunks, report.bytes),
+            (1, 2, 2 * BLOCK + 100)
+        );
         assert!(s.contains_range(&k1, BLOCK, 2 * BLOCK) && !s.contains(&k1));
         // The rest of the chunk completes it.
         let whole = Bytes::copy_from_slice(&d[chunk as usize..(2 * chunk) as usize]);
-        s.write(&k1, &[whole.clone()]).unwrap();
+        s.write(&k1, std::slice::from_ref(&whole)).unwrap();
         assert!(s.contains(&k1));
         assert_eq!(s.read(&k1, 0, chunk).unwrap().unwrap(), whole);
     }
@@ -1707,7 +1745,8 @@ mod tests {
         let size = 3 * chunk;
         let d = data(size as usize);
         let keys: Vec<ChunkKey> = (0..3).map(|i| key("e", size, chunk, i)).collect();
-        let piece = |i: u64| Bytes::copy_from_slice(&d[(i * chunk) as usize..((i + 1) * chunk) as usize]);
+        let piece =
+            |i: u64| Bytes::copy_from_slice(&d[(i * chunk) as usize..((i + 1) * chunk) as usize]);
         s.write(&keys[0], &[piece(0)]).unwrap();
         s.write(&keys[1], &[piece(1)]).unwrap();
         let path = data_of(&s, &keys[0]);
@@ -1716,11 +1755,18 @@ mod tests {
         s.write(&keys[2], &[piece(2)]).unwrap();
         assert!(!s.contains(&keys[0]), "the least recently used chunk went");
         assert!(s.read(&keys[0], 0, 10).unwrap().is_none());
-        assert!(allocated(&path) <= before, "its bytes punched out: {} vs {before}", allocated(&path));
+        assert!(
+            allocated(&path) <= before,
+            "its bytes punched out: {} vs {before}",
+            allocated(&path)
+        );
         assert_eq!(s.used_bytes(), 2 * chunk);
         s.delete(&keys[1]);
         s.delete(&keys[2]);
-        assert!(!path.exists() && !map_of(&s, &keys[0]).exists(), "nothing left: files removed");
+        assert!(
+            !path.exists() && !map_of(&s, &keys[0]).exists(),
+            "nothing left: files removed"
+        );
         assert_eq!(s.used_bytes(), 0);
     }
 
@@ -1740,7 +1786,10 @@ mod tests {
         let s = Arc::new(store(dir.path(), 1 << 30));
         write(&s, &keys[0]);
         write(&s, &keys[1]);
-        assert!(s.whole_object(&object, chunk).unwrap().is_none(), "not whole yet");
+        assert!(
+            s.whole_object(&object, chunk).unwrap().is_none(),
+            "not whole yet"
+        );
         write(&s, &keys[2]);
         let whole = s.whole_object(&object, chunk).unwrap().expect("whole");
         let mut read = Vec::new();
@@ -1748,7 +1797,10 @@ mod tests {
         assert_eq!(read, d, "the data file is the object, byte for byte");
         // Pinned: a bound it no longer fits under passes it over.
         s.evict_to_fit(u64::MAX / 2);
-        assert!(keys.iter().all(|k| s.contains(k)), "pinned objects are not evicted");
+        assert!(
+            keys.iter().all(|k| s.contains(k)),
+            "pinned objects are not evicted"
+        );
         drop(whole);
         s.evict_to_fit(u64::MAX / 2);
         assert!(!s.contains(&keys[0]), "unpinned, it goes");
@@ -1765,7 +1817,10 @@ mod tests {
         f.write_all_at(b"X", chunk + 3).unwrap();
         let s = Arc::new(store(dir.path(), 1 << 30));
         assert!(s.contains(&keys[1]), "the index trusts the map");
-        assert!(s.whole_object(&object, chunk).unwrap().is_none(), "the check finds it");
+        assert!(
+            s.whole_object(&object, chunk).unwrap().is_none(),
+            "the check finds it"
+        );
         assert!(!s.contains(&keys[1]) && s.contains(&keys[0]));
     }
 

@@ -189,7 +189,9 @@ pub fn layout_1_files(root: &Path) -> Vec<PathBuf> {
             }
             for f in read_dir_paths(&l2) {
                 let name = f.file_name().and_then(OsStr::to_str).unwrap_or("");
-                if lower_hex(name, 64) && name[0..2] == *l1.file_name().and_then(OsStr::to_str).unwrap_or("") {
+                if lower_hex(name, 64)
+                    && name[0..2] == *l1.file_name().and_then(OsStr::to_str).unwrap_or("")
+                {
                     out.push(f);
                 }
             }
@@ -525,7 +527,8 @@ pub fn chunk_cached(root: &Path, key: &ChunkKey) -> bool {
     if file.read_exact_at(&mut raw, h.entry_at(first)).is_err() {
         return false;
     }
-    raw.chunks(ENTRY as usize).all(|e| decode_entry(e).is_some())
+    raw.chunks(ENTRY as usize)
+        .all(|e| decode_entry(e).is_some())
 }
 
 /// Cursor over header bytes; every getter fails past the end.
@@ -579,10 +582,17 @@ mod tests {
         let bytes = encode_header(&k.object, k.chunk_size);
         let h = decode_header(&bytes).unwrap();
         assert_eq!(h.len, bytes.len() as u64);
-        assert_eq!((h.size, h.chunk_size, h.block, h.blocks()), (3 * BLOCK + 5, 4 * BLOCK, BLOCK, 4));
+        assert_eq!(
+            (h.size, h.chunk_size, h.block, h.blocks()),
+            (3 * BLOCK + 5, 4 * BLOCK, BLOCK, 4)
+        );
         assert!(h.is_of(&k.version()));
         assert!(!h.is_of(&test_key("other", 3 * BLOCK + 5, 4 * BLOCK, 0).version()));
-        assert_eq!(block_size_for(100_000), 100_000, "a block never straddles chunks");
+        assert_eq!(
+            block_size_for(100_000),
+            100_000,
+            "a block never straddles chunks"
+        );
     }
 
     #[test]
@@ -612,10 +622,15 @@ mod tests {
 
     #[test]
     fn block_crcs_span_pieces() {
-        let d: Vec<u8> = (0..(2 * BLOCK + 7) as usize).map(|i| (i % 251) as u8).collect();
+        let d: Vec<u8> = (0..(2 * BLOCK + 7) as usize)
+            .map(|i| (i % 251) as u8)
+            .collect();
         let whole = block_crcs(&[Bytes::copy_from_slice(&d)], BLOCK);
         let split = block_crcs(
-            &[Bytes::copy_from_slice(&d[..100]), Bytes::copy_from_slice(&d[100..])],
+            &[
+                Bytes::copy_from_slice(&d[..100]),
+                Bytes::copy_from_slice(&d[100..]),
+            ],
             BLOCK,
         );
         assert_eq!(whole, split);
@@ -630,12 +645,21 @@ mod tests {
         let v = test_key("e", 1, BLOCK, 0).version();
         assert_eq!(file_at(root, &data_path(root, &v)), Some((v, Role::Data)));
         assert_eq!(file_at(root, &map_path(root, &v)), Some((v, Role::Map)));
-        assert_eq!(file_at(root, &root.join("objects").join(v.to_hex())), None, "misplaced");
+        assert_eq!(
+            file_at(root, &root.join("objects").join(v.to_hex())),
+            None,
+            "misplaced"
+        );
         let upper = data_path(root, &v).with_file_name(v.to_hex().to_uppercase());
         assert_eq!(file_at(root, &upper), None);
         let temp = temp_path(root, &v);
         assert!(is_temp_name(temp.file_name().unwrap()));
-        for bad in ["x", "notes.txt", &format!("{}.xyz", v.to_hex()), &v.to_hex()] {
+        for bad in [
+            "x",
+            "notes.txt",
+            &format!("{}.xyz", v.to_hex()),
+            &v.to_hex(),
+        ] {
             assert!(!is_temp_name(OsStr::new(bad)), "{bad}");
         }
     }
@@ -682,5 +706,4 @@ mod tests {
         fs::write(marker_path(&d("marked")), "orcafs-cache 1\n").unwrap();
         assert_eq!(kind("marked"), DirKind::Legacy, "layout 1, marked");
     }
-
 }

@@ -19,8 +19,8 @@ use futures::{Stream, StreamExt};
 use crate::chunk::{ChunkKey, ObjectVersion};
 
 pub mod admin;
-pub mod layout;
 pub mod disk;
+pub mod layout;
 pub mod memory;
 pub mod replica;
 pub mod s3;

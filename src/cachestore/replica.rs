@@ -379,7 +379,12 @@ impl CacheStore for Replica {
     }
 
     /// Blocks stay local: the shared store keeps whole chunks only.
-    async fn put_blocks(&self, key: &ChunkKey, offset: u64, data: Vec<Bytes>) -> Result<(), StoreError> {
+    async fn put_blocks(
+        &self,
+        key: &ChunkKey,
+        offset: u64,
+        data: Vec<Bytes>,
+    ) -> Result<(), StoreError> {
         match self.sync.first() {
             Some(s) => s.put_blocks(key, offset, data).await,
             None => Ok(()),

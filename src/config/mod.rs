@@ -41,6 +41,9 @@ pub struct Config {
     pub file_mode: u16,
     pub dir_mode: u16,
     pub allow_other: bool,
+    /// Let the kernel read objects held whole in the local cache itself (FUSE passthrough),
+    /// where the kernel and privileges allow.
+    pub passthrough: bool,
     pub foreground: bool,
     pub log_level: String,
     pub log_file: Option<PathBuf>,
@@ -154,6 +157,7 @@ pub struct FileConfig {
     pub file_mode: Option<Value>,
     pub dir_mode: Option<Value>,
     pub allow_other: Option<bool>,
+    pub passthrough: Option<bool>,
     pub foreground: Option<bool>,
     pub log_level: Option<String>,
     pub log_file: Option<PathBuf>,
@@ -222,6 +226,10 @@ pub struct MountArgs {
     /// Let users other than the mounting one access the mount
     #[arg(long)]
     pub allow_other: bool,
+    /// Serve every read through orcafs, never letting the kernel read a cached object's file
+    /// itself (FUSE passthrough, used by default where the kernel and privileges allow)
+    #[arg(long)]
+    pub no_passthrough: bool,
     /// Stay in the foreground instead of detaching once the mount is live
     #[arg(long, short = 'f')]
     pub foreground: bool,
@@ -443,6 +451,7 @@ fn merge(args: &MountArgs, file: FileConfig) -> Result<Config, ConfigError> {
         file_mode,
         dir_mode,
         allow_other: args.allow_other || file.allow_other.unwrap_or(false),
+        passthrough: !args.no_passthrough && file.passthrough.unwrap_or(true),
         foreground: args.foreground || file.foreground.unwrap_or(false),
         log_level,
         log_file: args.log_file.clone().or(file.log_file),

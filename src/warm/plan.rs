@@ -400,7 +400,9 @@ mod tests {
         let (store, _) =
             crate::cachestore::DiskStore::open(dir.path(), 1 << 20, Arc::default()).unwrap();
         let k = ChunkKey::new(o.clone(), 10, 1);
-        store.write(&k, &[bytes::Bytes::from_static(b"0123456789")]).unwrap();
+        store
+            .write(&k, &[bytes::Bytes::from_static(b"0123456789")])
+            .unwrap();
         let plan = plan_chunks(&o, 10, |k| in_local_cache(dir.path(), k));
         assert_eq!(
             plan.missing.iter().map(|c| c.index).collect::<Vec<_>>(),

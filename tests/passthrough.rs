@@ -1,0 +1,218 @@
+//! FUSE passthrough end to end: an object held whole in the local cache is read by the kernel
+//! from the cache's file (orcafs is not asked), only after the cache checked it, and a damaged
+//! file is never handed out that way.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::time::Duration;
+
+use common::*;
+
+const BUCKET: &str = "bkt";
+
+fn status_counter(m: &Mount, name: &str) -> u64 {
+    let out = run_output(orcafs_bin(), &["status", "--json", m.mnt.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    doc["metrics"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {name}: {doc}"))
+}
+
+/// The kernel in use lets a root server hand it backing files (Linux 6.9+).
+fn kernel_has_passthrough() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    // SAFETY: geteuid cannot fail.
+    (major, minor) >= (6, 9) && unsafe { libc::geteuid() } == 0
+}
+
+/// Opens and reads `len` bytes at `at` in a thread; None when it has not returned within `wait`.
+fn pread_within(path: &std::path::Path, at: u64, len: usize, wait: Duration) -> Option<Vec<u8>> {
+    let path = path.to_owned();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; len];
+        let r = std::fs::File::open(&path).and_then(|f| f.read_exact_at(&mut buf, at));
+        let _ = tx.send(r.map(|_| buf));
+    });
+    rx.recv_timeout(wait).ok().map(|r| r.unwrap())
+}
+
+fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_whole_cached_object_is_read_by_the_kernel_without_orcafs() {
+    if !kernel_has_passthrough() {
+        eprintln!("SKIPPED: needs root and Linux 6.9+ for FUSE passthrough");
+        return;
+    }
+    let s = Scratch::new();
+    let o = origin(&s, BUCKET);
+    let data = pattern(5 * CHUNK + 777, 61);
+    o.put_object(BUCKET, "p.bin", data.clone());
+    o.put_object(BUCKET, "partial.bin", pattern(3 * CHUNK, 62));
+    let cache = s.path("cache");
+    let m = Mount::start(&Target::of(&o), BUCKET, &s.path("mnt"), &cache, &[]);
+    // Cold: read through orcafs, filled, committed.
+    assert_eq!(sha256sum(&m.path("p.bin")), sha256_hex(&data));
+    wait_until(
+        "the object's 6 chunks committed",
+        Duration::from_secs(10),
+        || cached_chunks(&cache) >= 6,
+    );
+    assert_eq!(status_counter(&m, "passthrough_opens"), 0);
+    // Only part of another object: its opens stay with orcafs.
+    let part = std::fs::File::open(m.path("partial.bin")).unwrap();
+    let mut b = [0u8; 10];
+    part.read_exact_at(&mut b, 0).unwrap();
+    drop(part);
+
+    // Whole now: the next open is passthrough, and so are opens while it is open.
+    let f = std::fs::File::open(m.path("p.bin")).unwrap();
+    let g = std::fs::File::open(m.path("p.bin")).unwrap();
+    assert_eq!(status_counter(&m, "passthrough_opens"), 2);
+    let mut buf = vec![0u8; 100_000];
+    for at in [
+        0u64,
+        1,
+        CHUNK as u64 - 5,
+        3 * CHUNK as u64 + 17,
+        data.len() as u64 - 100_000,
+    ] {
+        g.read_exact_at(&mut buf, at).unwrap();
+        assert_eq!(buf, data[at as usize..at as usize + buf.len()]);
+    }
+    let gets = o.stats().get_requests;
+
+    // With orcafs stopped, the kernel still reads the open file (it never asks orcafs), while a
+    // read of a file orcafs serves waits.
+    // SAFETY: plain kill(2) of our own child.
+    unsafe { libc::kill(m.pid() as i32, libc::SIGSTOP) };
+    let status = format!("/proc/{}/status", m.pid());
+    wait_until("orcafs stopped", Duration::from_secs(5), || {
+        std::fs::read_to_string(&status).is_ok_and(|s| s.contains("State:\tT"))
+    });
+    let mut tail = vec![0u8; 777];
+    f.read_exact_at(&mut tail, 5 * CHUNK as u64).unwrap();
+    assert_eq!(tail, data[5 * CHUNK..]);
+    let waiting = pread_within(
+        &m.path("partial.bin"),
+        2 * CHUNK as u64,
+        10,
+        Duration::from_secs(1),
+    );
+    // SAFETY: as above.
+    unsafe { libc::kill(m.pid() as i32, libc::SIGCONT) };
+    assert!(
+        waiting.is_none(),
+        "a read orcafs must answer waits while it is stopped"
+    );
+    assert_eq!(
+        o.stats().get_requests,
+        gets,
+        "no origin request for cached bytes"
+    );
+    drop((f, g));
+    assert_eq!(
+        sha256sum(&m.path("p.bin")),
+        sha256_hex(&data),
+        "cat/sha256sum through passthrough"
+    );
+    assert_eq!(m.unmount(), 0);
+}
+
+#[test]
+fn a_cache_file_damaged_while_unmounted_is_never_handed_to_the_kernel() {
+    if !kernel_has_passthrough() {
+        eprintln!("SKIPPED: needs root and Linux 6.9+ for FUSE passthrough");
+        return;
+    }
+    let s = Scratch::new();
+    let o = origin(&s, BUCKET);
+    let data = pattern(3 * CHUNK + 5, 63);
+    o.put_object(BUCKET, "d.bin", data.clone());
+    let cache = s.path("cache");
+    let t = Target::of(&o);
+    let m = Mount::start(&t, BUCKET, &s.path("mnt"), &cache, &[]);
+    assert_eq!(sha256sum(&m.path("d.bin")), sha256_hex(&data));
+    wait_until("4 chunks committed", Duration::from_secs(10), || {
+        cached_chunks(&cache) >= 4
+    });
+    assert_eq!(m.unmount(), 0);
+
+    // One flipped byte in the second chunk, as a bad disk or a stray write would leave it.
+    let files = cached_data_files(&cache);
+    assert_eq!(files.len(), 1);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&files[0])
+        .unwrap();
+    let at = CHUNK as u64 + 1234;
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[!b[0]], at).unwrap();
+    drop(f);
+
+    o.reset_stats();
+    let m = Mount::start(&t, BUCKET, &s.path("mnt"), &cache, &[]);
+    // The check before the first passthrough open finds it: the chunk is dropped and the open
+    // goes through orcafs, which refetches it.
+    assert_eq!(sha256sum(&m.path("d.bin")), sha256_hex(&data));
+    assert_eq!(status_counter(&m, "passthrough_opens"), 0);
+    assert_eq!(
+        o.stats().get_requests,
+        1,
+        "only the damaged chunk refetched: {:?}",
+        o.stats()
+    );
+    wait_until("the chunk committed again", Duration::from_secs(10), || {
+        cached_chunks(&cache) >= 4
+    });
+    // Whole and checked again: now the kernel reads it.
+    assert_eq!(sha256sum(&m.path("d.bin")), sha256_hex(&data));
+    assert_eq!(status_counter(&m, "passthrough_opens"), 1);
+    assert_eq!(m.unmount(), 0);
+}
+
+#[test]
+fn no_passthrough_keeps_every_read_in_orcafs() {
+    let s = Scratch::new();
+    let o = origin(&s, BUCKET);
+    let data = pattern(2 * CHUNK, 64);
+    o.put_object(BUCKET, "n.bin", data.clone());
+    let cache = s.path("cache");
+    let m = Mount::start(
+        &Target::of(&o),
+        BUCKET,
+        &s.path("mnt"),
+        &cache,
+        &["--no-passthrough"],
+    );
+    assert_eq!(sha256sum(&m.path("n.bin")), sha256_hex(&data));
+    wait_until("2 chunks committed", Duration::from_secs(10), || {
+        cached_chunks(&cache) >= 2
+    });
+    assert_eq!(sha256sum(&m.path("n.bin")), sha256_hex(&data));
+    assert_eq!(status_counter(&m, "passthrough_opens"), 0);
+    assert_eq!(m.unmount(), 0);
+}
