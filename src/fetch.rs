@@ -87,6 +87,18 @@ pub enum Route {
     LocalOnly,
 }
 
+/// How a read relates to the handle's earlier ones (told by `fs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Continues (or starts) a sequential pattern: whole chunks, readahead.
+    Sequential,
+    /// Lands away from the previous read: only the blocks around it are fetched.
+    Random,
+}
+
+/// The unit a random read fetches and the local cache keeps: aligned with the disk's blocks.
+pub const RANDOM_BLOCK: u64 = 64 << 10;
+
 /// Where a chunk read is served from.
 enum Source {
     Fill(Arc<Fill>),
@@ -101,6 +113,8 @@ pub struct Fetcher {
     store: Arc<dyn CacheStore>,
     policy: FetchPolicy,
     inflight: Mutex<HashMap<ChunkId, Arc<Fill>>>,
+    /// Block fills of random reads in flight, by chunk and first byte (singleflight too).
+    blocks_inflight: Mutex<HashMap<(ChunkId, u64), Arc<Fill>>>,
     origin_slots: Semaphore,
     memory: Arc<Semaphore>,
     memory_permits: u32,
@@ -124,6 +138,7 @@ impl Fetcher {
             memory_permits,
             policy,
             inflight: Mutex::new(HashMap::new()),
+            blocks_inflight: Mutex::new(HashMap::new()),
             peers: OnceLock::new(),
             metrics,
         })
@@ -163,10 +178,27 @@ impl Fetcher {
         offset: u64,
         len: u64,
     ) -> Result<Bytes, FetchError> {
+        self.read_object_as(object, offset, len, Access::Sequential)
+            .await
+    }
+
+    /// [`Self::read_object`], for a read of the given access pattern: a random read of a chunk
+    /// that is neither cached nor filling fetches only the blocks around it.
+    pub async fn read_object_as(
+        self: &Arc<Self>,
+        object: &Arc<ObjectVersion>,
+        offset: u64,
+        len: u64,
+        access: Access,
+    ) -> Result<Bytes, FetchError> {
         let cs = self.policy.chunk_size;
         let spans: Vec<_> = chunk::spans(offset, len, object.size, cs).collect();
         match spans.as_slice() {
             [] => Ok(Bytes::new()),
+            [one] if access == Access::Random && cs % RANDOM_BLOCK == 0 => {
+                let key = ChunkKey::new(object.clone(), cs, one.index);
+                self.read_blocks(&key, one.offset, one.len).await
+            }
             [one] => {
                 let key = ChunkKey::new(object.clone(), cs, one.index);
                 self.read_chunk(&key, one.offset, one.len, Route::ViaCoordinator)
@@ -239,7 +271,8 @@ impl Fetcher {
             if let Some(fill) = self.join(&id) {
                 return Ok(Source::Fill(fill));
             }
-            let local_miss = self.store.contains_hint(key) == Some(false);
+            let here = self.store.contains_range_hint(key, offset, len);
+            let local_miss = here.or_else(|| self.store.contains_hint(key)) == Some(false);
             if use_store && !local_miss {
                 match self.store.get_chunk(key, offset, len).await {
                     Ok(Some(stream)) => return Ok(Source::Stored(stream)),
@@ -272,6 +305,91 @@ impl Fetcher {
                 store_checked,
             )));
         }
+    }
+
+    /// `len` bytes at `offset` inside a chunk, for a random read: a fill of the chunk in
+    /// flight, the store (whole chunk or just these blocks), else a fill of only the aligned
+    /// blocks around the bytes, straight from the origin (one per host: concurrent readers of
+    /// the same blocks share it), kept in the local cache after it served.
+    async fn read_blocks(
+        self: &Arc<Self>,
+        key: &ChunkKey,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, FetchError> {
+        if let Some(fill) = self.join(&key.id()) {
+            return fill.read(offset, len).await;
+        }
+        match self.store.get_chunk(key, offset, len).await {
+            Ok(Some(stream)) => match collect(stream).await {
+                Ok(bytes) => return Ok(bytes),
+                Err(e) => {
+                    tracing::warn!(?key, error = %e, "cache read failed; fetching from origin")
+                }
+            },
+            Ok(None) => {}
+            Err(e) => tracing::warn!(?key, error = %e, "cache store failed; treating as a miss"),
+        }
+        let first = offset / RANDOM_BLOCK * RANDOM_BLOCK;
+        let end = (offset + len).div_ceil(RANDOM_BLOCK) * RANDOM_BLOCK;
+        let end = end.min(key.len());
+        let fill = self.block_fill(key, first, end - first).await?;
+        fill.read(offset - first, len).await
+    }
+
+    /// The fill of blocks `[start, start+len)` of a chunk: joined if in flight, else started.
+    async fn block_fill(
+        self: &Arc<Self>,
+        key: &ChunkKey,
+        start: u64,
+        len: u64,
+    ) -> Result<Arc<Fill>, FetchError> {
+        let slot = (key.id(), start);
+        if let Some(fill) = self.blocks().get(&slot).filter(|f| f.len == len).cloned() {
+            Metrics::inc(&self.metrics.fill_joins);
+            return Ok(fill);
+        }
+        let permit = self.memory_permit(len).await?;
+        let mut map = self.blocks();
+        if let Some(fill) = map.get(&slot).filter(|f| f.len == len).cloned() {
+            Metrics::inc(&self.metrics.fill_joins);
+            return Ok(fill);
+        }
+        let fill = Arc::new(Fill::new(len, Some(permit)));
+        map.insert(slot, fill.clone());
+        drop(map);
+        Metrics::inc(&self.metrics.block_fills);
+        let span = tracing::debug_span!("block fill", bucket = %key.object.bucket, key = %key.object.key, chunk = key.index, start, len);
+        let (this, f, key) = (self.clone(), fill.clone(), key.clone());
+        tokio::spawn(
+            async move {
+                let result = this
+                    .fill_range_from_origin(&key.object, key.start() + start, len, &f)
+                    .await;
+                f.finish(result.clone());
+                match result {
+                    // Kept after serving, as a chunk fill is committed.
+                    Ok(()) => {
+                        if let Err(e) = this.store.put_blocks(&key, start, f.pieces()).await {
+                            tracing::warn!(error = %e, "could not keep the blocks");
+                        }
+                    }
+                    Err(e) => {
+                        Metrics::inc(&this.metrics.fills_failed);
+                        tracing::warn!(error = %e, "block fill failed");
+                    }
+                }
+                this.blocks().remove(&slot);
+            }
+            .instrument(span),
+        );
+        Ok(fill)
+    }
+
+    fn blocks(&self) -> MutexGuard<'_, HashMap<(ChunkId, u64), Arc<Fill>>> {
+        self.blocks_inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     fn join(&self, id: &ChunkId) -> Option<Arc<Fill>> {
@@ -528,10 +646,23 @@ impl Fetcher {
 
     /// GETs the chunk into the fill, retrying and resuming from where it stopped.
     async fn fill_from_origin(&self, key: &ChunkKey, fill: &Fill) -> Result<(), FetchError> {
+        self.fill_range_from_origin(&key.object, key.start(), key.len(), fill)
+            .await
+    }
+
+    /// GETs bytes `[start, start+len)` of the object into the fill, retrying and resuming from
+    /// where it stopped.
+    async fn fill_range_from_origin(
+        &self,
+        o: &ObjectVersion,
+        start: u64,
+        len: u64,
+        fill: &Fill,
+    ) -> Result<(), FetchError> {
         let started = Instant::now();
         let mut attempt = 1;
         loop {
-            let result = self.fetch_rest(key, fill).await;
+            let result = self.fetch_rest(o, start, len, fill).await;
             let e = match result {
                 Ok(()) => return Ok(()),
                 Err(FetchError::Origin(e)) if e.is_retryable() => e,
@@ -551,18 +682,23 @@ impl Fetcher {
         }
     }
 
-    /// One GET of the bytes the fill does not have yet, holding an origin slot throughout.
-    async fn fetch_rest(&self, key: &ChunkKey, fill: &Fill) -> Result<(), FetchError> {
+    /// One GET of the bytes the fill does not have yet (of `[start, start+len)`), holding an
+    /// origin slot throughout.
+    async fn fetch_rest(
+        &self,
+        o: &ObjectVersion,
+        start: u64,
+        len: u64,
+        fill: &Fill,
+    ) -> Result<(), FetchError> {
         let _slot = tokio::time::timeout(self.policy.queue_timeout, self.origin_slots.acquire())
             .await
             .map_err(|_| FetchError::QueueTimeout(self.policy.queue_timeout))?
             .map_err(|_| FetchError::Abandoned)?;
-        let o = &key.object;
-        let len = key.len();
         let got = fill.filled();
         let mut body = self
             .origin
-            .get_range(&o.key, &o.etag, key.start() + got, len - got)
+            .get_range(&o.key, &o.etag, start + got, len - got)
             .await?;
         let mut have = got;
         loop {

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -19,7 +19,7 @@ use fuser::{
 };
 
 use crate::chunk::ObjectVersion;
-use crate::fetch::{FetchError, Fetcher};
+use crate::fetch::{Access, FetchError, Fetcher};
 use crate::metrics::OpLatency;
 use crate::namespace::{
     Attr, DirEntry, DirHandle, Kind, Local, Namespace, NsError, OpenedObject, Read,
@@ -48,7 +48,33 @@ struct OpenFile {
     ino: u64,
     /// Where the last read ended, to tell sequential readers from random ones.
     next_offset: AtomicU64,
+    /// Every read fills whole chunks (asked with [`IOC_WHOLE_CHUNKS`], as `orcafs warm` does).
+    whole_chunks: AtomicBool,
 }
+
+/// `_IO('O', 1)`: on an open file of the mount, makes every read of that handle fill whole
+/// chunks, however scattered the reads are (`orcafs warm` reads one byte per chunk).
+pub const IOC_WHOLE_CHUNKS: u32 = 0x4f01;
+
+impl OpenFile {
+    /// Sequential when the read starts at 0, or at (or near: the kernel's concurrent reads
+    /// arrive a little out of order) where an earlier one ended; random otherwise.
+    fn access(&self, offset: u64) -> Access {
+        if self.whole_chunks.load(Ordering::Relaxed) {
+            return Access::Sequential;
+        }
+        let expected = self.next_offset.load(Ordering::Relaxed);
+        let first = expected == 0;
+        if offset == 0 || (!first && offset.abs_diff(expected) <= SEQUENTIAL_SLACK) {
+            Access::Sequential
+        } else {
+            Access::Random
+        }
+    }
+}
+
+/// How far from the previous read's end a read may start and still continue its pattern.
+const SEQUENTIAL_SLACK: u64 = 2 * MAX_READ as u64;
 
 type Handles = Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>;
 
@@ -295,9 +321,13 @@ impl Filesystem for OrcaFs {
         let fetch = self.fetch.clone();
         let ns = self.ns.clone();
         let (latency, started) = (self.latency.clone(), Instant::now());
+        let access = file.access(offset);
         self.rt.spawn(async move {
             let timer = Timer(&latency, "read", started);
-            match fetch.read_object(&file.object, offset, size as u64).await {
+            match fetch
+                .read_object_as(&file.object, offset, size as u64, access)
+                .await
+            {
                 Ok(bytes) => reply.data(&bytes),
                 Err(e) => {
                     tracing::warn!(bucket = %file.object.bucket, key = %file.object.key, offset, error = %e, "read failed");
@@ -458,14 +488,23 @@ impl Filesystem for OrcaFs {
         &self,
         _r: &Request,
         _i: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _f: fuser::IoctlFlags,
-        _cmd: u32,
+        cmd: u32,
         _in: &[u8],
         _out: u32,
         reply: fuser::ReplyIoctl,
     ) {
-        reply.error(Errno::ENOTTY);
+        if cmd != IOC_WHOLE_CHUNKS {
+            return reply.error(Errno::ENOTTY);
+        }
+        match self.handles().get(&fh.0) {
+            Some(file) => {
+                file.whole_chunks.store(true, Ordering::Relaxed);
+                reply.ioctl(0, &[]);
+            }
+            None => reply.error(Errno::EBADF),
+        }
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -814,6 +853,7 @@ impl Opener {
                 object,
                 ino: self.ino,
                 next_offset: AtomicU64::new(0),
+                whole_chunks: AtomicBool::new(false),
             }),
         );
         match mode {

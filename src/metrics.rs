@@ -68,6 +68,7 @@ metrics! {
         fills_started: "chunk fills started on this host",
         fill_joins: "reads that joined a fill already in flight (singleflight)",
         fills_failed: "chunk fills that failed and were not committed",
+        block_fills: "random reads filled by fetching only the 64 KiB blocks around them",
         disk_hits: "chunk reads served from the local disk cache",
         disk_misses: "chunk reads the local disk cache could not serve",
         disk_bytes_read: "bytes served from the local disk cache",

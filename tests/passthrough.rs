@@ -216,3 +216,77 @@ fn no_passthrough_keeps_every_read_in_orcafs() {
     assert_eq!(status_counter(&m, "passthrough_opens"), 0);
     assert_eq!(m.unmount(), 0);
 }
+
+/// Offsets of `n` isolated 4 KiB reads, each far from the one before (so none continues a
+/// sequential pattern), inside one 64 KiB block each.
+fn scattered(n: u64, size: u64) -> Vec<u64> {
+    (0..n)
+        .map(|i| {
+            let block = (i * 97 + 13) % (size / (64 << 10));
+            block * (64 << 10) + (i * 4096 * 5) % (32 << 10)
+        })
+        .collect()
+}
+
+#[test]
+fn random_reads_fetch_blocks_not_chunks_and_keep_them() {
+    let s = Scratch::new();
+    let o = origin(&s, BUCKET);
+    let size = 64 << 20;
+    let data = pattern(size, 65);
+    o.put_object(BUCKET, "r.bin", data.clone());
+    let cache = s.path("cache");
+    let t = Target::of(&o);
+    let m = Mount::start(
+        &t,
+        BUCKET,
+        &s.path("mnt"),
+        &cache,
+        &["--chunk-size", "8MiB"],
+    );
+    let offsets = scattered(40, size as u64);
+    o.reset_stats();
+    let f = std::fs::File::open(m.path("r.bin")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    for at in &offsets {
+        f.read_exact_at(&mut buf, *at).unwrap();
+        assert_eq!(buf, data[*at as usize..*at as usize + 4096], "at {at}");
+    }
+    drop(f);
+    let st = o.stats();
+    let blocks = offsets
+        .iter()
+        .map(|a| a / (64 << 10))
+        .collect::<std::collections::BTreeSet<_>>();
+    assert!(
+        st.get_bytes <= blocks.len() as u64 * (64 << 10),
+        "each read fetched its 64 KiB block, not its 8 MiB chunk: {st:?}"
+    );
+    assert!(st.get_requests <= blocks.len() as u64, "{st:?}");
+    wait_until("the blocks kept", Duration::from_secs(10), || {
+        cache_stats(&cache).bytes >= blocks.len() as u64 * (64 << 10)
+    });
+    assert_eq!(m.unmount(), 0);
+
+    // A restart finds the blocks in the cache: the same reads cost nothing at the origin.
+    o.reset_stats();
+    let m = Mount::start(
+        &t,
+        BUCKET,
+        &s.path("mnt"),
+        &cache,
+        &["--chunk-size", "8MiB"],
+    );
+    let f = std::fs::File::open(m.path("r.bin")).unwrap();
+    for at in &offsets {
+        f.read_exact_at(&mut buf, *at).unwrap();
+        assert_eq!(buf, data[*at as usize..*at as usize + 4096], "at {at}");
+    }
+    drop(f);
+    assert_eq!(o.stats().get_requests, 0, "{:?}", o.stats());
+    // A sequential reader still gets whole chunks, each fetched once.
+    assert_eq!(sha256sum(&m.path("r.bin")), sha256_hex(&data));
+    let st = o.stats();
+    assert_eq!(st.get_bytes, size as u64, "whole chunks, each once: {st:?}");
+    assert_eq!(m.unmount(), 0);
+}

@@ -94,6 +94,15 @@ const OPEN_FILES: usize = 64;
 /// How stale a map's mtime may get before a read refreshes it.
 const TOUCH_EVERY: Duration = Duration::from_secs(60);
 
+/// What a read of an object's blocks found.
+enum Got {
+    Bytes(Bytes),
+    /// These blocks are not in the map (the index thought they were).
+    Absent(Vec<u64>),
+    /// A block failed its CRC, or the data file is shorter than the map says.
+    Bad,
+}
+
 /// What opening an object's files found.
 enum Opened {
     Obj(Obj),
@@ -135,22 +144,46 @@ impl Obj {
         Ok(())
     }
 
-    /// Bytes `[start, end)` of the object, whole blocks read and checked; None when a block they
-    /// touch is absent or fails its CRC.
-    fn read(&self, start: u64, end: u64) -> io::Result<Option<Bytes>> {
+    /// Re-reads entries `first..=last` from the map file: another handle on the same files (an
+    /// older one, evicted from the open-object cache while a writer held it) may have entered
+    /// blocks since these were read.
+    fn refresh(&self, first: u64, last: u64) -> io::Result<()> {
+        let mut raw = vec![0u8; ((last - first + 1) * layout::ENTRY) as usize];
+        let mut mem = self.crcs();
+        self.map
+            .read_exact_at(&mut raw, self.head.entry_at(first))?;
+        for (i, e) in raw.chunks(layout::ENTRY as usize).enumerate() {
+            if let Some(slot) = mem.get_mut(first as usize + i) {
+                *slot = layout::decode_entry(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes `[start, end)` of the object, whole blocks read and checked.
+    fn read(&self, start: u64, end: u64) -> io::Result<Got> {
         let block = self.head.block;
         let first = start / block;
         let last = (end - 1) / block;
-        let want: Vec<Option<u32>> = self.crcs()[first as usize..=last as usize].to_vec();
+        let mut want: Vec<Option<u32>> = self.crcs()[first as usize..=last as usize].to_vec();
         if want.iter().any(Option::is_none) {
-            return Ok(None);
+            self.refresh(first, last)?;
+            want = self.crcs()[first as usize..=last as usize].to_vec();
+        }
+        let absent: Vec<u64> = (first..=last)
+            .zip(&want)
+            .filter(|(_, c)| c.is_none())
+            .map(|(i, _)| i)
+            .collect();
+        if !absent.is_empty() {
+            return Ok(Got::Absent(absent));
         }
         let span_start = first * block;
         let span_end = ((last + 1) * block).min(self.head.size);
         let buf = match pread_exact(&self.data, (span_end - span_start) as usize, span_start) {
             Ok(b) => b,
             // Truncated behind our back.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Got::Bad),
             Err(e) => return Err(e),
         };
         let good = buf
@@ -158,11 +191,11 @@ impl Obj {
             .zip(&want)
             .all(|(b, crc)| Some(crc32c::crc32c(b)) == *crc);
         if !good {
-            return Ok(None);
+            return Ok(Got::Bad);
         }
         let from = (start - span_start) as usize;
         let to = (end - span_start) as usize;
-        Ok(Some(buf.freeze().slice(from..to)))
+        Ok(Got::Bytes(buf.freeze().slice(from..to)))
     }
 
     /// Checks every block against its CRC; the first bad block's index, if any.
@@ -654,7 +687,7 @@ impl DiskStore {
         };
         let path = layout::data_path(&self.root, &v);
         match obj.read(start, end).map_err(io_err(&path))? {
-            Some(bytes) => {
+            Got::Bytes(bytes) => {
                 if self.promote(key) {
                     // Best effort: a failed touch only makes the object look older after a restart.
                     let _ = obj.map.set_modified(SystemTime::now());
@@ -663,8 +696,21 @@ impl DiskStore {
                 Metrics::add(&self.metrics.disk_bytes_read, bytes.len() as u64);
                 Ok(Some(bytes))
             }
-            None => {
-                tracing::warn!(?key, path = %path.display(), "cache blocks absent or failing their CRC: dropping the chunk");
+            Got::Absent(blocks) => {
+                // The index was ahead of the map: correct it, so the next fill stores them.
+                let mut idx = self.lock();
+                if let Some(h) = idx.objects.get_mut(&v) {
+                    for b in blocks {
+                        h.set(b, false);
+                    }
+                }
+                idx.account(v, key.index);
+                drop(idx);
+                Metrics::inc(&self.metrics.disk_misses);
+                Ok(None)
+            }
+            Got::Bad => {
+                tracing::warn!(?key, path = %path.display(), "cache blocks failing their CRC: dropping the chunk");
                 Metrics::inc(&self.metrics.disk_corrupt);
                 self.remove_chunk(&v, key.index, true);
                 Metrics::inc(&self.metrics.disk_misses);
@@ -690,30 +736,34 @@ impl DiskStore {
             self.open_objects().pop(v);
         }
         let map_path = layout::map_path(&self.root, v);
-        let obj = {
+        let broken = {
             // Creating, opening and removing an object's files are serialized, so a writer never
-            // opens the files a remover is deleting.
+            // opens the files a remover is deleting, and two openers share one handle (whose
+            // entries in memory are the ones writers update).
             let _files = self.files_lock();
-            self.open_files_of(v, &map_path, create)?
+            let cached = self.open_objects().get(v).cloned();
+            if let Some(obj) = cached.filter(|o| o.map.metadata().is_ok_and(|m| m.nlink() > 0)) {
+                return Ok(Some(obj));
+            }
+            match self.open_files_of(v, &map_path, create)? {
+                Opened::Obj(obj) => {
+                    let obj = Arc::new(obj);
+                    self.open_objects().put(*v, obj.clone());
+                    return Ok(Some(obj));
+                }
+                Opened::Absent => false,
+                Opened::Broken => true,
+            }
         };
-        match obj {
-            Opened::Obj(obj) => {
-                let obj = Arc::new(obj);
-                self.open_objects().put(*v, obj.clone());
-                Ok(Some(obj))
-            }
-            Opened::Absent => {
-                // An index entry without its files (a put racing a removal) heals here.
-                self.forget_object(v);
-                Ok(None)
-            }
-            Opened::Broken => {
-                tracing::warn!(path = %map_path.display(), "broken, truncated or foreign cache files: removing them");
-                Metrics::inc(&self.metrics.disk_corrupt);
-                self.remove_object(v);
-                Ok(None)
-            }
+        if !broken {
+            // An index entry without its files (a put racing a removal) heals here.
+            self.forget_object(v);
+            return Ok(None);
         }
+        tracing::warn!(path = %map_path.display(), "broken, truncated or foreign cache files: removing them");
+        Metrics::inc(&self.metrics.disk_corrupt);
+        self.remove_object(v);
+        Ok(None)
     }
 
     fn files_lock(&self) -> MutexGuard<'_, ()> {

@@ -98,8 +98,12 @@ pub fn mount_command(
         .arg(mnt)
         .args(["--endpoint-url", &t.endpoint, "--force-path-style"])
         .arg("--cache-dir")
-        .arg(cache)
-        .args(["--chunk-size", "256KiB", "--log-level", "info,orcafs=debug"])
+        .arg(cache);
+    // Tests use small chunks unless they name a size.
+    if !extra.contains(&"--chunk-size") {
+        c.args(["--chunk-size", "256KiB"]);
+    }
+    c.args(["--log-level", "info,orcafs=debug"])
         .args(extra)
         .env("AWS_ACCESS_KEY_ID", &t.access_key)
         .env("AWS_SECRET_ACCESS_KEY", &t.secret_key)
