@@ -127,18 +127,20 @@ struct CacheDirArgs {
 
 #[derive(Debug, Subcommand)]
 enum CacheCmd {
-    /// Count the chunk files and bytes held (reads no chunk data).
+    /// Count the objects, chunks and bytes held (reads the block maps, not the data).
     Stats(CacheDirArgs),
-    /// Read every chunk file in full: header, placement, length and every block checksum.
-    /// Exits 1 if bad files were found (and not all removed with --repair).
+    /// Read every block held in full and check it against its block map entry (and each map's
+    /// header, placement and length). Exits 1 if bad blocks or files were found (and not all
+    /// repaired with --repair).
     Verify {
         #[command(flatten)]
         dir: CacheDirArgs,
-        /// Delete the bad files (a mount never serves them; it refetches them)
+        /// Mark bad blocks absent and delete unusable files (a mount never serves them; it
+        /// refetches them)
         #[arg(long)]
         repair: bool,
     },
-    /// Delete least recently used chunks until the cache fits in --max-size.
+    /// Delete least recently used objects until the cache fits in --max-size.
     Evict {
         #[command(flatten)]
         dir: CacheDirArgs,

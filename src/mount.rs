@@ -121,8 +121,10 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
     let (disk, scan) = DiskStore::open(&cfg.cache_dir, cfg.cache_max_size, metrics.clone())?;
     tracing::info!(
         dir = %disk.root().display(),
+        objects = scan.objects,
         chunks = scan.chunks,
         bytes = scan.bytes,
+        removed_broken = scan.removed_broken,
         temp_removed = scan.temp_removed,
         foreign_files = scan.foreign_files,
         made_private = scan.made_private,

@@ -13,9 +13,10 @@
 //! To skip what is cached (a second run resumes; `--dry-run` tells what it would fetch), the
 //! command names each chunk as the mount does: origin id, bucket, chunk size and cache directory
 //! from the mount's status document ([`control`]), object key and ETag from the file's read-only
-//! xattrs (`user.orcafs.key`, `user.orcafs.etag`), size from `fstat`. A chunk whose file exists
-//! in the local cache directory is skipped (existence only: the mount checks a file's content
-//! when it reads it); any other chunk is read, and may come from the shared store or a peer
+//! xattrs (`user.orcafs.key`, `user.orcafs.etag`), size from `fstat`. A chunk whose blocks the
+//! object's block map in the local cache directory lists is skipped (the map only: the mount
+//! checks the bytes when it reads them); any other chunk is read (whole: the files are opened
+//! with [`crate::fs::IOC_WHOLE_CHUNKS`]), and may come from the shared store or a peer
 //! instead of the origin, which is the point.
 //!
 //! Layout: [`plan`] finds the mount and what to read, [`report`] tells the operator (progress,

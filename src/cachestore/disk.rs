@@ -119,8 +119,10 @@ struct Obj {
     head: MapHeader,
     /// Each block's CRC as the map holds it; None = absent.
     crcs: Mutex<Vec<Option<u32>>>,
-    /// Every block was checked against its CRC by this process (or written by it).
+    /// Every block was checked against its CRC by this process.
     verified: AtomicBool,
+    /// A background check is running (one at a time).
+    verifying: AtomicBool,
 }
 
 impl Obj {
@@ -813,6 +815,7 @@ impl DiskStore {
                 head,
                 crcs: Mutex::new(crcs),
                 verified: AtomicBool::new(false),
+                verifying: AtomicBool::new(false),
             }))
         })()
         .map_err(io_err(map_path))?;
@@ -1129,8 +1132,13 @@ impl DiskStore {
         };
         if !obj.verified.load(Ordering::Relaxed) {
             if object.size > VERIFY_INLINE {
-                let store = self.clone();
-                std::thread::spawn(move || store.verify(&v, &obj));
+                if !obj.verifying.swap(true, Ordering::Relaxed) {
+                    let store = self.clone();
+                    std::thread::spawn(move || {
+                        store.verify(&v, &obj);
+                        obj.verifying.store(false, Ordering::Relaxed);
+                    });
+                }
                 return Ok(None);
             }
             if !self.verify(&v, &obj) {
@@ -1140,7 +1148,31 @@ impl DiskStore {
         let path = layout::data_path(&self.root, &v);
         // A descriptor of its own: the kernel keeps it for the open file's life.
         let file = File::open(&path).map_err(io_err(&path))?;
+        self.used_whole(&v, &obj);
         Ok(Some(Whole { file, pin }))
+    }
+
+    /// Marks every chunk of an object handed out whole as used now: the kernel's reads of it
+    /// never pass through [`Self::read`].
+    fn used_whole(&self, v: &VersionId, obj: &Obj) {
+        let now = SystemTime::now();
+        let stale = {
+            let mut idx = self.lock();
+            let chunks = obj.head.size.div_ceil(obj.head.chunk_size);
+            for index in 0..chunks {
+                idx.lru.promote(&(*v, index));
+            }
+            match idx.objects.get_mut(v) {
+                Some(h) if now.duration_since(h.used).unwrap_or_default() >= TOUCH_EVERY => {
+                    h.used = now;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if stale {
+            let _ = obj.map.set_modified(now);
+        }
     }
 
     /// Checks every block of an object; drops the chunk of a bad one. True when all are good.

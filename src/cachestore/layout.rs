@@ -211,7 +211,7 @@ pub const MARKER: &str = ".orcafs-cache";
 pub const LAYOUT_VERSION: u32 = 2;
 /// orcafs's own subdirectory of a cache directory that already holds other files.
 pub const SUBDIR: &str = "orcafs";
-/// The detached daemon's log, beside `chunks/`.
+/// The detached daemon's log, beside `objects/`.
 pub const LOG: &str = "orcafs.log";
 
 pub fn marker_path(root: &Path) -> PathBuf {

@@ -315,7 +315,7 @@ pub fn over_bound(files: &[FilePlan]) -> Vec<String> {
 }
 
 /// How long a run waits for the chunks it read to reach the local cache: the mount answers a
-/// read before it writes the chunk's file.
+/// read before it writes the chunk to its cache.
 const COMMIT_WAIT: Duration = Duration::from_secs(5);
 
 /// Waits until the chunks of `files` it should have read are in the local cache, for at most
