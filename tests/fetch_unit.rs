@@ -313,3 +313,49 @@ async fn a_peer_that_breaks_mid_chunk_is_completed_from_the_origin_at_its_offset
         "the origin sends only what the peer did not"
     );
 }
+
+#[tokio::test]
+async fn a_random_read_fetches_its_blocks_once_and_a_sequential_one_whole_chunks() {
+    use orcafs::fetch::{Access, RANDOM_BLOCK};
+    let r = rig(8 * CHUNK, policy());
+    // Eight concurrent random readers of one spot: one GET of the one 64 KiB block under it.
+    let at = 3 * CHUNK + RANDOM_BLOCK + 100;
+    let reads: Vec<_> = (0..8)
+        .map(|_| {
+            let (f, o) = (r.fetch.clone(), r.object.clone());
+            tokio::spawn(async move { f.read_object_as(&o, at, 4096, Access::Random).await })
+        })
+        .collect();
+    for t in reads {
+        assert_eq!(t.await.unwrap().unwrap(), r.expect(at, 4096));
+    }
+    assert_eq!((r.origin.gets(), r.origin.get_bytes()), (1, RANDOM_BLOCK));
+    // A read across a block boundary takes both blocks.
+    let across = 5 * CHUNK + 2 * RANDOM_BLOCK - 10;
+    let got = r
+        .fetch
+        .read_object_as(&r.object, across, 20, Access::Random)
+        .await;
+    assert_eq!(got.unwrap(), r.expect(across, 20));
+    assert_eq!(
+        (r.origin.gets(), r.origin.get_bytes()),
+        (2, 3 * RANDOM_BLOCK)
+    );
+    // Sequential: the whole chunk, once, whatever blocks were fetched before.
+    assert_eq!(
+        r.read(3 * CHUNK, 10).await.unwrap(),
+        r.expect(3 * CHUNK, 10)
+    );
+    assert_eq!(
+        (r.origin.gets(), r.origin.get_bytes()),
+        (3, 3 * RANDOM_BLOCK + CHUNK)
+    );
+    // A random read of a chunk that is already held (or filling) costs nothing more.
+    let inside = 3 * CHUNK + 7 * 4096;
+    let got = r
+        .fetch
+        .read_object_as(&r.object, inside, 4096, Access::Random)
+        .await;
+    assert_eq!(got.unwrap(), r.expect(inside, 4096));
+    assert_eq!(r.origin.gets(), 3);
+}
