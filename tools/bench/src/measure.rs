@@ -320,7 +320,8 @@ pub fn measure_peers(bench: &mut Bench, report: &mut Report, b: Baselines) {
                 _ => None,
             };
             if let Some(label) = label {
-                let row = seq_rows::peer_missing_row(label, &format!("{} {why}", fs.name()));
+                let why = why.trim_end_matches(", skipped");
+                let row = seq_rows::peer_missing_row(label, &format!("{}: {why}", fs.name()));
                 report.replace_row(label, row);
             }
             continue;

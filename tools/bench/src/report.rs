@@ -600,7 +600,8 @@ ones.
    origin's byte count includes each response's HTTP headers; they are subtracted at the size
    measured on the baseline's responses (bytes sent during the plain GETs minus their bodies,
    per GET) times the mount's GetObject requests; raw bytes, requests and that size are under
-   the details. *5c*: the same reads' IOPS vs the plain client's ranged `GetObject`s of the same
+   the details, beside orcafs's own counters (block fills, whole-chunk fills, body bytes it
+   received). *5c*: the same reads' IOPS vs the plain client's ranged `GetObject`s of the same
    4 KiB blocks, one at a time on one keep-alive connection (opened just before), made just
    before the mount's reads in the same round.
 6. **Readers of one cold object**: fresh cache and mount, several threads each reading the whole
