@@ -1,7 +1,7 @@
 //! The filesystems under test and how each is mounted over the origin:
 //! orcafs, and optionally rclone, s3fs and Mountpoint (`mount-s3`) configured
 //! as close to it as they allow (read-only, full local disk cache, path-style
-//! S3 on 127.0.0.1).
+//! S3 on 127.0.0.1), and Mountpoint without its cache (its default).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -21,6 +21,8 @@ pub enum Fs {
     Rclone,
     S3fs,
     Mountpoint,
+    /// `mount-s3` without `--cache`: every read goes to the origin.
+    MountpointNoCache,
 }
 
 /// Where and how to mount: shared by every mount of the run.
@@ -33,6 +35,8 @@ pub struct MountEnv {
     pub orcafs: PathBuf,
     /// Extra `orcafs mount` flags (tuning options chosen on the command line).
     pub orcafs_flags: Vec<String>,
+    /// Whether this orcafs has `--no-passthrough`.
+    pub no_passthrough: bool,
 }
 
 impl Fs {
@@ -42,6 +46,7 @@ impl Fs {
             Fs::Rclone => "rclone",
             Fs::S3fs => "s3fs",
             Fs::Mountpoint => "mount-s3",
+            Fs::MountpointNoCache => "mount-s3-nocache",
         }
     }
 
@@ -51,7 +56,7 @@ impl Fs {
             Fs::Orcafs => true,
             Fs::Rclone => sys::on_path("rclone"),
             Fs::S3fs => sys::on_path("s3fs"),
-            Fs::Mountpoint => sys::on_path("mount-s3"),
+            Fs::Mountpoint | Fs::MountpointNoCache => sys::on_path("mount-s3"),
         }
     }
 
@@ -64,6 +69,7 @@ impl Fs {
             work: PathBuf::from("WORK"),
             orcafs: PathBuf::from("orcafs"),
             orcafs_flags: env.orcafs_flags.clone(),
+            no_passthrough: env.no_passthrough,
         };
         let cmd = self.command(&shown, Path::new("CACHE"), Path::new("MNT"), &[]);
         let words: Vec<String> = std::iter::once(cmd.get_program())
@@ -108,7 +114,8 @@ impl Fs {
             }
             Fs::Rclone => rclone_command(env, cache, mnt),
             Fs::S3fs => s3fs_command(env, cache, mnt),
-            Fs::Mountpoint => mountpoint_command(env, cache, mnt),
+            Fs::Mountpoint => mountpoint_command(env, Some(cache), mnt),
+            Fs::MountpointNoCache => mountpoint_command(env, None, mnt),
         }
     }
 }
@@ -137,15 +144,16 @@ fn aws_env(c: &mut Command, env: &MountEnv) {
         .env_remove("AWS_ENDPOINT_URL");
 }
 
-/// `mount-s3` (Mountpoint for Amazon S3) with its local disk cache.
-fn mountpoint_command(env: &MountEnv, cache: &Path, mnt: &Path) -> Command {
+/// `mount-s3` (Mountpoint for Amazon S3), with its local disk cache when given one.
+fn mountpoint_command(env: &MountEnv, cache: Option<&Path>, mnt: &Path) -> Command {
     let mut c = Command::new("mount-s3");
     c.arg(BUCKET)
         .arg(mnt)
         .args(["--endpoint-url", &env.endpoint, "--force-path-style"])
-        .args(["--region", REGION, "--read-only", "--foreground"])
-        .arg("--cache")
-        .arg(cache);
+        .args(["--region", REGION, "--read-only", "--foreground"]);
+    if let Some(cache) = cache {
+        c.arg("--cache").arg(cache);
+    }
     aws_env(&mut c, env);
     c
 }

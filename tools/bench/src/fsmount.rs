@@ -113,6 +113,11 @@ impl FsMount {
         self.child.as_ref().map_or(0, Child::id)
     }
 
+    /// The mount point.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mnt
+    }
+
     /// `rel` inside the mount.
     pub fn path(&self, rel: &str) -> PathBuf {
         self.mnt.join(rel)

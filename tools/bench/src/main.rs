@@ -5,13 +5,16 @@
 //! single-node Garage by default, s3s-fs with `--origin s3s-fs`), puts the
 //! test objects, mounts the given `orcafs` binary for real (FUSE,
 //! `--foreground` so its pid is known) and measures: cold sequential read vs
-//! a plain SDK GET, warm and hot re-reads vs a local file, time to first
-//! byte, 4 KiB random reads (cached IOPS, cold read amplification), origin
-//! bytes with 8 readers of one cold object, peak RSS with 8 readers of
-//! different objects, directory listings (`ls -l`, first names, tree walks)
-//! vs plain LISTs and local directories, and a cold read with a hung shared
-//! cache store. With `--with-peers` it measures rclone, s3fs and Mountpoint
-//! the same way when installed.
+//! a plain SDK GET and vs parallel ranged GETs, warm (1 MiB and 128 KiB
+//! reads), hot and random (4 KiB and 1 MiB) reads of the cached object with
+//! FUSE passthrough and without vs the same reads of a local file, time to
+//! first byte, random 4 KiB reads of a cold object (origin bytes per read,
+//! IOPS vs plain ranged GETs), origin bytes with 8 readers of one cold
+//! object, peak RSS with 8 readers of different objects, directory listings
+//! (`ls -l`, first names, tree walks) vs plain LISTs and local directories,
+//! and a cold read with a hung shared cache store. With `--with-peers` it
+//! measures rclone, s3fs and Mountpoint the same way when installed. The
+//! report sums up the goals of issue #13 from the rows.
 //!
 //! Needs root (page cache dropping, mounting) and /dev/fuse. Run it through
 //! `scripts/bench`, which runs it in a network namespace of its own with
@@ -27,6 +30,7 @@ mod origin;
 mod phases;
 mod reads;
 mod report;
+mod seq_rows;
 mod server;
 mod shared;
 mod sys;
@@ -76,9 +80,15 @@ struct Args {
     /// Random 4 KiB reads of the cached object.
     #[arg(long, default_value_t = 2000)]
     random_reads: usize,
-    /// Random 4 KiB reads of the cold object (origin bytes test).
+    /// Random 1 MiB reads of the cached object.
+    #[arg(long, default_value_t = 100)]
+    random_large_reads: usize,
+    /// Random 4 KiB reads of the cold object in each round (origin bytes and IOPS).
     #[arg(long, default_value_t = 100)]
     cold_random_reads: usize,
+    /// Ranged GETs at once of the parallel baseline of the cold sequential read.
+    #[arg(long, default_value_t = 8)]
+    parallel_gets: usize,
     /// Never-read objects timed for the time to first byte (median).
     #[arg(long, default_value_t = 15)]
     ttfb_samples: usize,
@@ -158,7 +168,9 @@ impl Args {
     fn knobs(&self) -> Knobs {
         Knobs {
             random_reads: self.random_reads,
+            random_large_reads: self.random_large_reads,
             cold_random_reads: self.cold_random_reads,
+            parallel_gets: self.parallel_gets,
             readers: self.readers,
             repeat: self.repeat,
             phase_limit: Duration::from_secs(self.phase_timeout),
@@ -272,6 +284,10 @@ fn preflight(args: &Args) -> Result<()> {
     }
     if args.readers == 0
         || args.repeat == 0
+        || args.parallel_gets == 0
+        || args.random_reads == 0
+        || args.random_large_reads == 0
+        || args.cold_random_reads == 0
         || args.ttfb_samples == 0
         || args.main_mib() == 0
         || args.rss_mib() == 0
@@ -315,12 +331,14 @@ fn run_in(args: &Args, work: &Path, started: Instant) -> Result<bool> {
     let put_started = Instant::now();
     let data = plain.create_objects(&origin, &plan, &local_copy)?;
     let put_secs = put_started.elapsed().as_secs_f64();
+    let help = orcafs_mount_help(&orcafs)?;
     let env = MountEnv {
         endpoint: origin.endpoint(),
         access_key: origin.access_key(),
         secret_key: origin.secret_key(),
         work: work.to_owned(),
-        orcafs_flags: orcafs_flags(args, &orcafs)?,
+        orcafs_flags: orcafs_flags(args, &help),
+        no_passthrough: help.contains(phases::NO_PASSTHROUGH),
         orcafs,
     };
     let retrans_at_start = sys::tcp_retransmitted_segments();
@@ -348,7 +366,10 @@ fn run_in(args: &Args, work: &Path, started: Instant) -> Result<bool> {
     report.elapsed_secs = started.elapsed().as_secs_f64();
     write_report(&args.out, &report)?;
     print_summary(&report, &args.out);
-    Ok(report.rows.iter().all(|r| r.outcome.is_ok()))
+    Ok(report
+        .rows
+        .iter()
+        .all(|r| r.outcome.is_ok() || !r.attempted()))
 }
 
 /// One line of progress on stderr.
@@ -356,13 +377,17 @@ pub fn progress(what: &str) {
     eprintln!("== {what}");
 }
 
-/// Tuning flags for `orcafs mount`, each only if given and known to this orcafs.
-fn orcafs_flags(args: &Args, orcafs: &Path) -> Result<Vec<String>> {
+/// `orcafs mount --help`: which flags this orcafs has.
+fn orcafs_mount_help(orcafs: &Path) -> Result<String> {
     let help = Command::new(orcafs)
         .args(["mount", "--help"])
         .output()
         .with_context(|| format!("running {} mount --help", orcafs.display()))?;
-    let help = String::from_utf8_lossy(&help.stdout).into_owned();
+    Ok(String::from_utf8_lossy(&help.stdout).into_owned())
+}
+
+/// Tuning flags for `orcafs mount`, each only if given and known to this orcafs (`help`).
+fn orcafs_flags(args: &Args, help: &str) -> Vec<String> {
     let wanted = [
         ("--chunk-size", args.chunk_size.clone()),
         (
@@ -384,13 +409,14 @@ fn orcafs_flags(args: &Args, orcafs: &Path) -> Result<Vec<String>> {
             eprintln!("orcafs-bench: this orcafs has no {flag}; not passing it");
         }
     }
-    Ok(flags)
+    flags
 }
 
 fn new_report(args: &Args, bench: &Bench, work: &Path) -> Report {
     let program_command = std::env::args().collect::<Vec<_>>().join(" ");
     let command = std::env::var("ORCAFS_BENCH_COMMAND").unwrap_or_else(|_| program_command.clone());
     let plan = args.plan();
+    let (goals_issue, goals) = measure::issue_goals();
     Report {
         machine: sys::Machine::describe(work),
         command,
@@ -408,19 +434,30 @@ fn new_report(args: &Args, bench: &Bench, work: &Path) -> Report {
                 "Directories: {} objects in one prefix (rows 8-10); a tree of {} x {} objects (row 11); {} objects in one prefix (row 12)",
                 plan.dir_large, plan.tree.0, plan.tree.1, plan.dir_page
             ),
+            format!(
+                "Reads: {} rounds; per round {} random 4 KiB and {} random 1 MiB reads of the cached large object, {} random 4 KiB reads of the cold large object, {} parallel ranged GETs for row 1b",
+                args.repeat, args.random_reads, args.random_large_reads, args.cold_random_reads, args.parallel_gets
+            ),
             format!("Origin: {}", bench.origin.describe()),
             format!("Network: {}", sys::loopback_setup()),
             format!("orcafs mount: `{}`", Fs::Orcafs.describe(&bench.env)),
+            format!(
+                "Cached-read rows: that mount (FUSE passthrough where the kernel and privileges allow it; this orcafs {} `{}`) and the same mount with `{}` added",
+                if bench.env.no_passthrough { "has" } else { "has **no**" },
+                phases::NO_PASSTHROUGH,
+                phases::NO_PASSTHROUGH
+            ),
             format!(
                 "Directory rows mount orcafs with `--metadata-ttl {}` added; row 13 with `--config FILE` naming the shared store",
                 dir_rows::metadata_ttl()
             ),
         ],
         rows: Vec::new(),
+        goals_issue,
+        goals,
         peers: None,
         peer_notes: Vec::new(),
-        peer_baselines: (None, None),
-        peer_ls_baselines: (None, None),
+        peer_baselines: Default::default(),
         details: vec![format!(
             "Load average (1, 5, 15 min) when measuring started: {}.",
             sys::load_average()

@@ -7,18 +7,52 @@ use crate::dir_rows::{self, PageMedians};
 use crate::error::{Context, Result};
 use crate::fs::Fs;
 use crate::origin::{BIG_DIR_FILLERS, KERNEL_FIRST_READ};
-use crate::phases::{self, Bench, Phase};
+use crate::phases::{self, Bench, Phase, NO_PASSTHROUGH};
 use crate::reads;
-use crate::report::{PeerRow, Quantity, Report, Row, Target};
+use crate::report::{Goal, PeerBaselines, PeerRow, Quantity, Report, Row, Target};
+use crate::seq_rows::{self, CachedMedians, CachedRound, ColdRound, L_MOUNTPOINT, L_S3FS};
 use crate::{progress, MIB};
 
-/// The baselines the peers are compared with too.
+/// The baselines and orcafs numbers the peers are compared with too.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Baselines {
     plain_mibps: Option<f64>,
-    local_warm_mibps: Option<f64>,
+    /// orcafs's cold sequential read (median), MiB/s.
+    orcafs_cold_mibps: Option<f64>,
+    /// Medians of the cached reads: default mount, `--no-passthrough`, local file.
+    cached: Option<CachedMedians>,
     /// orcafs's `ls -l` of one page and its baselines.
     page: Option<PageMedians>,
+}
+
+/// The goals of issue #13 and the rows that measure them (rows with a target only count).
+pub fn issue_goals() -> (String, Vec<Goal>) {
+    let goal = |text: &str, rows: &[&str]| Goal {
+        text: text.into(),
+        rows: rows.iter().map(|r| (*r).to_owned()).collect(),
+    };
+    let goals = vec![
+        goal(
+            "Cold sequential read at the server's ceiling: ≥ 0.9 x parallel ranged GETs of the \
+             object, ≥ 1.1 x Mountpoint without its cache",
+            &["1b.", L_MOUNTPOINT],
+        ),
+        goal(
+            "Cold random 4 KiB reads: ≤ 64 KiB of origin bytes per read (≤ 16 x the bytes \
+             asked), ≥ 0.7 x the IOPS of plain ranged GETs one at a time",
+            &["5b.", "5c."],
+        ),
+        goal(
+            "Cached reads at local speed (FUSE passthrough): warm 1 MiB and 128 KiB reads, hot \
+             reads, random 4 KiB and 1 MiB reads ≥ 0.8 x the same reads of the local file",
+            &["2.", "2b.", "3.", "5a.", "5d."],
+        ),
+        goal(
+            "FUSE path without passthrough: cached random 4 KiB reads ≥ 1.0 x s3fs",
+            &[L_S3FS],
+        ),
+    ];
+    ("#13".into(), goals)
 }
 
 /// Every orcafs metric, in the order of the issue; failures become rows.
@@ -26,50 +60,60 @@ pub fn measure_orcafs(bench: &mut Bench, report: &mut Report) -> Baselines {
     let rounds = bench.knobs.repeat;
     let readers = bench.knobs.readers;
     let knobs = bench.knobs.clone();
-    let (mut seq, mut reread) = (Err(skipped()), Err(skipped()));
-    if knobs.runs(Phase::Seq) {
-        seq = repeated(rounds, "plain GET and orcafs cold sequential read", || {
-            Ok((
-                bench.plain_get().context("plain GET")?,
-                bench.cold_seq(Fs::Orcafs)?,
-            ))
+    let size = bench.data.main_size;
+    let mut out = Baselines::default();
+    if knobs.runs(Phase::Cold) {
+        let parallel = knobs.parallel_gets;
+        let what =
+            format!("plain GET, {parallel} parallel ranged GETs, orcafs cold sequential read");
+        let cold = repeated(rounds, &what, || {
+            Ok(ColdRound {
+                plain: bench.plain_get().context("plain GET")?,
+                parallel: bench.plain_parallel_get().context("parallel ranged GETs")?,
+                orcafs: bench.cold_seq(Fs::Orcafs)?,
+            })
         });
-        reread = repeated(
-            rounds,
-            "orcafs warm, hot and random re-reads; the same on a local file",
-            || {
-                Ok((
-                    bench.reread(Fs::Orcafs, true)?,
-                    bench.local().context("local file")?,
-                ))
-            },
-        );
+        out.plain_mibps = cold
+            .as_ref()
+            .ok()
+            .map(|v| median_of(v.iter().map(|r| r.plain)));
+        out.orcafs_cold_mibps = seq_rows::cold_rows(report, &cold, size, parallel);
+    }
+    let mut cached = Err(skipped());
+    if knobs.runs(Phase::Cached) {
+        cached = cached_rounds(bench, rounds);
         if let Err(e) = bench.forget_cache(Fs::Orcafs) {
             report
                 .details
                 .push(format!("Could not delete a cache directory: {e}"));
         }
-        sequential_rows(report, &seq, &reread, bench.data.main_size);
+        out.cached = seq_rows::cached_sequential_rows(report, &cached);
     }
     if knobs.runs(Phase::Ttfb) {
         progress("orcafs: time to first byte");
         ttfb_rows(report, &bench.ttfb());
     }
-    if knobs.runs(Phase::Seq) {
-        random_rows(report, &reread);
+    if knobs.runs(Phase::Cached) {
+        seq_rows::cached_random_rows(report, &cached, false);
     }
     if knobs.runs(Phase::ColdRandom) {
-        progress("orcafs: random reads of a cold object");
-        cold_random_rows(report, &bench.cold_random(), bench.knobs.cold_random_reads);
+        let what = format!(
+            "plain 4 KiB ranged GETs, then orcafs random reads of a cold object ({} reads)",
+            knobs.cold_random_reads
+        );
+        let mut round = 0;
+        let v = repeated(rounds, &what, || {
+            round += 1;
+            bench.cold_random(round)
+        });
+        seq_rows::cold_random_rows(report, &v, size);
+    }
+    if knobs.runs(Phase::Cached) {
+        seq_rows::cached_random_rows(report, &cached, true);
     }
     if knobs.runs(Phase::Readers) {
         progress(&format!("orcafs: {} readers of one cold object", readers));
-        readers_rows(
-            report,
-            &bench.readers(Fs::Orcafs),
-            bench.data.main_size,
-            readers,
-        );
+        readers_rows(report, &bench.readers(Fs::Orcafs), size, readers);
     }
     if knobs.runs(Phase::Rss) {
         progress(&format!(
@@ -78,21 +122,34 @@ pub fn measure_orcafs(bench: &mut Bench, report: &mut Report) -> Baselines {
         ));
         rss_rows(report, &bench.rss(), bench.data.rss_size, readers);
     }
-    let mut page = None;
     if knobs.runs(Phase::Dirs) {
-        page = dir_rows::measure_dirs(bench, report);
+        out.page = dir_rows::measure_dirs(bench, report);
     }
     if knobs.runs(Phase::SharedStall) {
         dir_rows::measure_shared_stall(bench, report);
     }
-    Baselines {
-        page,
-        plain_mibps: seq.as_ref().ok().map(|v| median_of(v.iter().map(|s| s.0))),
-        local_warm_mibps: reread
-            .as_ref()
-            .ok()
-            .map(|v| median_of(v.iter().map(|r| r.1.warm_mibps))),
+    out
+}
+
+/// The rounds of the cached reads: the default mount, a `--no-passthrough` mount and the local
+/// file, each round in that order over the cache of the last cold read (one unmeasured cold
+/// read fills it when the cold phase did not run).
+fn cached_rounds(bench: &mut Bench, rounds: usize) -> Result<Vec<CachedRound>> {
+    if !bench.knobs.runs(Phase::Cold) {
+        progress("orcafs: one cold read to fill the cache");
+        bench.cold_seq(Fs::Orcafs).context("filling the cache")?;
     }
+    let no_passthrough = [NO_PASSTHROUGH.to_owned()];
+    let what = "orcafs cached reads with passthrough, then with --no-passthrough; the local file";
+    repeated(rounds, what, || {
+        Ok(CachedRound {
+            passthrough: bench.reread(Fs::Orcafs, &[]).context("default mount")?,
+            fuse: bench
+                .reread(Fs::Orcafs, &no_passthrough)
+                .context("--no-passthrough mount")?,
+            local: bench.local().context("local file")?,
+        })
+    })
 }
 
 fn skipped() -> crate::error::Error {
@@ -124,76 +181,11 @@ pub fn listed(values: impl Iterator<Item = f64>) -> String {
         .join(", ")
 }
 
-const M_COLD: &str = "1. Cold sequential read (1 MiB reads)";
-const M_WARM: &str = "2. Warm re-read from the disk cache (page cache dropped)";
-const M_HOT: &str = "3. Hot re-read (page cache kept)";
 const M_TTFB: &str = "4. Time to first byte, cold object (stat + open + 4 KiB read, median)";
 const M_TTFB_BIG: &str =
     "4b. The same, name in a directory of over 1000 objects (lookup = LIST + HEAD)";
-const M_RANDOM: &str = "5a. 4 KiB random reads, cached object";
-const M_COLD_RANDOM: &str = "5b. 4 KiB random reads, cold object: origin bytes";
 const M_READERS: &str = "6. Readers of one cold object: origin bytes";
 const M_RSS: &str = "7. Peak RSS, readers of different cold objects";
-
-type SeqRounds = Result<Vec<(f64, phases::ColdSeq)>>;
-type RereadRounds = Result<Vec<(phases::Reread, phases::Local)>>;
-
-fn sequential_rows(report: &mut Report, seq: &SeqRounds, reread: &RereadRounds, size: u64) {
-    let cold_target = Target::RatioAtLeast(1.05);
-    report.rows.push(match seq {
-        Ok(v) => {
-            let plain = median_of(v.iter().map(|s| s.0));
-            let cold = median_of(v.iter().map(|s| s.1.mibps));
-            report.details.push(format!(
-                "Sequential rounds (MiB/s): plain GET {}; orcafs cold {}. Origin bytes / size of the cold reads: {}.",
-                listed(v.iter().map(|s| s.0)),
-                listed(v.iter().map(|s| s.1.mibps)),
-                v.iter().map(|s| format!("{:.3}", s.1.origin_bytes as f64 / size as f64)).collect::<Vec<_>>().join(", ")
-            ));
-            Row::compared(M_COLD, Quantity::MibPerSec(cold), Quantity::MibPerSec(plain), "plain GET", cold_target)
-        }
-        Err(e) => Row::failed(M_COLD, &e.to_string(), cold_target),
-    });
-    let (warm_target, hot_target) = (Target::RatioAtLeast(0.8), Target::RatioAtLeast(0.5));
-    let v = match reread {
-        Ok(v) => v,
-        Err(e) => {
-            report
-                .rows
-                .push(Row::failed(M_WARM, &e.to_string(), warm_target));
-            report
-                .rows
-                .push(Row::failed(M_HOT, &e.to_string(), hot_target));
-            return;
-        }
-    };
-    let med = |f: fn(&(phases::Reread, phases::Local)) -> f64| median_of(v.iter().map(f));
-    report.rows.push(Row::compared(
-        M_WARM,
-        Quantity::MibPerSec(med(|r| r.0.warm_mibps)),
-        Quantity::MibPerSec(med(|r| r.1.warm_mibps)),
-        "local file",
-        warm_target,
-    ));
-    report.rows.push(Row::compared(
-        M_HOT,
-        Quantity::MibPerSec(med(|r| r.0.hot_mibps)),
-        Quantity::MibPerSec(med(|r| r.1.hot_mibps)),
-        "local file",
-        hot_target,
-    ));
-    report.details.push(format!(
-        "Re-read rounds (MiB/s): orcafs warm {}, local warm {}; orcafs hot {}, local hot {}. \
-         The origin answered {} GetObject requests during them (0 = all from the disk \
-         cache) and sent {} bytes in all (lookups included).",
-        listed(v.iter().map(|r| r.0.warm_mibps)),
-        listed(v.iter().map(|r| r.1.warm_mibps)),
-        listed(v.iter().map(|r| r.0.hot_mibps)),
-        listed(v.iter().map(|r| r.1.hot_mibps)),
-        v.iter().map(|r| r.0.origin_gets).sum::<u64>(),
-        v.iter().map(|r| r.0.origin_bytes).sum::<u64>()
-    ));
-}
 
 fn ttfb_rows(report: &mut Report, ttfb: &Result<phases::Ttfb>) {
     let target = Target::RatioAtMost(1.5);
@@ -249,55 +241,6 @@ fn ttfb_rows(report: &mut Report, ttfb: &Result<phases::Ttfb>) {
     ));
 }
 
-fn random_rows(report: &mut Report, reread: &RereadRounds) {
-    let v = match reread {
-        Ok(v) => v,
-        Err(e) => {
-            return report
-                .rows
-                .push(Row::failed(M_RANDOM, &e.to_string(), Target::None))
-        }
-    };
-    let mount = || v.iter().filter_map(|r| r.0.random_iops);
-    report.rows.push(Row::compared(
-        M_RANDOM,
-        Quantity::Iops(median_of(mount())),
-        Quantity::Iops(median_of(v.iter().map(|r| r.1.random_iops))),
-        "local file",
-        Target::None,
-    ));
-    report.details.push(format!(
-        "Cached random read rounds (IOPS): orcafs {}; local file {}.",
-        listed(mount()),
-        listed(v.iter().map(|r| r.1.random_iops))
-    ));
-}
-
-fn cold_random_rows(report: &mut Report, r: &Result<phases::ColdRandom>, count: usize) {
-    let metric = format!("{M_COLD_RANDOM} ({count} reads)");
-    let r = match r {
-        Ok(r) => r,
-        Err(e) => {
-            return report
-                .rows
-                .push(Row::failed(&metric, &e.to_string(), Target::None))
-        }
-    };
-    let mib = |b: u64| b as f64 / MIB as f64;
-    report.rows.push(Row::compared(
-        &metric,
-        Quantity::Mib(mib(r.origin_bytes)),
-        Quantity::Mib(mib(r.requested)),
-        "bytes requested",
-        Target::None,
-    ));
-    report.details.push(format!(
-        "Cold random reads: {count} reads in {:.2} s ({:.0} IOPS).",
-        r.elapsed.as_secs_f64(),
-        count as f64 / r.elapsed.as_secs_f64()
-    ));
-}
-
 fn readers_rows(report: &mut Report, r: &Result<phases::Readers>, size: u64, readers: usize) {
     let metric = format!("{} ({readers} threads)", M_READERS);
     let target = Target::RatioAtMost(1.0);
@@ -350,15 +293,18 @@ fn rss_rows(report: &mut Report, r: &Result<phases::Rss>, size: u64, readers: us
     ));
 }
 
-/// rclone, s3fs and Mountpoint: cold read, warm re-read, shared-object origin bytes, and
-/// `ls -l` of one page cold and warm.
-pub fn measure_peers(bench: &mut Bench, report: &mut Report, baselines: Baselines) {
-    report.peer_baselines = (baselines.plain_mibps, baselines.local_warm_mibps);
-    report.peer_ls_baselines = (
-        baselines.page.map(|p| p.plain_page_ms),
-        baselines.page.map(|p| p.local_ms),
-    );
-    let mut rows = vec![orcafs_peer_row(report, baselines.page)];
+/// rclone, s3fs and Mountpoint: cold read, warm re-read, cached random 4 KiB reads,
+/// shared-object origin bytes, and `ls -l` of one page cold and warm; Mountpoint's cold read
+/// without its cache too (row 1c), and s3fs's random reads beside orcafs's FUSE path (row 5e).
+pub fn measure_peers(bench: &mut Bench, report: &mut Report, b: Baselines) {
+    report.peer_baselines = PeerBaselines {
+        plain_mibps: b.plain_mibps,
+        local_warm_mibps: b.cached.map(|c| c.local.warm_mibps),
+        local_random_iops: b.cached.map(|c| c.local.random_iops),
+        plain_ls_ms: b.page.map(|p| p.plain_page_ms),
+        local_ls_ms: b.page.map(|p| p.local_ms),
+    };
+    let mut rows = orcafs_peer_rows(report, &b);
     for fs in [Fs::Rclone, Fs::S3fs, Fs::Mountpoint] {
         if !fs.installed() {
             let why = match fs {
@@ -368,51 +314,99 @@ pub fn measure_peers(bench: &mut Bench, report: &mut Report, baselines: Baseline
                 _ => "not installed (scripts/bench --with-peers installs it), skipped",
             };
             report.peer_notes.push(format!("{}: {why}.", fs.name()));
+            let label = match fs {
+                Fs::Mountpoint => Some(L_MOUNTPOINT),
+                Fs::S3fs => Some(L_S3FS),
+                _ => None,
+            };
+            if let Some(label) = label {
+                let why = why.trim_end_matches(", skipped");
+                let row = seq_rows::peer_missing_row(label, &format!("{}: {why}", fs.name()));
+                report.replace_row(label, row);
+            }
             continue;
         }
         report
             .peer_notes
             .push(format!("{}: `{}`", fs.name(), fs.describe(&bench.env)));
-        rows.push(measure_peer(bench, fs));
+        let row = measure_peer(bench, fs);
+        if fs == Fs::S3fs {
+            let theirs = match &row.random {
+                Some(r) => r.clone(),
+                None => Err("not measured".into()),
+            };
+            let ours = b.cached.map(|c| c.fuse.random_iops);
+            report.replace_row(L_S3FS, seq_rows::s3fs_row(ours, &theirs));
+        }
+        if fs == Fs::Mountpoint {
+            let nocache = Fs::MountpointNoCache;
+            report.peer_notes.push(format!(
+                "{} (row 1c): `{}`",
+                nocache.name(),
+                nocache.describe(&bench.env)
+            ));
+            progress(&format!("{}: cold sequential read", nocache.name()));
+            let cold = bench.cold_seq(nocache).map(|c| c.mibps);
+            if let Err(e) = bench.forget_cache(nocache) {
+                eprintln!("orcafs-bench: {e}");
+            }
+            report.replace_row(
+                L_MOUNTPOINT,
+                seq_rows::mountpoint_row(b.orcafs_cold_mibps, &cold),
+            );
+        }
+        rows.push(row);
     }
     report.peers = Some(rows);
 }
 
-/// The orcafs line of the peer table, from the rows already measured.
-fn orcafs_peer_row(report: &Report, page: Option<PageMedians>) -> PeerRow {
-    let value = |prefix: &str| -> std::result::Result<f64, String> {
-        let row = report.rows.iter().find(|r| r.metric.starts_with(prefix));
-        match row.map(|r| &r.outcome) {
-            Some(Ok(m)) => Ok(m.value_number()),
-            Some(Err(e)) => Err(e.clone()),
-            None => Err("not measured".into()),
-        }
-    };
+/// The orcafs lines of the peer table, from the rows already measured: the default mount, and
+/// the cached reads of the `--no-passthrough` mount.
+fn orcafs_peer_rows(report: &Report, b: &Baselines) -> Vec<PeerRow> {
+    let not = || Some(Err("not measured".to_string()));
+    let or_not = |v: Option<f64>| v.map_or_else(not, |v| Some(Ok(v)));
     let readers = report
         .rows
         .iter()
         .find(|r| r.metric.starts_with(M_READERS))
         .and_then(|r| r.outcome.as_ref().ok())
-        .and_then(|m| m.ratio())
-        .ok_or_else(|| "not measured".to_string());
-    let not = || "not measured".to_string();
-    PeerRow {
+        .and_then(|m| m.ratio());
+    let page = b.page;
+    let default = PeerRow {
         name: "orcafs".into(),
-        cold_seq: value(M_COLD),
-        warm: value(M_WARM),
-        readers8: readers,
-        ls_cold: page.map(|p| p.cold_ms).ok_or_else(not),
-        ls_warm: page.map(|p| p.warm_ms).ok_or_else(not),
-        ls_warm_requests: page.map(|p| p.warm_requests).ok_or_else(not),
-    }
+        cold_seq: or_not(b.orcafs_cold_mibps),
+        warm: or_not(b.cached.map(|c| c.passthrough.warm_mibps)),
+        random: or_not(b.cached.map(|c| c.passthrough.random_iops)),
+        readers8: or_not(readers),
+        ls_cold: or_not(page.map(|p| p.cold_ms)),
+        ls_warm: or_not(page.map(|p| p.warm_ms)),
+        ls_warm_requests: page.map_or_else(
+            || Some(Err("not measured".to_string())),
+            |p| Some(Ok(p.warm_requests)),
+        ),
+    };
+    let fuse = PeerRow {
+        name: format!("orcafs {NO_PASSTHROUGH}"),
+        cold_seq: None,
+        warm: or_not(b.cached.map(|c| c.fuse.warm_mibps)),
+        random: or_not(b.cached.map(|c| c.fuse.random_iops)),
+        readers8: None,
+        ls_cold: None,
+        ls_warm: None,
+        ls_warm_requests: None,
+    };
+    vec![default, fuse]
 }
 
 fn measure_peer(bench: &mut Bench, fs: Fs) -> PeerRow {
     let text = |e: crate::error::Error| e.to_string();
     progress(&format!("{}: cold sequential read", fs.name()));
     let cold = bench.cold_seq(fs).map(|c| c.mibps).map_err(text);
-    progress(&format!("{}: warm re-read", fs.name()));
-    let warm = bench.reread(fs, false).map(|r| r.warm_mibps).map_err(text);
+    progress(&format!(
+        "{}: warm re-read and cached random reads",
+        fs.name()
+    ));
+    let reread = bench.reread(fs, &[]).map_err(text);
     if let Err(e) = bench.forget_cache(fs) {
         eprintln!("orcafs-bench: {e}");
     }
@@ -435,14 +429,27 @@ fn measure_peer(bench: &mut Bench, fs: Fs) -> PeerRow {
     };
     PeerRow {
         name: fs.name().into(),
-        cold_seq: cold,
-        warm,
-        readers8,
-        ls_cold: med(|p| p.cold.as_secs_f64() * 1000.0),
-        ls_warm: med(|p| p.warm.as_secs_f64() * 1000.0),
-        ls_warm_requests: pages
-            .as_ref()
-            .map(|v| v.iter().map(|p| p.warm_requests).max().unwrap_or(0))
-            .map_err(|e| e.to_string()),
+        cold_seq: Some(cold),
+        warm: Some(
+            reread
+                .as_ref()
+                .map(|r| r.reads.warm_mibps)
+                .map_err(Clone::clone),
+        ),
+        random: Some(
+            reread
+                .as_ref()
+                .map(|r| r.reads.random_iops)
+                .map_err(Clone::clone),
+        ),
+        readers8: Some(readers8),
+        ls_cold: Some(med(|p| p.cold.as_secs_f64() * 1000.0)),
+        ls_warm: Some(med(|p| p.warm.as_secs_f64() * 1000.0)),
+        ls_warm_requests: Some(
+            pages
+                .as_ref()
+                .map(|v| v.iter().map(|p| p.warm_requests).max().unwrap_or(0))
+                .map_err(|e| e.to_string()),
+        ),
     }
 }

@@ -1,5 +1,7 @@
 //! The S3 side: the objects put into the origin (in parallel), and the plain SDK client that
-//! orcafs is compared with: single-stream GETs and paginated LISTs on one warm connection.
+//! orcafs is compared with: single-stream GETs, 4 KiB ranged GETs one at a time and paginated
+//! LISTs on one warm connection, and the large object as parallel ranged GETs on warm
+//! connections.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -69,12 +71,18 @@ pub const TREE: &str = "tree";
 const SMALL_PARALLEL: usize = 32;
 /// Large objects put at once (each is generated in memory first).
 const LARGE_PARALLEL: usize = 2;
+/// Worker threads of the parallel ranged GETs' runtime (its connections' I/O).
+const PARALLEL_WORKERS: usize = 2;
 
 /// An SDK client on its own single-threaded runtime: what a plain
-/// application doing one request at a time looks like.
+/// application doing one request at a time looks like. For the parallel
+/// ranged GETs, a second client (its own connection pool) on a
+/// multi-threaded runtime.
 pub struct PlainClient {
     runtime: Runtime,
     client: Client,
+    parallel_runtime: Runtime,
+    parallel_client: Client,
 }
 
 /// One object to put.
@@ -98,9 +106,17 @@ impl PlainClient {
             .enable_all()
             .build()
             .context("building the client runtime")?;
+        let parallel_runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(PARALLEL_WORKERS)
+            .thread_name("plain-parallel")
+            .enable_all()
+            .build()
+            .context("building the parallel client runtime")?;
         Ok(PlainClient {
             runtime,
             client: server.client(),
+            parallel_runtime,
+            parallel_client: server.client(),
         })
     }
 
@@ -244,6 +260,84 @@ impl PlainClient {
         self.runtime
             .block_on(get_into(&self.client, key, buf))
             .with_context(|| format!("plain GET of {BUCKET}/{key}"))
+    }
+
+    /// The whole `key` as `parts` ranged GetObjects of contiguous ranges, all at once, each
+    /// body copied into its own part of `buf` (which must be exactly the object's size), on
+    /// `parts` connections opened beforehand. Returns the time from sending the requests to
+    /// the last byte of the last one.
+    pub fn get_ranges_into(&self, key: &str, buf: &mut [u8], parts: usize) -> Result<Duration> {
+        let parts = parts.max(1);
+        let handle = self.parallel_runtime.handle();
+        let client = &self.parallel_client;
+        // Warm connections: `parts` one-byte ranged GETs at once leave `parts` open
+        // connections in the pool.
+        std::thread::scope(|s| {
+            let tasks: Vec<_> = (0..parts)
+                .map(|_| s.spawn(|| handle.block_on(get_range(client, key, 0, 1))))
+                .collect();
+            for t in tasks {
+                t.join()
+                    .map_err(|_| crate::error::Error::msg("a GET thread panicked"))??;
+            }
+            Ok::<(), crate::error::Error>(())
+        })
+        .with_context(|| format!("opening {parts} connections"))?;
+        let part_len = buf.len().div_ceil(parts).max(1);
+        let chunks: Vec<&mut [u8]> = buf.chunks_mut(part_len).collect();
+        let barrier = std::sync::Barrier::new(chunks.len() + 1);
+        let (started, results) = std::thread::scope(|s| {
+            let tasks: Vec<_> = chunks
+                .into_iter()
+                .enumerate()
+                .map(|(i, part)| {
+                    let barrier = &barrier;
+                    s.spawn(move || {
+                        barrier.wait();
+                        let start = (i * part_len) as u64;
+                        handle.block_on(get_range_into(client, key, start, part))?;
+                        Ok::<Instant, crate::error::Error>(Instant::now())
+                    })
+                })
+                .collect();
+            barrier.wait();
+            let started = Instant::now();
+            let results: Vec<Result<Instant>> = tasks
+                .into_iter()
+                .map(|t| {
+                    t.join()
+                        .unwrap_or_else(|_| Err(crate::error::Error::msg("a GET thread panicked")))
+                })
+                .collect();
+            (started, results)
+        });
+        let mut last = started;
+        for r in results {
+            last = last.max(r.with_context(|| format!("ranged GET of {BUCKET}/{key}"))?);
+        }
+        Ok(last - started)
+    }
+
+    /// A ranged GetObject of `len` bytes at each offset of `key`, one at a time on this
+    /// client's one keep-alive connection (call [`PlainClient::warm_up`] first so that it is
+    /// open), each body read whole and its length checked. Returns the time of all of them.
+    pub fn get_ranges_one_at_a_time(
+        &self,
+        key: &str,
+        offsets: &[u64],
+        len: u64,
+    ) -> Result<Duration> {
+        self.runtime
+            .block_on(async {
+                let started = Instant::now();
+                for &off in offsets {
+                    get_range(&self.client, key, off, len)
+                        .await
+                        .with_context(|| format!("{len} bytes at {off}"))?;
+                }
+                Ok::<Duration, crate::error::Error>(started.elapsed())
+            })
+            .with_context(|| format!("ranged GETs of {BUCKET}/{key}"))
     }
 
     /// Time from sending a GetObject of `key` to receiving its first body bytes.
@@ -392,6 +486,57 @@ async fn get_into(client: &Client, key: &str, buf: &mut [u8]) -> Result<Duration
         bail!("body ended at {filled} of {} bytes", buf.len());
     }
     Ok(started.elapsed())
+}
+
+/// A GetObject of `len` bytes at `start`, its body read whole and counted.
+async fn get_range(client: &Client, key: &str, start: u64, len: u64) -> Result<()> {
+    let out = client
+        .get_object()
+        .bucket(BUCKET)
+        .key(key)
+        .range(format!("bytes={start}-{}", start + len - 1))
+        .send()
+        .await
+        .map_err(DisplayErrorContext)
+        .context("sending")?;
+    let mut body = out.body;
+    let mut got = 0u64;
+    while let Some(chunk) = body.next().await {
+        got += chunk.context("reading the body")?.len() as u64;
+    }
+    if got != len {
+        bail!("asked for {len} bytes at {start}, got {got}");
+    }
+    Ok(())
+}
+
+/// A GetObject of the `part.len()` bytes at `start`, copied into `part`.
+async fn get_range_into(client: &Client, key: &str, start: u64, part: &mut [u8]) -> Result<()> {
+    let end = start + part.len() as u64 - 1;
+    let out = client
+        .get_object()
+        .bucket(BUCKET)
+        .key(key)
+        .range(format!("bytes={start}-{end}"))
+        .send()
+        .await
+        .map_err(DisplayErrorContext)
+        .with_context(|| format!("sending the GET of bytes {start}-{end}"))?;
+    let mut body = out.body;
+    let mut filled = 0;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.with_context(|| format!("reading bytes {start}-{end}"))?;
+        let to = filled + chunk.len();
+        if to > part.len() {
+            bail!("bytes {start}-{end}: body longer than the range");
+        }
+        part[filled..to].copy_from_slice(&chunk);
+        filled = to;
+    }
+    if filled != part.len() {
+        bail!("bytes {start}-{end}: body ended after {filled} bytes");
+    }
+    Ok(())
 }
 
 /// Time to the first body bytes, and to the first `KERNEL_FIRST_READ` bytes.

@@ -10,7 +10,7 @@ use crate::error::{Context, Result};
 use crate::fs::{Fs, MountEnv};
 use crate::fsmount::FsMount;
 use crate::origin::{Dataset, PlainClient, MAIN_KEY};
-use crate::reads::{self, BLOCK};
+use crate::reads::{self, BLOCK, LARGE_BLOCK};
 use crate::server::OriginServer;
 use crate::sys;
 use crate::MIB;
@@ -23,8 +23,13 @@ const IDLE_MAX_WAIT: Duration = Duration::from_secs(60);
 /// Counts that shape the run.
 #[derive(Debug, Clone)]
 pub struct Knobs {
+    /// Random 4 KiB reads of the cached object.
     pub random_reads: usize,
+    /// Random 1 MiB reads of the cached object.
+    pub random_large_reads: usize,
     pub cold_random_reads: usize,
+    /// Ranged GETs at once of the parallel baseline of the cold sequential read.
+    pub parallel_gets: usize,
     pub readers: usize,
     pub repeat: usize,
     pub phase_limit: Duration,
@@ -35,11 +40,17 @@ pub struct Knobs {
 /// The orcafs measurements, as `--only` names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Phase {
-    /// Cold sequential, warm, hot and cached random re-reads (rows 1-3, 5a).
+    /// `cold` and `cached` (rows 1-3, 5a, 5d).
     Seq,
+    /// Cold sequential read vs one plain GET and parallel ranged GETs (rows 1, 1b).
+    Cold,
+    /// Warm, hot and random re-reads of the cached object, with passthrough and without, and
+    /// the same reads of the local copy (rows 2, 2b, 3, 5a, 5d); without `cold`, one unmeasured
+    /// cold read fills the cache first.
+    Cached,
     /// Time to first byte (row 4).
     Ttfb,
-    /// Random reads of a cold object (row 5b).
+    /// Random 4 KiB reads of a cold object vs plain ranged GETs (rows 5b, 5c).
     ColdRandom,
     /// Readers of one cold object (row 6).
     Readers,
@@ -53,7 +64,9 @@ pub enum Phase {
 
 impl Knobs {
     pub fn runs(&self, phase: Phase) -> bool {
-        self.only.is_empty() || self.only.contains(&phase)
+        let in_seq =
+            matches!(phase, Phase::Cold | Phase::Cached) && self.only.contains(&Phase::Seq);
+        self.only.is_empty() || self.only.contains(&phase) || in_seq
     }
 }
 
@@ -68,8 +81,10 @@ pub struct Bench {
     /// Holds the large object's bytes on every sequential read; allocated and
     /// touched once so page faults stay out of the timings.
     buf: Vec<u8>,
-    /// Offsets of the cached random-read phase (mount and local file alike).
+    /// Offsets of the cached random 4 KiB reads (mount and local file alike).
     offsets: Vec<u64>,
+    /// Offsets of the cached random 1 MiB reads.
+    large_offsets: Vec<u64>,
 }
 
 /// Sequential cold read of the large object.
@@ -81,31 +96,81 @@ pub struct ColdSeq {
     pub hwm_bytes: u64,
 }
 
+/// The reads of the whole cached object, through a mount or of the local copy, in this order.
+#[derive(Debug, Clone, Copy)]
+pub struct CachedReads {
+    /// Offset 0 to EOF in 1 MiB `read(2)`s (`dd bs=1M`), page cache dropped; open included.
+    pub warm_mibps: f64,
+    /// The `open(2)` of that read, ms.
+    pub warm_open_ms: f64,
+    /// The same again right after, page cache kept.
+    pub hot_mibps: f64,
+    /// Offset 0 to EOF in 128 KiB `read(2)`s (`cat`), page cache dropped.
+    pub warm_cat_mibps: f64,
+    /// 4 KiB `pread`s at random offsets, one at a time, page cache dropped.
+    pub random_iops: f64,
+    /// 1 MiB `pread`s at random offsets, one at a time, page cache dropped.
+    pub random_large_mibps: f64,
+}
+
 /// Re-reads over a warm disk cache.
 #[derive(Debug, Clone, Copy)]
 pub struct Reread {
-    pub warm_mibps: f64,
-    pub hot_mibps: f64,
-    /// Origin bytes and GetObject requests during the warm and hot reads.
+    pub reads: CachedReads,
+    /// Origin bytes and GetObject requests during the reads.
     pub origin_bytes: u64,
     pub origin_gets: u64,
-    pub random_iops: Option<f64>,
+    /// orcafs's `passthrough_opens` counter after the reads (None for the other filesystems).
+    pub passthrough_opens: Option<u64>,
 }
 
-/// The local-file baselines.
-#[derive(Debug, Clone, Copy)]
-pub struct Local {
-    pub warm_mibps: f64,
-    pub hot_mibps: f64,
-    pub random_iops: f64,
-}
-
-/// Random 4 KiB reads of a cold object.
+/// Random 4 KiB reads of a cold object, and the plain client's ranged GETs of the same bytes.
 #[derive(Debug, Clone, Copy)]
 pub struct ColdRandom {
+    pub reads: usize,
+    /// Bytes the origin sent during the mount's reads (HTTP headers included), its GetObject
+    /// requests meanwhile, and the reads' time.
     pub origin_bytes: u64,
-    pub requested: u64,
+    pub origin_gets: u64,
     pub elapsed: Duration,
+    /// orcafs's own counters after the reads: block fills, whole-chunk fills, and the body
+    /// bytes it received from origin GETs.
+    pub block_fills: u64,
+    pub chunk_fills: u64,
+    pub orcafs_body_bytes: u64,
+    /// The same for the plain client's 4 KiB ranged GETs, one at a time.
+    pub plain_bytes: u64,
+    pub plain_gets: u64,
+    pub plain_elapsed: Duration,
+}
+
+impl ColdRandom {
+    /// Bytes asked for.
+    pub fn requested(&self) -> u64 {
+        (self.reads * BLOCK) as u64
+    }
+
+    /// What each response costs beyond its body (HTTP headers), measured on the plain GETs:
+    /// bytes sent minus the bodies, per request.
+    pub fn overhead_per_response(&self) -> f64 {
+        let extra = self.plain_bytes.saturating_sub(self.requested()) as f64;
+        extra / self.plain_gets.max(1) as f64
+    }
+
+    /// The body bytes the origin sent the mount: its bytes minus that overhead per GET.
+    pub fn origin_body_bytes(&self) -> f64 {
+        let body =
+            self.origin_bytes as f64 - self.origin_gets as f64 * self.overhead_per_response();
+        body.max(0.0)
+    }
+
+    pub fn iops(&self) -> f64 {
+        self.reads as f64 / self.elapsed.as_secs_f64()
+    }
+
+    pub fn plain_iops(&self) -> f64 {
+        self.reads as f64 / self.plain_elapsed.as_secs_f64()
+    }
 }
 
 /// Medians of the time-to-first-byte samples.
@@ -160,6 +225,12 @@ impl Bench {
         let mut buf = vec![0u8; data.main_size as usize];
         buf.fill(0x5a);
         let offsets = reads::random_offsets(data.main_size, knobs.random_reads, 0xB10C);
+        let large_offsets = reads::random_offsets_of(
+            data.main_size,
+            LARGE_BLOCK,
+            knobs.random_large_reads,
+            0xB16B10C,
+        );
         Bench {
             knobs,
             origin,
@@ -169,6 +240,7 @@ impl Bench {
             local_copy,
             buf,
             offsets,
+            large_offsets,
         }
     }
 
@@ -241,6 +313,16 @@ impl Bench {
         Ok(self.mibps(elapsed))
     }
 
+    /// The large object as `parallel_gets` plain ranged GETs of contiguous ranges at once, on
+    /// warm connections, in MiB/s (to the last byte of the last one).
+    pub fn plain_parallel_get(&mut self) -> Result<f64> {
+        self.preload_origin(&[MAIN_KEY])?;
+        let parts = self.knobs.parallel_gets;
+        let elapsed = self.plain.get_ranges_into(MAIN_KEY, &mut self.buf, parts)?;
+        reads::verify_sha256("parallel ranged GETs", &self.buf, &self.data.main_sha256)?;
+        Ok(self.mibps(elapsed))
+    }
+
     /// Cold sequential read (fresh cache `FS-main`, kept for [`Bench::reread`]).
     pub fn cold_seq(&mut self, fs: Fs) -> Result<ColdSeq> {
         let cache = self.fresh_cache(&format!("{}-main", fs.name()))?;
@@ -258,28 +340,37 @@ impl Bench {
         })
     }
 
-    /// Warm then hot re-read over the cache the cold read filled, in a new
-    /// mount; with `random`, also the cached random reads. Keeps the cache
-    /// (see [`Bench::forget_cache`]).
-    pub fn reread(&mut self, fs: Fs, random: bool) -> Result<Reread> {
+    /// The cached reads over the cache the cold read filled, in a new mount with `extra`
+    /// orcafs flags (`--no-passthrough`). Keeps the cache (see [`Bench::forget_cache`]).
+    pub fn reread(&mut self, fs: Fs, extra: &[String]) -> Result<Reread> {
+        if fs == Fs::Orcafs && extra.iter().any(|f| f == NO_PASSTHROUGH) && !self.env.no_passthrough
+        {
+            bail!("this orcafs has no {NO_PASSTHROUGH} flag");
+        }
         let cache = self.cache_dir(&format!("{}-main", fs.name()));
-        let mount = fs.mount(&self.env, &cache, "reread")?;
-        sys::drop_caches()?;
+        let tag = match extra.is_empty() {
+            true => "reread",
+            false => "reread-flags",
+        };
+        let mount = fs.mount_with(&self.env, &cache, tag, extra)?;
         self.origin.zero_counts()?;
-        let warm = self.timed_main_read(&mount, "warm re-read")?;
-        let hot = self.timed_main_read(&mount, "hot re-read")?;
+        let path = mount.path(MAIN_KEY);
+        let limit = self.knobs.phase_limit;
+        let reads = mount.guarded("cached reads", limit, || self.cached_reads(&path))?;
         let counts = self.origin.counts()?;
-        let random_iops = match random {
-            true => Some(self.random_cached(&mount)?),
-            false => None,
+        let passthrough_opens = match fs {
+            Fs::Orcafs => Some(
+                orcafs_counter(&self.env, &mount, "passthrough_opens")
+                    .context("reading orcafs's passthrough_opens")?,
+            ),
+            _ => None,
         };
         mount.unmount()?;
         Ok(Reread {
-            warm_mibps: self.mibps(warm),
-            hot_mibps: self.mibps(hot),
+            reads,
             origin_bytes: counts.get_bytes,
             origin_gets: counts.get_requests,
-            random_iops,
+            passthrough_opens,
         })
     }
 
@@ -288,50 +379,86 @@ impl Bench {
         remove_dir(&self.cache_dir(&format!("{}-main", fs.name())))
     }
 
-    fn random_cached(&self, mount: &FsMount) -> Result<f64> {
+    /// The reads of [`CachedReads`] of the large object at `path`, in its order, each
+    /// sequential read's data checked against the source's SHA-256 (outside the timings).
+    fn cached_reads(&mut self, path: &Path) -> Result<CachedReads> {
+        let sha = self.data.main_sha256.clone();
         sys::drop_caches()?;
-        let path = mount.path(MAIN_KEY);
-        let elapsed = mount.guarded("cached random reads", self.knobs.phase_limit, || {
-            reads::random_reads(&path, &self.offsets)
-        })?;
-        Ok(self.offsets.len() as f64 / elapsed.as_secs_f64())
-    }
-
-    /// The same reads of the local copy: cold page cache, hot, random.
-    pub fn local(&mut self) -> Result<Local> {
+        let (warm, open) = reads::read_whole_timed(path, &mut self.buf, reads::READ_BUF)
+            .context("warm 1 MiB reads")?;
+        reads::verify_sha256("warm 1 MiB reads", &self.buf, &sha)?;
+        let hot = reads::read_whole_into(path, &mut self.buf).context("hot 1 MiB reads")?;
+        reads::verify_sha256("hot 1 MiB reads", &self.buf, &sha)?;
         sys::drop_caches()?;
-        let warm = reads::read_whole_into(&self.local_copy, &mut self.buf)?;
-        let hot = reads::read_whole_into(&self.local_copy, &mut self.buf)?;
-        reads::verify_sha256("local copy", &self.buf, &self.data.main_sha256)?;
+        let cat = reads::read_whole_into_by(path, &mut self.buf, reads::CAT_BUF)
+            .context("warm 128 KiB reads")?;
+        reads::verify_sha256("warm 128 KiB reads", &self.buf, &sha)?;
         sys::drop_caches()?;
-        let random = reads::random_reads(&self.local_copy, &self.offsets)?;
-        Ok(Local {
+        let random = reads::random_reads(path, &self.offsets).context("random 4 KiB reads")?;
+        sys::drop_caches()?;
+        let large = reads::random_reads_of(path, &self.large_offsets, LARGE_BLOCK)
+            .context("random 1 MiB reads")?;
+        let large_mib = (self.large_offsets.len() * LARGE_BLOCK) as f64 / MIB as f64;
+        Ok(CachedReads {
             warm_mibps: self.mibps(warm),
+            warm_open_ms: open.as_secs_f64() * 1000.0,
             hot_mibps: self.mibps(hot),
+            warm_cat_mibps: self.mibps(cat),
             random_iops: self.offsets.len() as f64 / random.as_secs_f64(),
+            random_large_mibps: large_mib / large.as_secs_f64(),
         })
     }
 
-    /// Random 4 KiB reads of the never-read large object: origin bytes pulled.
-    pub fn cold_random(&mut self) -> Result<ColdRandom> {
+    /// The same reads of the local copy.
+    pub fn local(&mut self) -> Result<CachedReads> {
+        let path = self.local_copy.clone();
+        self.cached_reads(&path)
+    }
+
+    /// One round of random 4 KiB reads of the never-read large object (offsets seeded by
+    /// `round`): first the plain client's ranged GETs of the same 4 KiB blocks, one at a time
+    /// on its warm connection, then the reads through a fresh mount over a fresh cache; the
+    /// origin's bytes and GETs during each.
+    pub fn cold_random(&mut self, round: usize) -> Result<ColdRandom> {
+        let n = self.knobs.cold_random_reads;
+        let offsets = reads::random_offsets(self.data.main_size, n, 0xC01D + round as u64);
+        self.preload_origin(&[MAIN_KEY])?;
+        self.plain.warm_up(MAIN_KEY)?;
+        self.wait_origin_idle()?;
+        self.origin.zero_counts()?;
+        let plain_elapsed =
+            self.plain
+                .get_ranges_one_at_a_time(MAIN_KEY, &offsets, BLOCK as u64)?;
+        self.wait_origin_idle()?;
+        let plain = self.origin.counts()?;
         let cache = self.fresh_cache("orcafs-cold-random")?;
         let mount = Fs::Orcafs.mount(&self.env, &cache, "cold-random")?;
-        let offsets =
-            reads::random_offsets(self.data.main_size, self.knobs.cold_random_reads, 0xC01D);
-        self.preload_origin(&[MAIN_KEY])?;
-        self.origin.zero_counts()?;
         let path = mount.path(MAIN_KEY);
+        // The name's lookup stays out of the counts (its LIST is no read's cost).
+        std::fs::metadata(&path).with_context(|| format!("looking up {}", path.display()))?;
+        self.wait_origin_idle()?;
+        self.origin.zero_counts()?;
         let elapsed = mount.guarded("cold random reads", self.knobs.phase_limit, || {
             reads::random_reads(&path, &offsets)
         })?;
         self.wait_origin_idle()?;
-        let origin_bytes = self.origin.counts()?.get_bytes;
+        let counts = self.origin.counts()?;
+        let names = ["block_fills", "fills_started", "origin_get_bytes"];
+        let own =
+            orcafs_counters(&self.env, &mount, &names).context("reading orcafs's counters")?;
         mount.unmount()?;
         remove_dir(&cache)?;
         Ok(ColdRandom {
-            origin_bytes,
-            requested: (offsets.len() * BLOCK) as u64,
+            reads: n,
+            origin_bytes: counts.get_bytes,
+            origin_gets: counts.get_requests,
             elapsed,
+            block_fills: own[0],
+            chunk_fills: own[1],
+            orcafs_body_bytes: own[2],
+            plain_bytes: plain.get_bytes,
+            plain_gets: plain.get_requests,
+            plain_elapsed,
         })
     }
 
@@ -454,6 +581,46 @@ impl Bench {
             origin_bytes,
         })
     }
+}
+
+/// The orcafs flag that turns FUSE passthrough off.
+pub const NO_PASSTHROUGH: &str = "--no-passthrough";
+
+/// A counter of `orcafs status --json MNT` (its `metrics` object).
+fn orcafs_counter(env: &MountEnv, mount: &FsMount, name: &str) -> Result<u64> {
+    Ok(orcafs_counters(env, mount, &[name])?[0])
+}
+
+/// Counters of `orcafs status --json MNT` (its `metrics` object), in the order of `names`.
+fn orcafs_counters(env: &MountEnv, mount: &FsMount, names: &[&str]) -> Result<Vec<u64>> {
+    let out = std::process::Command::new(&env.orcafs)
+        .args(["status", "--json"])
+        .arg(mount.mountpoint())
+        .output()
+        .context("running orcafs status --json")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "orcafs status --json failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    names
+        .iter()
+        .map(|name| {
+            json_counter(&text, name).with_context(|| format!("no counter {name:?} in: {text}"))
+        })
+        .collect()
+}
+
+/// The unsigned number after `"name":` in a JSON text (counter names are unique in it).
+fn json_counter(text: &str, name: &str) -> Option<u64> {
+    let key = format!("\"{name}\"");
+    let rest = text[text.find(&key)? + key.len()..].trim_start();
+    let rest = rest.strip_prefix(':')?.trim_start();
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
 }
 
 pub fn remove_dir(dir: &Path) -> Result<()> {

@@ -1,6 +1,7 @@
 //! The read patterns measured, done the way applications do them: plain
-//! `read(2)` with 1 MiB buffers, `pread(2)` of 4 KiB blocks, and several
-//! threads reading whole files at once.
+//! `read(2)` with 1 MiB (`dd bs=1M`) or 128 KiB (`cat`) buffers, `pread(2)` of
+//! 4 KiB or 1 MiB blocks at random offsets, and several threads reading whole
+//! files at once.
 
 use std::fs::File;
 use std::io::Read;
@@ -13,19 +14,38 @@ use sha2::{Digest, Sha256};
 use crate::bail;
 use crate::error::{Context, Result};
 
-/// Size of each `read(2)` of the sequential readers.
+/// Size of each `read(2)` of the sequential readers (`dd bs=1M`).
 pub const READ_BUF: usize = 1 << 20;
-/// Size of each random read.
+/// Size of each `read(2)` of `cat` (coreutils reads 128 KiB at a time).
+pub const CAT_BUF: usize = 128 << 10;
+/// Size of each small random read.
 pub const BLOCK: usize = 4096;
+/// Size of each large random read.
+pub const LARGE_BLOCK: usize = 1 << 20;
 
 /// Reads `path` from start to end with `READ_BUF` reads into `buf`, which
 /// must be exactly as large as the file. Returns the time taken (open to EOF).
 pub fn read_whole_into(path: &Path, buf: &mut [u8]) -> Result<Duration> {
+    read_whole_into_by(path, buf, READ_BUF)
+}
+
+/// [`read_whole_into`] with `read_size` bytes asked of each `read(2)`.
+pub fn read_whole_into_by(path: &Path, buf: &mut [u8], read_size: usize) -> Result<Duration> {
+    read_whole_timed(path, buf, read_size).map(|(all, _)| all)
+}
+
+/// [`read_whole_into_by`], returning the time taken (open to EOF) and the `open(2)`'s share.
+pub fn read_whole_timed(
+    path: &Path,
+    buf: &mut [u8],
+    read_size: usize,
+) -> Result<(Duration, Duration)> {
     let started = Instant::now();
     let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let opened = started.elapsed();
     let mut filled = 0;
     while filled < buf.len() {
-        let end = (filled + READ_BUF).min(buf.len());
+        let end = (filled + read_size).min(buf.len());
         let n = file
             .read(&mut buf[filled..end])
             .with_context(|| format!("reading {} at offset {filled}", path.display()))?;
@@ -49,7 +69,7 @@ pub fn read_whole_into(path: &Path, buf: &mut [u8]) -> Result<Duration> {
             buf.len()
         );
     }
-    Ok(started.elapsed())
+    Ok((started.elapsed(), opened))
 }
 
 /// Reads `path` to EOF with `READ_BUF` reads, discarding the data. Returns
@@ -103,22 +123,40 @@ fn bail_panicked() -> Result<u64> {
 /// `count` distinct-enough 4 KiB-aligned offsets inside a file of `size`
 /// bytes, the same for the same seed.
 pub fn random_offsets(size: u64, count: usize, seed: u64) -> Vec<u64> {
-    let blocks = (size / BLOCK as u64).max(1);
+    random_offsets_of(size, BLOCK, count, seed)
+}
+
+/// `count` 4 KiB-aligned offsets at which reads of `len` bytes fit inside a
+/// file of `size` bytes, the same for the same seed.
+pub fn random_offsets_of(size: u64, len: usize, count: usize, seed: u64) -> Vec<u64> {
+    let starts = (size.saturating_sub(len as u64) / BLOCK as u64 + 1).max(1);
     let mut rng = fastrand::Rng::with_seed(seed);
     (0..count)
-        .map(|_| rng.u64(0..blocks) * BLOCK as u64)
+        .map(|_| rng.u64(0..starts) * BLOCK as u64)
         .collect()
 }
 
 /// One open, then a 4 KiB `pread` at each offset, in order. Returns the
 /// time of the reads (the open excluded).
 pub fn random_reads(path: &Path, offsets: &[u64]) -> Result<Duration> {
+    random_reads_of(path, offsets, BLOCK)
+}
+
+/// One open, then a `pread` of `len` bytes at each offset, in order, one at a
+/// time. Returns the time of the reads (the open excluded).
+pub fn random_reads_of(path: &Path, offsets: &[u64], len: usize) -> Result<Duration> {
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut block = [0u8; BLOCK];
+    let mut block = vec![0u8; len];
+    block.fill(0x5a);
     let started = Instant::now();
     for &off in offsets {
-        file.read_exact_at(&mut block, off)
-            .with_context(|| format!("pread of 4 KiB at {off} from {}", path.display()))?;
+        file.read_exact_at(&mut block, off).with_context(|| {
+            format!(
+                "pread of {} KiB at {off} from {}",
+                len >> 10,
+                path.display()
+            )
+        })?;
     }
     Ok(started.elapsed())
 }

@@ -1,0 +1,415 @@
+//! Rows of the large object's reads from their rounds (medians; every round listed under the
+//! details): the cold sequential read (rows 1, 1b, 1c), the cached reads with FUSE passthrough
+//! and without (rows 2, 2b, 3, 5a, 5d, 5e), and the random reads of a cold object (5b, 5c).
+
+use crate::error::Result;
+use crate::measure::{listed, median_of};
+use crate::phases::{CachedReads, ColdRandom, ColdSeq, Reread};
+use crate::reads::BLOCK;
+use crate::report::{Quantity, Report, Row, Target};
+use crate::MIB;
+
+/// One round of the cold sequential read and its baselines.
+#[derive(Debug, Clone, Copy)]
+pub struct ColdRound {
+    /// One plain GET, MiB/s.
+    pub plain: f64,
+    /// Parallel ranged GETs of the object, MiB/s.
+    pub parallel: f64,
+    pub orcafs: ColdSeq,
+}
+
+/// One round of the cached reads: the default mount, a `--no-passthrough` mount, the local copy.
+#[derive(Debug, Clone, Copy)]
+pub struct CachedRound {
+    pub passthrough: Reread,
+    pub fuse: Reread,
+    pub local: CachedReads,
+}
+
+/// Medians of the cached rounds that the peer table and rows 5e use.
+#[derive(Debug, Clone, Copy)]
+pub struct CachedMedians {
+    pub passthrough: CachedReads,
+    pub fuse: CachedReads,
+    pub local: CachedReads,
+}
+
+/// One mount's (or the local file's) reads of a cached round.
+type Pick = fn(&CachedRound) -> &CachedReads;
+/// One number of a mount's cached reads.
+type Of = fn(&CachedReads) -> f64;
+/// The unit a row shows.
+type Unit = fn(f64) -> Quantity;
+
+const PASSTHROUGH: Pick = |r| &r.passthrough.reads;
+const FUSE: Pick = |r| &r.fuse.reads;
+const LOCAL: Pick = |r| &r.local;
+
+pub const M_COLD: &str = "1. Cold sequential read (1 MiB reads)";
+/// Label of the row comparing with Mountpoint, measured with the peers.
+pub const L_MOUNTPOINT: &str = "1c.";
+const M_MOUNTPOINT: &str = "1c. The same cold read vs Mountpoint without its cache";
+/// Label of the row comparing the FUSE path with s3fs, measured with the peers.
+pub const L_S3FS: &str = "5e.";
+const M_S3FS: &str =
+    "5e. 4 KiB random reads, cached object (page cache dropped), FUSE path (`--no-passthrough`) vs s3fs";
+const FUSE_PATH: &str = "FUSE path (`--no-passthrough`)";
+
+const COLD_TARGET: Target = Target::RatioAtLeast(1.05);
+const PARALLEL_TARGET: Target = Target::RatioAtLeast(0.9);
+const MOUNTPOINT_TARGET: Target = Target::RatioAtLeast(1.1);
+const LOCAL_TARGET: Target = Target::RatioAtLeast(0.8);
+const S3FS_TARGET: Target = Target::RatioAtLeast(1.0);
+const AMPLIFICATION_TARGET: Target = Target::RatioAtMost(16.0);
+const COLD_IOPS_TARGET: Target = Target::RatioAtLeast(0.7);
+
+/// Rows 1, 1b and a placeholder for 1c (filled in with the peers); returns orcafs's median.
+pub fn cold_rows(
+    report: &mut Report,
+    rounds: &Result<Vec<ColdRound>>,
+    size: u64,
+    parallel: usize,
+) -> Option<f64> {
+    let m_parallel =
+        format!("1b. The same cold read vs {parallel} parallel ranged GETs of the object");
+    let v = match rounds {
+        Ok(v) => v,
+        Err(e) => {
+            report
+                .rows
+                .push(Row::failed(M_COLD, &e.to_string(), COLD_TARGET));
+            report
+                .rows
+                .push(Row::failed(&m_parallel, &e.to_string(), PARALLEL_TARGET));
+            return None;
+        }
+    };
+    let cold = median_of(v.iter().map(|r| r.orcafs.mibps));
+    report.rows.push(Row::compared(
+        M_COLD,
+        Quantity::MibPerSec(cold),
+        Quantity::MibPerSec(median_of(v.iter().map(|r| r.plain))),
+        "plain GET",
+        COLD_TARGET,
+    ));
+    report.rows.push(Row::compared(
+        &m_parallel,
+        Quantity::MibPerSec(cold),
+        Quantity::MibPerSec(median_of(v.iter().map(|r| r.parallel))),
+        &format!("{parallel} plain ranged GETs at once, warm connections"),
+        PARALLEL_TARGET,
+    ));
+    report.rows.push(Row::not_measured(
+        M_MOUNTPOINT,
+        "needs `--with-peers` and `mount-s3` on PATH",
+        MOUNTPOINT_TARGET,
+    ));
+    report.details.push(format!(
+        "Cold sequential rounds (MiB/s): plain GET {}; {parallel} parallel ranged GETs {}; orcafs \
+         cold {}. Origin bytes / size of the cold reads: {}.",
+        listed(v.iter().map(|r| r.plain)),
+        listed(v.iter().map(|r| r.parallel)),
+        listed(v.iter().map(|r| r.orcafs.mibps)),
+        v.iter()
+            .map(|r| format!("{:.3}", r.orcafs.origin_bytes as f64 / size as f64))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    Some(cold)
+}
+
+/// Row 1c from Mountpoint's cold read without a cache (one round).
+pub fn mountpoint_row(orcafs_cold: Option<f64>, mountpoint: &Result<f64>) -> Row {
+    match (orcafs_cold, mountpoint) {
+        (Some(cold), Ok(mp)) => Row::compared(
+            M_MOUNTPOINT,
+            Quantity::MibPerSec(cold),
+            Quantity::MibPerSec(*mp),
+            "mount-s3 without `--cache`, one round",
+            MOUNTPOINT_TARGET,
+        ),
+        (_, Err(e)) => Row::failed(M_MOUNTPOINT, &format!("mount-s3: {e}"), MOUNTPOINT_TARGET),
+        (None, Ok(_)) => Row::failed(
+            M_MOUNTPOINT,
+            "orcafs's cold read (row 1) failed",
+            MOUNTPOINT_TARGET,
+        ),
+    }
+}
+
+/// Row 1c or 5e when the peer it compares with is not installed.
+pub fn peer_missing_row(label: &str, why: &str) -> Row {
+    match label {
+        L_MOUNTPOINT => Row::not_measured(M_MOUNTPOINT, why, MOUNTPOINT_TARGET),
+        _ => Row::not_measured(M_S3FS, why, S3FS_TARGET),
+    }
+}
+
+/// Row 5e from s3fs's cached random reads (one round).
+pub fn s3fs_row(orcafs_fuse_iops: Option<f64>, s3fs: &std::result::Result<f64, String>) -> Row {
+    match (orcafs_fuse_iops, s3fs) {
+        (Some(iops), Ok(theirs)) => Row::compared(
+            M_S3FS,
+            Quantity::Iops(iops),
+            Quantity::Iops(*theirs),
+            "s3fs, same offsets, one round",
+            S3FS_TARGET,
+        ),
+        (_, Err(e)) => Row::failed(M_S3FS, &format!("s3fs: {e}"), S3FS_TARGET),
+        (None, Ok(_)) => Row::failed(
+            M_S3FS,
+            "orcafs's cached reads without passthrough failed",
+            S3FS_TARGET,
+        ),
+    }
+}
+
+/// The kind of mount of a row: passthrough when every round's default mount used it.
+fn passthrough_label(v: &[CachedRound]) -> String {
+    let unused = v
+        .iter()
+        .filter(|r| r.passthrough.passthrough_opens.unwrap_or(0) == 0)
+        .count();
+    match unused {
+        0 => "FUSE passthrough".into(),
+        n => format!(
+            "default mount, passthrough **not used** in {n} of {} rounds (`passthrough_opens` 0)",
+            v.len()
+        ),
+    }
+}
+
+/// Rows 2, 2b and 3, each for the default mount (target) and the FUSE path (no target).
+pub fn cached_sequential_rows(
+    report: &mut Report,
+    rounds: &Result<Vec<CachedRound>>,
+) -> Option<CachedMedians> {
+    let rows: [(&str, &str, Of); 3] = [
+        (
+            "2. Warm re-read from the disk cache, 1 MiB reads (`dd bs=1M`, page cache dropped)",
+            "local file, same reads",
+            |r| r.warm_mibps,
+        ),
+        (
+            "2b. Warm re-read from the disk cache, 128 KiB reads (`cat`, page cache dropped)",
+            "local file, same reads",
+            |r| r.warm_cat_mibps,
+        ),
+        (
+            "3. Hot re-read, 1 MiB reads (page cache kept)",
+            "local file, same reads",
+            |r| r.hot_mibps,
+        ),
+    ];
+    let v = match rounds {
+        Ok(v) => v,
+        Err(e) => {
+            for (metric, _, _) in rows {
+                report
+                    .rows
+                    .push(Row::failed(metric, &e.to_string(), LOCAL_TARGET));
+            }
+            return None;
+        }
+    };
+    let pt = passthrough_label(v);
+    for (metric, base, f) in rows {
+        push_pair(
+            report,
+            v,
+            &format!("{metric}, {pt}"),
+            base,
+            Quantity::MibPerSec,
+            f,
+        );
+    }
+    let reads = |sel: Pick, f: Of| listed(v.iter().map(|r| f(sel(r))));
+    let (p, u, l) = (PASSTHROUGH, FUSE, LOCAL);
+    report.details.push(format!(
+        "Cached sequential rounds (MiB/s), default mount / `--no-passthrough` mount / local file: \
+         warm 1 MiB reads {} / {} / {} (of which the `open(2)`, ms: {} / {} / {}; with \
+         passthrough the first open in a process checks the whole cache file); warm 128 KiB \
+         reads {} / {} / {}; hot 1 MiB reads {} / {} / {}.",
+        reads(p, |r| r.warm_mibps),
+        reads(u, |r| r.warm_mibps),
+        reads(l, |r| r.warm_mibps),
+        reads(p, |r| r.warm_open_ms),
+        reads(u, |r| r.warm_open_ms),
+        reads(l, |r| r.warm_open_ms),
+        reads(p, |r| r.warm_cat_mibps),
+        reads(u, |r| r.warm_cat_mibps),
+        reads(l, |r| r.warm_cat_mibps),
+        reads(p, |r| r.hot_mibps),
+        reads(u, |r| r.hot_mibps),
+        reads(l, |r| r.hot_mibps),
+    ));
+    let opens = |f: fn(&CachedRound) -> Option<u64>| {
+        v.iter()
+            .map(|r| f(r).map_or("?".into(), |n| n.to_string()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    report.details.push(format!(
+        "FUSE passthrough (`passthrough_opens` of `orcafs status --json` after each round's cached \
+         reads): default mount {}; `--no-passthrough` mount {}. Origin GetObject requests during \
+         all the cached reads: {} (0 = all from the disk cache), bytes sent {} (lookups included).",
+        opens(|r| r.passthrough.passthrough_opens),
+        opens(|r| r.fuse.passthrough_opens),
+        v.iter()
+            .map(|r| r.passthrough.origin_gets + r.fuse.origin_gets)
+            .sum::<u64>(),
+        v.iter()
+            .map(|r| r.passthrough.origin_bytes + r.fuse.origin_bytes)
+            .sum::<u64>(),
+    ));
+    let med = |sel: Pick| CachedReads {
+        warm_mibps: median_of(v.iter().map(|r| sel(r).warm_mibps)),
+        warm_open_ms: median_of(v.iter().map(|r| sel(r).warm_open_ms)),
+        hot_mibps: median_of(v.iter().map(|r| sel(r).hot_mibps)),
+        warm_cat_mibps: median_of(v.iter().map(|r| sel(r).warm_cat_mibps)),
+        random_iops: median_of(v.iter().map(|r| sel(r).random_iops)),
+        random_large_mibps: median_of(v.iter().map(|r| sel(r).random_large_mibps)),
+    };
+    Some(CachedMedians {
+        passthrough: med(p),
+        fuse: med(u),
+        local: med(l),
+    })
+}
+
+/// The row of the default mount (with the target) and the FUSE path's (without) for one read.
+fn push_pair(report: &mut Report, v: &[CachedRound], metric: &str, base: &str, unit: Unit, f: Of) {
+    let local = unit(median_of(v.iter().map(|r| f(&r.local))));
+    report.rows.push(Row::compared(
+        metric,
+        unit(median_of(v.iter().map(|r| f(&r.passthrough.reads)))),
+        local,
+        base,
+        LOCAL_TARGET,
+    ));
+    let label = metric.split(' ').next().unwrap_or("");
+    report.rows.push(Row::compared(
+        &format!("{label} The same, {FUSE_PATH}"),
+        unit(median_of(v.iter().map(|r| f(&r.fuse.reads)))),
+        local,
+        base,
+        Target::None,
+    ));
+}
+
+/// Row 5a (cached random 4 KiB), or 5d (cached random 1 MiB) with `large`; after 5d, the
+/// placeholder of 5e (filled in with the peers).
+pub fn cached_random_rows(report: &mut Report, rounds: &Result<Vec<CachedRound>>, large: bool) {
+    let metric = match large {
+        false => "5a. 4 KiB random reads, cached object (page cache dropped)",
+        true => "5d. 1 MiB random reads, cached object (page cache dropped)",
+    };
+    match rounds {
+        Ok(v) => {
+            let pt = passthrough_label(v);
+            let (unit, f): (Unit, Of) = match large {
+                false => (Quantity::Iops, |r| r.random_iops),
+                true => (Quantity::MibPerSec, |r| r.random_large_mibps),
+            };
+            push_pair(
+                report,
+                v,
+                &format!("{metric}, {pt}"),
+                "local file, same offsets",
+                unit,
+                f,
+            );
+            let what = match large {
+                false => "4 KiB (IOPS)",
+                true => "1 MiB (MiB/s)",
+            };
+            report.details.push(format!(
+                "Cached random {what} rounds, default mount / `--no-passthrough` mount / local \
+                 file: {} / {} / {}.",
+                listed(v.iter().map(|r| f(&r.passthrough.reads))),
+                listed(v.iter().map(|r| f(&r.fuse.reads))),
+                listed(v.iter().map(|r| f(&r.local))),
+            ));
+        }
+        Err(e) => report
+            .rows
+            .push(Row::failed(metric, &e.to_string(), LOCAL_TARGET)),
+    }
+    if large {
+        report.rows.push(Row::not_measured(
+            M_S3FS,
+            "needs `--with-peers` and s3fs",
+            S3FS_TARGET,
+        ));
+    }
+}
+
+/// Rows 5b (origin bytes per read) and 5c (IOPS vs plain ranged GETs one at a time).
+pub fn cold_random_rows(report: &mut Report, rounds: &Result<Vec<ColdRandom>>, size: u64) {
+    let m_bytes = format!(
+        "5b. 4 KiB random reads of a cold {} MiB object: origin body bytes per read",
+        size / MIB
+    );
+    let m_iops = "5c. The same reads: IOPS, one at a time";
+    let v = match rounds {
+        Ok(v) => v,
+        Err(e) => {
+            report
+                .rows
+                .push(Row::failed(&m_bytes, &e.to_string(), AMPLIFICATION_TARGET));
+            report
+                .rows
+                .push(Row::failed(m_iops, &e.to_string(), COLD_IOPS_TARGET));
+            return;
+        }
+    };
+    let per_read = |r: &ColdRandom| r.origin_body_bytes() / r.reads as f64 / 1024.0;
+    report.rows.push(Row::compared(
+        &m_bytes,
+        Quantity::Kib(median_of(v.iter().map(per_read))),
+        Quantity::Kib(BLOCK as f64 / 1024.0),
+        "bytes asked per read",
+        AMPLIFICATION_TARGET,
+    ));
+    report.rows.push(Row::compared(
+        m_iops,
+        Quantity::Iops(median_of(v.iter().map(ColdRandom::iops))),
+        Quantity::Iops(median_of(v.iter().map(ColdRandom::plain_iops))),
+        "plain 4 KiB ranged GETs of the same offsets, one at a time, one keep-alive connection",
+        COLD_IOPS_TARGET,
+    ));
+    let reads = v.first().map_or(0, |r| r.reads);
+    report.details.push(format!(
+        "Cold random rounds ({reads} reads each, new offsets and a fresh cache and mount each \
+         round): orcafs IOPS {}; plain ranged GETs IOPS {}. Bytes the origin sent the mount \
+         (HTTP headers included, MiB) {} in {} GetObject requests; the plain GETs' bytes beyond \
+         their bodies per response {} (subtracted per GET of the mount); body KiB per read {}. \
+         orcafs's own counters: block fills (64 KiB-aligned blocks around a random read) {}, \
+         whole-chunk fills (reads it took for sequential ones) {}, body KiB per read received {}.",
+        listed(v.iter().map(ColdRandom::iops)),
+        listed(v.iter().map(ColdRandom::plain_iops)),
+        v.iter()
+            .map(|r| format!("{:.3}", r.origin_bytes as f64 / MIB as f64))
+            .collect::<Vec<_>>()
+            .join(", "),
+        v.iter()
+            .map(|r| r.origin_gets.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        listed(v.iter().map(ColdRandom::overhead_per_response)),
+        listed(v.iter().map(per_read)),
+        v.iter()
+            .map(|r| r.block_fills.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        v.iter()
+            .map(|r| r.chunk_fills.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        listed(
+            v.iter()
+                .map(|r| r.orcafs_body_bytes as f64 / r.reads as f64 / 1024.0)
+        ),
+    ));
+}
