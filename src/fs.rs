@@ -50,6 +50,8 @@ struct OpenFile {
     next_offset: AtomicU64,
     /// Every read fills whole chunks (asked with [`IOC_WHOLE_CHUNKS`], as `orcafs warm` does).
     whole_chunks: AtomicBool,
+    /// The last read was taken as sequential.
+    sequential: AtomicBool,
 }
 
 /// `_IO('O', 1)`: on an open file of the mount, makes every read of that handle fill whole
@@ -57,15 +59,22 @@ struct OpenFile {
 pub const IOC_WHOLE_CHUNKS: u32 = 0x4f01;
 
 impl OpenFile {
-    /// Sequential when the read starts at 0, or at (or near: the kernel's concurrent reads
-    /// arrive a little out of order) where an earlier one ended; random otherwise.
+    /// Sequential when the read starts at 0 or where the previous one ended, or, while the
+    /// handle reads sequentially, a little ahead of that (the kernel's concurrent readahead
+    /// reads arrive slightly out of order); random otherwise. A random reader turns sequential
+    /// only by continuing exactly where it stopped.
     fn access(&self, offset: u64) -> Access {
         if self.whole_chunks.load(Ordering::Relaxed) {
             return Access::Sequential;
         }
         let expected = self.next_offset.load(Ordering::Relaxed);
-        let first = expected == 0;
-        if offset == 0 || (!first && offset.abs_diff(expected) <= SEQUENTIAL_SLACK) {
+        let was_sequential = self.sequential.load(Ordering::Relaxed);
+        let ahead = offset > expected && offset - expected <= SEQUENTIAL_SLACK;
+        let sequential = offset == 0
+            || (expected > 0 && offset == expected)
+            || (expected > 0 && was_sequential && ahead);
+        self.sequential.store(sequential, Ordering::Relaxed);
+        if sequential {
             Access::Sequential
         } else {
             Access::Random
@@ -854,6 +863,7 @@ impl Opener {
                 ino: self.ino,
                 next_offset: AtomicU64::new(0),
                 whole_chunks: AtomicBool::new(false),
+                sequential: AtomicBool::new(true),
             }),
         );
         match mode {

@@ -76,6 +76,7 @@ metrics! {
         disk_bytes_written: "bytes written to the local disk cache",
         disk_evictions: "chunks evicted from the local disk cache",
         disk_corrupt: "cache files found corrupt, truncated or foreign (dropped, refetched)",
+        cache_checks: "whole cached objects read through to check every block (before passthrough, once per change)",
         passthrough_opens: "opens answered with FUSE passthrough (the kernel reads the cached file itself)",
         shared_hits: "chunk reads served by the shared cache store (copied back to disk)",
         shared_misses: "chunk reads the shared cache store could not serve",

@@ -231,6 +231,8 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
     }
     // In-flight fills finish or are dropped; a commit cut short leaves only a temp file.
     rt.shutdown_timeout(Duration::from_secs(5));
+    // Checks of objects that became whole write their stamps, so the next start trusts them.
+    disk.finish_sealing(Duration::from_secs(10));
     disk.sweep_temp();
     if let Err(e) = result {
         tracing::warn!(error = %e, "FUSE session ended with an error");

@@ -138,6 +138,18 @@ fn a_whole_cached_object_is_read_by_the_kernel_without_orcafs() {
         "cat/sha256sum through passthrough"
     );
     assert_eq!(m.unmount(), 0);
+
+    // Checked, flushed and stamped: the next process hands it to the kernel without reading it
+    // through first.
+    let m = Mount::start(&Target::of(&o), BUCKET, &s.path("mnt"), &cache, &[]);
+    assert_eq!(sha256sum(&m.path("p.bin")), sha256_hex(&data));
+    assert_eq!(status_counter(&m, "passthrough_opens"), 1);
+    assert_eq!(
+        status_counter(&m, "cache_checks"),
+        0,
+        "the stamp still matches the file"
+    );
+    assert_eq!(m.unmount(), 0);
 }
 
 #[test]
@@ -175,10 +187,12 @@ fn a_cache_file_damaged_while_unmounted_is_never_handed_to_the_kernel() {
 
     o.reset_stats();
     let m = Mount::start(&t, BUCKET, &s.path("mnt"), &cache, &[]);
-    // The check before the first passthrough open finds it: the chunk is dropped and the open
-    // goes through orcafs, which refetches it.
+    // The write moved the file's change time past its stamp, so the check before the first
+    // passthrough open reads it through, finds the byte and drops the chunk; the open goes
+    // through orcafs, which refetches it.
     assert_eq!(sha256sum(&m.path("d.bin")), sha256_hex(&data));
     assert_eq!(status_counter(&m, "passthrough_opens"), 0);
+    assert!(status_counter(&m, "cache_checks") >= 1);
     assert_eq!(
         o.stats().get_requests,
         1,

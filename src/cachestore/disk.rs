@@ -82,6 +82,8 @@ pub struct DiskStore {
     pins: Arc<Mutex<HashMap<VersionId, usize>>>,
     /// Serializes creating an object's files, so two writers never both create them.
     creating: Mutex<()>,
+    /// Background checks of whole objects (see [`DiskStore::seal`]).
+    sealing: Mutex<Vec<std::thread::JoinHandle<()>>>,
     pub(super) metrics: Arc<Metrics>,
 }
 
@@ -121,7 +123,7 @@ struct Obj {
     crcs: Mutex<Vec<Option<u32>>>,
     /// Every block was checked against its CRC by this process.
     verified: AtomicBool,
-    /// A background check is running (one at a time).
+    /// A check (and stamp) is running (one at a time).
     verifying: AtomicBool,
 }
 
@@ -622,6 +624,7 @@ impl DiskStore {
             advised: Mutex::new(LruCache::new(n)),
             pins: Arc::default(),
             creating: Mutex::new(()),
+            sealing: Mutex::new(Vec::new()),
             metrics,
         };
         let report = store.scan()?;
@@ -805,16 +808,23 @@ impl DiskStore {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
                 Err(e) => return Err(e),
             };
-            if data.metadata()?.len() != head.size {
+            let meta = data.metadata()?;
+            if meta.len() != head.size {
                 return Ok(None);
             }
             let crcs = layout::read_entries(&map, &head)?;
+            // Checked by an earlier process, and unchanged since: no need to read it through.
+            let stamp = layout::read_stamp(&map, &head)?;
+            let stamped = stamp == Some(layout::Stamp::of(&meta));
+            if stamp.is_some() && !stamped {
+                tracing::debug!(?stamp, now = ?layout::Stamp::of(&meta), "stamp does not match the data file: checking it again");
+            }
             Ok(Some(Obj {
                 data,
                 map,
                 head,
                 crcs: Mutex::new(crcs),
-                verified: AtomicBool::new(false),
+                verified: AtomicBool::new(stamped),
                 verifying: AtomicBool::new(false),
             }))
         })()
@@ -855,7 +865,7 @@ impl DiskStore {
                 .mode(0o600)
                 .open(&tmp)?;
             f.write_all(&head)?;
-            f.set_len(head.len() as u64 + layout::ENTRY * blocks)?;
+            f.set_len(head.len() as u64 + layout::STAMP + layout::ENTRY * blocks)?;
             fs::rename(&tmp, &map_path)?;
             Ok(f)
         })();
@@ -1132,16 +1142,10 @@ impl DiskStore {
         };
         if !obj.verified.load(Ordering::Relaxed) {
             if object.size > VERIFY_INLINE {
-                if !obj.verifying.swap(true, Ordering::Relaxed) {
-                    let store = self.clone();
-                    std::thread::spawn(move || {
-                        store.verify(&v, &obj);
-                        obj.verifying.store(false, Ordering::Relaxed);
-                    });
-                }
+                self.seal_in_background(v, obj);
                 return Ok(None);
             }
-            if !self.verify(&v, &obj) {
+            if !self.seal(&v, &obj) {
                 return Ok(None);
             }
         }
@@ -1175,8 +1179,84 @@ impl DiskStore {
         }
     }
 
+    /// Checks a whole object in a thread of its own (one at a time per object), unless done.
+    fn seal_in_background(self: &Arc<Self>, v: VersionId, obj: Arc<Obj>) {
+        if obj.verified.load(Ordering::Relaxed) || obj.verifying.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let store = self.clone();
+        let handle = std::thread::spawn(move || {
+            store.seal(&v, &obj);
+            obj.verifying.store(false, Ordering::Relaxed);
+        });
+        let mut sealing = self.sealing.lock().unwrap_or_else(|p| p.into_inner());
+        sealing.retain(|h| !h.is_finished());
+        sealing.push(handle);
+    }
+
+    /// Once an object is whole, checks and stamps it in the background, so that the next
+    /// process hands it to the kernel without reading it through first.
+    pub fn seal_if_whole(self: &Arc<Self>, key: &ChunkKey) {
+        let v = key.version();
+        // A self-test probe is deleted at once: nothing to check.
+        if &*key.object.origin_id == super::PROBE_ORIGIN {
+            return;
+        }
+        if !self.lock().objects.get(&v).is_some_and(Held::whole) {
+            return;
+        }
+        if let Ok(Some(obj)) = self.open_obj(&v, None) {
+            self.seal_in_background(v, obj);
+        }
+    }
+
+    /// Waits (up to `limit`) for background checks to finish, so their stamps are written
+    /// before the process exits.
+    pub fn finish_sealing(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let handles = std::mem::take(&mut *self.sealing.lock().unwrap_or_else(|p| p.into_inner()));
+        for h in handles {
+            while !h.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if h.is_finished() {
+                let _ = h.join();
+            }
+        }
+    }
+
+    /// Checks every block of a whole object against its entry; when all are good, flushes the
+    /// data file and stamps the map (see [`layout::Stamp`]) if the file did not change
+    /// meanwhile. Drops the chunk of a bad block. True when all are good.
+    fn seal(&self, v: &VersionId, obj: &Obj) -> bool {
+        let before = obj.data.metadata().map(|m| layout::Stamp::of(&m));
+        if !self.verify(v, obj) {
+            return false;
+        }
+        let stamped = obj.data.sync_data().and_then(|()| {
+            let after = layout::Stamp::of(&obj.data.metadata()?);
+            match before {
+                Ok(b) if b == after => obj.map.write_all_at(&after.encode(), obj.head.stamp_at()),
+                _ => {
+                    tracing::debug!(
+                        ?before,
+                        ?after,
+                        "the file changed while it was checked: not stamped"
+                    );
+                    Ok(())
+                }
+            }
+        });
+        tracing::debug!(?v, ok = stamped.is_ok(), "checked a whole object");
+        if let Err(e) = stamped {
+            tracing::debug!(error = %e, "could not stamp a checked object");
+        }
+        true
+    }
+
     /// Checks every block of an object; drops the chunk of a bad one. True when all are good.
     fn verify(&self, v: &VersionId, obj: &Obj) -> bool {
+        Metrics::inc(&self.metrics.cache_checks);
         match obj.verify_all() {
             Ok(None) => {
                 obj.verified.store(true, Ordering::Relaxed);
@@ -1383,9 +1463,13 @@ impl CacheStore for DiskDriver {
             return Ok(Committed::AlreadyThere);
         }
         let k = key.clone();
-        self.blocking(move |d| d.write(&k, &data))
-            .await?
-            .map_err(store_err)?;
+        self.blocking(move |d| {
+            d.write(&k, &data)?;
+            d.seal_if_whole(&k);
+            Ok(())
+        })
+        .await?
+        .map_err(store_err)?;
         Ok(Committed::Stored)
     }
 
@@ -1426,9 +1510,13 @@ impl CacheStore for DiskDriver {
         data: Vec<Bytes>,
     ) -> Result<(), StoreError> {
         let k = key.clone();
-        self.blocking(move |d| d.write_blocks(&k, offset, &data))
-            .await?
-            .map_err(store_err)
+        self.blocking(move |d| {
+            d.write_blocks(&k, offset, &data)?;
+            d.seal_if_whole(&k);
+            Ok(())
+        })
+        .await?
+        .map_err(store_err)
     }
 
     async fn whole_object(
@@ -1850,6 +1938,56 @@ mod tests {
             "nothing left: files removed"
         );
         assert_eq!(s.used_bytes(), 0);
+    }
+
+    #[test]
+    fn a_stamped_object_is_trusted_until_its_file_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunk = 2 * BLOCK;
+        let size = 2 * chunk;
+        let d = data(size as usize);
+        let keys: Vec<ChunkKey> = (0..2).map(|i| key("e", size, chunk, i)).collect();
+        let object = keys[0].object.clone();
+        let metrics = Arc::new(Metrics::default());
+        let open = || {
+            Arc::new(
+                DiskStore::open(dir.path(), 1 << 30, metrics.clone())
+                    .unwrap()
+                    .0,
+            )
+        };
+        let s = open();
+        for k in &keys {
+            let from = k.start() as usize;
+            s.write(
+                k,
+                &[Bytes::copy_from_slice(&d[from..from + chunk as usize])],
+            )
+            .unwrap();
+            s.seal_if_whole(k);
+        }
+        s.finish_sealing(Duration::from_secs(10));
+        assert_eq!(
+            metrics.cache_checks.get(),
+            1,
+            "checked once, in the background"
+        );
+        drop(s);
+        let s = open();
+        assert!(s.whole_object(&object, chunk).unwrap().is_some());
+        assert_eq!(
+            metrics.cache_checks.get(),
+            1,
+            "the stamp spares the next process the check"
+        );
+        drop(s);
+        // Any change to the data file (here: its mode) voids the stamp.
+        let path = layout::data_path(dir.path(), &keys[0].version());
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        let s = open();
+        assert!(s.whole_object(&object, chunk).unwrap().is_some());
+        assert_eq!(metrics.cache_checks.get(), 2, "checked again");
     }
 
     #[test]

@@ -15,8 +15,8 @@
 //! or a few, not a chunk) and still never serve a byte it has not checked. The map's header,
 //! integers little-endian: magic `ORCAMAP2`, u32 header length, u32 block size, u64 object size,
 //! u64 chunk size, four u32-length-prefixed strings (origin id, bucket, key, ETag), and a u32
-//! CRC32C of all that precedes it. Then, for block i, 8 bytes at `header length + 8 i`: the
-//! block's CRC32C and that CRC xor [`SEAL`]. Anything else there (zeros, a torn write) is an
+//! CRC32C of all that precedes it. Then a 40-byte check [`Stamp`] (zeros: none). Then, for block
+//! i, 8 bytes at `header length + 40 + 8 i`: the block's CRC32C and that CRC xor [`SEAL`]. Anything else there (zeros, a torn write) is an
 //! absent block. The data is written before its entries, and entries are cleared before the data
 //! is punched out, so a crash leaves at worst a block that is absent or fails its CRC: a miss,
 //! never a wrong byte.
@@ -47,6 +47,9 @@ pub const MAGIC: &[u8; 8] = b"ORCAMAP2";
 /// Data is checked in blocks of this size (when the chunk size is a multiple of it), so a small
 /// read verifies one block, and a random read can cache one block.
 pub const BLOCK: u64 = 64 << 10;
+/// Bytes of the check stamp between the header and the entries.
+pub const STAMP: u64 = 40;
+const STAMP_MAGIC: &[u8; 4] = b"OKD1";
 /// A present entry is `crc, crc ^ SEAL`.
 pub const SEAL: u32 = 0x4f52_4341;
 /// Bytes of one block map entry.
@@ -369,12 +372,17 @@ impl MapHeader {
 
     /// The length of an intact map file with this header.
     pub fn file_len(&self) -> u64 {
-        self.len + ENTRY * self.blocks()
+        self.len + STAMP + ENTRY * self.blocks()
+    }
+
+    /// Where the check stamp is (see [`Stamp`]).
+    pub fn stamp_at(&self) -> u64 {
+        self.len
     }
 
     /// Where block `i`'s entry is.
     pub fn entry_at(&self, i: u64) -> u64 {
-        self.len + ENTRY * i
+        self.len + STAMP + ENTRY * i
     }
 }
 
@@ -449,6 +457,66 @@ pub fn decode_header(bytes: &[u8]) -> Result<MapHeader, String> {
     Ok(h)
 }
 
+/// "Every block held was checked against its entry, the data file was then flushed, and it has
+/// not changed since": the data file's identity and change time when it was checked. Any write,
+/// truncation, hole punch or attribute change moves the change time (which no program can set
+/// back), so a stamp that still matches the file spares the next process the read-through check
+/// before passthrough; one that does not match is ignored. Layout: magic `OKD1`, u64 inode,
+/// i64 ctime seconds, u32 ctime nanoseconds, u64 size, u32 CRC32C of the preceding, zero padding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    pub ino: u64,
+    pub ctime_sec: i64,
+    pub ctime_nsec: u32,
+    pub size: u64,
+}
+
+impl Stamp {
+    pub fn of(meta: &fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            ino: meta.ino(),
+            ctime_sec: meta.ctime(),
+            ctime_nsec: meta.ctime_nsec() as u32,
+            size: meta.len(),
+        }
+    }
+
+    pub fn encode(&self) -> [u8; STAMP as usize] {
+        let mut b = [0u8; STAMP as usize];
+        b[..4].copy_from_slice(STAMP_MAGIC);
+        b[4..12].copy_from_slice(&self.ino.to_le_bytes());
+        b[12..20].copy_from_slice(&self.ctime_sec.to_le_bytes());
+        b[20..24].copy_from_slice(&self.ctime_nsec.to_le_bytes());
+        b[24..32].copy_from_slice(&self.size.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..32]);
+        b[32..36].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// None for no stamp (zeros), a torn one, or anything else.
+    pub fn decode(b: &[u8]) -> Option<Stamp> {
+        let b: &[u8; STAMP as usize] = b.try_into().ok()?;
+        let crc = u32::from_le_bytes(b[32..36].try_into().ok()?);
+        if &b[..4] != STAMP_MAGIC || crc != crc32c::crc32c(&b[..32]) {
+            return None;
+        }
+        Some(Stamp {
+            ino: u64::from_le_bytes(b[4..12].try_into().ok()?),
+            ctime_sec: i64::from_le_bytes(b[12..20].try_into().ok()?),
+            ctime_nsec: u32::from_le_bytes(b[20..24].try_into().ok()?),
+            size: u64::from_le_bytes(b[24..32].try_into().ok()?),
+        })
+    }
+}
+
+/// The stamp a map file holds, if any.
+pub fn read_stamp(file: &File, h: &MapHeader) -> io::Result<Option<Stamp>> {
+    let mut b = [0u8; STAMP as usize];
+    file.read_exact_at(&mut b, h.stamp_at())?;
+    Ok(Stamp::decode(&b))
+}
+
 /// A present block's entry.
 pub fn entry(crc: u32) -> [u8; ENTRY as usize] {
     let mut e = [0u8; ENTRY as usize];
@@ -481,7 +549,7 @@ pub fn read_header(file: &File) -> io::Result<Result<MapHeader, String>> {
 /// Every block's CRC (None = absent) as the map file says, after its header.
 pub fn read_entries(file: &File, h: &MapHeader) -> io::Result<Vec<Option<u32>>> {
     let mut raw = vec![0u8; (ENTRY * h.blocks()) as usize];
-    file.read_exact_at(&mut raw, h.len)?;
+    file.read_exact_at(&mut raw, h.entry_at(0))?;
     Ok(raw.chunks(ENTRY as usize).map(decode_entry).collect())
 }
 
@@ -618,6 +686,21 @@ mod tests {
         let mut torn = entry(0x1234_5678);
         torn[6] = 0;
         assert_eq!(decode_entry(&torn), None);
+    }
+
+    #[test]
+    fn stamps_round_trip_and_anything_else_is_none() {
+        let s = Stamp {
+            ino: 42,
+            ctime_sec: 1_700_000_000,
+            ctime_nsec: 123,
+            size: 9,
+        };
+        assert_eq!(Stamp::decode(&s.encode()), Some(s));
+        assert_eq!(Stamp::decode(&[0; STAMP as usize]), None);
+        let mut torn = s.encode();
+        torn[10] ^= 1;
+        assert_eq!(Stamp::decode(&torn), None);
     }
 
     #[test]

@@ -170,6 +170,9 @@ pub fn once(bytes: Bytes) -> ChunkStream {
 }
 
 /// The probe chunk every self test writes: unique per call, so concurrent tests don't collide.
+/// The origin id of [`probe_key`]'s objects, which no mount reads.
+pub const PROBE_ORIGIN: &str = "orcafs-self-test";
+
 pub fn probe_key(store: &str) -> (ChunkKey, Bytes) {
     use std::sync::Arc;
     let data = Bytes::from(format!(
@@ -177,7 +180,7 @@ pub fn probe_key(store: &str) -> (ChunkKey, Bytes) {
         fastrand::u64(..)
     ));
     let object = Arc::new(crate::chunk::ObjectVersion {
-        origin_id: "orcafs-self-test".into(),
+        origin_id: PROBE_ORIGIN.into(),
         bucket: "self-test".into(),
         key: format!("probe-{:016x}", fastrand::u64(..)).into(),
         etag: "probe".into(),
