@@ -460,6 +460,31 @@ impl Fetcher {
         self.store.contains_hint(key) == Some(true)
     }
 
+    /// Bytes `[offset, offset+len)` straight from the local cache when it holds all of them
+    /// (a pread and CRC checks, on the caller's thread); None otherwise (then use
+    /// [`Self::read_object_as`]).
+    pub fn read_cached_now(
+        &self,
+        object: &Arc<ObjectVersion>,
+        offset: u64,
+        len: u64,
+    ) -> Option<Bytes> {
+        let cs = self.policy.chunk_size;
+        let mut parts = Vec::new();
+        for s in chunk::spans(offset, len, object.size, cs) {
+            let key = ChunkKey::new(object.clone(), cs, s.index);
+            if self.store.contains_range_hint(&key, s.offset, s.len) != Some(true) {
+                return None;
+            }
+            parts.push(self.store.read_now(&key, s.offset, s.len)?);
+        }
+        match parts.len() {
+            0 => None,
+            1 => parts.pop(),
+            _ => Some(parts.concat().into()),
+        }
+    }
+
     /// True when the local store says, without I/O, that it holds every chunk of the object.
     pub fn is_whole_locally(&self, object: &Arc<ObjectVersion>) -> bool {
         let cs = self.policy.chunk_size;

@@ -331,6 +331,19 @@ impl Filesystem for OrcaFs {
         let ns = self.ns.clone();
         let (latency, started) = (self.latency.clone(), Instant::now());
         let access = file.access(offset);
+        // Held in the local cache: read it here, as a local filesystem would, without a hop to
+        // the runtime and its blocking pool (two thread wake-ups per read).
+        if let Some(bytes) = self
+            .fetch
+            .read_cached_now(&file.object, offset, size as u64)
+        {
+            let timer = Timer(&self.latency, "read", started);
+            reply.data(&bytes);
+            drop(timer);
+            let _runtime = self.rt.enter();
+            readahead(&self.fetch, &file, offset, size as u64);
+            return;
+        }
         self.rt.spawn(async move {
             let timer = Timer(&latency, "read", started);
             match fetch

@@ -1503,6 +1503,16 @@ impl CacheStore for DiskDriver {
         Some(self.0.contains_range(key, offset, len))
     }
 
+    fn read_now(&self, key: &ChunkKey, offset: u64, len: u64) -> Option<Bytes> {
+        match self.0.read(key, offset, len) {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(?key, error = %e, "cache read failed");
+                None
+            }
+        }
+    }
+
     async fn put_blocks(
         &self,
         key: &ChunkKey,

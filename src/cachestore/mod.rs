@@ -106,6 +106,12 @@ pub trait CacheStore: Send + Sync + 'static {
         None
     }
 
+    /// The bytes at once, from a local store that holds them (a read of local files, no
+    /// network, no waiting on other work); None when it cannot (or this store is remote).
+    fn read_now(&self, _key: &ChunkKey, _offset: u64, _len: u64) -> Option<Bytes> {
+        None
+    }
+
     /// Keeps blocks of a chunk (what a random read fetched), where the store keeps parts of
     /// chunks; `offset` is a block boundary inside the chunk. Others ignore it.
     async fn put_blocks(

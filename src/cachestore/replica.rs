@@ -372,6 +372,10 @@ impl CacheStore for Replica {
         }
     }
 
+    fn read_now(&self, key: &ChunkKey, offset: u64, len: u64) -> Option<Bytes> {
+        self.sync.first().and_then(|s| s.read_now(key, offset, len))
+    }
+
     fn contains_range_hint(&self, key: &ChunkKey, offset: u64, len: u64) -> Option<bool> {
         self.sync
             .first()
