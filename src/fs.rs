@@ -2,8 +2,10 @@
 //! (bytes), and errors onto errno in one place ([`errno_of`]).
 //!
 //! Every operation that may touch the network is answered from a task on the tokio runtime, so
-//! the FUSE threads never wait on the network and a slow read never blocks other requests. The
-//! mount is read-only: everything that would change it answers EROFS.
+//! the FUSE threads never wait on the network and a slow read never blocks other requests; what
+//! needs no network (a lookup of a listed name, a read the local cache holds) is answered on the
+//! FUSE thread, as a local filesystem would. The mount is read-only: everything that would
+//! change it answers EROFS.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;

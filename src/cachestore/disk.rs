@@ -13,9 +13,11 @@
 //! punches its bytes out of the data file; an object with nothing left loses both files.
 //!
 //! A whole, verified object can be handed out as a file ([`DiskStore::whole_object`]) for the
-//! kernel to read itself (FUSE passthrough): it is pinned meanwhile (never evicted or punched), and
-//! its every block is checked once per process before it is first handed out, so a file damaged
-//! while the mount was down is never served that way either.
+//! kernel to read itself (FUSE passthrough): it is pinned meanwhile (never evicted or punched).
+//! Every block of it is read through and checked before it is first handed out, once it is whole
+//! (in the background) or at that open; the check is stamped into the map with the data file's
+//! change time after a flush, so a later process re-checks only a file that changed meanwhile,
+//! and a file damaged while the mount was down is never served that way either.
 //!
 //! The cache is private and never destroys what it did not write. [`prepare_root`] picks the
 //! directory: `--cache-dir` itself when it is absent, empty or already an orcafs cache, else

@@ -5,8 +5,9 @@
 //! one backing file, or all through orcafs; an open in the other mode fails with EIO. So an
 //! inode's mode is chosen at the open that finds it closed and kept until its last release. An
 //! inode (one object version) is read by passthrough when the local cache holds all of it; the
-//! cache checks every block once per process before handing the file out, and keeps it pinned
-//! (never evicted) while the kernel has it. Owns no I/O beyond the backing-file ioctls.
+//! cache hands the file out only once every block of it was checked (by this process, or by an
+//! earlier one whose stamp still matches the file), and keeps it pinned (never evicted) while
+//! the kernel has it. Owns no I/O beyond the backing-file ioctls.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
