@@ -62,8 +62,8 @@ pub const IOC_WHOLE_CHUNKS: u32 = 0x4f01;
 
 impl OpenFile {
     /// Sequential when the read starts at 0 or where the previous one ended, or, while the
-    /// handle reads sequentially, a little ahead of that (the kernel's concurrent readahead
-    /// reads arrive slightly out of order); random otherwise. A random reader turns sequential
+    /// handle reads sequentially, near that (the kernel's concurrent readahead reads arrive, and
+    /// are answered, a little out of order); random otherwise. A random reader turns sequential
     /// only by continuing exactly where it stopped.
     fn access(&self, offset: u64) -> Access {
         if self.whole_chunks.load(Ordering::Relaxed) {
@@ -71,10 +71,12 @@ impl OpenFile {
         }
         let expected = self.next_offset.load(Ordering::Relaxed);
         let was_sequential = self.sequential.load(Ordering::Relaxed);
-        let ahead = offset > expected && offset - expected <= SEQUENTIAL_SLACK;
-        let sequential = offset == 0
-            || (expected > 0 && offset == expected)
-            || (expected > 0 && was_sequential && ahead);
+        let near = offset.abs_diff(expected) <= SEQUENTIAL_SLACK;
+        // Before any read has been answered `expected` is 0, and the kernel's first readahead
+        // reads may be handled before the read at 0 itself: near 0 is the start of a sequential
+        // reader too.
+        let sequential =
+            offset == 0 || (expected > 0 && offset == expected) || (was_sequential && near);
         self.sequential.store(sequential, Ordering::Relaxed);
         if sequential {
             Access::Sequential

@@ -232,11 +232,11 @@ fn no_passthrough_keeps_every_read_in_orcafs() {
 }
 
 /// Offsets of `n` isolated 4 KiB reads, each far from the one before (so none continues a
-/// sequential pattern), inside one 64 KiB block each.
+/// sequential pattern; the first more than 2 MiB from the start), inside one 64 KiB block each.
 fn scattered(n: u64, size: u64) -> Vec<u64> {
     (0..n)
         .map(|i| {
-            let block = (i * 97 + 13) % (size / (64 << 10));
+            let block = (i * 97 + 50) % (size / (64 << 10));
             block * (64 << 10) + (i * 4096 * 5) % (32 << 10)
         })
         .collect()

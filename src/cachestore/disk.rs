@@ -1,10 +1,10 @@
 //! The local disk cache: one sparse file per object version and its block map, in the layout
 //! [`super::layout`] owns.
 //!
-//! A chunk is stored at its own offsets in its object's data file, and its 64 KiB blocks are
+//! A chunk is stored at its own offsets in its object's data file, and its 4 KiB blocks are
 //! entered in the map with their CRC32C once the data is written. A read checks only the blocks
-//! it touches, so a 4 KiB read of a cached chunk reads 64 KiB and never serves a byte that fails
-//! its CRC: a mismatch, a truncated or foreign file is a miss, and the chunk is dropped. Blocks
+//! it touches, so a 4 KiB read of a cached chunk reads 4 KiB, as a local file would, and never
+//! serves a byte that fails its CRC: a mismatch, a truncated or foreign file is a miss, and the chunk is dropped. Blocks
 //! may be held without their whole chunk (a random read caches what it fetched).
 //!
 //! An in-memory index of the blocks held (a bit per block) and an LRU of chunks bound the total
@@ -121,16 +121,65 @@ struct Obj {
     data: File,
     map: File,
     head: MapHeader,
-    /// Each block's CRC as the map holds it; None = absent.
-    crcs: Mutex<Vec<Option<u32>>>,
+    /// Each block's CRC as the map holds it.
+    crcs: Mutex<Entries>,
     /// Every block was checked against its CRC by this process.
     verified: AtomicBool,
     /// A check (and stamp) is running (one at a time).
     verifying: AtomicBool,
 }
 
+/// Block CRCs as a map holds them, kept compactly (a CRC and a presence bit per 4 KiB block).
+struct Entries {
+    crc: Vec<u32>,
+    present: Vec<u64>,
+}
+
+impl Entries {
+    fn new(list: &[Option<u32>]) -> Entries {
+        let mut e = Entries {
+            crc: vec![0; list.len()],
+            present: vec![0; list.len().div_ceil(64)],
+        };
+        for (i, c) in list.iter().enumerate() {
+            e.set(i, *c);
+        }
+        e
+    }
+
+    fn len(&self) -> usize {
+        self.crc.len()
+    }
+
+    fn get(&self, i: usize) -> Option<u32> {
+        let on = self.present.get(i / 64)? & (1 << (i % 64)) != 0;
+        on.then(|| self.crc[i])
+    }
+
+    fn set(&mut self, i: usize, c: Option<u32>) {
+        if i >= self.crc.len() {
+            return;
+        }
+        let bit = 1u64 << (i % 64);
+        match c {
+            Some(c) => {
+                self.crc[i] = c;
+                self.present[i / 64] |= bit;
+            }
+            None => self.present[i / 64] &= !bit,
+        }
+    }
+
+    /// Entries `first..=last` (clipped to the map).
+    fn range(&self, first: usize, last: usize) -> Vec<Option<u32>> {
+        (first..=last.min(self.len().saturating_sub(1)))
+            .map(|i| self.get(i))
+            .collect()
+    }
+}
+
 impl Obj {
-    fn crcs(&self) -> MutexGuard<'_, Vec<Option<u32>>> {
+    fn crcs(&self) -> MutexGuard<'_, Entries> {
         self.crcs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -143,9 +192,7 @@ impl Obj {
         let mut mem = self.crcs();
         self.map.write_all_at(&raw, self.head.entry_at(first))?;
         for (i, c) in crcs.iter().enumerate() {
-            if let Some(slot) = mem.get_mut(first as usize + i) {
-                *slot = *c;
-            }
+            mem.set(first as usize + i, *c);
         }
         Ok(())
     }
@@ -159,9 +206,7 @@ impl Obj {
         self.map
             .read_exact_at(&mut raw, self.head.entry_at(first))?;
         for (i, e) in raw.chunks(layout::ENTRY as usize).enumerate() {
-            if let Some(slot) = mem.get_mut(first as usize + i) {
-                *slot = layout::decode_entry(e);
-            }
+            mem.set(first as usize + i, layout::decode_entry(e));
         }
         Ok(())
     }
@@ -171,10 +216,10 @@ impl Obj {
         let block = self.head.block;
         let first = start / block;
         let last = (end - 1) / block;
-        let mut want: Vec<Option<u32>> = self.crcs()[first as usize..=last as usize].to_vec();
+        let mut want = self.crcs().range(first as usize, last as usize);
         if want.iter().any(Option::is_none) {
             self.refresh(first, last)?;
-            want = self.crcs()[first as usize..=last as usize].to_vec();
+            want = self.crcs().range(first as usize, last as usize);
         }
         let absent: Vec<u64> = (first..=last)
             .zip(&want)
@@ -206,12 +251,14 @@ impl Obj {
 
     /// Checks every block against its CRC; the first bad block's index, if any.
     fn verify_all(&self) -> io::Result<Option<u64>> {
-        const SPAN: u64 = 16;
+        // Read in 1 MiB spans.
         let block = self.head.block;
-        let crcs = self.crcs().clone();
+        let span = (1 << 20) / block;
+        let blocks = self.crcs().len() as u64;
         let mut i = 0u64;
-        while i < crcs.len() as u64 {
-            let n = SPAN.min(crcs.len() as u64 - i);
+        while i < blocks {
+            let n = span.max(1).min(blocks - i);
+            let crcs = self.crcs().range(i as usize, (i + n - 1) as usize);
             let start = i * block;
             let end = ((i + n) * block).min(self.head.size);
             let buf = match pread_exact(&self.data, (end - start) as usize, start) {
@@ -220,7 +267,7 @@ impl Obj {
                 Err(e) => return Err(e),
             };
             for (j, b) in buf.chunks(block as usize).enumerate() {
-                if crcs[(i as usize) + j] != Some(crc32c::crc32c(b)) {
+                if crcs[j] != Some(crc32c::crc32c(b)) {
                     return Ok(Some(i + j as u64));
                 }
             }
@@ -825,7 +872,7 @@ impl DiskStore {
                 data,
                 map,
                 head,
-                crcs: Mutex::new(crcs),
+                crcs: Mutex::new(Entries::new(&crcs)),
                 verified: AtomicBool::new(stamped),
                 verifying: AtomicBool::new(false),
             }))
@@ -1605,7 +1652,7 @@ mod tests {
 
         let s = fresh();
         let f = fs::OpenOptions::new().write(true).open(&data_path).unwrap();
-        f.write_all_at(b"X", 5000 + BLOCK).unwrap();
+        f.write_all_at(b"X", BLOCK + 5).unwrap();
         assert!(
             s.read(&k, 0, 10).unwrap().is_some(),
             "untouched block still verifies"

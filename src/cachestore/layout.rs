@@ -1,7 +1,7 @@
 //! layout: the local cache's files on disk, and the one place their format is written down.
 //!
 //! Layout 2: one sparse data file per object version (at one chunk size), holding the object's
-//! bytes at their own offsets, beside a block map saying which 64 KiB blocks it holds and their
+//! bytes at their own offsets, beside a block map saying which 4 KiB blocks it holds and their
 //! CRC32C:
 //!
 //! ```text
@@ -44,9 +44,9 @@ use crate::chunk::{ChunkKey, ObjectVersion, VersionId};
 
 /// The trailing digit is the format version: maps of another version are refused as foreign.
 pub const MAGIC: &[u8; 8] = b"ORCAMAP2";
-/// Data is checked in blocks of this size (when the chunk size is a multiple of it), so a small
-/// read verifies one block, and a random read can cache one block.
-pub const BLOCK: u64 = 64 << 10;
+/// Data is checked in blocks of this size (a page; when the chunk size is a multiple of it), so a
+/// 4 KiB read reads and checks 4 KiB, and what a random read fetched can be kept.
+pub const BLOCK: u64 = 4 << 10;
 /// Bytes of the check stamp between the header and the entries.
 pub const STAMP: u64 = 40;
 const STAMP_MAGIC: &[u8; 4] = b"OKD1";
@@ -387,7 +387,7 @@ impl MapHeader {
 }
 
 /// The block size for a chunk size: [`BLOCK`] when chunks are made of whole blocks, else (a
-/// chunk size that is not a multiple of 64 KiB) one block per chunk, so a block never straddles
+/// chunk size that is not a multiple of 4 KiB) one block per chunk, so a block never straddles
 /// two chunks.
 pub fn block_size_for(chunk_size: u64) -> u64 {
     if chunk_size % BLOCK == 0 {
