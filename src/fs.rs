@@ -544,9 +544,18 @@ impl Filesystem for OrcaFs {
     /// for, so a tool (`orcafs warm`) can name its chunks. An open handle of the inode answers
     /// without any lookup; otherwise the version is pinned as `open` pins it (a HEAD only when
     /// the node's attributes are older than the TTL). Directories have none.
+    ///
+    /// Other `user.` names have no value (ENODATA). The other namespaces (`security.`,
+    /// `system.`, `trusted.`) are not supported (EOPNOTSUPP), as on a filesystem without them:
+    /// `ls -l` asks every name for `security.selinux` and `system.posix_acl_access`, and
+    /// remembers an unsupported answer for the whole device, so a repeated `ls -l` of a big
+    /// directory costs two requests here instead of two per name. (ENOSYS would stop the
+    /// kernel from sending any getxattr, the `user.orcafs.` ones included.)
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let started = Instant::now();
         let Some(attr) = name.to_str().and_then(VersionXattr::parse) else {
-            return reply.error(Errno::ENODATA);
+            let _timer = Timer(&self.latency, "getxattr", started);
+            return reply.error(VersionXattr::missing(name));
         };
         let open = self
             .handles()
@@ -554,21 +563,26 @@ impl Filesystem for OrcaFs {
             .find(|f| f.ino == ino.0)
             .map(|f| f.object.clone());
         if let Some(o) = open {
+            let _timer = Timer(&self.latency, "getxattr", started);
             return reply_xattr(reply, size, attr.of(&o.key, &o.etag).as_bytes());
         }
         // Pinning marks this version as the inode's last opened one. An inode stands for one
         // version and has no cached pages before its first open, so no open's page-cache
         // decision changes in effect.
         if let Local::Answer(r) = self.ns.open_local(ino.0) {
+            let _timer = Timer(&self.latency, "getxattr", started);
             return reply_version_xattr(reply, size, attr, r);
         }
         let ns = self.ns.clone();
+        let latency = self.latency.clone();
         self.rt.spawn(async move {
+            let _timer = Timer(&latency, "getxattr", started);
             reply_version_xattr(reply, size, attr, ns.open(ino.0).await);
         });
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _timer = Timer(&self.latency, "listxattr", Instant::now());
         let is_file = self.handles().values().any(|f| f.ino == ino.0)
             || match self.ns.getattr_local(ino.0) {
                 Local::Answer(r) => r.is_ok_and(|a| a.kind == Kind::File),
@@ -784,6 +798,15 @@ impl VersionXattr {
             "user.orcafs.key" => Some(VersionXattr::Key),
             "user.orcafs.etag" => Some(VersionXattr::Etag),
             _ => None,
+        }
+    }
+
+    /// The answer for any other name: none in the `user.` namespace, and no other namespace.
+    fn missing(name: &OsStr) -> Errno {
+        if name.as_encoded_bytes().starts_with(b"user.") {
+            Errno::ENODATA
+        } else {
+            Errno::EOPNOTSUPP
         }
     }
 
