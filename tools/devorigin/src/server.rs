@@ -33,6 +33,10 @@ pub(crate) struct Shared {
     pub stats: Arc<Stats>,
     pub faults: Arc<Faults>,
     pub synthetic: Arc<crate::synthetic::Synthetic>,
+    /// Held exclusively by each DELETE while s3s-fs handles it, shared by every other request:
+    /// s3s-fs checks that a file exists, then opens or removes it, so a request racing a
+    /// DELETE of its key could answer 500 where S3 answers 200, 204 or 404.
+    pub deletes: tokio::sync::RwLock<()>,
 }
 
 /// The s3s-fs service over `root`, with SigV4 auth for the fixed test keys.
@@ -84,6 +88,12 @@ async fn handle(
     let kind = classify(req.method(), req.uri());
     shared.stats.count_request(kind);
     let req = req.map(s3s::Body::from);
+    let (_deleting, _not_deleting);
+    if req.method() == http::Method::DELETE {
+        _deleting = shared.deletes.write().await;
+    } else {
+        _not_deleting = shared.deletes.read().await;
+    }
     if kind == RequestKind::GetObject {
         return handle_get_object(&shared, req).await;
     }
