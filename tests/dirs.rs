@@ -47,7 +47,8 @@ fn ls_l_of_a_big_directory_costs_its_list_pages_and_a_repeat_costs_nothing() {
     o.reset_stats();
     let again = run("ls", &["-l", m.path("d").to_str().unwrap()]);
     assert_eq!(again, text.as_bytes(), "same listing");
-    assert_eq!(o.stats().requests, 0, "within the TTL: nothing sent");
+    let st = o.stats();
+    assert_eq!(st.requests, 0, "within the TTL: nothing sent: {st:?}");
     // `ls -l` asks each name for `security.selinux` and `system.posix_acl_access`; the mount
     // has neither namespace and says so, and `ls` stops asking: two requests per run, not two
     // per name (4200 per run).
