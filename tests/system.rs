@@ -566,12 +566,21 @@ fn cache_commands_stats_verify_evict_clear() {
         text(&out)
     );
 
-    // Evict down to about two chunks, least recently used first.
-    let out = orcafs(&["cache", "evict", "--cache-dir", dir, "--max-size", "600KiB"]);
+    // Evict whole objects, least recently used first, until the rest fits: a.bin is 1 MiB and
+    // b.bin 512 KiB, so one of them goes, whichever was used last stays.
+    let before = cache_stats(&cache);
+    let out = orcafs(&[
+        "cache",
+        "evict",
+        "--cache-dir",
+        dir,
+        "--max-size",
+        "1100KiB",
+    ]);
     assert!(out.status.success(), "{}", text(&out));
-    let total = cache_stats(&cache).bytes;
-    assert!(total <= 600 * 1024, "{total} bytes left");
-    assert!(cached_chunks(&cache) > 0);
+    let after = cache_stats(&cache);
+    assert!(after.bytes <= 1100 * 1024, "{} bytes left", after.bytes);
+    assert_eq!((before.objects, after.objects), (2, 1), "{}", text(&out));
 
     let temp_name = format!("{}.0123456789abcdef", "ab".repeat(32));
     std::fs::write(cache.join("tmp").join(&temp_name), b"x").unwrap();
