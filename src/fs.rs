@@ -331,9 +331,7 @@ impl Filesystem for OrcaFs {
         let Some(file) = self.handles().get(&fh.0).cloned() else {
             return reply.error(Errno::EBADF);
         };
-        let fetch = self.fetch.clone();
-        let ns = self.ns.clone();
-        let (latency, started) = (self.latency.clone(), Instant::now());
+        let started = Instant::now();
         let access = file.access(offset);
         // Held in the local cache: read it here, as a local filesystem would, without a hop to
         // the runtime and its blocking pool (two thread wake-ups per read).
@@ -348,6 +346,9 @@ impl Filesystem for OrcaFs {
             readahead(&self.fetch, &file, offset, size as u64);
             return;
         }
+        let fetch = self.fetch.clone();
+        let ns = self.ns.clone();
+        let latency = self.latency.clone();
         self.rt.spawn(async move {
             let timer = Timer(&latency, "read", started);
             match fetch

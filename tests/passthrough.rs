@@ -24,7 +24,7 @@ fn status_counter(m: &Mount, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no counter {name}: {doc}"))
 }
 
-/// The kernel in use lets a root server hand it backing files (Linux 6.9+).
+/// The kernel in use lets a root server hand it backing files (Linux 6.9+); says SKIPPED when not.
 fn kernel_has_passthrough() -> bool {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let mut parts = release
@@ -33,7 +33,11 @@ fn kernel_has_passthrough() -> bool {
         .map(|p| p.parse::<u32>().unwrap_or(0));
     let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
     // SAFETY: geteuid cannot fail.
-    (major, minor) >= (6, 9) && unsafe { libc::geteuid() } == 0
+    let able = (major, minor) >= (6, 9) && unsafe { libc::geteuid() } == 0;
+    if !able {
+        eprintln!("SKIPPED: needs root and Linux 6.9+ for FUSE passthrough");
+    }
+    able
 }
 
 /// Opens and reads `len` bytes at `at` in a thread; None when it has not returned within `wait`.
@@ -62,7 +66,6 @@ fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
 #[test]
 fn a_whole_cached_object_is_read_by_the_kernel_without_orcafs() {
     if !kernel_has_passthrough() {
-        eprintln!("SKIPPED: needs root and Linux 6.9+ for FUSE passthrough");
         return;
     }
     let s = Scratch::new();
@@ -155,7 +158,6 @@ fn a_whole_cached_object_is_read_by_the_kernel_without_orcafs() {
 #[test]
 fn a_cache_file_damaged_while_unmounted_is_never_handed_to_the_kernel() {
     if !kernel_has_passthrough() {
-        eprintln!("SKIPPED: needs root and Linux 6.9+ for FUSE passthrough");
         return;
     }
     let s = Scratch::new();

@@ -407,6 +407,19 @@ pub(super) struct Index {
 }
 
 impl Index {
+    /// Marks object `v` used at `now`; true when its map's mtime should be refreshed (at most
+    /// once every [`TOUCH_EVERY`]).
+    fn touch(&mut self, v: &VersionId, now: SystemTime) -> bool {
+        let Some(h) = self.objects.get_mut(v) else {
+            return false;
+        };
+        let stale = now.duration_since(h.used).unwrap_or_default() >= TOUCH_EVERY;
+        if stale {
+            h.used = now;
+        }
+        stale
+    }
+
     /// Records what is now held of chunk `index` of `v` (after its bits changed).
     fn account(&mut self, v: VersionId, index: u64) {
         let held = self.objects.get(&v).map_or(0, |h| h.chunk_bytes(index));
@@ -842,12 +855,9 @@ impl DiskStore {
         };
         let data_path = layout::data_path(&self.root, v);
         let obj = (|| -> io::Result<Option<Obj>> {
-            let Ok(head) = layout::read_header(&map)? else {
+            let Some(head) = layout::map_of(&map, v)? else {
                 return Ok(None);
             };
-            if !head.is_of(v) || map.metadata()?.len() != head.file_len() {
-                return Ok(None);
-            }
             let data = match fs::OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -951,18 +961,10 @@ impl DiskStore {
 
     /// Marks a chunk used now; true when its object's map mtime should be refreshed.
     fn promote(&self, key: &ChunkKey) -> bool {
-        let now = SystemTime::now();
         let v = key.version();
         let mut idx = self.lock();
         idx.lru.promote(&(v, key.index));
-        let Some(h) = idx.objects.get_mut(&v) else {
-            return false;
-        };
-        let stale = now.duration_since(h.used).unwrap_or_default() >= TOUCH_EVERY;
-        if stale {
-            h.used = now;
-        }
-        stale
+        idx.touch(&v, SystemTime::now())
     }
 
     /// Evicts chunks of objects not used for `max_age` (least recently used first); returns
@@ -1215,13 +1217,7 @@ impl DiskStore {
             for index in 0..chunks {
                 idx.lru.promote(&(*v, index));
             }
-            match idx.objects.get_mut(v) {
-                Some(h) if now.duration_since(h.used).unwrap_or_default() >= TOUCH_EVERY => {
-                    h.used = now;
-                    true
-                }
-                _ => false,
-            }
+            idx.touch(v, now)
         };
         if stale {
             let _ = obj.map.set_modified(now);
@@ -1440,10 +1436,7 @@ impl DiskStore {
 /// belong together; None for a file to remove.
 fn index_map(root: &Path, v: &VersionId, mtime: SystemTime) -> Option<Held> {
     let map = File::open(layout::map_path(root, v)).ok()?;
-    let head = layout::read_header(&map).ok()?.ok()?;
-    if !head.is_of(v) || map.metadata().ok()?.len() != head.file_len() {
-        return None;
-    }
+    let head = layout::map_of(&map, v).ok()??;
     let data = fs::metadata(layout::data_path(root, v)).ok()?;
     if !data.is_file() || data.len() != head.size {
         return None;

@@ -546,6 +546,17 @@ pub fn read_header(file: &File) -> io::Result<Result<MapHeader, String>> {
     Ok(decode_header(&head))
 }
 
+/// The header of `file` when it is an intact map of version `v`: it decodes, names `v`, and the
+/// file is as long as the header says. None for anything else (a foreign, misplaced, cut or
+/// damaged map).
+pub fn map_of(file: &File, v: &VersionId) -> io::Result<Option<MapHeader>> {
+    let Ok(h) = read_header(file)? else {
+        return Ok(None);
+    };
+    let intact = h.is_of(v) && file.metadata()?.len() == h.file_len();
+    Ok(intact.then_some(h))
+}
+
 /// Every block's CRC (None = absent) as the map file says, after its header.
 pub fn read_entries(file: &File, h: &MapHeader) -> io::Result<Vec<Option<u32>>> {
     let mut raw = vec![0u8; (ENTRY * h.blocks()) as usize];
@@ -583,10 +594,10 @@ pub fn chunk_cached(root: &Path, key: &ChunkKey) -> bool {
     let Ok(file) = File::open(map_path(root, &key.version())) else {
         return false;
     };
-    let Ok(Ok(h)) = read_header(&file) else {
+    let Ok(Some(h)) = map_of(&file, &key.version()) else {
         return false;
     };
-    if !h.is_of(&key.version()) || key.is_empty() {
+    if key.is_empty() {
         return false;
     }
     let first = key.start() / h.block;

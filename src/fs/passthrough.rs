@@ -35,6 +35,16 @@ struct InodeIo {
     _local: Option<LocalFile>,
 }
 
+impl InodeIo {
+    /// How a further open of this inode is answered: the same way as the open ones.
+    fn mode(&self) -> Mode {
+        match &self.backing {
+            Some(b) => Mode::Backing(b.clone()),
+            None => Mode::Orcafs,
+        }
+    }
+}
+
 /// How an open of an inode is answered.
 pub enum Mode {
     /// Through orcafs's read handler.
@@ -74,10 +84,7 @@ impl Passthrough {
         let mut inodes = self.inodes();
         let io = inodes.get_mut(&ino)?;
         io.opens += 1;
-        Some(match &io.backing {
-            Some(b) => Mode::Backing(b.clone()),
-            None => Mode::Orcafs,
-        })
+        Some(io.mode())
     }
 
     /// Registers an open read through orcafs (joining the inode's mode if it got one meanwhile).
@@ -89,10 +96,7 @@ impl Passthrough {
             _local: None,
         });
         io.opens += 1;
-        match &io.backing {
-            Some(b) => Mode::Backing(b.clone()),
-            None => Mode::Orcafs,
-        }
+        io.mode()
     }
 
     /// Registers a passthrough open of `local`, unless the inode got a mode meanwhile (then
@@ -101,10 +105,7 @@ impl Passthrough {
         let mut inodes = self.inodes();
         if let Some(io) = inodes.get_mut(&ino) {
             io.opens += 1;
-            return match &io.backing {
-                Some(b) => Mode::Backing(b.clone()),
-                None => Mode::Orcafs,
-            };
+            return io.mode();
         }
         let (backing, mode) = match reply.open_backing(&local.file) {
             Ok(id) => {
