@@ -33,8 +33,8 @@ use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
@@ -92,6 +92,10 @@ pub struct DiskStore {
 /// How long a read-ahead advice is taken to hold (pages may be reclaimed after).
 const ADVICE_FRESH: Duration = Duration::from_secs(10);
 
+/// Numbers every write of map entries in this process, so a write count seen on one handle
+/// never matches one of files created again since.
+static WRITE_SEQ: AtomicU64 = AtomicU64::new(0);
+
 /// How many objects stay open.
 const OPEN_FILES: usize = 64;
 
@@ -103,8 +107,9 @@ enum Got {
     Bytes(Bytes),
     /// These blocks are not in the map (the index thought they were).
     Absent(Vec<u64>),
-    /// A block failed its CRC, or the data file is shorter than the map says.
-    Bad,
+    /// A block failed its CRC, or the data file is shorter than the map says; with the
+    /// object's write count seen before the read (see [`Obj::writes`]).
+    Bad(u64),
 }
 
 /// What opening an object's files found.
@@ -127,6 +132,13 @@ struct Obj {
     verified: AtomicBool,
     /// A check (and stamp) is running (one at a time).
     verifying: AtomicBool,
+    /// The number ([`WRITE_SEQ`]) of the last write of entries through this handle: a block
+    /// found bad is dropped only if no write came after the read that found it (else the read
+    /// may have seen a writer's bytes before its entries).
+    writes: AtomicU64,
+    /// Writers hold it shared from their first byte to their index update; a removal holds it
+    /// alone, so it never clears or punches what a writer is in the middle of storing.
+    writing: RwLock<()>,
 }
 
 /// Block CRCs as a map holds them, kept compactly (a CRC and a presence bit per 4 KiB block).
@@ -190,6 +202,8 @@ impl Obj {
             raw.extend_from_slice(&c.map_or([0; layout::ENTRY as usize], layout::entry));
         }
         let mut mem = self.crcs();
+        let seq = WRITE_SEQ.fetch_add(1, Ordering::SeqCst) + 1;
+        self.writes.store(seq, Ordering::SeqCst);
         self.map.write_all_at(&raw, self.head.entry_at(first))?;
         for (i, c) in crcs.iter().enumerate() {
             mem.set(first as usize + i, *c);
@@ -216,6 +230,7 @@ impl Obj {
         let block = self.head.block;
         let first = start / block;
         let last = (end - 1) / block;
+        let seen = self.writes.load(Ordering::SeqCst);
         let mut want = self.crcs().range(first as usize, last as usize);
         if want.iter().any(Option::is_none) {
             self.refresh(first, last)?;
@@ -234,7 +249,7 @@ impl Obj {
         let buf = match pread_exact(&self.data, (span_end - span_start) as usize, span_start) {
             Ok(b) => b,
             // Truncated behind our back.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Got::Bad),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Got::Bad(seen)),
             Err(e) => return Err(e),
         };
         let good = buf
@@ -242,15 +257,17 @@ impl Obj {
             .zip(&want)
             .all(|(b, crc)| Some(crc32c::crc32c(b)) == *crc);
         if !good {
-            return Ok(Got::Bad);
+            return Ok(Got::Bad(seen));
         }
         let from = (start - span_start) as usize;
         let to = (end - span_start) as usize;
         Ok(Got::Bytes(buf.freeze().slice(from..to)))
     }
 
-    /// Checks every block against its CRC; the first bad block's index, if any.
-    fn verify_all(&self) -> io::Result<Option<u64>> {
+    /// Checks every block against its CRC; the first bad block's index, if any, with the
+    /// write count seen before the check.
+    fn verify_all(&self) -> io::Result<Option<(u64, u64)>> {
+        let seen = self.writes.load(Ordering::SeqCst);
         // Read in 1 MiB spans.
         let block = self.head.block;
         let span = (1 << 20) / block;
@@ -263,12 +280,12 @@ impl Obj {
             let end = ((i + n) * block).min(self.head.size);
             let buf = match pread_exact(&self.data, (end - start) as usize, start) {
                 Ok(b) => b,
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Some(i)),
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Some((i, seen))),
                 Err(e) => return Err(e),
             };
             for (j, b) in buf.chunks(block as usize).enumerate() {
                 if crcs[j] != Some(crc32c::crc32c(b)) {
-                    return Ok(Some(i + j as u64));
+                    return Ok(Some((i + j as u64, seen)));
                 }
             }
             i += n;
@@ -776,10 +793,10 @@ impl DiskStore {
                 Metrics::inc(&self.metrics.disk_misses);
                 Ok(None)
             }
-            Got::Bad => {
+            Got::Bad(seen) => {
                 tracing::warn!(?key, path = %path.display(), "cache blocks failing their CRC: dropping the chunk");
                 Metrics::inc(&self.metrics.disk_corrupt);
-                self.remove_chunk(&v, key.index, true);
+                self.remove_chunk(&v, key.index, Some(seen));
                 Metrics::inc(&self.metrics.disk_misses);
                 Ok(None)
             }
@@ -830,7 +847,19 @@ impl DiskStore {
         tracing::warn!(path = %map_path.display(), "broken, truncated or foreign cache files: removing them");
         Metrics::inc(&self.metrics.disk_corrupt);
         self.remove_object(v);
-        Ok(None)
+        if create.is_none() {
+            return Ok(None);
+        }
+        // A writer creates its files where the broken ones were, once.
+        let _files = self.files_lock();
+        match self.open_files_of(v, &map_path, create)? {
+            Opened::Obj(obj) => {
+                let obj = Arc::new(obj);
+                self.open_objects().put(*v, obj.clone());
+                Ok(Some(obj))
+            }
+            Opened::Absent | Opened::Broken => Ok(None),
+        }
     }
 
     fn files_lock(&self) -> MutexGuard<'_, ()> {
@@ -885,6 +914,8 @@ impl DiskStore {
                 crcs: Mutex::new(Entries::new(&crcs)),
                 verified: AtomicBool::new(stamped),
                 verifying: AtomicBool::new(false),
+                writes: AtomicU64::new(0),
+                writing: RwLock::new(()),
             }))
         })()
         .map_err(io_err(map_path))?;
@@ -986,7 +1017,7 @@ impl DiskStore {
         let mut n = 0;
         for (v, index) in &victims {
             if !self.pinned(v) {
-                self.remove_chunk(v, *index, false);
+                self.remove_chunk(v, *index, None);
                 Metrics::inc(&self.metrics.disk_evictions);
                 n += 1;
             }
@@ -1041,6 +1072,7 @@ impl DiskStore {
             )));
         };
         let data_path = layout::data_path(&self.root, &v);
+        let sharing = obj.writing.read().unwrap_or_else(|p| p.into_inner());
         let mut at = key.start() + offset;
         for p in pieces {
             obj.data.write_all_at(p, at).map_err(io_err(&data_path))?;
@@ -1066,6 +1098,8 @@ impl DiskStore {
             }
             idx.account(v, key.index);
         }
+        // Eviction below may remove a chunk of this object: it waits for writers.
+        drop(sharing);
         if obj.map.metadata().is_ok_and(|m| m.nlink() == 0) {
             self.open_objects().pop(&v);
             return Ok(false);
@@ -1103,8 +1137,19 @@ impl DiskStore {
 
     /// Drops chunk `index` of `v`: its map entries cleared first, then its bytes punched out
     /// (not while the object is pinned: a passthrough reader may be reading them); the object's
-    /// files go when nothing is left.
-    pub(super) fn remove_chunk(&self, v: &VersionId, index: u64, _bad: bool) {
+    /// files go when nothing is left. With `seen` (a bad block's finder's write count), nothing
+    /// is dropped if a write came since: the finder may have read a writer's new bytes.
+    pub(super) fn remove_chunk(&self, v: &VersionId, index: u64, seen: Option<u64>) {
+        let obj = self.open_obj(v, None).ok().flatten();
+        let _alone = obj
+            .as_ref()
+            .map(|o| o.writing.write().unwrap_or_else(|p| p.into_inner()));
+        if let (Some(seen), Some(o)) = (seen, &obj) {
+            if o.writes.load(Ordering::SeqCst) != seen {
+                tracing::debug!(?v, index, "rewritten since found bad: kept");
+                return;
+            }
+        }
         let (range, empty) = {
             let mut idx = self.lock();
             let Some(h) = idx.objects.get_mut(v) else {
@@ -1138,7 +1183,7 @@ impl DiskStore {
             return;
         }
         let (first, last, block, size) = range;
-        if let Ok(Some(obj)) = self.open_obj(v, None) {
+        if let Some(obj) = &obj {
             let _ = obj.set_entries(first, &vec![None; (last - first + 1) as usize]);
             obj.verified.store(false, Ordering::Relaxed);
             if !pinned {
@@ -1168,7 +1213,7 @@ impl DiskStore {
                     None => return,
                 }
             };
-            self.remove_chunk(&victim.0, victim.1, false);
+            self.remove_chunk(&victim.0, victim.1, None);
             Metrics::inc(&self.metrics.disk_evictions);
         }
     }
@@ -1307,11 +1352,12 @@ impl DiskStore {
                 obj.verified.store(true, Ordering::Relaxed);
                 true
             }
-            Ok(Some(bad)) => {
+            Ok(Some((bad, seen))) => {
                 let path = layout::data_path(&self.root, v);
                 tracing::warn!(path = %path.display(), block = bad, "cache block failing its CRC: dropping its chunk");
                 Metrics::inc(&self.metrics.disk_corrupt);
-                self.remove_chunk(v, bad * obj.head.block / obj.head.chunk_size, true);
+                let index = bad * obj.head.block / obj.head.chunk_size;
+                self.remove_chunk(v, index, Some(seen));
                 false
             }
             Err(e) => {
@@ -1428,7 +1474,7 @@ impl DiskStore {
 
     /// Removes a chunk if present.
     pub fn delete(&self, key: &ChunkKey) {
-        self.remove_chunk(&key.version(), key.index, false);
+        self.remove_chunk(&key.version(), key.index, None);
     }
 }
 
@@ -1680,6 +1726,55 @@ mod tests {
         assert_eq!(report.removed_broken, 1);
         assert!(s.read(&k, 0, 10).unwrap().is_none());
         assert!(!data_path.exists(), "its data file went with it");
+    }
+
+    #[test]
+    fn a_bad_block_found_before_a_rewrite_does_not_drop_the_rewrite() {
+        // The background check of a whole object reads a block while it is damaged; before it
+        // drops the chunk, a reader has dropped it already and a fill has stored it again.
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), 1 << 30);
+        let size = 2 * BLOCK as usize;
+        let k = key("e", size as u64, 1 << 20, 0);
+        let d = Bytes::from(data(size));
+        s.write(&k, std::slice::from_ref(&d)).unwrap();
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(data_of(&s, &k))
+            .unwrap();
+        f.write_all_at(b"X", 5).unwrap();
+        let obj = s.open_obj(&k.version(), None).unwrap().unwrap();
+        let (bad, seen) = obj.verify_all().unwrap().expect("damage found");
+        assert_eq!(bad, 0);
+        assert!(s.read(&k, 0, 10).unwrap().is_none(), "the reader drops it");
+        s.write(&k, std::slice::from_ref(&d)).unwrap();
+        s.remove_chunk(&k.version(), 0, Some(seen));
+        let got = s.read(&k, 0, size as u64).unwrap();
+        assert!(got.as_ref() == Some(&d), "kept");
+        // With no write since, the finding stands (the files are new: the reader dropped the old).
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(data_of(&s, &k))
+            .unwrap();
+        f.write_all_at(b"X", 5).unwrap();
+        let obj = s.open_obj(&k.version(), None).unwrap().unwrap();
+        let (_, seen) = obj.verify_all().unwrap().expect("damage found");
+        s.remove_chunk(&k.version(), 0, Some(seen));
+        assert!(!s.contains(&k), "dropped");
+    }
+
+    #[test]
+    fn a_write_replaces_broken_files_in_its_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), 1 << 30);
+        let k = key("e", BLOCK, 1 << 20, 0);
+        let map = map_of(&s, &k);
+        fs::create_dir_all(map.parent().unwrap()).unwrap();
+        fs::write(&map, b"not a map").unwrap();
+        let d = Bytes::from(data(BLOCK as usize));
+        s.write(&k, std::slice::from_ref(&d)).unwrap();
+        let got = s.read(&k, 0, BLOCK).unwrap();
+        assert!(got.as_ref() == Some(&d));
     }
 
     #[test]
