@@ -114,7 +114,7 @@ enum Got {
 
 /// What opening an object's files found.
 enum Opened {
-    Obj(Obj),
+    Obj(Arc<Obj>),
     /// No map file.
     Absent,
     /// Files that cannot be used (bad or foreign map, missing or wrong-sized data).
@@ -820,46 +820,40 @@ impl DiskStore {
             self.open_objects().pop(v);
         }
         let map_path = layout::map_path(&self.root, v);
-        let broken = {
-            // Creating, opening and removing an object's files are serialized, so a writer never
-            // opens the files a remover is deleting, and two openers share one handle (whose
-            // entries in memory are the ones writers update).
-            let _files = self.files_lock();
-            let cached = self.open_objects().get(v).cloned();
-            if let Some(obj) = cached.filter(|o| o.map.metadata().is_ok_and(|m| m.nlink() > 0)) {
-                return Ok(Some(obj));
-            }
-            match self.open_files_of(v, &map_path, create)? {
-                Opened::Obj(obj) => {
-                    let obj = Arc::new(obj);
-                    self.open_objects().put(*v, obj.clone());
+        // A writer creates its files where broken ones were: a second try.
+        for _ in 0..2 {
+            let broken = {
+                // Creating, opening and removing an object's files are serialized, so a writer
+                // never opens the files a remover is deleting, and two openers share one handle
+                // (whose entries in memory are the ones writers update).
+                let _files = self.files_lock();
+                let cached = self.open_objects().get(v).cloned();
+                if let Some(obj) = cached.filter(|o| o.map.metadata().is_ok_and(|m| m.nlink() > 0))
+                {
                     return Ok(Some(obj));
                 }
-                Opened::Absent => false,
-                Opened::Broken => true,
+                match self.open_files_of(v, &map_path, create)? {
+                    Opened::Obj(obj) => {
+                        self.open_objects().put(*v, obj.clone());
+                        return Ok(Some(obj));
+                    }
+                    Opened::Absent => false,
+                    Opened::Broken => true,
+                }
+            };
+            if !broken {
+                // An index entry without its files (a put racing a removal) heals here.
+                self.forget_object(v);
+                return Ok(None);
             }
-        };
-        if !broken {
-            // An index entry without its files (a put racing a removal) heals here.
-            self.forget_object(v);
-            return Ok(None);
-        }
-        tracing::warn!(path = %map_path.display(), "broken, truncated or foreign cache files: removing them");
-        Metrics::inc(&self.metrics.disk_corrupt);
-        self.remove_object(v);
-        if create.is_none() {
-            return Ok(None);
-        }
-        // A writer creates its files where the broken ones were, once.
-        let _files = self.files_lock();
-        match self.open_files_of(v, &map_path, create)? {
-            Opened::Obj(obj) => {
-                let obj = Arc::new(obj);
-                self.open_objects().put(*v, obj.clone());
-                Ok(Some(obj))
+            tracing::warn!(path = %map_path.display(), "broken, truncated or foreign cache files: removing them");
+            Metrics::inc(&self.metrics.disk_corrupt);
+            self.remove_object(v);
+            if create.is_none() {
+                break;
             }
-            Opened::Absent | Opened::Broken => Ok(None),
         }
+        Ok(None)
     }
 
     fn files_lock(&self) -> MutexGuard<'_, ()> {
@@ -919,7 +913,7 @@ impl DiskStore {
             }))
         })()
         .map_err(io_err(map_path))?;
-        Ok(obj.map_or(Opened::Broken, Opened::Obj))
+        Ok(obj.map_or(Opened::Broken, |o| Opened::Obj(Arc::new(o))))
     }
 
     /// Creates an object's data file (sparse, its full size) and its map (all blocks absent),
