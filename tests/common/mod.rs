@@ -66,6 +66,21 @@ pub fn origin(scratch: &Scratch, bucket: &str) -> DevOrigin {
     o
 }
 
+/// Zeroes the origin's counts once it has had no request for 200 ms: a request orcafs sent and
+/// then dropped (a lookup's HEAD, raced by its LIST) may still be on its way on a loaded machine.
+pub fn reset_stats_when_quiet(o: &DevOrigin) {
+    let mut seen = o.stats().requests;
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let now = o.stats().requests;
+        if now == seen {
+            break;
+        }
+        seen = now;
+    }
+    o.reset_stats();
+}
+
 /// Connection settings for any S3 server (DevOrigin or Garage).
 #[derive(Clone, Debug)]
 pub struct Target {
