@@ -41,6 +41,7 @@ use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme,
 };
 use sha2::{Digest as _, Sha256};
+use tokio::io::BufReader;
 use tokio::net::TcpStream;
 use zeroize::Zeroize as _;
 
@@ -428,6 +429,9 @@ impl tower_service::Service<Uri> for TlsConnector {
                 .await
                 .map_err(|e| ConnectError::Tcp(Box::new(e)))?
                 .into_inner();
+            // rustls reads the socket 4 KiB at a time: a buffer below it makes that one read
+            // per 256 KiB of a fill's body.
+            let tcp = tokio::io::BufReader::with_capacity(READ_BUFFER, tcp);
             let stream = tls
                 .connect(name, tcp)
                 .await
@@ -438,7 +442,10 @@ impl tower_service::Service<Uri> for TlsConnector {
 }
 
 /// A TLS connection to a peer, as hyper's client reads and writes it.
-pub(crate) struct TlsConn(TokioIo<tokio_rustls::client::TlsStream<TcpStream>>);
+pub(crate) struct TlsConn(TokioIo<tokio_rustls::client::TlsStream<BufReader<TcpStream>>>);
+
+/// What a peer connection reads from its socket at once.
+const READ_BUFFER: usize = 256 << 10;
 
 impl Connection for TlsConn {
     fn connected(&self) -> Connected {
