@@ -5,7 +5,7 @@
 //! Pure arithmetic and hashing: no I/O, no knowledge of where chunks are stored.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use sha2::{Digest as _, Sha256};
 
@@ -20,20 +20,22 @@ pub struct ObjectVersion {
 }
 
 /// The content address of one chunk of one object version. Built with [`ChunkKey::new`], which
-/// hashes the fields once: the id is asked for many times per read (in-flight map, stores,
-/// readahead). The fields are read-only by convention.
+/// hashes the version once; the chunk's own id (what peers and the shared store know it by) is
+/// hashed when first asked for: a read served from the local cache never needs it. The fields
+/// are read-only by convention.
 #[derive(Clone)]
 pub struct ChunkKey {
     pub object: Arc<ObjectVersion>,
     pub chunk_size: u64,
     pub index: u64,
-    id: ChunkId,
+    id: OnceLock<ChunkId>,
     version: VersionId,
 }
 
+/// The same version (fields and chunk size) and index: the same chunk, as equal ids say.
 impl PartialEq for ChunkKey {
     fn eq(&self, other: &Self) -> bool {
-        self.id == other.id
+        self.version == other.version && self.index == other.index
     }
 }
 
@@ -41,7 +43,8 @@ impl Eq for ChunkKey {}
 
 impl std::hash::Hash for ChunkKey {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.id.hash(state)
+        self.version.hash(state);
+        self.index.hash(state);
     }
 }
 
@@ -107,19 +110,20 @@ impl fmt::Debug for ChunkId {
 
 impl ChunkKey {
     pub fn new(object: Arc<ObjectVersion>, chunk_size: u64, index: u64) -> ChunkKey {
-        let id = Self::hash(&object, chunk_size, index);
         let version = VersionId::of(&object, chunk_size);
         ChunkKey {
             object,
             chunk_size,
             index,
-            id,
+            id: OnceLock::new(),
             version,
         }
     }
 
     pub fn id(&self) -> ChunkId {
-        self.id
+        *self
+            .id
+            .get_or_init(|| Self::hash(&self.object, self.chunk_size, self.index))
     }
 
     /// The object version (at this chunk size) the chunk belongs to.

@@ -769,8 +769,9 @@ impl DiskStore {
             Metrics::inc(&self.metrics.disk_misses);
             return Ok(None);
         };
-        let path = layout::data_path(&self.root, &v);
-        match obj.read(start, end).map_err(io_err(&path))? {
+        // The path only for messages: a cached read is a pread and a CRC, not a hex encoding.
+        let path = || layout::data_path(&self.root, &v);
+        match obj.read(start, end).map_err(|e| io_err(&path())(e))? {
             Got::Bytes(bytes) => {
                 if self.promote(key) {
                     // Best effort: a failed touch only makes the object look older after a restart.
@@ -794,7 +795,7 @@ impl DiskStore {
                 Ok(None)
             }
             Got::Bad(seen) => {
-                tracing::warn!(?key, path = %path.display(), "cache blocks failing their CRC: dropping the chunk");
+                tracing::warn!(?key, path = %path().display(), "cache blocks failing their CRC: dropping the chunk");
                 Metrics::inc(&self.metrics.disk_corrupt);
                 self.remove_chunk(&v, key.index, Some(seen));
                 Metrics::inc(&self.metrics.disk_misses);
