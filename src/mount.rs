@@ -297,10 +297,13 @@ async fn build_store(
         SHARED_QUEUE_LEN,
         TierTimeouts {
             first_byte: sc.first_byte_timeout,
+            floor: sc.first_byte_floor,
             whole: sc.timeout,
         },
         metrics.clone(),
     ));
+    replica.sample_first_byte().await;
+    tracing::info!(deadlines = ?replica.first_byte_deadlines(), "shared cache read-through deadlines");
     Ok((replica.clone(), Some(replica), Some(shared)))
 }
 

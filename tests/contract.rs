@@ -581,6 +581,7 @@ impl S3Target {
             max_age: None,
             timeout: Duration::from_secs(5),
             first_byte_timeout: Duration::from_secs(5),
+            first_byte_floor: Duration::from_secs(5),
             secret_file: None,
         }
     }
@@ -808,6 +809,7 @@ mod fixtures {
             4,
             TierTimeouts {
                 first_byte: Duration::from_secs(5),
+                floor: Duration::from_secs(5),
                 whole: Duration::from_secs(5),
             },
             Arc::default(),
@@ -1383,6 +1385,7 @@ fn fake_config(endpoint: String, timeout: Duration) -> SharedCacheConfig {
         max_age: None,
         timeout,
         first_byte_timeout: timeout,
+        first_byte_floor: timeout,
         secret_file: None,
     }
 }
@@ -1493,6 +1496,7 @@ mod replica_over_s3 {
             4,
             TierTimeouts {
                 first_byte: Duration::from_secs(5),
+                floor: Duration::from_secs(5),
                 whole: Duration::from_secs(5),
             },
             metrics.clone(),

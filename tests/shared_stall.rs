@@ -75,7 +75,16 @@ impl Drop for Proxy {
     }
 }
 
-fn host(s: &Scratch, o: &DevOrigin, shared: &str, name: &str, extra: &[&str]) -> Mount {
+/// A host of the site; `fixed` gives the store a fixed first-byte deadline (the ceiling, 200 ms)
+/// instead of the adaptive one, for tests that count on reads from it on a loaded machine.
+fn host(
+    s: &Scratch,
+    o: &DevOrigin,
+    shared: &str,
+    name: &str,
+    fixed: bool,
+    extra: &[&str],
+) -> Mount {
     let cfg = s.dir.path().join(format!("{name}.toml"));
     // Every host of the site holds the secret that authenticates the store's objects.
     let secret = s.dir.path().join("shared.secret");
@@ -84,8 +93,13 @@ fn host(s: &Scratch, o: &DevOrigin, shared: &str, name: &str, extra: &[&str]) ->
         &cfg,
         format!(
             "[shared_cache]\nendpoint_url = \"{shared}\"\nbucket = \"cache\"\nprefix = \"fleet\"\n\
-             force_path_style = true\ntimeout = \"2s\"\nsecret_file = \"{}\"\n",
-            secret.display()
+             force_path_style = true\ntimeout = \"2s\"\nsecret_file = \"{}\"\n{}",
+            secret.display(),
+            if fixed {
+                "first_byte_floor = \"200ms\"\n"
+            } else {
+                ""
+            }
         ),
     )
     .unwrap();
@@ -112,7 +126,14 @@ fn a_hung_shared_store_neither_holds_cold_reads_back_nor_grows_memory() {
     o.put_object(BUCKET, "big.bin", data.clone());
     o.put_object(BUCKET, "small.bin", pattern(CHUNK, 41));
 
-    let m = host(&s, &o, &proxy.endpoint(), "a", &["--memory-limit", "16MiB"]);
+    let m = host(
+        &s,
+        &o,
+        &proxy.endpoint(),
+        "a",
+        false,
+        &["--memory-limit", "16MiB"],
+    );
     // The store works: a first read is written behind to it.
     assert_eq!(
         sha256sum(&m.path("small.bin")),
@@ -157,11 +178,18 @@ fn readers_of_a_chunk_only_in_the_shared_store_cost_one_shared_read_per_host() {
     let data = pattern(4 * CHUNK, 42);
     o.put_object(BUCKET, "f.bin", data.clone());
 
-    let a = host(&s, &o, &store.endpoint(), "a", &[]);
+    let a = host(&s, &o, &store.endpoint(), "a", true, &[]);
     assert_eq!(sha256sum(&a.path("f.bin")), sha256_hex(&data));
     assert_eq!(a.unmount(), 0, "unmount drains the write-behind");
 
-    let b = host(&s, &o, &store.endpoint(), "b", &["--readahead-chunks", "0"]);
+    let b = host(
+        &s,
+        &o,
+        &store.endpoint(),
+        "b",
+        true,
+        &["--readahead-chunks", "0"],
+    );
     store.reset_stats();
     o.reset_stats();
     let readers: Vec<_> = (0..8)

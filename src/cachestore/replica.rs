@@ -10,10 +10,13 @@
 //! Reads ask the synchronous stores and take the first success. When they all miss, the
 //! asynchronous stores are read through (the default tiering: local disk sync + shared s3 async)
 //! and a hit is copied back to the synchronous stores. A tier read must start answering within
-//! `first_byte` and finish within `whole`; a store that fails or does not is skipped for a while
+//! its deadline and finish within `whole`; a store that fails or does not is skipped for a while
 //! (10 s, doubling while it keeps failing, up to 5 min), so a slow, hung or dead shared store costs
-//! at most one `first_byte` wait per period and never fails a read: the caller sees a miss and
-//! fills from the origin.
+//! at most one deadline per period and never fails a read: the caller sees a miss and fills from
+//! the origin. The deadline is [`FIRST_BYTE_FACTOR`] times the store's usual time to answer (a
+//! moving average, seeded at mount by [`Replica::sample_first_byte`]), at least `floor` and at
+//! most `first_byte`: a store that answers in 2 ms is given up on after 20 ms, not after the
+//! configured ceiling.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,11 +34,16 @@ const RETRY_AFTER: Duration = Duration::from_secs(10);
 /// The longest it is skipped while it keeps failing.
 const RETRY_AFTER_MAX: Duration = Duration::from_secs(300);
 
+/// A tier read's first-byte deadline, in times the tier's usual time to answer.
+pub const FIRST_BYTE_FACTOR: u32 = 8;
+
 /// How long a read of an asynchronous tier may take.
 #[derive(Debug, Clone, Copy)]
 pub struct TierTimeouts {
-    /// Until the store answers (the stream of the chunk is open).
+    /// Until the store answers (the stream of the chunk is open): the ceiling of the deadline.
     pub first_byte: Duration,
+    /// The shortest deadline, whatever the usual time (scheduling noise on a busy host).
+    pub floor: Duration,
     /// Until the whole chunk has arrived.
     pub whole: Duration,
 }
@@ -46,6 +54,28 @@ struct AsyncTier {
     depth: Arc<AtomicU64>,
     error: Arc<Mutex<Option<String>>>,
     down: Mutex<Down>,
+    /// Moving average of the store's time to answer a read, in µs (0: none seen yet).
+    usual_us: AtomicU64,
+}
+
+impl AsyncTier {
+    /// How long a read waits for the store's answer.
+    fn first_byte_deadline(&self, t: &TierTimeouts) -> Duration {
+        match self.usual_us.load(Ordering::Relaxed) {
+            0 => t.first_byte,
+            us => (Duration::from_micros(us) * FIRST_BYTE_FACTOR)
+                .max(t.floor)
+                .min(t.first_byte),
+        }
+    }
+
+    /// Counts one answer's time into the average (weight 1/8).
+    fn answered_in(&self, took: Duration) {
+        let us = (took.as_micros() as u64).max(1);
+        let old = self.usual_us.load(Ordering::Relaxed);
+        let new = if old == 0 { us } else { (old * 7 + us) / 8 };
+        self.usual_us.store(new.max(1), Ordering::Relaxed);
+    }
 }
 
 /// When a failing tier is read again, and how long the next failure skips it.
@@ -81,6 +111,31 @@ impl Replica {
             timeouts,
             metrics,
         }
+    }
+
+    /// Times one read of a chunk that is not there in every asynchronous store, to seed its
+    /// usual time to answer before the first real read (a store that hangs from then on is
+    /// given up on at once). A store that does not answer within `first_byte` keeps none.
+    pub async fn sample_first_byte(&self) {
+        for t in &self.tiers {
+            let (probe, _) = super::probe_key(t.store.name());
+            let started = Instant::now();
+            let asked = t.store.get_chunk(&probe, 0, probe.len());
+            if let Ok(Ok(_)) = tokio::time::timeout(self.timeouts.first_byte, asked).await {
+                t.answered_in(started.elapsed());
+            }
+        }
+    }
+
+    /// The first-byte deadline of each asynchronous store now.
+    pub fn first_byte_deadlines(&self) -> Vec<(String, Duration)> {
+        self.tiers
+            .iter()
+            .map(|t| {
+                let d = t.first_byte_deadline(&self.timeouts);
+                (t.store.name().to_string(), d)
+            })
+            .collect()
     }
 
     /// `(store, last error)` for every asynchronous store in the error state.
@@ -160,11 +215,16 @@ impl Replica {
         if Self::is_down(t) {
             return None;
         }
-        let TierTimeouts { first_byte, whole } = self.timeouts;
+        let whole = self.timeouts.whole;
+        let first_byte = t.first_byte_deadline(&self.timeouts);
         let read = async {
+            let started = Instant::now();
             let opened = tokio::time::timeout(first_byte, t.store.get_chunk(key, 0, key.len()))
                 .await
                 .map_err(|_| StoreError::Transient(format!("no answer within {first_byte:?}")))?;
+            if opened.is_ok() {
+                t.answered_in(started.elapsed());
+            }
             match opened? {
                 Some(stream) => collect(stream).await.map(Some),
                 None => Ok(None),
@@ -258,6 +318,7 @@ fn start_tier(
         depth,
         error,
         down: Mutex::new(Down::default()),
+        usual_us: AtomicU64::new(0),
     }
 }
 
@@ -403,6 +464,118 @@ impl CacheStore for Replica {
         match self.sync.first() {
             Some(s) => s.whole_object(object, chunk_size).await,
             None => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+    use crate::cachestore::memory::MemoryStore;
+    use crate::cachestore::probe_key;
+
+    /// A memory store that can be made to hang: its reads then never answer.
+    struct Hanging {
+        inner: MemoryStore,
+        hung: AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl CacheStore for Hanging {
+        fn name(&self) -> &str {
+            "hanging"
+        }
+        async fn get_chunk(
+            &self,
+            key: &ChunkKey,
+            offset: u64,
+            len: u64,
+        ) -> Result<Option<ChunkStream>, StoreError> {
+            if self.hung.load(Ordering::Relaxed) {
+                std::future::pending::<()>().await;
+            }
+            self.inner.get_chunk(key, offset, len).await
+        }
+        async fn put_chunk(
+            &self,
+            key: &ChunkKey,
+            size: u64,
+            data: Vec<Bytes>,
+        ) -> Result<Committed, StoreError> {
+            self.inner.put_chunk(key, size, data).await
+        }
+        async fn stat(&self, key: &ChunkKey) -> Result<Option<Info>, StoreError> {
+            self.inner.stat(key).await
+        }
+        async fn delete(&self, key: &ChunkKey) -> Result<(), StoreError> {
+            self.inner.delete(key).await
+        }
+        async fn self_test(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    const CEILING: Duration = Duration::from_millis(600);
+
+    fn replica(shared: Arc<Hanging>, floor: Duration) -> Replica {
+        Replica::new(
+            vec![Arc::new(MemoryStore::new(1 << 30))],
+            vec![shared],
+            4,
+            TierTimeouts {
+                first_byte: CEILING,
+                floor,
+                whole: Duration::from_secs(5),
+            },
+            Arc::default(),
+        )
+    }
+
+    /// How long a read of a chunk in no store takes, with the shared store hung.
+    async fn miss_time(r: &Replica) -> Duration {
+        let (key, _) = probe_key("miss");
+        let started = Instant::now();
+        assert!(r.get_chunk(&key, 0, key.len()).await.unwrap().is_none());
+        started.elapsed()
+    }
+
+    #[tokio::test]
+    async fn a_store_that_answered_fast_then_hangs_is_given_up_on_long_before_the_ceiling() {
+        let shared = Arc::new(Hanging {
+            inner: MemoryStore::new(1 << 30),
+            hung: AtomicBool::new(false),
+        });
+        let r = replica(shared.clone(), Duration::from_millis(20));
+        r.sample_first_byte().await;
+        let deadline = r.first_byte_deadlines()[0].1;
+        assert!(deadline < Duration::from_millis(100), "{deadline:?}");
+        shared.hung.store(true, Ordering::Relaxed);
+        let took = miss_time(&r).await;
+        assert!(
+            took < CEILING / 2,
+            "gave up after {took:?}, not at the ceiling"
+        );
+        // Skipped meanwhile: the next read does not wait at all.
+        assert!(miss_time(&r).await < Duration::from_millis(50));
+    }
+
+    #[tokio::test]
+    async fn without_an_answer_seen_or_with_a_fixed_deadline_the_ceiling_holds() {
+        for (sample, floor) in [(false, Duration::from_millis(20)), (true, CEILING)] {
+            let shared = Arc::new(Hanging {
+                inner: MemoryStore::new(1 << 30),
+                hung: AtomicBool::new(false),
+            });
+            let r = replica(shared.clone(), floor);
+            if sample {
+                r.sample_first_byte().await;
+            }
+            assert_eq!(r.first_byte_deadlines()[0].1, CEILING);
+            shared.hung.store(true, Ordering::Relaxed);
+            let took = miss_time(&r).await;
+            assert!(took >= CEILING, "{took:?}");
         }
     }
 }

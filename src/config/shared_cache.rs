@@ -16,6 +16,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a read waits for the store to start answering, when not configured: an in-datacenter
 /// store answers in milliseconds, and a read waiting longer is a read the origin serves faster.
 pub const DEFAULT_FIRST_BYTE_TIMEOUT: Duration = Duration::from_millis(200);
+/// The shortest first-byte deadline a store that usually answers fast is given.
+pub const DEFAULT_FIRST_BYTE_FLOOR: Duration = Duration::from_millis(20);
 /// Attempts per shared-store request, the first included: a dead store must answer fast.
 const ATTEMPTS: u32 = 2;
 
@@ -38,8 +40,11 @@ pub struct SharedCacheConfig {
     /// Per-request timeout.
     pub timeout: Duration,
     /// A read-through of a chunk that has not started answering by then is skipped (and the
-    /// store with it, for a while); at most `timeout`.
+    /// store with it, for a while); at most `timeout`. The ceiling of an adaptive deadline:
+    /// 8x the store's usual time to answer, at least `first_byte_floor`.
     pub first_byte_timeout: Duration,
+    /// The shortest first-byte deadline; at most `first_byte_timeout` (equal: a fixed deadline).
+    pub first_byte_floor: Duration,
     /// The file whose secret authenticates every object (`secret_file`, else `[cluster]
     /// secret_file`; relative to the config file). Always set once a mount's config is resolved.
     pub secret_file: Option<PathBuf>,
@@ -67,6 +72,8 @@ struct Section {
     timeout: Option<Duration>,
     #[serde(default, deserialize_with = "de::opt_positive_duration")]
     first_byte_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "de::opt_positive_duration")]
+    first_byte_floor: Option<Duration>,
     secret_file: Option<PathBuf>,
 }
 
@@ -106,6 +113,10 @@ impl TryFrom<Section> for SharedCacheConfig {
             }
         };
         let timeout = s.timeout.unwrap_or(DEFAULT_TIMEOUT);
+        let first_byte_timeout = s
+            .first_byte_timeout
+            .unwrap_or(DEFAULT_FIRST_BYTE_TIMEOUT)
+            .min(timeout);
         Ok(SharedCacheConfig {
             endpoint_url: s.endpoint_url,
             bucket: s.bucket,
@@ -116,10 +127,11 @@ impl TryFrom<Section> for SharedCacheConfig {
             required: s.required,
             max_age: s.max_age,
             timeout,
-            first_byte_timeout: s
-                .first_byte_timeout
-                .unwrap_or(DEFAULT_FIRST_BYTE_TIMEOUT)
-                .min(timeout),
+            first_byte_timeout,
+            first_byte_floor: s
+                .first_byte_floor
+                .unwrap_or(DEFAULT_FIRST_BYTE_FLOOR)
+                .min(first_byte_timeout),
             secret_file: s.secret_file,
         })
     }
@@ -148,6 +160,7 @@ impl SharedCacheConfig {
             max_age: None,
             timeout: DEFAULT_TIMEOUT,
             first_byte_timeout: DEFAULT_FIRST_BYTE_TIMEOUT,
+            first_byte_floor: DEFAULT_FIRST_BYTE_FLOOR,
             secret_file: None,
         })
     }
