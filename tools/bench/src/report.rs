@@ -435,7 +435,7 @@ impl Report {
         };
         let b = self.peer_baselines;
         md.push_str(
-            "Same objects, same origin, same procedure as the orcafs rows above (orcafs: medians of the rounds above; the others: one round each of the reads, the rounds of row 12 for `ls -l`). \
+            "Same objects, same origin, same procedure as the orcafs rows above (orcafs: medians of the rounds above; the others: one round each of the reads, s3fs's cached random reads as many rounds as orcafs's (median), the rounds of row 12 for `ls -l`). \
              `orcafs` is the default mount (FUSE passthrough where the kernel allows it), `orcafs --no-passthrough` the same reads through orcafs's own read handler. \
              Ratios: cold read / plain GET, warm re-read / local file, cached random 4 KiB reads / the same reads of the local file, origin bytes / object size, \
              cold `ls -l` / one plain LIST page, warm `ls -l` / local `ls -l`.\n\n",
@@ -591,7 +591,7 @@ ones.
    dropped, 4 KiB reads; IOPS vs the same offsets on the local copy with its page cache
    dropped. *5d, cached 1 MiB*: the same with 1 MiB reads (`--random-large-reads` of them),
    in MiB/s. *5e*: the FUSE path's (`--no-passthrough`) cached 4 KiB IOPS vs s3fs's, the same
-   offsets on s3fs's cache (the peer run: one round of s3fs); not measured without
+   offsets on s3fs's cache (the peer run: the median of as many rounds of s3fs); not measured without
    `--with-peers` or s3fs. *5b, cold*: in each round, new offsets (`--cold-random-reads` of
    them) in the never-read large object (its size is in the row), a fresh cache and a fresh
    mount; the name is looked up first, then the origin's counters are zeroed and the 4 KiB
@@ -639,8 +639,8 @@ Caveats of this setup:
 - Origin, orcafs and the reading threads share the machine's cores; on a 2-core machine they
   compete, which lowers the cold and concurrent numbers of every filesystem alike, and anything
   else running (builds) disturbs every number: see the load averages under the details.
-- The rclone, s3fs and Mountpoint read cells (with `--with-peers`), and rows 1c and 5e, are one
-  round each.
+- The rclone, s3fs and Mountpoint read cells (with `--with-peers`) and row 1c are one round
+  each; row 5e's s3fs value is the median of as many rounds as orcafs's.
 - The goals table restates the rows: a goal is met only when every row of it that has a target
   was measured in this run and met it.
 ";

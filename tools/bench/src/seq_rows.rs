@@ -146,14 +146,14 @@ pub fn peer_missing_row(label: &str, why: &str) -> Row {
     }
 }
 
-/// Row 5e from s3fs's cached random reads (one round).
+/// Row 5e from s3fs's cached random reads (the median of as many rounds as orcafs's).
 pub fn s3fs_row(orcafs_fuse_iops: Option<f64>, s3fs: &std::result::Result<f64, String>) -> Row {
     match (orcafs_fuse_iops, s3fs) {
         (Some(iops), Ok(theirs)) => Row::compared(
             M_S3FS,
             Quantity::Iops(iops),
             Quantity::Iops(*theirs),
-            "s3fs, same offsets, one round",
+            "s3fs, same offsets, median of rounds",
             S3FS_TARGET,
         ),
         (_, Err(e)) => Row::failed(M_S3FS, &format!("s3fs: {e}"), S3FS_TARGET),
