@@ -473,9 +473,7 @@ impl Fetcher {
         let mut parts = Vec::new();
         for s in chunk::spans(offset, len, object.size, cs) {
             let key = ChunkKey::new(object.clone(), cs, s.index);
-            if self.store.contains_range_hint(&key, s.offset, s.len) != Some(true) {
-                return None;
-            }
+            // None unless the store holds the range (its index says so first, without I/O).
             parts.push(self.store.read_now(&key, s.offset, s.len)?);
         }
         match parts.len() {

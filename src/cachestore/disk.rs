@@ -764,12 +764,26 @@ impl DiskStore {
     }
 
     /// Reads `len` bytes at `offset` inside the chunk; `Ok(None)` on a miss (absent, or found
-    /// bad and dropped).
+    /// bad and dropped), counted.
     pub fn read(&self, key: &ChunkKey, offset: u64, len: u64) -> Result<Option<Bytes>, DiskError> {
+        let found = self.read_held(key, offset, len)?;
+        if found.is_none() {
+            Metrics::inc(&self.metrics.disk_misses);
+        }
+        Ok(found)
+    }
+
+    /// [`Self::read`] without counting a miss: what the FUSE thread tries before the fetch path
+    /// (which counts it).
+    pub fn read_held(
+        &self,
+        key: &ChunkKey,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Bytes>, DiskError> {
         let start = key.start() + offset.min(key.len());
         let end = key.start() + offset.saturating_add(len).min(key.len());
         if !self.contains_range(key, offset, len) {
-            Metrics::inc(&self.metrics.disk_misses);
             return Ok(None);
         }
         if start >= end {
@@ -777,7 +791,6 @@ impl DiskStore {
         }
         let v = key.version();
         let Some(obj) = self.open_obj(&v, None)? else {
-            Metrics::inc(&self.metrics.disk_misses);
             return Ok(None);
         };
         // The path only for messages: a cached read is a pread and a CRC, not a hex encoding.
@@ -802,14 +815,12 @@ impl DiskStore {
                 }
                 idx.account(v, key.index);
                 drop(idx);
-                Metrics::inc(&self.metrics.disk_misses);
                 Ok(None)
             }
             Got::Bad(seen) => {
                 tracing::warn!(?key, path = %path().display(), "cache blocks failing their CRC: dropping the chunk");
                 Metrics::inc(&self.metrics.disk_corrupt);
                 self.remove_chunk(&v, key.index, Some(seen));
-                Metrics::inc(&self.metrics.disk_misses);
                 Ok(None)
             }
         }
@@ -825,7 +836,8 @@ impl DiskStore {
     ) -> Result<Option<Arc<Obj>>, DiskError> {
         let cached = self.open_objects().get(v).cloned();
         if let Some(obj) = cached {
-            // Unlinked behind our back (`orcafs cache clear`): let its space go.
+            // Unlinked behind our back (`orcafs cache clear`, a removed map): let its space go,
+            // and serve nothing a map no longer vouches for.
             if obj.map.metadata().is_ok_and(|m| m.nlink() > 0) {
                 return Ok(Some(obj));
             }
@@ -1605,7 +1617,7 @@ impl CacheStore for DiskDriver {
     }
 
     fn read_now(&self, key: &ChunkKey, offset: u64, len: u64) -> Option<Bytes> {
-        match self.0.read(key, offset, len) {
+        match self.0.read_held(key, offset, len) {
             Ok(found) => found,
             Err(e) => {
                 tracing::warn!(?key, error = %e, "cache read failed");
