@@ -90,7 +90,7 @@ fn start_host_checking_every(
     );
     if let Some(sh) = shared {
         toml.push_str(&format!(
-            "[shared_cache]\nendpoint_url = \"{}\"\nbucket = \"cache\"\nforce_path_style = true\naccess_key_id = \"{ACCESS_KEY}\"\nsecret_access_key = \"{SECRET_KEY}\"\nfirst_byte_floor = \"200ms\"\n",
+            "[shared_cache]\nendpoint_url = \"{}\"\nbucket = \"cache\"\nforce_path_style = true\naccess_key_id = \"{ACCESS_KEY}\"\nsecret_access_key = \"{SECRET_KEY}\"\n",
             sh.endpoint()
         ));
     }

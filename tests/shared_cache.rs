@@ -123,7 +123,7 @@ fn a_slow_or_dead_shared_store_never_fails_a_read() {
     std::fs::write(
         &cfg,
         format!(
-            "[shared_cache]\nendpoint_url = \"{}\"\nbucket = \"cache\"\nforce_path_style = true\ntimeout = \"1s\"\nfirst_byte_floor = \"200ms\"\nsecret_file = \"shared.secret\"\n",
+            "[shared_cache]\nendpoint_url = \"{}\"\nbucket = \"cache\"\nforce_path_style = true\ntimeout = \"1s\"\nsecret_file = \"shared.secret\"\n",
             shared.endpoint()
         ),
     )

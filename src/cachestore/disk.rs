@@ -1763,13 +1763,17 @@ mod tests {
         let k = key("e", size as u64, 1 << 20, 0);
         let d = Bytes::from(data(size));
         s.write(&k, std::slice::from_ref(&d)).unwrap();
-        let f = fs::OpenOptions::new()
-            .write(true)
-            .open(data_of(&s, &k))
-            .unwrap();
-        f.write_all_at(b"X", 5).unwrap();
-        let obj = s.open_obj(&k.version(), None).unwrap().unwrap();
-        let (bad, seen) = obj.verify_all().unwrap().expect("damage found");
+        // Damages the first block behind the store's back; what a whole-object check finds.
+        let damage_and_check = || {
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .open(data_of(&s, &k))
+                .unwrap();
+            f.write_all_at(b"X", 5).unwrap();
+            let obj = s.open_obj(&k.version(), None).unwrap().unwrap();
+            obj.verify_all().unwrap().expect("damage found")
+        };
+        let (bad, seen) = damage_and_check();
         assert_eq!(bad, 0);
         assert!(s.read(&k, 0, 10).unwrap().is_none(), "the reader drops it");
         s.write(&k, std::slice::from_ref(&d)).unwrap();
@@ -1777,13 +1781,7 @@ mod tests {
         let got = s.read(&k, 0, size as u64).unwrap();
         assert!(got.as_ref() == Some(&d), "kept");
         // With no write since, the finding stands (the files are new: the reader dropped the old).
-        let f = fs::OpenOptions::new()
-            .write(true)
-            .open(data_of(&s, &k))
-            .unwrap();
-        f.write_all_at(b"X", 5).unwrap();
-        let obj = s.open_obj(&k.version(), None).unwrap().unwrap();
-        let (_, seen) = obj.verify_all().unwrap().expect("damage found");
+        let (_, seen) = damage_and_check();
         s.remove_chunk(&k.version(), 0, Some(seen));
         assert!(!s.contains(&k), "dropped");
     }

@@ -15,8 +15,8 @@
 //! at most one deadline per period and never fails a read: the caller sees a miss and fills from
 //! the origin. The deadline is [`FIRST_BYTE_FACTOR`] times the store's usual time to answer (a
 //! moving average, seeded at mount by [`Replica::sample_first_byte`]), at least `floor` and at
-//! most `first_byte`: a store that answers in 2 ms is given up on after 20 ms, not after the
-//! configured ceiling.
+//! most `first_byte`: with a floor of 20 ms, a store that answers in 2 ms is given up on after
+//! 20 ms, not after the ceiling (`floor == first_byte`, the default, fixes it).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -16,8 +16,6 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a read waits for the store to start answering, when not configured: an in-datacenter
 /// store answers in milliseconds, and a read waiting longer is a read the origin serves faster.
 pub const DEFAULT_FIRST_BYTE_TIMEOUT: Duration = Duration::from_millis(200);
-/// The shortest first-byte deadline a store that usually answers fast is given.
-pub const DEFAULT_FIRST_BYTE_FLOOR: Duration = Duration::from_millis(20);
 /// Attempts per shared-store request, the first included: a dead store must answer fast.
 const ATTEMPTS: u32 = 2;
 
@@ -43,7 +41,9 @@ pub struct SharedCacheConfig {
     /// store with it, for a while); at most `timeout`. The ceiling of an adaptive deadline:
     /// 8x the store's usual time to answer, at least `first_byte_floor`.
     pub first_byte_timeout: Duration,
-    /// The shortest first-byte deadline; at most `first_byte_timeout` (equal: a fixed deadline).
+    /// The shortest first-byte deadline; at most `first_byte_timeout`, and by default equal to
+    /// it (a fixed deadline: a late answer skips the store for a while, so adapting is a choice
+    /// between a hung store's one wait and a busy store's skipped periods).
     pub first_byte_floor: Duration,
     /// The file whose secret authenticates every object (`secret_file`, else `[cluster]
     /// secret_file`; relative to the config file). Always set once a mount's config is resolved.
@@ -130,7 +130,7 @@ impl TryFrom<Section> for SharedCacheConfig {
             first_byte_timeout,
             first_byte_floor: s
                 .first_byte_floor
-                .unwrap_or(DEFAULT_FIRST_BYTE_FLOOR)
+                .unwrap_or(first_byte_timeout)
                 .min(first_byte_timeout),
             secret_file: s.secret_file,
         })
@@ -160,7 +160,7 @@ impl SharedCacheConfig {
             max_age: None,
             timeout: DEFAULT_TIMEOUT,
             first_byte_timeout: DEFAULT_FIRST_BYTE_TIMEOUT,
-            first_byte_floor: DEFAULT_FIRST_BYTE_FLOOR,
+            first_byte_floor: DEFAULT_FIRST_BYTE_TIMEOUT,
             secret_file: None,
         })
     }
@@ -239,6 +239,20 @@ mod tests {
         assert!(f.shared_cache.required);
         assert_eq!(f.shared_cache.timeout, DEFAULT_TIMEOUT);
         assert_eq!(f.shared_cache.secret_file, None);
+        // A fixed first-byte deadline unless a floor lets it adapt; neither above `timeout`.
+        assert_eq!(f.shared_cache.first_byte_floor, DEFAULT_FIRST_BYTE_TIMEOUT);
+        let f: File = toml::from_str(
+            "[shared_cache]\nbucket = \"b\"\ntimeout = \"100ms\"\nfirst_byte_floor = \"20ms\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            f.shared_cache.first_byte_timeout,
+            Duration::from_millis(100)
+        );
+        assert_eq!(f.shared_cache.first_byte_floor, Duration::from_millis(20));
+        let f: File =
+            toml::from_str("[shared_cache]\nbucket = \"b\"\nfirst_byte_floor = \"1s\"\n").unwrap();
+        assert_eq!(f.shared_cache.first_byte_floor, DEFAULT_FIRST_BYTE_TIMEOUT);
     }
 
     #[test]
