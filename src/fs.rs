@@ -54,6 +54,8 @@ struct OpenFile {
     whole_chunks: AtomicBool,
     /// The last read was taken as sequential.
     sequential: AtomicBool,
+    /// Bytes read back to back up to `next_offset` (since the last jump).
+    run: AtomicU64,
 }
 
 /// `_IO('O', 1)`: on an open file of the mount, makes every read of that handle fill whole
@@ -61,10 +63,25 @@ struct OpenFile {
 pub const IOC_WHOLE_CHUNKS: u32 = 0x4f01;
 
 impl OpenFile {
-    /// Sequential when the read starts at 0 or where the previous one ended, or, while the
-    /// handle reads sequentially, near that (the kernel's concurrent readahead reads arrive, and
-    /// are answered, a little out of order); random otherwise. A random reader turns sequential
-    /// only by continuing exactly where it stopped.
+    /// Notes where an answered read ended; true when the handle should read ahead: it is
+    /// sequential and this read continued the last (a large random read's later pieces continue
+    /// it too, but do not make the handle sequential).
+    fn answered(&self, offset: u64, size: u64) -> bool {
+        let expected = self.next_offset.swap(offset + size, Ordering::Relaxed);
+        if offset != expected {
+            self.run.store(size, Ordering::Relaxed);
+            return false;
+        }
+        self.run.fetch_add(size, Ordering::Relaxed);
+        self.sequential.load(Ordering::Relaxed)
+    }
+
+    /// Sequential when the read starts at 0, or, while the handle reads sequentially, at or near
+    /// where the previous one ended (the kernel's concurrent readahead reads arrive, and are
+    /// answered, a little out of order); random otherwise. A random reader turns sequential only
+    /// by continuing exactly where it stopped for [`SEQUENTIAL_RUN`] bytes: the kernel cuts one
+    /// large random read into back-to-back requests, which must not fill whole chunks and read
+    /// ahead.
     fn access(&self, offset: u64) -> Access {
         if self.whole_chunks.load(Ordering::Relaxed) {
             return Access::Sequential;
@@ -75,8 +92,10 @@ impl OpenFile {
         // Before any read has been answered `expected` is 0, and the kernel's first readahead
         // reads may be handled before the read at 0 itself: near 0 is the start of a sequential
         // reader too.
-        let sequential =
-            offset == 0 || (expected > 0 && offset == expected) || (was_sequential && near);
+        let continues = expected > 0
+            && offset == expected
+            && self.run.load(Ordering::Relaxed) >= SEQUENTIAL_RUN;
+        let sequential = offset == 0 || continues || (was_sequential && near);
         self.sequential.store(sequential, Ordering::Relaxed);
         if sequential {
             Access::Sequential
@@ -88,6 +107,8 @@ impl OpenFile {
 
 /// How far from the previous read's end a read may start and still continue its pattern.
 const SEQUENTIAL_SLACK: u64 = 2 * MAX_READ as u64;
+/// How many bytes a random reader reads back to back before it is taken as sequential.
+const SEQUENTIAL_RUN: u64 = 2 * MAX_READ as u64;
 
 type Handles = Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>;
 
@@ -905,6 +926,7 @@ impl Opener {
                 next_offset: AtomicU64::new(0),
                 whole_chunks: AtomicBool::new(false),
                 sequential: AtomicBool::new(true),
+                run: AtomicU64::new(0),
             }),
         );
         match mode {
@@ -918,8 +940,64 @@ impl Opener {
 }
 
 fn readahead(fetch: &Arc<Fetcher>, file: &OpenFile, offset: u64, size: u64) {
-    let expected = file.next_offset.swap(offset + size, Ordering::Relaxed);
-    if offset == expected {
+    if file.answered(offset, size) {
         fetch.readahead(&file.object, offset / fetch.chunk_size());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open_file() -> OpenFile {
+        OpenFile {
+            object: Arc::new(ObjectVersion {
+                origin_id: "o".into(),
+                bucket: "b".into(),
+                key: "k".into(),
+                etag: "e".into(),
+                size: 1 << 30,
+            }),
+            ino: 2,
+            next_offset: AtomicU64::new(0),
+            whole_chunks: AtomicBool::new(false),
+            sequential: AtomicBool::new(true),
+            run: AtomicU64::new(0),
+        }
+    }
+
+    /// A read the kernel cut in 128 KiB requests, each classified then answered.
+    fn read(f: &OpenFile, offset: u64, len: u64) -> (Vec<Access>, bool) {
+        let mut kinds = Vec::new();
+        let mut read_ahead = false;
+        for at in (offset..offset + len).step_by(128 << 10) {
+            kinds.push(f.access(at));
+            read_ahead |= f.answered(at, 128 << 10);
+        }
+        (kinds, read_ahead)
+    }
+
+    #[test]
+    fn large_random_reads_stay_random_and_a_long_run_turns_sequential() {
+        let f = open_file();
+        let (kinds, ahead) = read(&f, 0, 4 << 20);
+        assert!(
+            kinds.iter().all(|k| *k == Access::Sequential) && ahead,
+            "from 0"
+        );
+        // 1 MiB reads at scattered offsets: every piece random, nothing read ahead.
+        for at in [700 << 20, 100 << 20, 900 << 20, 300 << 20] {
+            let (kinds, ahead) = read(&f, at, 1 << 20);
+            assert!(
+                kinds.iter().all(|k| *k == Access::Random),
+                "{kinds:?} at {at}"
+            );
+            assert!(!ahead, "no readahead for a random read at {at}");
+        }
+        // A reader that keeps going from where it jumped to turns sequential after 2 MiB.
+        let (kinds, ahead) = read(&f, 500 << 20, 4 << 20);
+        assert_eq!(kinds.first(), Some(&Access::Random));
+        assert_eq!(kinds.last(), Some(&Access::Sequential));
+        assert!(ahead);
     }
 }
