@@ -54,8 +54,6 @@ struct OpenFile {
     whole_chunks: AtomicBool,
     /// The last read was taken as sequential.
     sequential: AtomicBool,
-    /// Bytes read back to back up to `next_offset` (since the last jump).
-    run: AtomicU64,
 }
 
 /// `_IO('O', 1)`: on an open file of the mount, makes every read of that handle fill whole
@@ -63,20 +61,6 @@ struct OpenFile {
 pub const IOC_WHOLE_CHUNKS: u32 = 0x4f01;
 
 impl OpenFile {
-    /// Notes where an answered read ended; true when the handle should read ahead: this read
-    /// continued the last, in a run that began at offset 0 or is [`SEQUENTIAL_RUN`] bytes long
-    /// by now. The kernel cuts one large random read into back-to-back requests: those continue
-    /// each other, but must not read whole chunks ahead.
-    fn answered(&self, offset: u64, size: u64) -> bool {
-        let expected = self.next_offset.swap(offset + size, Ordering::Relaxed);
-        if offset != expected {
-            self.run.store(size, Ordering::Relaxed);
-            return false;
-        }
-        let run = self.run.fetch_add(size, Ordering::Relaxed) + size;
-        run >= SEQUENTIAL_RUN || run == offset + size
-    }
-
     /// Sequential when the read starts at 0 or where the previous one ended, or, while the
     /// handle reads sequentially, near that (the kernel's concurrent readahead reads arrive, and
     /// are answered, a little out of order); random otherwise. A random reader turns sequential
@@ -104,8 +88,6 @@ impl OpenFile {
 
 /// How far from the previous read's end a read may start and still continue its pattern.
 const SEQUENTIAL_SLACK: u64 = 2 * MAX_READ as u64;
-/// How many bytes a reader that jumped reads back to back before it reads ahead.
-const SEQUENTIAL_RUN: u64 = 2 * MAX_READ as u64;
 
 type Handles = Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>;
 
@@ -923,7 +905,6 @@ impl Opener {
                 next_offset: AtomicU64::new(0),
                 whole_chunks: AtomicBool::new(false),
                 sequential: AtomicBool::new(true),
-                run: AtomicU64::new(0),
             }),
         );
         match mode {
@@ -937,59 +918,8 @@ impl Opener {
 }
 
 fn readahead(fetch: &Arc<Fetcher>, file: &OpenFile, offset: u64, size: u64) {
-    if file.answered(offset, size) {
+    let expected = file.next_offset.swap(offset + size, Ordering::Relaxed);
+    if offset == expected {
         fetch.readahead(&file.object, offset / fetch.chunk_size());
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn open_file() -> OpenFile {
-        OpenFile {
-            object: Arc::new(ObjectVersion {
-                origin_id: "o".into(),
-                bucket: "b".into(),
-                key: "k".into(),
-                etag: "e".into(),
-                size: 1 << 30,
-            }),
-            ino: 2,
-            next_offset: AtomicU64::new(0),
-            whole_chunks: AtomicBool::new(false),
-            sequential: AtomicBool::new(true),
-            run: AtomicU64::new(0),
-        }
-    }
-
-    /// A read the kernel cut in 128 KiB requests, each classified then answered.
-    fn read(f: &OpenFile, offset: u64, len: u64) -> (Vec<Access>, bool) {
-        let mut kinds = Vec::new();
-        let mut read_ahead = false;
-        for at in (offset..offset + len).step_by(128 << 10) {
-            kinds.push(f.access(at));
-            read_ahead |= f.answered(at, 128 << 10);
-        }
-        (kinds, read_ahead)
-    }
-
-    #[test]
-    fn large_random_reads_never_read_ahead_and_a_long_run_does() {
-        let f = open_file();
-        let (kinds, ahead) = read(&f, 0, 4 << 20);
-        assert!(kinds.iter().all(|k| *k == Access::Sequential));
-        assert!(ahead, "a reader from 0 reads ahead");
-        // 1 MiB reads at scattered offsets: the first piece random, none read ahead.
-        for at in [700 << 20, 100 << 20, 900 << 20, 300 << 20] {
-            let (kinds, ahead) = read(&f, at, 1 << 20);
-            assert_eq!(kinds.first(), Some(&Access::Random), "at {at}");
-            assert!(!ahead, "no readahead for a random read at {at}");
-        }
-        // A reader that keeps going from where it jumped to reads ahead after 2 MiB.
-        let (_, ahead) = read(&f, 500 << 20, (2 << 20) - (128 << 10));
-        assert!(!ahead, "not within its first 2 MiB");
-        let (_, ahead) = read(&f, (502 << 20) - (128 << 10), 1 << 20);
-        assert!(ahead);
     }
 }
