@@ -195,6 +195,12 @@ impl Entries {
 }
 
 impl Obj {
+    /// Its map file is still linked (not removed behind this handle: `orcafs cache clear`, a
+    /// removed map); an error counts as unlinked.
+    fn linked(&self) -> bool {
+        self.map.metadata().is_ok_and(|m| m.nlink() > 0)
+    }
+
     fn crcs(&self) -> MutexGuard<'_, Entries> {
         self.crcs.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -838,7 +844,7 @@ impl DiskStore {
         if let Some(obj) = cached {
             // Unlinked behind our back (`orcafs cache clear`, a removed map): let its space go,
             // and serve nothing a map no longer vouches for.
-            if obj.map.metadata().is_ok_and(|m| m.nlink() > 0) {
+            if obj.linked() {
                 return Ok(Some(obj));
             }
             self.open_objects().pop(v);
@@ -852,8 +858,7 @@ impl DiskStore {
                 // (whose entries in memory are the ones writers update).
                 let _files = self.files_lock();
                 let cached = self.open_objects().get(v).cloned();
-                if let Some(obj) = cached.filter(|o| o.map.metadata().is_ok_and(|m| m.nlink() > 0))
-                {
+                if let Some(obj) = cached.filter(|o| o.linked()) {
                     return Ok(Some(obj));
                 }
                 match self.open_files_of(v, &map_path, create)? {
@@ -1159,6 +1164,10 @@ impl DiskStore {
     /// files go when nothing is left. With `seen` (a bad block's finder's write count), nothing
     /// is dropped if a write came since: the finder may have read a writer's new bytes.
     pub(super) fn remove_chunk(&self, v: &VersionId, index: u64, seen: Option<u64>) {
+        // Nothing held: no files to open.
+        if !self.lock().objects.contains_key(v) {
+            return;
+        }
         let obj = self.open_obj(v, None).ok().flatten();
         let _alone = obj
             .as_ref()
@@ -1356,9 +1365,9 @@ impl DiskStore {
                 }
             }
         });
-        tracing::debug!(?v, ok = stamped.is_ok(), "checked a whole object");
-        if let Err(e) = stamped {
-            tracing::debug!(error = %e, "could not stamp a checked object");
+        match stamped {
+            Ok(()) => tracing::debug!(?v, "checked a whole object"),
+            Err(e) => tracing::debug!(?v, error = %e, "checked a whole object; could not stamp it"),
         }
         true
     }

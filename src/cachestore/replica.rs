@@ -115,8 +115,12 @@ impl Replica {
 
     /// Times one read of a chunk that is not there in every asynchronous store, to seed its
     /// usual time to answer before the first real read (a store that hangs from then on is
-    /// given up on at once). A store that does not answer within `first_byte` keeps none.
+    /// given up on at once). A store that does not answer within `first_byte` keeps none. Asks
+    /// nothing when the deadline is fixed (`floor` at the ceiling): the sample would not move it.
     pub async fn sample_first_byte(&self) {
+        if self.timeouts.floor >= self.timeouts.first_byte {
+            return;
+        }
         for t in &self.tiers {
             let (probe, _) = super::probe_key(t.store.name());
             let started = Instant::now();
