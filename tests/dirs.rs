@@ -52,30 +52,12 @@ fn ls_l_of_a_big_directory_costs_its_list_pages_and_a_repeat_costs_nothing() {
     // `ls -l` asks each name for `security.selinux` and `system.posix_acl_access`; the mount
     // has neither namespace and says so, and `ls` stops asking: two requests per run, not two
     // per name (4200 per run).
-    let getxattrs = metric(&metrics, "orcafs_fuse_op_seconds_count{op=\"getxattr\"}");
+    let getxattrs =
+        metric_sample(&metrics, "orcafs_fuse_op_seconds_count{op=\"getxattr\"}").unwrap_or(0.0);
     assert!(
         (1.0..=4.0).contains(&getxattrs),
         "{getxattrs} getxattr requests for two ls -l"
     );
-}
-
-/// A free loopback address for `--metrics-addr`.
-fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
-}
-
-/// One sample of the mount's /metrics (`name` with its labels), 0 when absent.
-fn metric(addr: &str, name: &str) -> f64 {
-    use std::io::{Read, Write};
-    let mut c = std::net::TcpStream::connect(addr).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(c, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut text = String::new();
-    let _ = c.read_to_string(&mut text);
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .map_or(0.0, |v| v.trim().parse().unwrap())
 }
 
 #[test]

@@ -6,8 +6,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -153,10 +151,7 @@ fn an_unreachable_shared_store_fails_the_mount_unless_optional() {
     let s = Scratch::new();
     let o = origin(&s, BUCKET);
     o.put_object(BUCKET, "x.txt", b"x".to_vec());
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("http://{}", l.local_addr().unwrap())
-    };
+    let dead = format!("http://{}", free_addr());
     let secret = secret_file(&s);
     let out = mount_command(
         &Target::of(&o),
@@ -226,19 +221,6 @@ fn a_shared_store_without_a_secret_refuses_to_start() {
         "{err}"
     );
     assert!(!is_mounted(&s.path("mnt")));
-}
-
-/// Plain HTTP GET of `/metrics`; the value of one counter.
-fn counter(addr: &str, name: &str) -> f64 {
-    let mut c = TcpStream::connect(addr).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(c, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut text = String::new();
-    let _ = c.read_to_string(&mut text);
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
 }
 
 /// Replaces every chunk object under `cache/fleet/` as someone with write access to the bucket
@@ -320,10 +302,7 @@ fn objects_a_non_member_wrote_are_never_served() {
 
     poison_every_chunk(&shared);
     o.reset_stats();
-    let metrics = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
-    };
+    let metrics = free_addr();
     let b = host(
         &s,
         &o,
@@ -338,7 +317,8 @@ fn objects_a_non_member_wrote_are_never_served() {
         "every chunk came from the origin"
     );
     // At least once per chunk: a reader and a readahead fill may both meet one object.
-    let rejected = counter(&metrics, "orcafs_shared_rejected_total");
+    let rejected = metric_sample(&metrics, "orcafs_shared_rejected_total")
+        .expect("orcafs_shared_rejected_total in /metrics");
     assert!(rejected >= 3.0, "{rejected}");
     assert!(b.log_text().contains("shared cache object rejected"));
     // The member's fills replaced the poisoned objects: a third host reads them all.

@@ -81,6 +81,25 @@ pub fn reset_stats_when_quiet(o: &DevOrigin) {
     o.reset_stats();
 }
 
+/// A loopback address nobody listens on right now (a `--metrics-addr`, a dead endpoint).
+pub fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// One sample of a mount's plain-HTTP `/metrics` (`name` with its labels, as written), if any.
+pub fn metric_sample(addr: &str, name: &str) -> Option<f64> {
+    use std::io::Write;
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(c, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    let _ = c.read_to_string(&mut text);
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .map(|v| v.trim().parse().unwrap())
+}
+
 /// Connection settings for any S3 server (DevOrigin or Garage).
 #[derive(Clone, Debug)]
 pub struct Target {
