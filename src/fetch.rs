@@ -26,7 +26,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
@@ -35,6 +35,7 @@ use crate::cachestore::{collect, CacheStore, ChunkStream, LocalFile, StoreError}
 use crate::chunk::{self, chunk_count, ChunkId, ChunkKey, ObjectVersion};
 use crate::metrics::Metrics;
 use crate::origin::{Origin, OriginError};
+use crate::pagebuf;
 use crate::peer::{PeerAddr, PeerError};
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -217,12 +218,12 @@ impl Fetcher {
                         })
                     })
                     .collect();
-                let mut out = BytesMut::with_capacity(len as usize);
+                let mut out = pagebuf::with_capacity(len as usize);
                 for t in tasks {
                     let part = t.await.map_err(|_| FetchError::Abandoned)??;
                     out.extend_from_slice(&part);
                 }
-                Ok(out.freeze())
+                Ok(pagebuf::freeze(out))
             }
         }
     }
@@ -479,7 +480,11 @@ impl Fetcher {
         match parts.len() {
             0 => None,
             1 => parts.pop(),
-            _ => Some(parts.concat().into()),
+            _ => {
+                let mut out = pagebuf::with_capacity(len as usize);
+                parts.iter().for_each(|p| out.extend_from_slice(p));
+                Some(pagebuf::freeze(out))
+            }
         }
     }
 
@@ -871,7 +876,8 @@ impl Fill {
         if end <= at + piece.len() as u64 {
             return piece.slice((start - at) as usize..(end - at) as usize);
         }
-        let mut out = BytesMut::with_capacity((end - start) as usize);
+        // Page-aligned: it goes to the kernel as a FUSE reply.
+        let mut out = pagebuf::with_capacity((end - start) as usize);
         for (at, piece) in &p.list[first..] {
             if *at >= end {
                 break;
@@ -880,7 +886,7 @@ impl Fill {
             let to = ((end - at) as usize).min(piece.len());
             out.extend_from_slice(&piece[from..to]);
         }
-        out.freeze()
+        pagebuf::freeze(out)
     }
 }
 

@@ -19,6 +19,7 @@ pub mod mount;
 pub mod namespace;
 pub mod notify;
 pub mod origin;
+pub mod pagebuf;
 pub mod peer;
 pub mod s3;
 pub mod secret;

@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use lru::LruCache;
 
 use super::layout::{self, DirKind, MapHeader, Role};
@@ -47,6 +47,7 @@ use super::{
 };
 use crate::chunk::{ChunkId, ChunkKey, ObjectVersion, VersionId};
 use crate::metrics::Metrics;
+use crate::pagebuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
@@ -278,7 +279,7 @@ impl Obj {
         }
         let from = (start - span_start) as usize;
         let to = (end - span_start) as usize;
-        Ok(Got::Bytes(buf.freeze().slice(from..to)))
+        Ok(Got::Bytes(buf.slice(from..to)))
     }
 
     /// Checks every block against its CRC; the first bad block's index, if any, with the
@@ -311,17 +312,23 @@ impl Obj {
     }
 }
 
-/// `len` bytes at `at`, read straight into a new buffer's spare capacity (no zero-fill first).
-fn pread_exact(file: &File, len: usize, at: u64) -> io::Result<BytesMut> {
-    let mut buf = BytesMut::with_capacity(len);
+/// `len` bytes at `at`, read straight into a new page-aligned buffer's spare capacity (no
+/// zero-fill first; aligned because a cached read goes on to the kernel as a FUSE reply).
+fn pread_exact(file: &File, len: usize, at: u64) -> io::Result<Bytes> {
+    let mut buf = pagebuf::with_capacity(len);
     while buf.len() < len {
         let done = buf.len();
-        let spare = buf.spare_capacity_mut();
         let pos = libc::off_t::try_from(at + done as u64).map_err(io::Error::other)?;
-        // SAFETY: pread writes at most `len - done` bytes (<= spare.len()) to the spare
-        // capacity, which is valid for writes; only the bytes it reports are marked initialised.
-        let n =
-            unsafe { libc::pread(file.as_raw_fd(), spare.as_mut_ptr().cast(), len - done, pos) };
+        // SAFETY: the buffer has room for `len` bytes; pread writes at most `len - done` of
+        // them after the `done` already read, and only the bytes it reports are marked set.
+        let n = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                buf.as_mut_ptr().add(done).cast(),
+                len - done,
+                pos,
+            )
+        };
         match n {
             n if n > 0 => unsafe { buf.set_len(done + n as usize) },
             0 => return Err(io::ErrorKind::UnexpectedEof.into()),
@@ -333,7 +340,7 @@ fn pread_exact(file: &File, len: usize, at: u64) -> io::Result<BytesMut> {
             }
         }
     }
-    Ok(buf)
+    Ok(pagebuf::freeze(buf))
 }
 
 /// Frees `[at, at+len)` of a file's blocks, keeping its size (reads there give zeros).

@@ -13,7 +13,7 @@
 use std::pin::Pin;
 use std::time::SystemTime;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::{Stream, StreamExt};
 
 use crate::chunk::{ChunkKey, ObjectVersion};
@@ -149,13 +149,14 @@ pub async fn collect(mut stream: ChunkStream) -> Result<Bytes, StoreError> {
     let Some(second) = stream.next().await.transpose()? else {
         return Ok(first);
     };
-    let mut out = BytesMut::with_capacity(first.len() + second.len());
+    // Page-aligned: reads go on to the kernel as FUSE replies.
+    let mut out = crate::pagebuf::with_capacity(first.len() + second.len());
     out.extend_from_slice(&first);
     out.extend_from_slice(&second);
     while let Some(piece) = stream.next().await.transpose()? {
         out.extend_from_slice(&piece);
     }
-    Ok(out.freeze())
+    Ok(crate::pagebuf::freeze(out))
 }
 
 /// Checks a put's arguments against the key; every driver calls it first.

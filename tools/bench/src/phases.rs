@@ -94,6 +94,24 @@ pub struct ColdSeq {
     pub origin_bytes: u64,
     /// Peak RSS of the filesystem process.
     pub hwm_bytes: u64,
+    /// CPU the read took (None with an in-process origin).
+    pub cpu: Option<CpuUse>,
+}
+
+/// CPU seconds one read of the large object took: the origin server's process, the bench
+/// process (the reader of a mount, or the plain client), and the filesystem's process.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuUse {
+    pub server: f64,
+    pub bench: f64,
+    pub fs: f64,
+}
+
+/// A throughput and the CPU it took.
+#[derive(Debug, Clone, Copy)]
+pub struct Speed {
+    pub mibps: f64,
+    pub cpu: Option<CpuUse>,
 }
 
 /// The reads of the whole cached object, through a mount or of the local copy, in this order.
@@ -296,31 +314,55 @@ impl Bench {
 
     /// Times a full read of the large object through `mount` into the
     /// buffer, then checks its SHA-256.
-    pub fn timed_main_read(&mut self, mount: &FsMount, what: &str) -> Result<Duration> {
+    pub fn timed_main_read(
+        &mut self,
+        mount: &FsMount,
+        what: &str,
+    ) -> Result<(Duration, Option<CpuUse>)> {
         let path = mount.path(MAIN_KEY);
         let limit = self.knobs.phase_limit;
+        let meter = self.cpu_meter(Some(mount.pid()));
         let buf = &mut self.buf;
         let elapsed = mount.guarded(what, limit, || reads::read_whole_into(&path, buf))?;
+        let cpu = cpu_use(meter);
         reads::verify_sha256(what, &self.buf, &self.data.main_sha256)?;
-        Ok(elapsed)
+        Ok((elapsed, cpu))
     }
 
-    /// Plain single-stream SDK GET of the large object, in MiB/s.
-    pub fn plain_get(&mut self) -> Result<f64> {
+    /// Counts the origin server's CPU and the client's: `fs` (a filesystem's process) and
+    /// this one (the reader, or the plain client). None with an in-process origin.
+    fn cpu_meter(&self, fs: Option<u32>) -> Option<sys::CpuMeter> {
+        let mut pids = vec![self.origin.pid()?, std::process::id()];
+        pids.extend(fs);
+        sys::CpuMeter::start(&pids)
+    }
+
+    /// Plain single-stream SDK GET of the large object.
+    pub fn plain_get(&mut self) -> Result<Speed> {
         self.preload_origin(&[MAIN_KEY])?;
+        let meter = self.cpu_meter(None);
         let elapsed = self.plain.get_into(MAIN_KEY, &mut self.buf)?;
+        let cpu = cpu_use(meter);
         reads::verify_sha256("plain GET", &self.buf, &self.data.main_sha256)?;
-        Ok(self.mibps(elapsed))
+        Ok(Speed {
+            mibps: self.mibps(elapsed),
+            cpu,
+        })
     }
 
     /// The large object as `parallel_gets` plain ranged GETs of contiguous ranges at once, on
-    /// warm connections, in MiB/s (to the last byte of the last one).
-    pub fn plain_parallel_get(&mut self) -> Result<f64> {
+    /// warm connections (to the last byte of the last one).
+    pub fn plain_parallel_get(&mut self) -> Result<Speed> {
         self.preload_origin(&[MAIN_KEY])?;
         let parts = self.knobs.parallel_gets;
+        let meter = self.cpu_meter(None);
         let elapsed = self.plain.get_ranges_into(MAIN_KEY, &mut self.buf, parts)?;
+        let cpu = cpu_use(meter);
         reads::verify_sha256("parallel ranged GETs", &self.buf, &self.data.main_sha256)?;
-        Ok(self.mibps(elapsed))
+        Ok(Speed {
+            mibps: self.mibps(elapsed),
+            cpu,
+        })
     }
 
     /// Cold sequential read (fresh cache `FS-main`, kept for [`Bench::reread`]).
@@ -329,7 +371,7 @@ impl Bench {
         let mount = fs.mount(&self.env, &cache, "cold-seq")?;
         self.preload_origin(&[MAIN_KEY])?;
         self.origin.zero_counts()?;
-        let elapsed = self.timed_main_read(&mount, "cold sequential read")?;
+        let (elapsed, cpu) = self.timed_main_read(&mount, "cold sequential read")?;
         let origin_bytes = self.origin.counts()?.get_bytes;
         let hwm_bytes = sys::proc_status_bytes(mount.pid(), "VmHWM")?;
         mount.unmount()?;
@@ -337,6 +379,7 @@ impl Bench {
             mibps: self.mibps(elapsed),
             origin_bytes,
             hwm_bytes,
+            cpu,
         })
     }
 
@@ -629,4 +672,14 @@ pub fn remove_dir(dir: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e).with_context(|| format!("removing {}", dir.display())),
     }
+}
+
+/// The CPU a meter of [`Bench::cpu_meter`] counted.
+fn cpu_use(meter: Option<sys::CpuMeter>) -> Option<CpuUse> {
+    let used = meter?.stop()?;
+    Some(CpuUse {
+        server: *used.first()?,
+        bench: *used.get(1)?,
+        fs: used.get(2).copied().unwrap_or(0.0),
+    })
 }

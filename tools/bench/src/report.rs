@@ -553,8 +553,13 @@ ones.
    8 (`--parallel-gets`) ranged `GetObject`s of contiguous ranges at once, each body copied into
    its part of one buffer, timed from sending them to the last byte of the last one, SHA-256
    checked: what the server gives one client that asks for everything at once. 1c: vs
-   Mountpoint (`mount-s3`) without `--cache`, the same cold read, one round, in the peer run;
-   not measured without `--with-peers` or without `mount-s3` on PATH.
+   Mountpoint (`mount-s3`) without `--cache`, the same cold read, as many rounds as orcafs's
+   (median), in the peer run; not measured without `--with-peers` or without `mount-s3` on PATH
+   (Mountpoint has no Debian package: build it from its public source, outside this
+   repository). The CPU time that the origin server's process, the filesystem's process and
+   the bench process (the reader, or the plain client) use during each of these reads is read
+   from /proc and listed under the details: server and client share this machine's cores, so
+   a client that spends more CPU per byte leaves the server less of them.
 2. **Warm re-read**: a fresh mount over the cache the cold read filled (the whole object is in
    it), page cache dropped, the same read in 1 MiB `read(2)`s (`dd bs=1M`); 2b: page cache
    dropped again, the same with 128 KiB `read(2)`s (what `cat` asks for). Open to EOF timed,

@@ -4,7 +4,7 @@
 
 use crate::error::Result;
 use crate::measure::{listed, median_of};
-use crate::phases::{CachedReads, ColdRandom, ColdSeq, Reread};
+use crate::phases::{CachedReads, ColdRandom, ColdSeq, CpuUse, Reread, Speed};
 use crate::reads::BLOCK;
 use crate::report::{Quantity, Report, Row, Target};
 use crate::MIB;
@@ -12,10 +12,10 @@ use crate::MIB;
 /// One round of the cold sequential read and its baselines.
 #[derive(Debug, Clone, Copy)]
 pub struct ColdRound {
-    /// One plain GET, MiB/s.
-    pub plain: f64,
-    /// Parallel ranged GETs of the object, MiB/s.
-    pub parallel: f64,
+    /// One plain GET.
+    pub plain: Speed,
+    /// Parallel ranged GETs of the object.
+    pub parallel: Speed,
     pub orcafs: ColdSeq,
 }
 
@@ -89,14 +89,14 @@ pub fn cold_rows(
     report.rows.push(Row::compared(
         M_COLD,
         Quantity::MibPerSec(cold),
-        Quantity::MibPerSec(median_of(v.iter().map(|r| r.plain))),
+        Quantity::MibPerSec(median_of(v.iter().map(|r| r.plain.mibps))),
         "plain GET",
         COLD_TARGET,
     ));
     report.rows.push(Row::compared(
         &m_parallel,
         Quantity::MibPerSec(cold),
-        Quantity::MibPerSec(median_of(v.iter().map(|r| r.parallel))),
+        Quantity::MibPerSec(median_of(v.iter().map(|r| r.parallel.mibps))),
         &format!("{parallel} plain ranged GETs at once, warm connections"),
         PARALLEL_TARGET,
     ));
@@ -108,25 +108,57 @@ pub fn cold_rows(
     report.details.push(format!(
         "Cold sequential rounds (MiB/s): plain GET {}; {parallel} parallel ranged GETs {}; orcafs \
          cold {}. Origin bytes / size of the cold reads: {}.",
-        listed(v.iter().map(|r| r.plain)),
-        listed(v.iter().map(|r| r.parallel)),
+        listed(v.iter().map(|r| r.plain.mibps)),
+        listed(v.iter().map(|r| r.parallel.mibps)),
         listed(v.iter().map(|r| r.orcafs.mibps)),
         v.iter()
             .map(|r| format!("{:.3}", r.orcafs.origin_bytes as f64 / size as f64))
             .collect::<Vec<_>>()
             .join(", ")
     ));
+    if let Some(line) = cpu_details(v, size) {
+        report.details.push(line);
+    }
     Some(cold)
 }
 
-/// Row 1c from Mountpoint's cold read without a cache (one round).
+/// Where the cold rounds' CPU went (medians per GiB), when the origin is a process of its own.
+fn cpu_details(v: &[ColdRound], size: u64) -> Option<String> {
+    let gib = size as f64 / (1u64 << 30) as f64;
+    let med = |f: &dyn Fn(&ColdRound) -> Option<CpuUse>| -> Option<[f64; 3]> {
+        let uses: Vec<CpuUse> = v.iter().map(f).collect::<Option<_>>()?;
+        let m = |g: &dyn Fn(&CpuUse) -> f64| median_of(uses.iter().map(|c| g(c) / gib));
+        Some([m(&|c| c.server), m(&|c| c.bench), m(&|c| c.fs)])
+    };
+    let plain = med(&|r| r.plain.cpu)?;
+    let parallel = med(&|r| r.parallel.cpu)?;
+    let orcafs = med(&|r| r.orcafs.cpu)?;
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    Some(format!(
+        "CPU seconds per GiB of the cold rounds (medians), origin server / client: plain GET \
+         {:.2} / {:.2}; parallel ranged GETs {:.2} / {:.2}; orcafs {:.2} / {:.2} (the mount's \
+         process) + {:.2} (the bench process reading the mount into its buffer). Server and \
+         clients share this machine's {cores} cores: at the parallel GETs' rate the server \
+         alone keeps {:.1} of them busy.",
+        plain[0],
+        plain[1],
+        parallel[0],
+        parallel[1],
+        orcafs[0],
+        orcafs[2],
+        orcafs[1],
+        parallel[0] * median_of(v.iter().map(|r| r.parallel.mibps)) / 1024.0,
+    ))
+}
+
+/// Row 1c from Mountpoint's cold reads without a cache (median of rounds).
 pub fn mountpoint_row(orcafs_cold: Option<f64>, mountpoint: &Result<f64>) -> Row {
     match (orcafs_cold, mountpoint) {
         (Some(cold), Ok(mp)) => Row::compared(
             M_MOUNTPOINT,
             Quantity::MibPerSec(cold),
             Quantity::MibPerSec(*mp),
-            "mount-s3 without `--cache`, one round",
+            "mount-s3 without `--cache`, median of rounds",
             MOUNTPOINT_TARGET,
         ),
         (_, Err(e)) => Row::failed(M_MOUNTPOINT, &format!("mount-s3: {e}"), MOUNTPOINT_TARGET),

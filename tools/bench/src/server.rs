@@ -106,6 +106,14 @@ impl OriginServer {
         }
     }
 
+    /// The server's own process (None when it runs inside the bench).
+    pub fn pid(&self) -> Option<u32> {
+        match &self.inner {
+            Inner::Garage(g) => Some(g.garage.pid()),
+            Inner::S3sFs(_) => None,
+        }
+    }
+
     /// `http://127.0.0.1:PORT`.
     pub fn endpoint(&self) -> String {
         match &self.inner {

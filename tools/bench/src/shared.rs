@@ -147,7 +147,8 @@ impl Bench {
         let mount = Fs::Orcafs.mount_with(&self.env, &cache, "shared-stalled", &flags)?;
         proxy.signal(libc::SIGSTOP)?;
         self.preload_origin(&[MAIN_KEY])?;
-        let elapsed = self.timed_main_read(&mount, "cold read with a stalled shared store")?;
+        let (elapsed, cpu) =
+            self.timed_main_read(&mount, "cold read with a stalled shared store")?;
         let hwm_bytes = sys::proc_status_bytes(mount.pid(), "VmHWM")?;
         // Killed before the unmount, so that no request to it holds the exit back.
         drop(proxy);
@@ -157,6 +158,7 @@ impl Bench {
             mibps: self.mibps(elapsed),
             origin_bytes: 0,
             hwm_bytes,
+            cpu,
         })
     }
 

@@ -69,6 +69,51 @@ pub fn proc_status_bytes(pid: u32, field: &str) -> Result<u64> {
     Ok(kib * 1024)
 }
 
+/// CPU time (user + system, all threads) that process `pid` has used so far, in seconds.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name, which may hold spaces: from its closing parenthesis,
+    // field 3 (state) on; utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = stat
+        .get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| fields.get(i - 3)?.parse::<u64>().ok();
+    // SAFETY: sysconf only reads a constant of the system.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let per_second = if per_second > 0 {
+        per_second as f64
+    } else {
+        100.0
+    };
+    Some((ticks(14)? + ticks(15)?) as f64 / per_second)
+}
+
+/// CPU seconds that some processes spend over a span of work (read from /proc before and
+/// after; a clock tick is 10 ms, so it suits spans of a second or more).
+pub struct CpuMeter {
+    start: Vec<(u32, f64)>,
+}
+
+impl CpuMeter {
+    /// Starts counting for `pids`; None when one of them cannot be read.
+    pub fn start(pids: &[u32]) -> Option<CpuMeter> {
+        let start = pids
+            .iter()
+            .map(|&p| Some((p, cpu_seconds(p)?)))
+            .collect::<Option<Vec<_>>>()?;
+        Some(CpuMeter { start })
+    }
+
+    /// Seconds each process used since [`CpuMeter::start`], in the order given there.
+    pub fn stop(&self) -> Option<Vec<f64>> {
+        self.start
+            .iter()
+            .map(|&(p, s)| Some(cpu_seconds(p)? - s))
+            .collect()
+    }
+}
+
 /// The 1, 5 and 15 minute load averages, as /proc/loadavg shows them.
 pub fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")

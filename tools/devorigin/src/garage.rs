@@ -110,6 +110,11 @@ impl Garage {
     }
 
     /// The server's log file.
+    /// The server process, for its CPU time.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log_path(&self) -> &Path {
         &self.log
     }
