@@ -4,6 +4,7 @@
 //!
 //! Pure arithmetic and hashing: no I/O, no knowledge of where chunks are stored.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
@@ -108,9 +109,33 @@ impl fmt::Debug for ChunkId {
     }
 }
 
+thread_local! {
+    /// The last version hashed on this thread: a reader's every request names the same open
+    /// object, so its keys cost one SHA-256 per object and thread, not one per read. The `Arc`
+    /// held here keeps its allocation alive, so a pointer match is never a new object at an
+    /// old address.
+    static LAST_VERSION: RefCell<Option<(Arc<ObjectVersion>, u64, VersionId)>> =
+        const { RefCell::new(None) };
+}
+
+/// [`VersionId::of`], remembered for the last object hashed on this thread.
+fn version_of(object: &Arc<ObjectVersion>, chunk_size: u64) -> VersionId {
+    LAST_VERSION.with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some((o, cs, v)) = last.as_ref() {
+            if Arc::ptr_eq(o, object) && *cs == chunk_size {
+                return *v;
+            }
+        }
+        let v = VersionId::of(object, chunk_size);
+        *last = Some((object.clone(), chunk_size, v));
+        v
+    })
+}
+
 impl ChunkKey {
     pub fn new(object: Arc<ObjectVersion>, chunk_size: u64, index: u64) -> ChunkKey {
-        let version = VersionId::of(&object, chunk_size);
+        let version = version_of(&object, chunk_size);
         ChunkKey {
             object,
             chunk_size,
@@ -237,6 +262,21 @@ mod tests {
         }
         assert_eq!(base.id(), ChunkKey::new(obj("e1", 100), 10, 3).id());
         assert_eq!(ChunkId::from_hex(&base.id().to_hex()), Some(base.id()));
+    }
+
+    #[test]
+    fn remembered_versions_are_the_versions_of_the_object_asked() {
+        let (a, b) = (obj("e1", 100), obj("e2", 100));
+        for (o, cs) in [(&a, 10), (&a, 10), (&a, 20), (&b, 20), (&a, 20), (&b, 10)] {
+            let key = ChunkKey::new(o.clone(), cs, 1);
+            assert_eq!(key.version(), VersionId::of(o, cs));
+        }
+        // The same fields in another allocation: the same version, hashed again.
+        let a2 = obj("e1", 100);
+        assert_eq!(
+            ChunkKey::new(a2, 10, 0).version(),
+            ChunkKey::new(a, 10, 0).version()
+        );
     }
 
     #[test]

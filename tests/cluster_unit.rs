@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::free_addr;
 use futures::StreamExt as _;
 use orcafs::cachestore::memory::MemoryStore;
 use orcafs::cachestore::CacheStore as _;
@@ -134,12 +135,6 @@ fn observe(ready: bool) -> Arc<TestObserve> {
 }
 
 // ---------------------------------------------------------------- setup
-
-/// A loopback address nobody listens on right now.
-fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
-}
 
 fn secret_file(dir: &tempfile::TempDir, name: &str, secret: &str) -> PathBuf {
     let path = dir.path().join(name);

@@ -596,8 +596,11 @@ ones.
    dropped, 4 KiB reads; IOPS vs the same offsets on the local copy with its page cache
    dropped. *5d, cached 1 MiB*: the same with 1 MiB reads (`--random-large-reads` of them),
    in MiB/s. *5e*: the FUSE path's (`--no-passthrough`) cached 4 KiB IOPS vs s3fs's, the same
-   offsets on s3fs's cache (the peer run: the median of as many rounds of s3fs); not measured without
-   `--with-peers` or s3fs. *5b, cold*: in each round, new offsets (`--cold-random-reads` of
+   offsets on s3fs's cache, in the peer run: `--repeat` rounds that alternate a fresh
+   `--no-passthrough` mount over orcafs's cache (filled again by an unmeasured cold read) and a
+   fresh s3fs mount over its cache, page cache dropped before each, medians of both (such
+   reads swing by a fifth between rounds, so only reads made back to back compare); not
+   measured without `--with-peers` or s3fs. *5b, cold*: in each round, new offsets (`--cold-random-reads` of
    them) in the never-read large object (its size is in the row), a fresh cache and a fresh
    mount; the name is looked up first, then the origin's counters are zeroed and the 4 KiB
    reads made; value = body bytes the origin sent per read, read once the origin is idle again,
