@@ -435,7 +435,7 @@ impl Report {
         };
         let b = self.peer_baselines;
         md.push_str(
-            "Same objects, same origin, same procedure as the orcafs rows above (orcafs: medians of the rounds above; the others: one round each of the reads, s3fs's cached random reads as many rounds as orcafs's (median), the rounds of row 12 for `ls -l`). \
+            "Same objects, same origin, same procedure as the orcafs rows above (orcafs: medians of the rounds above; the others: one round each of the reads, the rounds of row 12 for `ls -l`; rows 1c and 5e have rounds of their own, listed under the details). \
              `orcafs` is the default mount (FUSE passthrough where the kernel allows it), `orcafs --no-passthrough` the same reads through orcafs's own read handler. \
              Ratios: cold read / plain GET, warm re-read / local file, cached random 4 KiB reads / the same reads of the local file, origin bytes / object size, \
              cold `ls -l` / one plain LIST page, warm `ls -l` / local `ls -l`.\n\n",
@@ -647,8 +647,9 @@ Caveats of this setup:
 - Origin, orcafs and the reading threads share the machine's cores; on a 2-core machine they
   compete, which lowers the cold and concurrent numbers of every filesystem alike, and anything
   else running (builds) disturbs every number: see the load averages under the details.
-- The rclone, s3fs and Mountpoint read cells (with `--with-peers`) and row 1c are one round
-  each; row 5e's s3fs value is the median of as many rounds as orcafs's.
+- The rclone, s3fs and Mountpoint read cells (with `--with-peers`) are one round each; row 1c
+  is the median of as many rounds of Mountpoint as orcafs has, and row 5e alternates rounds of
+  orcafs and s3fs.
 - The goals table restates the rows: a goal is met only when every row of it that has a target
   was measured in this run and met it.
 ";

@@ -178,7 +178,7 @@ pub fn peer_missing_row(label: &str, why: &str) -> Row {
     }
 }
 
-/// Row 5e from s3fs's cached random reads (the median of as many rounds as orcafs's).
+/// Row 5e from the medians of alternated rounds of orcafs's FUSE path and of s3fs.
 pub fn s3fs_row(orcafs_fuse_iops: Option<f64>, s3fs: &std::result::Result<f64, String>) -> Row {
     match (orcafs_fuse_iops, s3fs) {
         (Some(iops), Ok(theirs)) => Row::compared(
