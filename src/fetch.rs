@@ -895,6 +895,24 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    async fn a_read_across_pieces_comes_page_aligned_and_whole() {
+        let fill = Arc::new(Fill::new(10_000, None));
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        for piece in data.chunks(777) {
+            fill.push(Bytes::copy_from_slice(piece));
+        }
+        fill.finish(Ok(()));
+        let got = fill.read(100, 5_000).await.unwrap();
+        assert_eq!(&got[..], &data[100..5_100]);
+        // It goes to the kernel as a FUSE reply: a buffer starting mid-page costs two page
+        // copies for every page of the reply.
+        assert_eq!(got.as_ptr() as usize % 4096, 0);
+        // Inside one piece: a slice of it, no copy.
+        let inside = fill.read(10, 20).await.unwrap();
+        assert_eq!(&inside[..], &data[10..30]);
+    }
+
+    #[tokio::test]
     async fn readers_get_bytes_as_they_arrive_and_errors_when_it_fails() {
         let fill = Arc::new(Fill::new(10, None));
         fill.push(Bytes::from_static(b"0123"));
