@@ -11,7 +11,7 @@ use crate::phases::{self, Bench, CpuUse, Phase, NO_PASSTHROUGH};
 use crate::reads;
 use crate::report::{Goal, PeerBaselines, PeerRow, Quantity, Report, Row, Target};
 use crate::seq_rows::{self, CachedMedians, CachedRound, ColdRound, L_MOUNTPOINT, L_S3FS};
-use crate::{progress, MIB};
+use crate::{progress, sys, MIB};
 
 /// The baselines and orcafs numbers the peers are compared with too.
 #[derive(Debug, Clone, Copy, Default)]
@@ -66,6 +66,17 @@ pub fn measure_orcafs(bench: &mut Bench, report: &mut Report) -> Baselines {
         let parallel = knobs.parallel_gets;
         let what =
             format!("plain GET, {parallel} parallel ranged GETs, orcafs cold sequential read");
+        let gib = |field| sys::meminfo_bytes(field).map(|b| b as f64 / (1u64 << 30) as f64);
+        if let (Some(total), Some(free), Some(cached)) =
+            (gib("MemTotal"), gib("MemFree"), gib("Cached"))
+        {
+            report.details.push(format!(
+                "Memory when the cold rounds started: {free:.1} GiB free of {total:.1}, \
+                 {cached:.1} GiB page cache (the puts fill it; the pages a cold read needs, for \
+                 the reader and for a cache file, are reclaimed from it, at a CPU cost to the \
+                 process that asks)."
+            ));
+        }
         let cold = repeated(rounds, &what, || {
             Ok(ColdRound {
                 plain: bench.plain_get().context("plain GET")?,

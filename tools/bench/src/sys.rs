@@ -69,6 +69,20 @@ pub fn proc_status_bytes(pid: u32, field: &str) -> Result<u64> {
     Ok(kib * 1024)
 }
 
+/// A line of /proc/meminfo (`MemFree`, `Cached`, ...), in bytes.
+pub fn meminfo_bytes(field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let prefix = format!("{field}:");
+    let line = text.lines().find(|l| l.starts_with(&prefix))?;
+    let kib: u64 = line[prefix.len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
 /// CPU time (user + system, all threads) that process `pid` has used so far, in seconds.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
