@@ -7,7 +7,7 @@ use crate::dir_rows::{self, PageMedians};
 use crate::error::{Context, Result};
 use crate::fs::Fs;
 use crate::origin::{BIG_DIR_FILLERS, KERNEL_FIRST_READ};
-use crate::phases::{self, Bench, CpuUse, Phase, NO_PASSTHROUGH};
+use crate::phases::{self, Bench, Phase, NO_PASSTHROUGH};
 use crate::reads;
 use crate::report::{Goal, PeerBaselines, PeerRow, Quantity, Report, Row, Target};
 use crate::seq_rows::{self, CachedMedians, CachedRound, ColdRound, L_MOUNTPOINT, L_S3FS};
@@ -368,19 +368,16 @@ pub fn measure_peers(bench: &mut Bench, report: &mut Report, b: Baselines) {
                     nocache.name(),
                     listed(v.iter().map(|c| c.mibps))
                 ));
-                let gib = bench.data.main_size as f64 / (1u64 << 30) as f64;
-                let cpu: Option<Vec<_>> = v.iter().map(|c| c.cpu).collect();
-                if let Some(cpu) = cpu {
-                    let med =
-                        |f: &dyn Fn(&CpuUse) -> f64| median_of(cpu.iter().map(|c| f(c) / gib));
+                let size = bench.data.main_size;
+                if let Some(cpu) = seq_rows::cpu_per_gib(v.iter().map(|c| c.cpu), size) {
                     report.details.push(format!(
                         "CPU seconds per GiB of {}'s cold rounds (medians), origin server / \
                          client: {:.2} / {:.2} (its process) + {:.2} (the bench process reading \
                          it).",
                         nocache.name(),
-                        med(&|c| c.server),
-                        med(&|c| c.fs),
-                        med(&|c| c.bench)
+                        cpu.server,
+                        cpu.fs,
+                        cpu.bench
                     ));
                 }
             }

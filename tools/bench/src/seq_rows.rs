@@ -122,17 +122,24 @@ pub fn cold_rows(
     Some(cold)
 }
 
+/// The medians of some reads' CPU, per GiB of a `size`-byte object; None when a read has no
+/// count (an in-process origin).
+pub fn cpu_per_gib(uses: impl Iterator<Item = Option<CpuUse>>, size: u64) -> Option<CpuUse> {
+    let gib = size as f64 / (1u64 << 30) as f64;
+    let uses: Vec<CpuUse> = uses.collect::<Option<_>>()?;
+    let med = |f: fn(&CpuUse) -> f64| median_of(uses.iter().map(|c| f(c) / gib));
+    Some(CpuUse {
+        server: med(|c| c.server),
+        bench: med(|c| c.bench),
+        fs: med(|c| c.fs),
+    })
+}
+
 /// Where the cold rounds' CPU went (medians per GiB), when the origin is a process of its own.
 fn cpu_details(v: &[ColdRound], size: u64) -> Option<String> {
-    let gib = size as f64 / (1u64 << 30) as f64;
-    let med = |f: &dyn Fn(&ColdRound) -> Option<CpuUse>| -> Option<[f64; 3]> {
-        let uses: Vec<CpuUse> = v.iter().map(f).collect::<Option<_>>()?;
-        let m = |g: &dyn Fn(&CpuUse) -> f64| median_of(uses.iter().map(|c| g(c) / gib));
-        Some([m(&|c| c.server), m(&|c| c.bench), m(&|c| c.fs)])
-    };
-    let plain = med(&|r| r.plain.cpu)?;
-    let parallel = med(&|r| r.parallel.cpu)?;
-    let orcafs = med(&|r| r.orcafs.cpu)?;
+    let plain = cpu_per_gib(v.iter().map(|r| r.plain.cpu), size)?;
+    let parallel = cpu_per_gib(v.iter().map(|r| r.parallel.cpu), size)?;
+    let orcafs = cpu_per_gib(v.iter().map(|r| r.orcafs.cpu), size)?;
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     Some(format!(
         "CPU seconds per GiB of the cold rounds (medians), origin server / client: plain GET \
@@ -140,14 +147,14 @@ fn cpu_details(v: &[ColdRound], size: u64) -> Option<String> {
          process) + {:.2} (the bench process reading the mount into its buffer). Server and \
          clients share this machine's {cores} cores: at the parallel GETs' rate the server \
          alone keeps {:.1} of them busy.",
-        plain[0],
-        plain[1],
-        parallel[0],
-        parallel[1],
-        orcafs[0],
-        orcafs[2],
-        orcafs[1],
-        parallel[0] * median_of(v.iter().map(|r| r.parallel.mibps)) / 1024.0,
+        plain.server,
+        plain.bench,
+        parallel.server,
+        parallel.bench,
+        orcafs.server,
+        orcafs.fs,
+        orcafs.bench,
+        parallel.server * median_of(v.iter().map(|r| r.parallel.mibps)) / 1024.0,
     ))
 }
 

@@ -53,8 +53,17 @@ fn unescape_mountinfo(field: &str) -> String {
 
 /// A `kB` line of /proc/PID/status (`VmHWM`, `VmRSS`, ...), in bytes.
 pub fn proc_status_bytes(pid: u32, field: &str) -> Result<u64> {
-    let path = format!("/proc/{pid}/status");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    kib_line(&format!("/proc/{pid}/status"), field)
+}
+
+/// A line of /proc/meminfo (`MemFree`, `Cached`, ...), in bytes.
+pub fn meminfo_bytes(field: &str) -> Option<u64> {
+    kib_line("/proc/meminfo", field).ok()
+}
+
+/// The `FIELD: N kB` line of a /proc file, in bytes.
+fn kib_line(path: &str, field: &str) -> Result<u64> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
     let prefix = format!("{field}:");
     let line = text
         .lines()
@@ -67,20 +76,6 @@ pub fn proc_status_bytes(pid: u32, field: &str) -> Result<u64> {
         .parse()
         .with_context(|| format!("parsing {line:?} of {path}"))?;
     Ok(kib * 1024)
-}
-
-/// A line of /proc/meminfo (`MemFree`, `Cached`, ...), in bytes.
-pub fn meminfo_bytes(field: &str) -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let prefix = format!("{field}:");
-    let line = text.lines().find(|l| l.starts_with(&prefix))?;
-    let kib: u64 = line[prefix.len()..]
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kib * 1024)
 }
 
 /// CPU time (user + system, all threads) that process `pid` has used so far, in seconds.

@@ -109,12 +109,12 @@ impl Garage {
         &self.secret_key
     }
 
-    /// The server's log file.
     /// The server process, for its CPU time.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
+    /// The server's log file.
     pub fn log_path(&self) -> &Path {
         &self.log
     }
