@@ -17,7 +17,10 @@
 //! changed) are final. A semaphore caps concurrent origin GETs per host (with a queue timeout).
 //!
 //! Memory: every fill holds permits for its length from one budget (`memory_limit`) until it is
-//! committed and dropped. A reader's fill waits for room; readahead is skipped when there is none.
+//! committed and dropped. A reader's fill waits for room; readahead takes at most half of the
+//! budget and is skipped beyond that. A sequential reader's readahead window starts small and
+//! doubles with each chunk it enters (`readahead_chunks` up to `readahead_max_chunks`): a remote
+//! origin gives each connection a share of its bandwidth, so long reads need many GETs in flight.
 //! So fill memory is bounded by configuration, not by object sizes or the number of readers.
 //!
 //! Must not know about inodes or FUSE.
@@ -67,7 +70,10 @@ pub struct FetchPolicy {
     /// How long a fill waits for an origin connection slot.
     pub queue_timeout: Duration,
     pub max_origin_requests: usize,
+    /// A sequential reader's readahead window when it starts, in chunks (0: no readahead).
     pub readahead_chunks: u64,
+    /// The most its window grows to (it doubles each chunk the reader enters).
+    pub readahead_max_chunks: u64,
     pub memory_limit: u64,
 }
 
@@ -415,10 +421,10 @@ impl Fetcher {
     }
 
     /// Prefetches the chunks after `index` for a sequential reader, as far as memory allows.
-    pub fn readahead(self: &Arc<Self>, object: &Arc<ObjectVersion>, index: u64) {
+    pub fn readahead(self: &Arc<Self>, object: &Arc<ObjectVersion>, index: u64, window: u64) {
         let cs = self.policy.chunk_size;
         let count = chunk::chunk_count(object.size, cs);
-        let last = (index + self.policy.readahead_chunks).min(count.saturating_sub(1));
+        let last = (index + window).min(count.saturating_sub(1));
         // A chunk read from the cache: let the store read ahead of the reader within it too.
         self.store
             .will_read(&ChunkKey::new(object.clone(), cs, index));
@@ -427,6 +433,22 @@ impl Fetcher {
                 break;
             }
         }
+    }
+
+    /// The window a sequential reader's readahead has after it entered one more chunk: double
+    /// the last, within the policy's bounds. A remote origin gives each connection a share of
+    /// its bandwidth, so a long sequential read needs many chunk GETs in flight; a short one
+    /// (or a reader that stops early) should not pay for them.
+    pub fn next_window(&self, window: u64) -> u64 {
+        window.saturating_mul(2).clamp(
+            self.policy.readahead_chunks,
+            self.policy.readahead_max_chunks,
+        )
+    }
+
+    /// The window a sequential reader starts with.
+    pub fn first_window(&self) -> u64 {
+        self.policy.readahead_chunks
     }
 
     /// Starts filling `key` in the background unless it is cached or already filling.
@@ -443,11 +465,14 @@ impl Fetcher {
         if self.inflight().contains_key(&id) {
             return true;
         }
-        let Ok(permit) = self
-            .memory
-            .clone()
-            .try_acquire_many_owned(self.permits_for(key.len()))
-        else {
+        // Readahead leaves half the budget (none when it holds a single chunk) to readers' own
+        // fills: many readers' windows together never make a read wait long for room.
+        let need = self.permits_for(key.len());
+        let reserve = (self.memory_permits / 2).min(self.memory_permits - need);
+        if (self.memory.available_permits() as u64) < u64::from(reserve) + u64::from(need) {
+            return false;
+        }
+        let Ok(permit) = self.memory.clone().try_acquire_many_owned(need) else {
             return false;
         };
         let mut map = self.inflight();

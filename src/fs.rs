@@ -54,6 +54,11 @@ struct OpenFile {
     whole_chunks: AtomicBool,
     /// The last read was taken as sequential.
     sequential: AtomicBool,
+    /// Readahead window in chunks (0 until a sequential run starts; see `Fetcher::next_window`).
+    window: AtomicU64,
+    /// The chunk the last sequential read was in (u64::MAX before any): entering another one
+    /// grows the window.
+    chunk: AtomicU64,
 }
 
 /// `_IO('O', 1)`: on an open file of the mount, makes every read of that handle fill whole
@@ -905,6 +910,8 @@ impl Opener {
                 next_offset: AtomicU64::new(0),
                 whole_chunks: AtomicBool::new(false),
                 sequential: AtomicBool::new(true),
+                window: AtomicU64::new(0),
+                chunk: AtomicU64::new(u64::MAX),
             }),
         );
         match mode {
@@ -919,7 +926,23 @@ impl Opener {
 
 fn readahead(fetch: &Arc<Fetcher>, file: &OpenFile, offset: u64, size: u64) {
     let expected = file.next_offset.swap(offset + size, Ordering::Relaxed);
-    if offset == expected {
-        fetch.readahead(&file.object, offset / fetch.chunk_size());
+    if offset != expected {
+        // A random read ends the run: the next one starts with a small window again.
+        if !file.sequential.load(Ordering::Relaxed) {
+            file.window.store(0, Ordering::Relaxed);
+        }
+        return;
     }
+    let index = offset / fetch.chunk_size();
+    let window = if file.chunk.swap(index, Ordering::Relaxed) == index {
+        file.window.load(Ordering::Relaxed)
+    } else {
+        let w = match file.window.load(Ordering::Relaxed) {
+            0 => fetch.first_window(),
+            w => fetch.next_window(w),
+        };
+        file.window.store(w, Ordering::Relaxed);
+        w
+    };
+    fetch.readahead(&file.object, index, window);
 }

@@ -480,6 +480,7 @@ fn fetch_policy(cfg: &Config) -> FetchPolicy {
         queue_timeout: cfg.origin_timeout,
         max_origin_requests: cfg.max_origin_requests,
         readahead_chunks: cfg.readahead_chunks,
+        readahead_max_chunks: cfg.readahead_max_chunks,
         memory_limit: cfg.memory_limit,
     }
 }

@@ -895,6 +895,7 @@ fn fetch_policy() -> FetchPolicy {
         queue_timeout: Duration::from_secs(10),
         max_origin_requests: 16,
         readahead_chunks: 0,
+        readahead_max_chunks: 0,
         memory_limit: 64 * CHUNK,
     }
 }

@@ -25,6 +25,7 @@ fn policy() -> FetchPolicy {
         queue_timeout: Duration::from_secs(10),
         max_origin_requests: 16,
         readahead_chunks: 0,
+        readahead_max_chunks: 0,
         memory_limit: 64 * CHUNK,
     }
 }
@@ -231,27 +232,63 @@ async fn fills_wait_for_room_in_the_memory_budget() {
 }
 
 #[tokio::test]
-async fn readahead_stops_when_the_budget_is_full() {
+async fn readahead_takes_at_most_half_the_budget() {
     let mut p = policy();
-    p.memory_limit = 3 * CHUNK;
+    p.memory_limit = 6 * CHUNK;
     p.readahead_chunks = 8;
+    p.readahead_max_chunks = 8;
     let r = rig(10 * CHUNK, p);
     for _ in 0..10 {
         r.origin.inject(Fault::Delay(Duration::from_millis(200)));
     }
-    r.fetch.readahead(&r.object, 0);
+    r.fetch.readahead(&r.object, 0, 8);
     assert_eq!(
         r.fetch.fills_in_flight(),
         3,
-        "readahead takes what the budget holds and no more"
+        "readahead leaves half the budget to readers' own fills"
     );
     assert!(r.fetch.memory_in_use() <= 3 * CHUNK);
+    // A reader's own fill still finds room at once.
+    let t0 = std::time::Instant::now();
+    assert_eq!(
+        r.read(9 * CHUNK, 10).await.unwrap(),
+        r.expect(9 * CHUNK, 10)
+    );
+    assert!(t0.elapsed() < Duration::from_secs(5));
     r.settle().await;
-    assert_eq!(r.origin.gets(), 3);
+    assert_eq!(r.origin.gets(), 4);
     for i in 1..=3 {
         assert!(r.stored(i), "chunk {i} prefetched");
     }
     assert!(!r.stored(4));
+}
+
+#[tokio::test]
+async fn a_budget_of_one_chunk_still_reads_ahead() {
+    let mut p = policy();
+    p.memory_limit = CHUNK;
+    p.readahead_chunks = 4;
+    p.readahead_max_chunks = 4;
+    let r = rig(4 * CHUNK, p);
+    r.fetch.readahead(&r.object, 0, 4);
+    assert_eq!(r.fetch.fills_in_flight(), 1);
+    r.settle().await;
+    assert!(r.stored(1));
+}
+
+#[test]
+fn the_readahead_window_doubles_within_its_bounds() {
+    let mut p = policy();
+    p.readahead_chunks = 3;
+    p.readahead_max_chunks = 20;
+    let f = rig(CHUNK, p).fetch;
+    let mut w = f.first_window();
+    let mut seen = vec![w];
+    for _ in 0..5 {
+        w = f.next_window(w);
+        seen.push(w);
+    }
+    assert_eq!(seen, [3, 6, 12, 20, 20, 20]);
 }
 
 #[tokio::test]

@@ -651,3 +651,59 @@ fn missing_file_is_enoent_and_hidden_names_stay_hidden() {
     assert_eq!(e.kind(), ErrorKind::NotFound);
     assert!(m.path("here.txt").exists());
 }
+
+/// A long sequential read keeps more and more chunk GETs in flight (a remote origin gives each
+/// connection a share of its bandwidth), up to the window's bound, and fetches each byte once.
+#[test]
+fn a_long_sequential_read_widens_its_readahead_window_up_to_the_bound() {
+    let s = Scratch::new();
+    let o = origin(&s, BUCKET);
+    let mib = 1 << 20;
+    let data = pattern(48 * mib, 11);
+    o.put_object(BUCKET, "long.bin", data.clone());
+    // Every GET waits before answering, so the GETs a reader keeps in flight overlap.
+    o.faults().set_get_delay(Duration::from_millis(150));
+    let read = |max: &str| {
+        let m = mounted(
+            &s,
+            &o,
+            &[
+                "--chunk-size",
+                "1MiB",
+                "--readahead-chunks",
+                "2",
+                "--readahead-max-chunks",
+                max,
+            ],
+        );
+        o.reset_stats();
+        let out = run_output(
+            "dd",
+            &[
+                &format!("if={}", m.path("long.bin").display()),
+                "of=/dev/null",
+                "bs=1M",
+            ],
+        );
+        assert!(out.status.success(), "dd: {out:?}");
+        assert_eq!(sha256sum(&m.path("long.bin")), sha256_hex(&data));
+        let stats = o.stats();
+        assert_eq!(m.unmount(), 0);
+        std::fs::remove_dir_all(s.path("cache")).unwrap();
+        stats
+    };
+    let fixed = read("2");
+    let widening = read("12");
+    for st in [fixed, widening] {
+        assert_eq!(st.get_bytes, data.len() as u64, "each byte once: {st:?}");
+    }
+    // The kernel's own readahead reaches one chunk past the reader at most.
+    assert!(
+        fixed.peak_gets_in_flight <= 4,
+        "a window of 2: at most 2 ahead, the reader's chunk and the next: {fixed:?}"
+    );
+    assert!(
+        (8..=14).contains(&widening.peak_gets_in_flight),
+        "the window doubled from 2 to 12: {widening:?}"
+    );
+}

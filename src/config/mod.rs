@@ -56,8 +56,10 @@ pub struct Config {
     pub origin_retry_time: Duration,
     /// Cap on concurrent origin GETs from this host.
     pub max_origin_requests: usize,
-    /// Chunks prefetched ahead of a sequential reader.
+    /// Chunks prefetched ahead of a sequential reader when it starts.
     pub readahead_chunks: u64,
+    /// The most chunks prefetched ahead of one reader: its window doubles up to this as it goes on.
+    pub readahead_max_chunks: u64,
     /// Bound on bytes held by fill buffers (readers' fills and readahead).
     pub memory_limit: u64,
     /// Local chunks not used for this long are evicted (besides the size bound).
@@ -167,6 +169,7 @@ pub struct FileConfig {
     pub origin_retry_time: Option<Value>,
     pub max_origin_requests: Option<usize>,
     pub readahead_chunks: Option<u64>,
+    pub readahead_max_chunks: Option<u64>,
     pub memory_limit: Option<Value>,
     pub cache_max_age: Option<Value>,
     pub metrics_addr: Option<String>,
@@ -254,9 +257,13 @@ pub struct MountArgs {
     /// Most origin GETs in flight at once from this host [default: 16]
     #[arg(long, value_name = "N")]
     pub max_origin_requests: Option<usize>,
-    /// Chunks prefetched ahead of a sequential reader, 0 to disable [default: 4]
+    /// Chunks prefetched ahead of a sequential reader when it starts, 0 to disable [default: 4]
     #[arg(long, value_name = "N")]
     pub readahead_chunks: Option<u64>,
+    /// The most chunks prefetched ahead of one sequential reader: its window doubles from
+    /// --readahead-chunks up to this while it reads on [default: 16]
+    #[arg(long, value_name = "N")]
+    pub readahead_max_chunks: Option<u64>,
     /// Memory for chunk fills and readahead; new fills wait when it is used [default: 512MiB]
     #[arg(long, value_name = "SIZE")]
     pub memory_limit: Option<String>,
@@ -387,6 +394,20 @@ fn merge(args: &MountArgs, file: FileConfig) -> Result<Config, ConfigError> {
         ));
     }
     let readahead_chunks = args.readahead_chunks.or(file.readahead_chunks).unwrap_or(4);
+    let readahead_max_chunks = args
+        .readahead_max_chunks
+        .or(file.readahead_max_chunks)
+        .unwrap_or(16);
+    for (what, n) in [
+        ("readahead chunks", readahead_chunks),
+        ("readahead max chunks", readahead_max_chunks),
+    ] {
+        if n > 1024 {
+            return Err(invalid(what, n.to_string(), "must be at most 1024"));
+        }
+    }
+    // A window never shrinks below where it starts: a larger start raises the most too.
+    let readahead_max_chunks = readahead_max_chunks.max(readahead_chunks);
     let memory_limit =
         pick_size("memory limit", &args.memory_limit, &file.memory_limit)?.unwrap_or(512 << 20);
     if memory_limit < chunk_size {
@@ -461,6 +482,7 @@ fn merge(args: &MountArgs, file: FileConfig) -> Result<Config, ConfigError> {
         origin_retry_time,
         max_origin_requests,
         readahead_chunks,
+        readahead_max_chunks,
         memory_limit,
         cache_max_age,
         shared_cache,
@@ -950,6 +972,24 @@ mod tests {
     fn chunk_size_bounds() {
         let mut a = args("bkt");
         a.chunk_size = Some("1KiB".into());
+        assert!(merge(&a, FileConfig::default()).is_err());
+    }
+
+    #[test]
+    fn the_readahead_window_has_bounds_and_never_ends_below_its_start() {
+        let c = merge(&args("bkt"), FileConfig::default()).unwrap();
+        assert_eq!((c.readahead_chunks, c.readahead_max_chunks), (4, 16));
+        let mut a = args("bkt");
+        a.readahead_chunks = Some(32);
+        let c = merge(&a, FileConfig::default()).unwrap();
+        assert_eq!((c.readahead_chunks, c.readahead_max_chunks), (32, 32));
+        let c = merge(
+            &args("bkt"),
+            parse_toml(Path::new("x.toml"), "readahead_max_chunks = 64\n").unwrap(),
+        )
+        .unwrap();
+        assert_eq!(c.readahead_max_chunks, 64);
+        a.readahead_max_chunks = Some(5000);
         assert!(merge(&a, FileConfig::default()).is_err());
     }
 

@@ -27,6 +27,7 @@ mod fs;
 mod fsmount;
 mod measure;
 mod origin;
+mod paced;
 mod phases;
 mod reads;
 mod report;
@@ -116,6 +117,12 @@ struct Args {
     /// Internal: run as the TCP proxy in front of the shared store (row 13) and do nothing else.
     #[arg(long, hide = true, value_name = "ADDR")]
     tcp_proxy_to: Option<std::net::SocketAddr>,
+    /// Internal: with --tcp-proxy-to, pace each client connection to this many bytes a second.
+    #[arg(long, hide = true, value_name = "BYTES")]
+    tcp_proxy_pace: Option<u64>,
+    /// Per-connection rate of the paced origin (rows 1d, 1e), MiB/s.
+    #[arg(long, default_value_t = 25)]
+    paced_mibps: u64,
     /// Directory for the temporary origin, caches, mounts and local copy.
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -175,6 +182,8 @@ impl Args {
             repeat: self.repeat,
             phase_limit: Duration::from_secs(self.phase_timeout),
             only: self.only.clone(),
+            paced_mibps: self.paced_mibps,
+            mountpoint_paced: self.with_peers && Fs::MountpointNoCache.installed(),
         }
     }
 }
@@ -182,7 +191,7 @@ impl Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     if let Some(target) = args.tcp_proxy_to {
-        return match shared::serve(target) {
+        return match shared::serve(target, args.tcp_proxy_pace) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("orcafs-bench proxy: {e}");
@@ -295,6 +304,7 @@ fn preflight(args: &Args) -> Result<()> {
         || args.page_objects == 0
         || args.tree_dirs == 0
         || args.tree_objects == 0
+        || args.paced_mibps == 0
     {
         return Err(error::Error::msg("counts and sizes must be at least 1"));
     }

@@ -120,6 +120,17 @@ impl PlainClient {
         })
     }
 
+    /// A client of `server` whose requests go to `endpoint` instead (a proxy in front of it).
+    pub fn at(server: &OriginServer, endpoint: &str) -> Result<PlainClient> {
+        let mut c = PlainClient::new(server)?;
+        let redirect = |client: &Client| {
+            Client::from_conf(client.config().to_builder().endpoint_url(endpoint).build())
+        };
+        c.client = redirect(&c.client);
+        c.parallel_client = redirect(&c.parallel_client);
+        Ok(c)
+    }
+
     /// Creates `bucket`: with the server's admin tool when it has one, else through S3.
     pub fn create_bucket(&self, server: &OriginServer, bucket: &str) -> Result<()> {
         if server.admin_create_bucket(bucket)? {

@@ -35,6 +35,10 @@ pub struct Knobs {
     pub phase_limit: Duration,
     /// Phases to run; empty means all.
     pub only: Vec<Phase>,
+    /// Per-connection rate of the paced origin (rows 1d, 1e), MiB/s.
+    pub paced_mibps: u64,
+    /// Whether the paced rounds read through Mountpoint too (`--with-peers`, `mount-s3` on PATH).
+    pub mountpoint_paced: bool,
 }
 
 /// The orcafs measurements, as `--only` names them.
@@ -60,6 +64,9 @@ pub enum Phase {
     Dirs,
     /// Cold read with a stalled shared cache store (row 13).
     SharedStall,
+    /// Cold sequential read from an origin that paces each connection, vs parallel ranged GETs
+    /// and Mountpoint through the same pacing (rows 1d, 1e).
+    Paced,
 }
 
 impl Knobs {
@@ -353,10 +360,16 @@ impl Bench {
     /// The large object as `parallel_gets` plain ranged GETs of contiguous ranges at once, on
     /// warm connections (to the last byte of the last one).
     pub fn plain_parallel_get(&mut self) -> Result<Speed> {
+        self.parallel_get(None)
+    }
+
+    /// [`Bench::plain_parallel_get`], through `via` when given (a client of a proxy).
+    pub fn parallel_get(&mut self, via: Option<&PlainClient>) -> Result<Speed> {
         self.preload_origin(&[MAIN_KEY])?;
         let parts = self.knobs.parallel_gets;
         let meter = self.cpu_meter(None);
-        let elapsed = self.plain.get_ranges_into(MAIN_KEY, &mut self.buf, parts)?;
+        let client = via.unwrap_or(&self.plain);
+        let elapsed = client.get_ranges_into(MAIN_KEY, &mut self.buf, parts)?;
         let cpu = cpu_use(meter);
         reads::verify_sha256("parallel ranged GETs", &self.buf, &self.data.main_sha256)?;
         Ok(Speed {
@@ -367,8 +380,14 @@ impl Bench {
 
     /// Cold sequential read (fresh cache `FS-main`, kept for [`Bench::reread`]).
     pub fn cold_seq(&mut self, fs: Fs) -> Result<ColdSeq> {
-        let cache = self.fresh_cache(&format!("{}-main", fs.name()))?;
-        let mount = fs.mount(&self.env, &cache, "cold-seq")?;
+        let env = self.env.clone();
+        self.cold_seq_in(fs, &env, "main")
+    }
+
+    /// [`Bench::cold_seq`] with a mount of `env` (another endpoint) and the cache `FS-TAG`.
+    pub fn cold_seq_in(&mut self, fs: Fs, env: &MountEnv, tag: &str) -> Result<ColdSeq> {
+        let cache = self.fresh_cache(&format!("{}-{tag}", fs.name()))?;
+        let mount = fs.mount(env, &cache, &format!("cold-seq-{tag}"))?;
         self.preload_origin(&[MAIN_KEY])?;
         self.origin.zero_counts()?;
         let (elapsed, cpu) = self.timed_main_read(&mount, "cold sequential read")?;

@@ -275,6 +275,13 @@ pub struct Report {
 }
 
 impl Report {
+    /// One failed row for each of `rows` (metric, target), all for the same reason.
+    pub fn fail_rows(&mut self, rows: &[(&str, Target)], why: &str) {
+        for (metric, target) in rows {
+            self.rows.push(Row::failed(metric, why, *target));
+        }
+    }
+
     /// The whole Markdown document.
     pub fn to_markdown(&self) -> String {
         let mut md = String::new();
@@ -560,6 +567,14 @@ ones.
    the bench process (the reader, or the plain client) use during each of these reads is read
    from /proc and listed under the details: server and client share this machine's cores, so
    a client that spends more CPU per byte leaves the server less of them.
+   1d and 1e: the same cold read (fresh cache, fresh mount, SHA-256 checked) through a TCP
+   proxy in front of Garage that paces every connection to the same rate (`--paced-mibps`,
+   25 MiB/s: the kernel's TCP pacing, `SO_MAX_PACING_RATE` on the proxy's side of each client
+   connection), as a remote S3 endpoint gives each connection a share of its bandwidth. 1d's
+   baseline: the 8 parallel ranged GETs of 1b through the same proxy (about 8 x the rate); 1e's:
+   Mountpoint without `--cache` through the same proxy, in the same rounds (with
+   `--with-peers` and `mount-s3` on PATH). Here the reader's speed is the GETs it keeps in
+   flight times the rate, not the CPU the server and the clients share.
 2. **Warm re-read**: a fresh mount over the cache the cold read filled (the whole object is in
    it), page cache dropped, the same read in 1 MiB `read(2)`s (`dd bs=1M`); 2b: page cache
    dropped again, the same with 128 KiB `read(2)`s (what `cat` asks for). Open to EOF timed,

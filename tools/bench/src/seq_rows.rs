@@ -76,12 +76,8 @@ pub fn cold_rows(
     let v = match rounds {
         Ok(v) => v,
         Err(e) => {
-            report
-                .rows
-                .push(Row::failed(M_COLD, &e.to_string(), COLD_TARGET));
-            report
-                .rows
-                .push(Row::failed(&m_parallel, &e.to_string(), PARALLEL_TARGET));
+            let rows = [(M_COLD, COLD_TARGET), (&*m_parallel, PARALLEL_TARGET)];
+            report.fail_rows(&rows, &e.to_string());
             return None;
         }
     };
@@ -394,13 +390,11 @@ pub fn cold_random_rows(report: &mut Report, rounds: &Result<Vec<ColdRandom>>, s
     let v = match rounds {
         Ok(v) => v,
         Err(e) => {
-            report
-                .rows
-                .push(Row::failed(&m_bytes, &e.to_string(), AMPLIFICATION_TARGET));
-            report
-                .rows
-                .push(Row::failed(m_iops, &e.to_string(), COLD_IOPS_TARGET));
-            return;
+            let rows = [
+                (&*m_bytes, AMPLIFICATION_TARGET),
+                (m_iops, COLD_IOPS_TARGET),
+            ];
+            return report.fail_rows(&rows, &e.to_string());
         }
     };
     let per_read = |r: &ColdRandom| r.origin_body_bytes() / r.reads as f64 / 1024.0;

@@ -23,8 +23,10 @@ use crate::sys;
 pub const SHARED_BUCKET: &str = "bench-shared";
 
 /// Runs a TCP proxy from an ephemeral 127.0.0.1 port to `target`: prints the port's address on
-/// stdout, then serves until killed (or until the bench that started it dies).
-pub fn serve(target: SocketAddr) -> Result<()> {
+/// stdout, then serves until killed (or until the bench that started it dies). With `pace`
+/// (bytes per second), each client connection is sent at most that fast (the kernel's TCP
+/// pacing, `SO_MAX_PACING_RATE`), as a remote endpoint gives each connection a share.
+pub fn serve(target: SocketAddr, pace: Option<u64>) -> Result<()> {
     // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag of this process.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding the proxy")?;
@@ -36,7 +38,30 @@ pub fn serve(target: SocketAddr) -> Result<()> {
     // Serves until the bench kills it (or dies: PR_SET_PDEATHSIG above).
     for client in listener.incoming() {
         let Ok(client) = client else { continue };
+        if let Some(rate) = pace {
+            set_pacing(&client, rate)?;
+        }
         std::thread::spawn(move || relay(client, target));
+    }
+    Ok(())
+}
+
+/// Caps the rate the kernel sends `socket`'s bytes at (TCP paces itself to it, no qdisc needed).
+fn set_pacing(socket: &TcpStream, rate: u64) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let rate: u64 = rate;
+    // SAFETY: setsockopt(2) on an open socket with a pointer to a u64 and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MAX_PACING_RATE,
+            (&rate as *const u64).cast(),
+            std::mem::size_of::<u64>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        bail!("SO_MAX_PACING_RATE: {}", std::io::Error::last_os_error());
     }
     Ok(())
 }
@@ -54,26 +79,44 @@ fn relay(client: TcpStream, target: SocketAddr) {
     };
     let (mut c_write, mut u_write) = (client, upstream);
     let up = std::thread::spawn(move || {
-        let _ = std::io::copy(&mut c_read, &mut u_write);
+        let _ = pump(&mut c_read, &mut u_write);
         let _ = u_write.shutdown(std::net::Shutdown::Write);
     });
-    let _ = std::io::copy(&mut u_read, &mut c_write);
+    let _ = pump(&mut u_read, &mut c_write);
     let _ = c_write.shutdown(std::net::Shutdown::Write);
     let _ = up.join();
 }
 
+/// Copies `from` to `to` until EOF through a 256 KiB buffer: `io::copy`'s 8 KiB one would make
+/// the proxy's syscalls a visible share of the CPU the paced rows' readers need.
+fn pump(from: &mut TcpStream, to: &mut TcpStream) -> std::io::Result<()> {
+    use std::io::Read;
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = from.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        to.write_all(&buf[..n])?;
+    }
+}
+
 /// The proxy process; killed on drop.
-struct Proxy {
+pub struct Proxy {
     child: Child,
-    addr: String,
+    pub addr: String,
 }
 
 impl Proxy {
-    fn start(target: SocketAddr) -> Result<Proxy> {
+    /// A proxy to `target`, each connection paced to `pace` bytes per second when given.
+    pub fn start(target: SocketAddr, pace: Option<u64>) -> Result<Proxy> {
         let exe = std::env::current_exe().context("finding this program to start the proxy")?;
-        let mut child = Command::new(exe)
-            .arg("--tcp-proxy-to")
-            .arg(target.to_string())
+        let mut command = Command::new(exe);
+        command.arg("--tcp-proxy-to").arg(target.to_string());
+        if let Some(rate) = pace {
+            command.arg("--tcp-proxy-pace").arg(rate.to_string());
+        }
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
@@ -140,7 +183,7 @@ impl Bench {
     }
 
     fn stalled_cold_seq(&mut self, secret: &Path) -> Result<ColdSeq> {
-        let proxy = Proxy::start(self.origin.addr())?;
+        let proxy = Proxy::start(self.origin.addr(), None)?;
         let config = self.write_shared_config(&proxy.addr, secret)?;
         let cache = self.fresh_cache("orcafs-shared")?;
         let flags = ["--config".to_owned(), config.to_string_lossy().into_owned()];

@@ -145,6 +145,7 @@ async fn handle_get_object(
     shared: &Shared,
     req: Request<s3s::Body>,
 ) -> Result<Response<OriginBody>, HttpError> {
+    let _in_flight = shared.stats.get_in_flight();
     let delay = shared.faults.get_delay();
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;

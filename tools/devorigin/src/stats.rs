@@ -14,6 +14,8 @@ pub struct Stats {
     list_requests: AtomicU64,
     put_requests: AtomicU64,
     other_requests: AtomicU64,
+    gets_in_flight: AtomicU64,
+    peak_gets_in_flight: AtomicU64,
 }
 
 /// A point-in-time copy of [`Stats`].
@@ -33,6 +35,9 @@ pub struct StatsSnapshot {
     pub put_requests: u64,
     /// Everything else (DELETE, POST, HEAD bucket, GET on the service root, ...).
     pub other_requests: u64,
+    /// The most GetObject requests waiting for their response at once (the injected GET delay
+    /// and the server's reply, not the body's streaming): how many GETs a client keeps in flight.
+    pub peak_gets_in_flight: u64,
 }
 
 impl Stats {
@@ -47,6 +52,13 @@ impl Stats {
             RequestKind::Other => &self.other_requests,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a GetObject as in flight until the guard is dropped.
+    pub(crate) fn get_in_flight(self: &std::sync::Arc<Self>) -> InFlight {
+        let now = self.gets_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak_gets_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(std::sync::Arc::clone(self))
     }
 
     /// Counts GetObject body bytes that were just handed to the connection.
@@ -65,6 +77,7 @@ impl Stats {
             list_requests: load(&self.list_requests),
             put_requests: load(&self.put_requests),
             other_requests: load(&self.other_requests),
+            peak_gets_in_flight: load(&self.peak_gets_in_flight),
         }
     }
 
@@ -78,8 +91,18 @@ impl Stats {
             &self.list_requests,
             &self.put_requests,
             &self.other_requests,
+            &self.peak_gets_in_flight,
         ] {
             c.store(0, Ordering::Relaxed);
         }
+    }
+}
+
+/// A GetObject in flight (see [`Stats::get_in_flight`]).
+pub(crate) struct InFlight(std::sync::Arc<Stats>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.gets_in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }

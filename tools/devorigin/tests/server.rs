@@ -92,6 +92,7 @@ fn ranged_get_returns_exact_bytes_and_counts_exactly() {
             requests: 1,
             get_requests: 1,
             get_bytes: 100,
+            peak_gets_in_flight: 1,
             ..StatsSnapshot::default()
         }
     );
