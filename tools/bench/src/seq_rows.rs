@@ -137,12 +137,17 @@ fn cpu_details(v: &[ColdRound], size: u64) -> Option<String> {
     let parallel = cpu_per_gib(v.iter().map(|r| r.parallel.cpu), size)?;
     let orcafs = cpu_per_gib(v.iter().map(|r| r.orcafs.cpu), size)?;
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let parallel_gib_s = median_of(v.iter().map(|r| r.parallel.mibps)) / 1024.0;
+    let parallel_cost = parallel.server + parallel.bench;
     Some(format!(
         "CPU seconds per GiB of the cold rounds (medians), origin server / client: plain GET \
          {:.2} / {:.2}; parallel ranged GETs {:.2} / {:.2}; orcafs {:.2} / {:.2} (the mount's \
          process) + {:.2} (the bench process reading the mount into its buffer). Server and \
          clients share this machine's {cores} cores: at the parallel GETs' rate the server \
-         alone keeps {:.1} of them busy.",
+         alone keeps {:.1} of them busy, server and client {:.1}. When the cores are the limit, \
+         a filesystem that cost no more CPU than the parallel GETs' client, plus what its reader \
+         spends copying out of the kernel, would reach at most {:.2} x the parallel GETs \
+         ({parallel_cost:.2} / ({parallel_cost:.2} + {:.2})).",
         plain.server,
         plain.bench,
         parallel.server,
@@ -150,7 +155,10 @@ fn cpu_details(v: &[ColdRound], size: u64) -> Option<String> {
         orcafs.server,
         orcafs.fs,
         orcafs.bench,
-        parallel.server * median_of(v.iter().map(|r| r.parallel.mibps)) / 1024.0,
+        parallel.server * parallel_gib_s,
+        parallel_cost * parallel_gib_s,
+        parallel_cost / (parallel_cost + orcafs.bench),
+        orcafs.bench,
     ))
 }
 
