@@ -19,8 +19,9 @@
 //! Memory: every fill holds permits for its length from one budget (`memory_limit`) until it is
 //! committed and dropped. A reader's fill waits for room; readahead takes at most half of the
 //! budget and is skipped beyond that. A sequential reader's readahead window starts small and
-//! doubles with each chunk it enters (`readahead_chunks` up to `readahead_max_chunks`): a remote
-//! origin gives each connection a share of its bandwidth, so long reads need many GETs in flight.
+//! doubles each time the reader enters a chunk still being filled (`readahead_chunks` up to
+//! `readahead_max_chunks`): a remote origin gives each connection a share of its bandwidth, so
+//! long reads from it need many GETs in flight, while a fast origin keeps ahead with a few.
 //! So fill memory is bounded by configuration, not by object sizes or the number of readers.
 //!
 //! Must not know about inodes or FUSE.
@@ -435,15 +436,22 @@ impl Fetcher {
         }
     }
 
-    /// The window a sequential reader's readahead has after it entered one more chunk: double
-    /// the last, within the policy's bounds. A remote origin gives each connection a share of
-    /// its bandwidth, so a long sequential read needs many chunk GETs in flight; a short one
-    /// (or a reader that stops early) should not pay for them.
+    /// The window a sequential reader's readahead has after it caught up with it (entered a
+    /// chunk still being filled): double the last, within the policy's bounds. A remote origin
+    /// gives each connection a share of its bandwidth, so a long read from it needs many chunk
+    /// GETs in flight; a read that readahead keeps ahead of, or a short one, should not hold
+    /// their memory.
     pub fn next_window(&self, window: u64) -> u64 {
         window.saturating_mul(2).clamp(
             self.policy.readahead_chunks,
             self.policy.readahead_max_chunks,
         )
+    }
+
+    /// True while chunk `index` of the object is being filled on this host.
+    pub fn is_filling(&self, object: &Arc<ObjectVersion>, index: u64) -> bool {
+        let key = ChunkKey::new(object.clone(), self.policy.chunk_size, index);
+        self.inflight().contains_key(&key.id())
     }
 
     /// The window a sequential reader starts with.

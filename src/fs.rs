@@ -57,7 +57,7 @@ struct OpenFile {
     /// Readahead window in chunks (0 until a sequential run starts; see `Fetcher::next_window`).
     window: AtomicU64,
     /// The chunk the last sequential read was in (u64::MAX before any): entering another one
-    /// grows the window.
+    /// while it is still being filled grows the window.
     chunk: AtomicU64,
 }
 
@@ -934,15 +934,13 @@ fn readahead(fetch: &Arc<Fetcher>, file: &OpenFile, offset: u64, size: u64) {
         return;
     }
     let index = offset / fetch.chunk_size();
-    let window = if file.chunk.swap(index, Ordering::Relaxed) == index {
-        file.window.load(Ordering::Relaxed)
-    } else {
-        let w = match file.window.load(Ordering::Relaxed) {
-            0 => fetch.first_window(),
-            w => fetch.next_window(w),
-        };
-        file.window.store(w, Ordering::Relaxed);
-        w
+    let entered = file.chunk.swap(index, Ordering::Relaxed) != index;
+    let window = match file.window.load(Ordering::Relaxed) {
+        0 => fetch.first_window(),
+        // Entering a chunk whose fill still runs: readahead did not keep ahead, widen it.
+        w if entered && fetch.is_filling(&file.object, index) => fetch.next_window(w),
+        w => w,
     };
+    file.window.store(window, Ordering::Relaxed);
     fetch.readahead(&file.object, index, window);
 }
