@@ -73,7 +73,7 @@ pub struct FetchPolicy {
     pub max_origin_requests: usize,
     /// A sequential reader's readahead window when it starts, in chunks (0: no readahead).
     pub readahead_chunks: u64,
-    /// The most its window grows to (it doubles each chunk the reader enters).
+    /// The most its window grows to (it doubles each time the reader catches up with it).
     pub readahead_max_chunks: u64,
     pub memory_limit: u64,
 }

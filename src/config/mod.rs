@@ -58,7 +58,8 @@ pub struct Config {
     pub max_origin_requests: usize,
     /// Chunks prefetched ahead of a sequential reader when it starts.
     pub readahead_chunks: u64,
-    /// The most chunks prefetched ahead of one reader: its window doubles up to this as it goes on.
+    /// The most chunks prefetched ahead of one reader: its window doubles up to this each time
+    /// the reader catches up with it.
     pub readahead_max_chunks: u64,
     /// Bound on bytes held by fill buffers (readers' fills and readahead).
     pub memory_limit: u64,
@@ -261,7 +262,7 @@ pub struct MountArgs {
     #[arg(long, value_name = "N")]
     pub readahead_chunks: Option<u64>,
     /// The most chunks prefetched ahead of one sequential reader: its window doubles from
-    /// --readahead-chunks up to this while it reads on [default: 16]
+    /// --readahead-chunks up to this each time the reader catches up with it [default: 16]
     #[arg(long, value_name = "N")]
     pub readahead_max_chunks: Option<u64>,
     /// Memory for chunk fills and readahead; new fills wait when it is used [default: 512MiB]
