@@ -69,14 +69,8 @@ fn large_rows(report: &mut Report, ls: &Result<Vec<dirs::LargeLs>>, n: usize) {
     let warm = "9. The same `ls -l` again, within the metadata TTL".to_string();
     let requests = "9b. Origin requests during that warm `ls -l` (most of any round)";
     let (cold_t, warm_t) = (Target::RatioAtMost(1.5), Target::RatioAtMost(2.0));
-    let v = match ls {
-        Ok(v) => v,
-        Err(e) => {
-            for (m, t) in [(cold.as_str(), cold_t), (warm.as_str(), warm_t)] {
-                report.rows.push(Row::failed(m, &e.to_string(), t));
-            }
-            return;
-        }
+    let Some(v) = report.ok_or_fail(ls, &[(&cold, cold_t), (&warm, warm_t)]) else {
+        return;
     };
     let pages = n.div_ceil(1000);
     report.rows.push(Row::compared(
@@ -129,13 +123,8 @@ fn first_rows(report: &mut Report, first: &Result<Vec<dirs::FirstNames>>, n: usi
         "10. First names of a cold {n}-object directory (`stat`, then `os.scandir` to its first entry)"
     );
     let target = Target::RatioAtMost(3.0);
-    let v = match first {
-        Ok(v) => v,
-        Err(e) => {
-            return report
-                .rows
-                .push(Row::failed(&metric, &e.to_string(), target))
-        }
+    let Some(v) = report.ok_or_fail(first, &[(&metric, target)]) else {
+        return;
     };
     report.rows.push(Row::compared(
         &metric,
@@ -161,16 +150,9 @@ fn tree_rows(report: &mut Report, tree: &Result<Vec<dirs::TreeRound>>, shape: (u
             walk.shown()
         )
     };
-    let v = match tree {
-        Ok(v) => v,
-        Err(e) => {
-            let row = Row::failed(
-                &name(Walk::Find, "cold and warm"),
-                &e.to_string(),
-                Target::None,
-            );
-            return report.rows.push(row);
-        }
+    let what = name(Walk::Find, "cold and warm");
+    let Some(v) = report.ok_or_fail(tree, &[(&what, Target::None)]) else {
+        return;
     };
     let plain = med_ms(v, |r| r.plain_lists);
     let mut details = vec![format!(
@@ -212,17 +194,7 @@ type PageRounds = Result<Vec<(PageBaselines, PageLs)>>;
 fn page_rows(report: &mut Report, pages: &PageRounds, n: usize) -> Option<PageMedians> {
     let cold = format!("12. `ls -l` of a {n}-object directory, cold (fresh mount)");
     let warm = "12b. The same `ls -l` again, within the metadata TTL".to_string();
-    let v = match pages {
-        Ok(v) => v,
-        Err(e) => {
-            for m in [&cold, &warm] {
-                report
-                    .rows
-                    .push(Row::failed(m, &e.to_string(), Target::None));
-            }
-            return None;
-        }
-    };
+    let v = report.ok_or_fail(pages, &[(&cold, Target::None), (&warm, Target::None)])?;
     let m = PageMedians {
         plain_page_ms: med_ms(v, |r| r.0.plain_page),
         local_ms: med_ms(v, |r| r.0.local),
@@ -276,16 +248,8 @@ fn stall_rows(report: &mut Report, v: &Result<Vec<StallRound>>) {
     let metric = "13. Cold sequential read, shared cache store hung (its proxy SIGSTOPped)";
     let rss = "13b. Peak RSS of that mount (one reader)";
     let target = Target::RatioAtLeast(0.9);
-    let v = match v {
-        Ok(v) => v,
-        Err(e) => {
-            report
-                .rows
-                .push(Row::failed(metric, &e.to_string(), target));
-            return report
-                .rows
-                .push(Row::failed(rss, &e.to_string(), Target::None));
-        }
+    let Some(v) = report.ok_or_fail(v, &[(metric, target), (rss, Target::None)]) else {
+        return;
     };
     report.rows.push(Row::compared(
         metric,

@@ -213,13 +213,8 @@ const M_RSS: &str = "7. Peak RSS, readers of different cold objects";
 
 fn ttfb_rows(report: &mut Report, ttfb: &Result<phases::Ttfb>) {
     let target = Target::RatioAtMost(1.5);
-    let t = match ttfb {
-        Ok(t) => t,
-        Err(e) => {
-            return report
-                .rows
-                .push(Row::failed(M_TTFB, &e.to_string(), target))
-        }
+    let Some(t) = report.ok_or_fail(ttfb, &[(M_TTFB, target)]) else {
+        return;
     };
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     // The baseline is timed to the bytes the kernel asks orcafs for, not to the first byte.
@@ -268,13 +263,8 @@ fn ttfb_rows(report: &mut Report, ttfb: &Result<phases::Ttfb>) {
 fn readers_rows(report: &mut Report, r: &Result<phases::Readers>, size: u64, readers: usize) {
     let metric = format!("{} ({readers} threads)", M_READERS);
     let target = Target::RatioAtMost(1.0);
-    let r = match r {
-        Ok(r) => r,
-        Err(e) => {
-            return report
-                .rows
-                .push(Row::failed(&metric, &e.to_string(), target))
-        }
+    let Some(r) = report.ok_or_fail(r, &[(&metric, target)]) else {
+        return;
     };
     let mib = |b: u64| b as f64 / MIB as f64;
     report.rows.push(Row::compared(
@@ -294,13 +284,8 @@ fn readers_rows(report: &mut Report, r: &Result<phases::Readers>, size: u64, rea
 fn rss_rows(report: &mut Report, r: &Result<phases::Rss>, size: u64, readers: usize) {
     let metric = format!("{M_RSS} ({readers} x {} MiB)", size / MIB);
     let target = Target::ValueAtMost(256.0);
-    let r = match r {
-        Ok(r) => r,
-        Err(e) => {
-            return report
-                .rows
-                .push(Row::failed(&metric, &e.to_string(), target))
-        }
+    let Some(r) = report.ok_or_fail(r, &[(&metric, target)]) else {
+        return;
     };
     let mib = |b: u64| b as f64 / MIB as f64;
     report

@@ -61,13 +61,9 @@ impl Bench {
             })
         });
         for fs in [Fs::Orcafs, Fs::MountpointNoCache] {
-            let _ = crate::phases::remove_dir(
-                &self
-                    .env
-                    .work
-                    .join("cache")
-                    .join(format!("{}-paced", fs.name())),
-            );
+            if let Err(e) = self.forget_cache_of(fs, "paced") {
+                eprintln!("orcafs-bench: {e}");
+            }
         }
         drop(proxy);
         rounds
@@ -89,15 +85,12 @@ pub fn paced_rows(
     );
     let m_mountpoint =
         "1e. The same paced cold read vs Mountpoint without its cache, through the same pacing";
-    let v = match rounds {
-        Ok(v) => v,
-        Err(e) => {
-            let rows = [
-                (&*m_parallel, PARALLEL_TARGET),
-                (m_mountpoint, MOUNTPOINT_TARGET),
-            ];
-            return report.fail_rows(&rows, &e.to_string());
-        }
+    let rows = [
+        (&*m_parallel, PARALLEL_TARGET),
+        (m_mountpoint, MOUNTPOINT_TARGET),
+    ];
+    let Some(v) = report.ok_or_fail(rounds, &rows) else {
+        return;
     };
     let orcafs = median_of(v.iter().map(|r| r.orcafs.mibps));
     report.rows.push(Row::compared(

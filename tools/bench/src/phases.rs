@@ -438,7 +438,12 @@ impl Bench {
 
     /// Deletes the cache of [`Bench::cold_seq`] and [`Bench::reread`].
     pub fn forget_cache(&self, fs: Fs) -> Result<()> {
-        remove_dir(&self.cache_dir(&format!("{}-main", fs.name())))
+        self.forget_cache_of(fs, "main")
+    }
+
+    /// Deletes the cache of [`Bench::cold_seq_in`] with `tag`.
+    pub fn forget_cache_of(&self, fs: Fs, tag: &str) -> Result<()> {
+        remove_dir(&self.cache_dir(&format!("{}-{tag}", fs.name())))
     }
 
     /// The reads of [`CachedReads`] of the large object at `path`, in its order, each

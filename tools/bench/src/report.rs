@@ -275,10 +275,21 @@ pub struct Report {
 }
 
 impl Report {
-    /// One failed row for each of `rows` (metric, target), all for the same reason.
-    pub fn fail_rows(&mut self, rows: &[(&str, Target)], why: &str) {
-        for (metric, target) in rows {
-            self.rows.push(Row::failed(metric, why, *target));
+    /// What a measurement found, or None after one failed row for each of `rows` (metric,
+    /// target) that it was for.
+    pub fn ok_or_fail<'a, T>(
+        &mut self,
+        found: &'a crate::error::Result<T>,
+        rows: &[(&str, Target)],
+    ) -> Option<&'a T> {
+        match found {
+            Ok(v) => Some(v),
+            Err(e) => {
+                for (metric, target) in rows {
+                    self.rows.push(Row::failed(metric, &e.to_string(), *target));
+                }
+                None
+            }
         }
     }
 

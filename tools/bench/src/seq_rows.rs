@@ -73,14 +73,8 @@ pub fn cold_rows(
 ) -> Option<f64> {
     let m_parallel =
         format!("1b. The same cold read vs {parallel} parallel ranged GETs of the object");
-    let v = match rounds {
-        Ok(v) => v,
-        Err(e) => {
-            let rows = [(M_COLD, COLD_TARGET), (&*m_parallel, PARALLEL_TARGET)];
-            report.fail_rows(&rows, &e.to_string());
-            return None;
-        }
-    };
+    let rows = [(M_COLD, COLD_TARGET), (&*m_parallel, PARALLEL_TARGET)];
+    let v = report.ok_or_fail(rounds, &rows)?;
     let cold = median_of(v.iter().map(|r| r.orcafs.mibps));
     report.rows.push(Row::compared(
         M_COLD,
@@ -245,17 +239,8 @@ pub fn cached_sequential_rows(
             |r| r.hot_mibps,
         ),
     ];
-    let v = match rounds {
-        Ok(v) => v,
-        Err(e) => {
-            for (metric, _, _) in rows {
-                report
-                    .rows
-                    .push(Row::failed(metric, &e.to_string(), LOCAL_TARGET));
-            }
-            return None;
-        }
-    };
+    let failed = rows.map(|(metric, _, _)| (metric, LOCAL_TARGET));
+    let v = report.ok_or_fail(rounds, &failed)?;
     let pt = passthrough_label(v);
     for (metric, base, f) in rows {
         push_pair(
@@ -348,36 +333,31 @@ pub fn cached_random_rows(report: &mut Report, rounds: &Result<Vec<CachedRound>>
         false => "5a. 4 KiB random reads, cached object (page cache dropped)",
         true => "5d. 1 MiB random reads, cached object (page cache dropped)",
     };
-    match rounds {
-        Ok(v) => {
-            let pt = passthrough_label(v);
-            let (unit, f): (Unit, Of) = match large {
-                false => (Quantity::Iops, |r| r.random_iops),
-                true => (Quantity::MibPerSec, |r| r.random_large_mibps),
-            };
-            push_pair(
-                report,
-                v,
-                &format!("{metric}, {pt}"),
-                "local file, same offsets",
-                unit,
-                f,
-            );
-            let what = match large {
-                false => "4 KiB (IOPS)",
-                true => "1 MiB (MiB/s)",
-            };
-            report.details.push(format!(
-                "Cached random {what} rounds, default mount / `--no-passthrough` mount / local \
-                 file: {} / {} / {}.",
-                listed(v.iter().map(|r| f(&r.passthrough.reads))),
-                listed(v.iter().map(|r| f(&r.fuse.reads))),
-                listed(v.iter().map(|r| f(&r.local))),
-            ));
-        }
-        Err(e) => report
-            .rows
-            .push(Row::failed(metric, &e.to_string(), LOCAL_TARGET)),
+    if let Some(v) = report.ok_or_fail(rounds, &[(metric, LOCAL_TARGET)]) {
+        let pt = passthrough_label(v);
+        let (unit, f): (Unit, Of) = match large {
+            false => (Quantity::Iops, |r| r.random_iops),
+            true => (Quantity::MibPerSec, |r| r.random_large_mibps),
+        };
+        push_pair(
+            report,
+            v,
+            &format!("{metric}, {pt}"),
+            "local file, same offsets",
+            unit,
+            f,
+        );
+        let what = match large {
+            false => "4 KiB (IOPS)",
+            true => "1 MiB (MiB/s)",
+        };
+        report.details.push(format!(
+            "Cached random {what} rounds, default mount / `--no-passthrough` mount / local \
+             file: {} / {} / {}.",
+            listed(v.iter().map(|r| f(&r.passthrough.reads))),
+            listed(v.iter().map(|r| f(&r.fuse.reads))),
+            listed(v.iter().map(|r| f(&r.local))),
+        ));
     }
     if large {
         report.rows.push(Row::not_measured(
@@ -395,15 +375,12 @@ pub fn cold_random_rows(report: &mut Report, rounds: &Result<Vec<ColdRandom>>, s
         size / MIB
     );
     let m_iops = "5c. The same reads: IOPS, one at a time";
-    let v = match rounds {
-        Ok(v) => v,
-        Err(e) => {
-            let rows = [
-                (&*m_bytes, AMPLIFICATION_TARGET),
-                (m_iops, COLD_IOPS_TARGET),
-            ];
-            return report.fail_rows(&rows, &e.to_string());
-        }
+    let rows = [
+        (&*m_bytes, AMPLIFICATION_TARGET),
+        (m_iops, COLD_IOPS_TARGET),
+    ];
+    let Some(v) = report.ok_or_fail(rounds, &rows) else {
+        return;
     };
     let per_read = |r: &ColdRandom| r.origin_body_bytes() / r.reads as f64 / 1024.0;
     report.rows.push(Row::compared(

@@ -49,7 +49,6 @@ pub fn serve(target: SocketAddr, pace: Option<u64>) -> Result<()> {
 /// Caps the rate the kernel sends `socket`'s bytes at (TCP paces itself to it, no qdisc needed).
 fn set_pacing(socket: &TcpStream, rate: u64) -> Result<()> {
     use std::os::fd::AsRawFd;
-    let rate: u64 = rate;
     // SAFETY: setsockopt(2) on an open socket with a pointer to a u64 and its size.
     let rc = unsafe {
         libc::setsockopt(
