@@ -23,10 +23,16 @@
 //! `readahead_max_chunks`): a remote origin gives each connection a share of its bandwidth, so
 //! long reads from it need many GETs in flight, while a fast origin keeps ahead with a few.
 //! So fill memory is bounded by configuration, not by object sizes or the number of readers.
+//! A fill that completes before its reader has read it to the end is kept, with its memory, for
+//! that reader ([`ahead`]; at most a sixteenth of the budget, and only while fills take at most
+//! half of it), and given up when a reader's fill wants the room.
 //!
 //! Must not know about inodes or FUSE.
 
+mod ahead;
+
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -116,6 +122,9 @@ enum Source {
 /// Memory permits are counted in KiB so that large budgets fit a semaphore.
 const PERMIT_BYTES: u64 = 1024;
 
+/// How long a fill kept for its reader holds its room against new readahead.
+const STALE_AHEAD: Duration = Duration::from_secs(2);
+
 pub struct Fetcher {
     origin: Arc<dyn Origin>,
     store: Arc<dyn CacheStore>,
@@ -126,6 +135,8 @@ pub struct Fetcher {
     origin_slots: Semaphore,
     memory: Arc<Semaphore>,
     memory_permits: u32,
+    /// Complete fills kept for the reader that has not read them yet.
+    ahead: ahead::Ahead,
     peers: OnceLock<Arc<dyn Peers>>,
     metrics: Arc<Metrics>,
 }
@@ -144,6 +155,7 @@ impl Fetcher {
             origin_slots: Semaphore::new(policy.max_origin_requests),
             memory: Arc::new(Semaphore::new(memory_permits as usize)),
             memory_permits,
+            ahead: ahead::Ahead::new(policy.memory_limit / 16),
             policy,
             inflight: Mutex::new(HashMap::new()),
             blocks_inflight: Mutex::new(HashMap::new()),
@@ -410,8 +422,14 @@ impl Fetcher {
 
     async fn memory_permit(&self, len: u64) -> Result<OwnedSemaphorePermit, FetchError> {
         let n = self.permits_for(len);
-        if let Ok(p) = self.memory.clone().try_acquire_many_owned(n) {
-            return Ok(p);
+        loop {
+            if let Ok(p) = self.memory.clone().try_acquire_many_owned(n) {
+                return Ok(p);
+            }
+            // A reader's fill comes before fills kept for readers that have not come yet.
+            if !self.ahead.release_older_than(Duration::ZERO) {
+                break;
+            }
         }
         tracing::debug!(len, "memory budget in use: waiting for room");
         self.memory
@@ -477,8 +495,12 @@ impl Fetcher {
         // fills: many readers' windows together never make a read wait long for room.
         let need = self.permits_for(key.len());
         let reserve = (self.memory_permits / 2).min(self.memory_permits - need);
-        if (self.memory.available_permits() as u64) < u64::from(reserve) + u64::from(need) {
-            return false;
+        while (self.memory.available_permits() as u64) < u64::from(reserve) + u64::from(need) {
+            // Fills kept this long have lost their reader (or it reads slowly and will find
+            // them in the cache file): their room goes to readahead.
+            if !self.ahead.release_older_than(STALE_AHEAD) {
+                return false;
+            }
         }
         let Ok(permit) = self.memory.clone().try_acquire_many_owned(need) else {
             return false;
@@ -507,6 +529,11 @@ impl Fetcher {
         let mut parts = Vec::new();
         for s in chunk::spans(offset, len, object.size, cs) {
             let key = ChunkKey::new(object.clone(), cs, s.index);
+            if let Some(kept) = self.ahead.read(&key.id(), s.offset, s.len) {
+                Metrics::inc(&self.metrics.ahead_hits);
+                parts.push(kept);
+                continue;
+            }
             // None unless the store holds the range (its index says so first, without I/O).
             parts.push(self.store.read_now(&key, s.offset, s.len)?);
         }
@@ -597,7 +624,16 @@ impl Fetcher {
             Ok(()) => {
                 // Commit after serve: readers already have their bytes.
                 match self.store.put_chunk(&key, key.len(), fill.pieces()).await {
-                    Ok(c) => tracing::debug!(outcome = ?c, "chunk committed"),
+                    Ok(c) => {
+                        tracing::debug!(outcome = ?c, "chunk committed");
+                        // Kept only while fills take at most half the budget: many readers
+                        // must not grow the process beyond what their fills alone would take.
+                        let calm = self.memory.available_permits() as u64
+                            >= u64::from(self.memory_permits / 2);
+                        if calm && !fill.read_to_end.load(Ordering::Relaxed) {
+                            self.ahead.keep(id, fill.clone());
+                        }
+                    }
                     Err(e) => tracing::warn!(error = %e, "could not commit chunk"),
                 }
             }
@@ -799,6 +835,8 @@ pub struct Fill {
     len: u64,
     pieces: Mutex<Pieces>,
     progress: watch::Sender<Progress>,
+    /// Some read took the fill's last bytes: nobody needs it kept after it is committed.
+    read_to_end: AtomicBool,
     /// This fill's share of the memory budget, returned when the fill is dropped.
     _memory: Option<OwnedSemaphorePermit>,
 }
@@ -822,6 +860,7 @@ impl Fill {
             len,
             pieces: Mutex::new(Pieces::default()),
             progress: watch::Sender::new(Progress::default()),
+            read_to_end: AtomicBool::new(false),
             _memory: memory,
         }
     }
@@ -880,6 +919,9 @@ impl Fill {
         let end = offset.saturating_add(len).min(self.len);
         if offset >= end {
             return Ok(Bytes::new());
+        }
+        if end == self.len {
+            self.read_to_end.store(true, Ordering::Relaxed);
         }
         let mut rx = self.progress.subscribe();
         let outcome = {

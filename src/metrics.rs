@@ -67,6 +67,7 @@ metrics! {
         origin_errors: "origin requests that failed for good",
         fills_started: "chunk fills started on this host",
         fill_joins: "reads that joined a fill already in flight (singleflight)",
+        ahead_hits: "reads served from a complete fill kept in memory for its reader",
         fills_failed: "chunk fills that failed and were not committed",
         block_fills: "random reads filled by fetching only the 64 KiB blocks around them",
         disk_hits: "chunk reads served from the local disk cache",

@@ -9,6 +9,7 @@
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -216,6 +217,8 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
     notifier.ready();
     observe.ready.store(true, Ordering::Relaxed);
 
+    let mp = mountpoint.clone();
+    std::thread::spawn(move || widen_kernel_readahead(&mp));
     let result = mounted.session.run();
     observe.ready.store(false, Ordering::Relaxed);
     notifier.stopping();
@@ -691,6 +694,30 @@ fn check_mountpoint(path: &Path) -> Result<PathBuf, MountError> {
         return Err(MountError::AlreadyMounted(abs));
     }
     Ok(abs)
+}
+
+/// The kernel reads ahead of a sequential reader of a FUSE file by at most its device's
+/// `read_ahead_kb` (128 KiB unless raised; FUSE_INIT cannot ask for more), so a sequential
+/// reader's reads reach us as 128 KiB requests. Raise it to [`MAX_READ`] (as gcsfuse's
+/// `max-read-ahead-kb` does): then it costs one request per MiB, not eight. Must run after the
+/// session answered FUSE_INIT (which sets the lower of the two): the `stat` of the mount point
+/// waits for that. Needs root; without it reads are smaller, never wrong.
+fn widen_kernel_readahead(mountpoint: &Path) {
+    let device = match std::fs::metadata(mountpoint) {
+        Ok(m) => m.dev(),
+        Err(e) => {
+            tracing::info!(error = %e, "cannot stat the mount point to raise the kernel's readahead");
+            return;
+        }
+    };
+    let path = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(device),
+        libc::minor(device)
+    );
+    if let Err(e) = std::fs::write(&path, format!("{}", MAX_READ / 1024)) {
+        tracing::info!(%path, error = %e, "cannot raise the kernel's readahead: sequential reads arrive in 128 KiB requests");
+    }
 }
 
 /// Whether `abs` (canonical) is listed as a mount point in /proc/self/mountinfo.

@@ -306,3 +306,73 @@ fn random_reads_fetch_blocks_not_chunks_and_keep_them() {
     assert_eq!(st.get_bytes, size as u64, "whole chunks, each once: {st:?}");
     assert_eq!(m.unmount(), 0);
 }
+
+/// The kernel asks for a sequential reader's bytes a MiB at a time: orcafs raises its mount's
+/// `read_ahead_kb` (128 KiB unless raised, whatever the filesystem asks), so a `dd bs=1M` costs
+/// one read request per MiB, not eight.
+#[test]
+fn a_sequential_reader_costs_one_read_request_per_mebibyte() {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: raising a mount's read_ahead_kb needs root");
+        return;
+    }
+    let s = Scratch::new();
+    let o = origin(&s, BUCKET);
+    let mib = 1 << 20;
+    let data = pattern(8 * mib, 65);
+    o.put_object(BUCKET, "seq.bin", data.clone());
+    let cache = s.path("cache");
+    // One chunk: each request is one cache read, whatever its size.
+    let m = Mount::start(
+        &Target::of(&o),
+        BUCKET,
+        &s.path("mnt"),
+        &cache,
+        &["--no-passthrough", "--chunk-size", "8MiB"],
+    );
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mnt = m.mnt.to_str().unwrap();
+    let device = info
+        .lines()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .find(|f| f.get(4) == Some(&mnt))
+        .map(|f| f[2].to_string())
+        .expect("the mount is in mountinfo");
+    let kb = std::fs::read_to_string(format!("/sys/class/bdi/{device}/read_ahead_kb")).unwrap();
+    assert_eq!(kb.trim(), "1024");
+
+    assert_eq!(sha256sum(&m.path("seq.bin")), sha256_hex(&data));
+    wait_until("the object committed", Duration::from_secs(10), || {
+        cached_chunks(&cache) >= 1
+    });
+    // Out of the page cache, so the next read asks orcafs again.
+    let f = std::fs::File::open(m.path("seq.bin")).unwrap();
+    // SAFETY: a valid fd; advice only.
+    let rc = unsafe {
+        libc::posix_fadvise(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            0,
+            0,
+            libc::POSIX_FADV_DONTNEED,
+        )
+    };
+    assert_eq!(rc, 0);
+    drop(f);
+    let before = status_counter(&m, "disk_hits") + status_counter(&m, "ahead_hits");
+    let out = run_output(
+        "dd",
+        &[
+            &format!("if={}", m.path("seq.bin").display()),
+            "of=/dev/null",
+            "bs=1M",
+        ],
+    );
+    assert!(out.status.success(), "dd: {out:?}");
+    let reads = status_counter(&m, "disk_hits") + status_counter(&m, "ahead_hits") - before;
+    assert!(
+        (8..=10).contains(&reads),
+        "8 MiB in about 8 requests, not 64: {reads}"
+    );
+    assert_eq!(m.unmount(), 0);
+}

@@ -412,8 +412,28 @@ impl Held {
         }
     }
 
+    /// True when every block in `first..=last` is held. Word by word: readahead asks this of
+    /// every chunk in a reader's window on each read, 2048 blocks a chunk.
     fn all(&self, first: u64, last: u64) -> bool {
-        (first..=last).all(|i| self.has(i))
+        if first > last {
+            return true;
+        }
+        let (fw, lw) = ((first / 64) as usize, (last / 64) as usize);
+        let Some(words) = self.bits.get(fw..=lw) else {
+            return false;
+        };
+        let head = u64::MAX << (first % 64);
+        let tail = u64::MAX >> (63 - last % 64);
+        words.iter().enumerate().all(|(i, w)| {
+            let mut mask = u64::MAX;
+            if i == 0 {
+                mask &= head;
+            }
+            if i == words.len() - 1 {
+                mask &= tail;
+            }
+            w & mask == mask
+        })
     }
 
     /// Blocks of chunk `index`: first and last.
@@ -1685,6 +1705,30 @@ mod tests {
 
     fn store(dir: &Path, max: u64) -> DiskStore {
         DiskStore::open(dir, max, Arc::default()).unwrap().0
+    }
+
+    #[test]
+    fn held_ranges_are_checked_word_by_word_as_block_by_block() {
+        let blocks = 300;
+        let mut h = Held {
+            bits: vec![0; 5],
+            count: 0,
+            blocks,
+            block: BLOCK,
+            size: blocks * BLOCK,
+            chunk_size: 64 * BLOCK,
+            used: SystemTime::UNIX_EPOCH,
+        };
+        for i in (0..blocks).filter(|i| !matches!(i, 63 | 64 | 130 | 191..=193 | 299)) {
+            h.set(i, true);
+        }
+        for first in 0..blocks {
+            for last in first..blocks + 70 {
+                let one_by_one = (first..=last).all(|i| h.has(i));
+                assert_eq!(h.all(first, last), one_by_one, "blocks {first}..={last}");
+            }
+        }
+        assert!(h.all(5, 4), "an empty range is held");
     }
 
     #[test]
