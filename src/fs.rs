@@ -9,8 +9,9 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use fuser::{
@@ -136,6 +137,39 @@ pub struct OrcaFs {
     next_fh: AtomicU64,
     latency: Arc<OpLatency>,
     passthrough: Arc<Passthrough>,
+    readahead_knob: Arc<ReadaheadKnob>,
+}
+
+/// The kernel reads ahead of a FUSE file by at most its device's `read_ahead_kb` (128 KiB unless
+/// raised; FUSE_INIT cannot ask for more), so a sequential reader's reads would reach us as
+/// 128 KiB requests, eight per MiB. The mounter names the device's knob; the first request after
+/// FUSE_INIT (the kernel sends none before it has taken our INIT reply, which would lower the
+/// knob again) raises it to [`MAX_READ`], as gcsfuse's `max-read-ahead-kb` does. Needs root;
+/// without it reads are smaller, never wrong.
+#[derive(Default)]
+pub struct ReadaheadKnob {
+    path: OnceLock<PathBuf>,
+    turned: AtomicBool,
+}
+
+impl ReadaheadKnob {
+    /// The `read_ahead_kb` file of the mount's device.
+    pub fn set(&self, path: PathBuf) {
+        let _ = self.path.set(path);
+    }
+
+    fn turn(&self) {
+        if self.turned.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(path) = self.path.get() else { return };
+        if self.turned.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        if let Err(e) = std::fs::write(path, format!("{}", MAX_READ / 1024)) {
+            tracing::info!(path = %path.display(), error = %e, "cannot raise the kernel's readahead: sequential reads arrive in 128 KiB requests");
+        }
+    }
 }
 
 /// The one place errors become errno.
@@ -177,6 +211,11 @@ pub struct Source<'a> {
 }
 
 impl OrcaFs {
+    /// The knob the first request after FUSE_INIT turns (see [`ReadaheadKnob`]).
+    pub fn readahead_knob(&self) -> Arc<ReadaheadKnob> {
+        self.readahead_knob.clone()
+    }
+
     pub fn new(
         ns: Arc<Namespace>,
         fetch: Arc<Fetcher>,
@@ -197,6 +236,7 @@ impl OrcaFs {
             handles: Handles::default(),
             dirs: Dirs::default(),
             next_fh: AtomicU64::new(1),
+            readahead_knob: Arc::default(),
             latency,
         }
     }
@@ -257,6 +297,7 @@ impl Filesystem for OrcaFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.readahead_knob.turn();
         let Some(name) = name.to_str().map(str::to_string) else {
             return reply.error(Errno::ENOENT);
         };
@@ -281,6 +322,7 @@ impl Filesystem for OrcaFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.readahead_knob.turn();
         let show = self.show;
         let started = Instant::now();
         if let Local::Answer(r) = self.ns.getattr_local(ino.0) {
@@ -296,6 +338,7 @@ impl Filesystem for OrcaFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.readahead_knob.turn();
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
             return reply.error(Errno::EROFS);
         }

@@ -9,7 +9,6 @@
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -204,7 +203,12 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
         Arc::new(Passthrough::new(cfg.passthrough, metrics.clone())),
     );
 
+    let knob = fs.readahead_knob();
     let mounted = mount_fuse(fs, &mountpoint, &cfg)?;
+    match mount_device(&mountpoint) {
+        Some(device) => knob.set(format!("/sys/class/bdi/{device}/read_ahead_kb").into()),
+        None => tracing::info!("the new mount is not in /proc/self/mountinfo: the kernel's readahead stays at its default"),
+    }
     tracing::info!(bucket = %cfg.bucket, prefix = %cfg.prefix, mountpoint = %mountpoint.display(), "mounted");
     let mut unmount = mounted.unmounter;
     rt.spawn(async move {
@@ -217,8 +221,6 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
     notifier.ready();
     observe.ready.store(true, Ordering::Relaxed);
 
-    let mp = mountpoint.clone();
-    std::thread::spawn(move || widen_kernel_readahead(&mp));
     let result = mounted.session.run();
     observe.ready.store(false, Ordering::Relaxed);
     notifier.stopping();
@@ -696,28 +698,17 @@ fn check_mountpoint(path: &Path) -> Result<PathBuf, MountError> {
     Ok(abs)
 }
 
-/// The kernel reads ahead of a sequential reader of a FUSE file by at most its device's
-/// `read_ahead_kb` (128 KiB unless raised; FUSE_INIT cannot ask for more), so a sequential
-/// reader's reads reach us as 128 KiB requests. Raise it to [`MAX_READ`] (as gcsfuse's
-/// `max-read-ahead-kb` does): then it costs one request per MiB, not eight. Must run after the
-/// session answered FUSE_INIT (which sets the lower of the two): the `stat` of the mount point
-/// waits for that. Needs root; without it reads are smaller, never wrong.
-fn widen_kernel_readahead(mountpoint: &Path) {
-    let device = match std::fs::metadata(mountpoint) {
-        Ok(m) => m.dev(),
-        Err(e) => {
-            tracing::info!(error = %e, "cannot stat the mount point to raise the kernel's readahead");
-            return;
-        }
-    };
-    let path = format!(
-        "/sys/class/bdi/{}:{}/read_ahead_kb",
-        libc::major(device),
-        libc::minor(device)
-    );
-    if let Err(e) = std::fs::write(&path, format!("{}", MAX_READ / 1024)) {
-        tracing::info!(%path, error = %e, "cannot raise the kernel's readahead: sequential reads arrive in 128 KiB requests");
-    }
+/// The `major:minor` of the filesystem mounted at `abs` (canonical), from /proc/self/mountinfo
+/// (not a `stat`, which would be a request to ourselves).
+fn mount_device(abs: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = abs.to_string_lossy();
+    info.lines().rev().find_map(|l| {
+        let mut fields = l.split(' ');
+        let device = fields.nth(2)?;
+        let point = fields.nth(1)?;
+        (unescape_mountinfo(point) == want).then(|| device.to_string())
+    })
 }
 
 /// Whether `abs` (canonical) is listed as a mount point in /proc/self/mountinfo.
@@ -758,6 +749,7 @@ mod tests {
 
     #[test]
     fn mountinfo_escapes() {
+        assert!(mount_device(Path::new("/")).is_some_and(|d| d.contains(':')));
         assert_eq!(unescape_mountinfo("/mnt/a\\040b"), "/mnt/a b");
         assert_eq!(unescape_mountinfo("/plain"), "/plain");
         assert!(is_mount_point(Path::new("/")));

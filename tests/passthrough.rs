@@ -339,10 +339,10 @@ fn a_sequential_reader_costs_one_read_request_per_mebibyte() {
         .find(|f| f.get(4) == Some(&mnt))
         .map(|f| f[2].to_string())
         .expect("the mount is in mountinfo");
+    assert_eq!(sha256sum(&m.path("seq.bin")), sha256_hex(&data));
+    // Raised by the first request after FUSE_INIT.
     let kb = std::fs::read_to_string(format!("/sys/class/bdi/{device}/read_ahead_kb")).unwrap();
     assert_eq!(kb.trim(), "1024");
-
-    assert_eq!(sha256sum(&m.path("seq.bin")), sha256_hex(&data));
     wait_until("the object committed", Duration::from_secs(10), || {
         cached_chunks(&cache) >= 1
     });
