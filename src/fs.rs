@@ -92,8 +92,14 @@ impl OpenFile {
     }
 }
 
-/// How far from the previous read's end a read may start and still continue its pattern.
-const SEQUENTIAL_SLACK: u64 = 2 * MAX_READ as u64;
+/// Readahead requests the kernel may keep in flight (`max_background`, set at FUSE_INIT).
+const MAX_BACKGROUND: u16 = 16;
+
+/// How far from the previous read's end a read may start and still continue its pattern: the
+/// kernel keeps up to [`MAX_BACKGROUND`] readahead requests of up to [`MAX_READ`] in flight, and
+/// our threads may answer them in any order. A sequential read taken for a random one would be
+/// fetched as blocks beside the chunk fill readahead starts: the same bytes twice.
+const SEQUENTIAL_SLACK: u64 = (MAX_BACKGROUND as u64 + 1) * MAX_READ as u64;
 
 type Handles = Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>;
 
@@ -277,6 +283,7 @@ impl OrcaFs {
 impl Filesystem for OrcaFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_readahead(MAX_READ);
+        let _ = config.set_max_background(MAX_BACKGROUND);
         // Names come with attributes (no lookup per name for `ls -l`); the kernel chooses plain
         // readdir when nobody stats the entries (`find`, `ls`), so a huge listing does not
         // become a node per name.
