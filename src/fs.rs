@@ -77,10 +77,16 @@ impl OpenFile {
         }
         let expected = self.next_offset.load(Ordering::Relaxed);
         let was_sequential = self.sequential.load(Ordering::Relaxed);
-        let near = offset.abs_diff(expected) <= SEQUENTIAL_SLACK;
         // Before any read has been answered `expected` is 0, and the kernel's first readahead
         // reads may be handled before the read at 0 itself: near 0 is the start of a sequential
-        // reader too.
+        // reader too. Until then the kernel has sent only its first window (it reads further
+        // ahead once the reader reaches pages of that window), so a read far from 0 is random.
+        let slack = if expected == 0 {
+            FIRST_SLACK
+        } else {
+            SEQUENTIAL_SLACK
+        };
+        let near = offset.abs_diff(expected) <= slack;
         let sequential =
             offset == 0 || (expected > 0 && offset == expected) || (was_sequential && near);
         self.sequential.store(sequential, Ordering::Relaxed);
@@ -100,6 +106,9 @@ const MAX_BACKGROUND: u16 = 16;
 /// our threads may answer them in any order. A sequential read taken for a random one would be
 /// fetched as blocks beside the chunk fill readahead starts: the same bytes twice.
 const SEQUENTIAL_SLACK: u64 = (MAX_BACKGROUND as u64 + 1) * MAX_READ as u64;
+
+/// [`SEQUENTIAL_SLACK`] before the handle's first read was answered.
+const FIRST_SLACK: u64 = 2 * MAX_READ as u64;
 
 type Handles = Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>;
 
