@@ -713,13 +713,7 @@ fn mount_device(abs: &Path) -> Option<String> {
 
 /// Whether `abs` (canonical) is listed as a mount point in /proc/self/mountinfo.
 pub fn is_mount_point(abs: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = abs.to_string_lossy();
-    info.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .any(|m| unescape_mountinfo(m) == want)
+    mount_device(abs).is_some()
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.

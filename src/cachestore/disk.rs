@@ -1702,9 +1702,14 @@ fn open_direct(path: &Path) -> Option<File> {
         .ok()
 }
 
-fn write_buffered(data: &File, pieces: &[Bytes], at: u64) -> io::Result<()> {
+/// Writes `parts` one after another from `at`, through the page cache.
+fn write_buffered<'a>(
+    data: &File,
+    parts: impl IntoIterator<Item = &'a [u8]>,
+    at: u64,
+) -> io::Result<()> {
     let mut pos = at;
-    for p in pieces {
+    for p in parts {
         data.write_all_at(p, pos)?;
         pos += p.len() as u64;
     }
@@ -1725,7 +1730,7 @@ fn write_data(obj: &Obj, pieces: &[Bytes], at: u64) -> io::Result<()> {
     let direct_len = total / layout::BLOCK * layout::BLOCK;
     let direct = match &obj.direct {
         Some(f) if at % layout::BLOCK == 0 && direct_len > 0 => f,
-        _ => return write_buffered(&obj.data, pieces, at),
+        _ => return write_buffered(&obj.data, pieces.iter().map(|p| &p[..]), at),
     };
     let mut stage = pagebuf::with_capacity(DIRECT_STAGE.min(direct_len as usize));
     // The next byte to write is pieces[i][off].
@@ -1747,17 +1752,14 @@ fn write_data(obj: &Obj, pieces: &[Bytes], at: u64) -> io::Result<()> {
                 return Err(e);
             }
             // A file system that took the flag but not these writes: the page cache it is.
-            return write_buffered(&obj.data, pieces, at);
+            return write_buffered(&obj.data, pieces.iter().map(|p| &p[..]), at);
         }
         done += want as u64;
     }
-    let mut pos = at + done;
-    for (j, p) in pieces.iter().enumerate().skip(i) {
-        let rest = if j == i { &p[off..] } else { &p[..] };
-        obj.data.write_all_at(rest, pos)?;
-        pos += rest.len() as u64;
-    }
-    Ok(())
+    // The short last block, if any.
+    let tail = pieces.iter().enumerate().skip(i);
+    let tail = tail.map(|(j, p)| if j == i { &p[off..] } else { &p[..] });
+    write_buffered(&obj.data, tail, at + done)
 }
 
 #[cfg(test)]
