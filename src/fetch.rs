@@ -155,7 +155,7 @@ impl Fetcher {
             origin_slots: Semaphore::new(policy.max_origin_requests),
             memory: Arc::new(Semaphore::new(memory_permits as usize)),
             memory_permits,
-            ahead: ahead::Ahead::new(policy.memory_limit / 16),
+            ahead: ahead::Ahead::new(policy.memory_limit / 4),
             policy,
             inflight: Mutex::new(HashMap::new()),
             blocks_inflight: Mutex::new(HashMap::new()),
@@ -445,8 +445,7 @@ impl Fetcher {
         let count = chunk::chunk_count(object.size, cs);
         let last = (index + window).min(count.saturating_sub(1));
         // A chunk read from the cache: let the store read ahead of the reader within it too.
-        self.store
-            .will_read(&ChunkKey::new(object.clone(), cs, index));
+        self.will_read(&ChunkKey::new(object.clone(), cs, index));
         for i in index + 1..=last {
             if !self.prefetch(ChunkKey::new(object.clone(), cs, i)) {
                 break;
@@ -485,7 +484,7 @@ impl Fetcher {
         }
         let id = key.id();
         if self.is_stored(&key) {
-            self.store.will_read(&key);
+            self.will_read(&key);
             return true;
         }
         if self.inflight().contains_key(&id) {
@@ -510,6 +509,15 @@ impl Fetcher {
             self.start_fill(&mut map, key, id, permit, Route::ViaCoordinator, false);
         }
         true
+    }
+
+    /// Tells the store a reader is coming for a stored chunk, unless its fill is kept in
+    /// memory for that reader: then the store reading it back (its data went past the page
+    /// cache) would be wasted work and memory.
+    fn will_read(&self, key: &ChunkKey) {
+        if !self.ahead.holds(&key.id()) {
+            self.store.will_read(key);
+        }
     }
 
     fn is_stored(&self, key: &ChunkKey) -> bool {
@@ -705,7 +713,8 @@ impl Fetcher {
     pub fn stream_local(self: &Arc<Self>, key: ChunkKey) -> ChunkStream {
         enum State {
             Start(Arc<Fetcher>, ChunkKey),
-            Fill(Arc<Fill>, usize),
+            /// The fill, and the offset of the next byte to stream.
+            Fill(Arc<Fill>, u64),
             Store(ChunkStream),
         }
         let stream =
@@ -723,9 +732,12 @@ impl Fetcher {
                                 return Some((Err(StoreError::Transient(e.to_string())), None))
                             }
                         },
-                        State::Fill(fill, i) => {
-                            return match fill.piece(i).await {
-                                Some(Ok(b)) => Some((Ok(b), Some(State::Fill(fill, i + 1)))),
+                        State::Fill(fill, at) => {
+                            return match fill.next(at).await {
+                                Some(Ok(b)) => {
+                                    let at = at + b.len() as u64;
+                                    Some((Ok(b), Some(State::Fill(fill, at))))
+                                }
                                 Some(Err(e)) => {
                                     Some((Err(StoreError::Transient(e.to_string())), None))
                                 }
@@ -830,10 +842,18 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_millis((base + fastrand::u64(..=base / 2)).min(5_000))
 }
 
-/// A chunk being fetched: pieces in order, readable while more arrive.
+/// How a fill keeps its bytes: page-aligned segments of this size (the last may be shorter),
+/// each copied together from the pieces the network delivered. One copy, and then a kernel-sized
+/// read inside a segment is a slice of it (the FUSE reply, a page-aligned buffer, costs no second
+/// copy), and a commit hands whole aligned blocks to O_DIRECT as they are (no staging copy). The
+/// pieces themselves (slices of the HTTP client's read buffers, of any size and alignment) are
+/// let go at once instead of pinning those buffers for as long as the fill lives.
+const SEGMENT: u64 = 1 << 20;
+
+/// A chunk being fetched: its bytes in order, readable while more arrive.
 pub struct Fill {
     len: u64,
-    pieces: Mutex<Pieces>,
+    bytes: Mutex<Segments>,
     progress: watch::Sender<Progress>,
     /// Some read took the fill's last bytes: nobody needs it kept after it is committed.
     read_to_end: AtomicBool,
@@ -841,10 +861,11 @@ pub struct Fill {
     _memory: Option<OwnedSemaphorePermit>,
 }
 
-#[derive(Default)]
-struct Pieces {
-    /// `(offset in chunk, bytes)`, contiguous and in order.
-    list: Vec<(u64, Bytes)>,
+struct Segments {
+    /// Full segments: `done[i]` holds bytes `[i*SEGMENT, (i+1)*SEGMENT)` (or to the end).
+    done: Vec<Bytes>,
+    /// The segment being filled, after the last of `done`.
+    open: pagebuf::PageVec,
     filled: u64,
 }
 
@@ -858,31 +879,51 @@ impl Fill {
     fn new(len: u64, memory: Option<OwnedSemaphorePermit>) -> Fill {
         Fill {
             len,
-            pieces: Mutex::new(Pieces::default()),
+            bytes: Mutex::new(Segments {
+                done: Vec::new(),
+                open: pagebuf::with_capacity(0),
+                filled: 0,
+            }),
             progress: watch::Sender::new(Progress::default()),
             read_to_end: AtomicBool::new(false),
             _memory: memory,
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Pieces> {
-        self.pieces.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Segments> {
+        self.bytes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn filled(&self) -> u64 {
         self.lock().filled
     }
 
+    /// Appends the next bytes. Callers never push past `len`.
     fn push(&self, piece: Bytes) {
         if piece.is_empty() {
             return;
         }
         let filled = {
-            let mut p = self.lock();
-            let at = p.filled;
-            p.filled += piece.len() as u64;
-            p.list.push((at, piece));
-            p.filled
+            let mut s = self.lock();
+            // Callers stop a source that sends more than the fill holds; never grow past it.
+            let room = self.len.saturating_sub(s.filled) as usize;
+            let mut rest = &piece[..piece.len().min(room)];
+            while !rest.is_empty() {
+                let seg_start = s.filled / SEGMENT * SEGMENT;
+                let seg_len = (self.len - seg_start).min(SEGMENT);
+                if s.open.capacity() == 0 {
+                    s.open = pagebuf::with_capacity(seg_len as usize);
+                }
+                let take = rest.len().min((seg_start + seg_len - s.filled) as usize);
+                s.open.extend_from_slice(&rest[..take]);
+                s.filled += take as u64;
+                rest = &rest[take..];
+                if s.filled == seg_start + seg_len {
+                    let full = std::mem::replace(&mut s.open, pagebuf::with_capacity(0));
+                    s.done.push(pagebuf::freeze(full));
+                }
+            }
+            s.filled
         };
         self.progress.send_modify(|pr| pr.filled = filled);
     }
@@ -891,26 +932,42 @@ impl Fill {
         self.progress.send_modify(|pr| pr.outcome = Some(outcome));
     }
 
+    /// Everything that has arrived, in order: the full segments and a copy of the open one.
     fn pieces(&self) -> Vec<Bytes> {
-        self.lock().list.iter().map(|(_, b)| b.clone()).collect()
+        let s = self.lock();
+        let mut all = s.done.clone();
+        if !s.open.is_empty() {
+            all.push(Bytes::copy_from_slice(&s.open));
+        }
+        all
     }
 
-    /// Piece `i` once it has arrived; None after the last piece of a complete fill.
-    async fn piece(&self, i: usize) -> Option<Result<Bytes, FetchError>> {
+    /// The bytes from `offset` that have arrived, up to the end of the segment they start in,
+    /// once at least one has; None at the end of a complete fill.
+    async fn next(&self, offset: u64) -> Option<Result<Bytes, FetchError>> {
+        if offset >= self.len {
+            return None;
+        }
         let mut rx = self.progress.subscribe();
-        loop {
-            let outcome = rx.borrow_and_update().outcome.clone();
-            if let Some((_, piece)) = self.lock().list.get(i) {
-                return Some(Ok(piece.clone()));
+        let outcome = {
+            let p = rx
+                .wait_for(|p| p.filled > offset || p.outcome.is_some())
+                .await;
+            match p {
+                Err(_) => return Some(Err(FetchError::Abandoned)),
+                Ok(p) if p.filled > offset => None,
+                Ok(p) => p.outcome.clone(),
             }
-            match outcome {
-                Some(Ok(())) => return None,
-                Some(Err(e)) => return Some(Err(e)),
-                None => {}
+        };
+        match outcome {
+            None => {
+                let s = self.lock();
+                let end = ((offset / SEGMENT + 1) * SEGMENT).min(s.filled);
+                Some(Ok(s.range(offset, end)))
             }
-            if rx.changed().await.is_err() {
-                return Some(Err(FetchError::Abandoned));
-            }
+            // A fill reports success only when it has every byte.
+            Some(Ok(())) => None,
+            Some(Err(e)) => Some(Err(e)),
         }
     }
 
@@ -936,30 +993,39 @@ impl Fill {
             }
         };
         match outcome {
-            None | Some(Ok(())) => Ok(self.copy_range(offset, end)),
+            None | Some(Ok(())) => Ok(self.range(offset, end)),
             Some(Err(e)) => Err(e),
         }
     }
 
-    /// The bytes `[start, end)`, all of which have arrived. Zero-copy when inside one piece.
-    fn copy_range(&self, start: u64, end: u64) -> Bytes {
-        let p = self.lock();
-        let first = p
-            .list
-            .partition_point(|(at, b)| at + b.len() as u64 <= start);
-        let (at, piece) = &p.list[first];
-        if end <= at + piece.len() as u64 {
-            return piece.slice((start - at) as usize..(end - at) as usize);
+    /// The bytes `[start, end)`, all of which have arrived.
+    fn range(&self, start: u64, end: u64) -> Bytes {
+        self.lock().range(start, end)
+    }
+}
+
+impl Segments {
+    /// The bytes `[start, end)`, all of which have arrived. Zero-copy inside one full segment;
+    /// otherwise copied into a page-aligned buffer, as it goes to the kernel as a FUSE reply.
+    fn range(&self, start: u64, end: u64) -> Bytes {
+        let first = (start / SEGMENT) as usize;
+        let at = first as u64 * SEGMENT;
+        if let Some(seg) = self.done.get(first) {
+            if end <= at + seg.len() as u64 {
+                return seg.slice((start - at) as usize..(end - at) as usize);
+            }
         }
-        // Page-aligned: it goes to the kernel as a FUSE reply.
         let mut out = pagebuf::with_capacity((end - start) as usize);
-        for (at, piece) in &p.list[first..] {
-            if *at >= end {
+        let open = (!self.open.is_empty()).then_some(&self.open[..]);
+        let segments = self.done.iter().map(|b| &b[..]).chain(open);
+        for (i, seg) in segments.enumerate().skip(first) {
+            let at = i as u64 * SEGMENT;
+            if at >= end {
                 break;
             }
-            let from = start.saturating_sub(*at) as usize;
-            let to = ((end - at) as usize).min(piece.len());
-            out.extend_from_slice(&piece[from..to]);
+            let from = start.saturating_sub(at) as usize;
+            let to = ((end - at) as usize).min(seg.len());
+            out.extend_from_slice(&seg[from..to]);
         }
         pagebuf::freeze(out)
     }
@@ -970,21 +1036,46 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn a_read_across_pieces_comes_page_aligned_and_whole() {
-        let fill = Arc::new(Fill::new(10_000, None));
-        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+    async fn reads_come_whole_page_aligned_and_inside_a_segment_without_a_copy() {
+        let len = 2 * SEGMENT + 10_000;
+        let fill = Arc::new(Fill::new(len, None));
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
         for piece in data.chunks(777) {
             fill.push(Bytes::copy_from_slice(piece));
         }
         fill.finish(Ok(()));
-        let got = fill.read(100, 5_000).await.unwrap();
-        assert_eq!(&got[..], &data[100..5_100]);
         // It goes to the kernel as a FUSE reply: a buffer starting mid-page costs two page
         // copies for every page of the reply.
-        assert_eq!(got.as_ptr() as usize % 4096, 0);
-        // Inside one piece: a slice of it, no copy.
-        let inside = fill.read(10, 20).await.unwrap();
-        assert_eq!(&inside[..], &data[10..30]);
+        let s = SEGMENT as usize;
+        for (at, n) in [
+            (4096, 8192),
+            (s - 4096, 8192),
+            (2 * s, 10_000),
+            (0, 2 * s + 10_000),
+        ] {
+            let got = fill.read(at as u64, n as u64).await.unwrap();
+            assert_eq!(&got[..], &data[at..at + n], "{n} bytes at {at}");
+            assert_eq!(got.as_ptr() as usize % 4096, 0, "{n} bytes at {at}");
+        }
+        // Inside one segment: slices of it, no copy.
+        let a = fill.read(SEGMENT, 4096).await.unwrap();
+        let b = fill.read(SEGMENT + 4096, 4096).await.unwrap();
+        assert_eq!(b.as_ptr() as usize, a.as_ptr() as usize + 4096);
+        // What a commit writes: whole aligned segments, then the short last one.
+        let pieces = fill.pieces();
+        let lens: Vec<usize> = pieces.iter().map(|p| p.len()).collect();
+        assert_eq!(lens, [s, s, 10_000]);
+        assert!(pieces.iter().all(|p| p.as_ptr() as usize % 4096 == 0));
+        assert_eq!(pieces.concat(), data);
+    }
+
+    #[tokio::test]
+    async fn a_source_that_sends_too_much_never_grows_the_fill() {
+        let fill = Fill::new(6, None);
+        fill.push(Bytes::from_static(b"0123"));
+        fill.push(Bytes::from_static(b"456789"));
+        assert_eq!(fill.filled(), 6);
+        assert_eq!(fill.pieces().concat(), b"012345");
     }
 
     #[tokio::test]
@@ -1001,11 +1092,11 @@ mod tests {
         assert_eq!(&late.await.unwrap().unwrap()[..], b"234567");
         fill.finish(Ok(()));
         assert_eq!(&fill.read(0, 100).await.unwrap()[..], b"0123456789");
-        // Piece by piece, as the cluster server streams it.
-        assert_eq!(&fill.piece(1).await.unwrap().unwrap()[..], b"45");
+        // As the cluster server streams it: whatever has arrived from an offset.
+        assert_eq!(&fill.next(4).await.unwrap().unwrap()[..], b"456789");
         assert!(
-            fill.piece(3).await.is_none(),
-            "no piece after the last of a complete fill"
+            fill.next(10).await.is_none(),
+            "nothing after the end of a complete fill"
         );
 
         let broken = Arc::new(Fill::new(10, None));

@@ -1716,22 +1716,47 @@ fn write_buffered<'a>(
     Ok(())
 }
 
-/// How much of a fill goes to the disk per O_DIRECT write.
+/// How much of a fill goes to the disk per O_DIRECT write through the staging buffer.
 const DIRECT_STAGE: usize = 1 << 20;
 
 /// Writes `pieces` at `at` in the data file. A cold read writes every byte it fetches; written
 /// through the page cache, each written page is a page the kernel must first find (on a busy
 /// host, by reclaiming another) and later write back, and readers are served from the fill in
-/// memory, not from these pages. So whole 4 KiB blocks go with O_DIRECT (through one page-aligned
-/// staging buffer, as O_DIRECT needs); a short last block of the object, or a file system without
-/// O_DIRECT, goes through the page cache.
+/// memory, not from these pages. So whole 4 KiB blocks go with O_DIRECT; a short last block of
+/// the object, or a file system without O_DIRECT, goes through the page cache. A fill hands over
+/// page-aligned segments of whole blocks, which go as they are; other pieces go through a
+/// page-aligned staging buffer, as O_DIRECT needs.
 fn write_data(obj: &Obj, pieces: &[Bytes], at: u64) -> io::Result<()> {
-    let total: u64 = pieces.iter().map(|p| p.len() as u64).sum();
-    let direct_len = total / layout::BLOCK * layout::BLOCK;
     let direct = match &obj.direct {
-        Some(f) if at % layout::BLOCK == 0 && direct_len > 0 => f,
+        Some(f) if at % layout::BLOCK == 0 => f,
         _ => return write_buffered(&obj.data, pieces.iter().map(|p| &p[..]), at),
     };
+    let block = layout::BLOCK as usize;
+    let mut pos = at;
+    for (i, p) in pieces.iter().enumerate() {
+        let whole = p.len() / block * block;
+        let last = i + 1 == pieces.len();
+        if p.as_ptr() as usize % block != 0 || (whole < p.len() && !last) {
+            return write_staged(obj, direct, &pieces[i..], pos);
+        }
+        if let Err(e) = direct.write_all_at(&p[..whole], pos) {
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                return Err(e);
+            }
+            // A file system that took the flag but not these writes: the page cache it is.
+            return write_buffered(&obj.data, pieces[i..].iter().map(|p| &p[..]), pos);
+        }
+        write_buffered(&obj.data, [&p[whole..]], pos + whole as u64)?;
+        pos += p.len() as u64;
+    }
+    Ok(())
+}
+
+/// [`write_data`] for pieces of any size and alignment, from a block boundary `at`: whole
+/// blocks through a page-aligned staging buffer with O_DIRECT, the short tail buffered.
+fn write_staged(obj: &Obj, direct: &File, pieces: &[Bytes], at: u64) -> io::Result<()> {
+    let total: u64 = pieces.iter().map(|p| p.len() as u64).sum();
+    let direct_len = total / layout::BLOCK * layout::BLOCK;
     let mut stage = pagebuf::with_capacity(DIRECT_STAGE.min(direct_len as usize));
     // The next byte to write is pieces[i][off].
     let (mut i, mut off, mut done) = (0usize, 0usize, 0u64);
@@ -1751,7 +1776,6 @@ fn write_data(obj: &Obj, pieces: &[Bytes], at: u64) -> io::Result<()> {
             if e.raw_os_error() != Some(libc::EINVAL) {
                 return Err(e);
             }
-            // A file system that took the flag but not these writes: the page cache it is.
             return write_buffered(&obj.data, pieces.iter().map(|p| &p[..]), at);
         }
         done += want as u64;
@@ -1817,6 +1841,41 @@ mod tests {
         eprintln!("O_DIRECT writes here: {direct}");
         let got = s.read(&k, 0, size as u64).unwrap().unwrap();
         assert!(got[..] == d[..], "every byte back, in place");
+
+        // As a fill hands them over: page-aligned whole-block segments, then (here) pieces of
+        // any size after them, and a short tail.
+        let k = key("f", size as u64, 4 << 20, 0);
+        let aligned = |b: &[u8]| {
+            let mut v = pagebuf::with_capacity(b.len());
+            v.extend_from_slice(b);
+            pagebuf::freeze(v)
+        };
+        let mut pieces = vec![
+            aligned(&d[..DIRECT_STAGE]),
+            aligned(&d[DIRECT_STAGE..2 * DIRECT_STAGE]),
+        ];
+        pieces.extend(
+            d[2 * DIRECT_STAGE..]
+                .chunks(7777)
+                .map(Bytes::copy_from_slice),
+        );
+        s.write(&k, &pieces).unwrap();
+        let got = s.read(&k, 0, size as u64).unwrap().unwrap();
+        assert!(
+            got[..] == d[..],
+            "every byte back from aligned segments and pieces"
+        );
+        let k = key("g", size as u64, 4 << 20, 0);
+        let pieces = vec![
+            aligned(&d[..2 * DIRECT_STAGE]),
+            aligned(&d[2 * DIRECT_STAGE..]),
+        ];
+        s.write(&k, &pieces).unwrap();
+        let got = s.read(&k, 0, size as u64).unwrap().unwrap();
+        assert!(
+            got[..] == d[..],
+            "every byte back from aligned segments with a short tail"
+        );
     }
 
     #[test]

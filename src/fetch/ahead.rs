@@ -77,7 +77,12 @@ impl Ahead {
             fill
         };
         let end = offset.saturating_add(len).min(fill.len);
-        Some(fill.copy_range(offset.min(end), end))
+        Some(fill.range(offset.min(end), end))
+    }
+
+    /// True when the chunk's fill is kept.
+    pub(super) fn holds(&self, id: &ChunkId) -> bool {
+        self.lock().kept.iter().any(|k| k.id == *id)
     }
 
     /// Lets go of the oldest kept fill kept longer than `age`; false when there is none.
@@ -121,6 +126,7 @@ mod tests {
         let ahead = Ahead::new(1 << 20);
         assert!(ahead.keep(id(1), complete(1000, 7)));
         assert_eq!(ahead.bytes(), 1000);
+        assert!(ahead.holds(&id(1)) && !ahead.holds(&id(2)));
         let got = ahead.read(&id(1), 490, 20).unwrap();
         assert_eq!(&got[..], &[[7u8; 10], [8u8; 10]].concat()[..]);
         assert!(
@@ -133,6 +139,7 @@ mod tests {
             "gone after its end was read"
         );
         assert_eq!(ahead.bytes(), 0);
+        assert!(!ahead.holds(&id(1)));
     }
 
     #[test]
