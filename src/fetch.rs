@@ -24,8 +24,10 @@
 //! long reads from it need many GETs in flight, while a fast origin keeps ahead with a few.
 //! So fill memory is bounded by configuration, not by object sizes or the number of readers.
 //! A fill that completes before its reader has read it to the end is kept, with its memory, for
-//! that reader ([`ahead`]; at most a sixteenth of the budget, and only while fills take at most
-//! half of it), and given up when a reader's fill wants the room.
+//! that reader ([`ahead`]; at most a quarter of the budget, and only while fills take at most
+//! half of it), and given up when a reader's fill wants the room. A fill holds its bytes in
+//! page-aligned segments ([`SEGMENT`]), so the kernel's reads and the commit's O_DIRECT writes
+//! take them without another copy.
 //!
 //! Must not know about inodes or FUSE.
 
