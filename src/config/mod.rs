@@ -265,7 +265,7 @@ pub struct MountArgs {
     /// --readahead-chunks up to this each time the reader catches up with it [default: 16]
     #[arg(long, value_name = "N")]
     pub readahead_max_chunks: Option<u64>,
-    /// Memory for chunk fills and readahead; new fills wait when it is used [default: 320MiB]
+    /// Memory for chunk fills and readahead; new fills wait when it is used [default: 192MiB]
     #[arg(long, value_name = "SIZE")]
     pub memory_limit: Option<String>,
     /// Evict local chunks not read for this long, e.g. 7d [default: none, size bound only]
@@ -410,7 +410,7 @@ fn merge(args: &MountArgs, file: FileConfig) -> Result<Config, ConfigError> {
     // A window never shrinks below where it starts: a larger start raises the most too.
     let readahead_max_chunks = readahead_max_chunks.max(readahead_chunks);
     let memory_limit =
-        pick_size("memory limit", &args.memory_limit, &file.memory_limit)?.unwrap_or(320 << 20);
+        pick_size("memory limit", &args.memory_limit, &file.memory_limit)?.unwrap_or(192 << 20);
     if memory_limit < chunk_size {
         return Err(invalid(
             "memory limit",

@@ -148,7 +148,25 @@ impl FsMount {
                 self.log_tail()
             );
         }
+        if result.is_err() {
+            // The table keeps one line per row; the log says why (it goes with the work dir).
+            eprintln!(
+                "{what} through {} failed; the last warnings of its log:\n{}",
+                self.name,
+                self.log_warnings()
+            );
+        }
         result.with_context(|| format!("{what} through {}", self.name))
+    }
+
+    /// The last 20 lines of the log that are not INFO or DEBUG.
+    fn log_warnings(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.contains(" INFO ") && !l.contains(" DEBUG "))
+            .collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
     /// Unmounts and waits for the process to exit; errors say why not.

@@ -82,7 +82,7 @@ struct Args {
     #[arg(long, default_value_t = 2000)]
     random_reads: usize,
     /// Random 1 MiB reads of the cached object.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 400)]
     random_large_reads: usize,
     /// Random 4 KiB reads of the cold object in each round (origin bytes and IOPS).
     #[arg(long, default_value_t = 100)]
