@@ -17,8 +17,8 @@
 //! changed) are final. A semaphore caps concurrent origin GETs per host (with a queue timeout).
 //!
 //! Memory: every fill holds permits for its length from one budget (`memory_limit`) until it is
-//! committed and dropped. A reader's fill waits for room; readahead takes at most half of the
-//! budget and is skipped beyond that. A sequential reader's readahead window starts small and
+//! committed and dropped. A reader's fill waits for room; readahead takes at most three quarters
+//! of the budget and is skipped beyond that. A sequential reader's readahead window starts small and
 //! doubles each time the reader enters a chunk still being filled (`readahead_chunks` up to
 //! `readahead_max_chunks`): a remote origin gives each connection a share of its bandwidth, so
 //! long reads from it need many GETs in flight, while a fast origin keeps ahead with a few.
@@ -492,10 +492,12 @@ impl Fetcher {
         if self.inflight().contains_key(&id) {
             return true;
         }
-        // Readahead leaves half the budget (none when it holds a single chunk) to readers' own
-        // fills: many readers' windows together never make a read wait long for room.
+        // Readahead leaves a quarter of the budget (none when it holds a single chunk) to
+        // readers' own fills: many readers' windows together never make a read wait long for
+        // room, and one reader's window of 16 chunks fits the default budget (a remote origin
+        // needs that many GETs in flight: bench row 1e).
         let need = self.permits_for(key.len());
-        let reserve = (self.memory_permits / 2).min(self.memory_permits - need);
+        let reserve = (self.memory_permits / 4).min(self.memory_permits - need);
         while (self.memory.available_permits() as u64) < u64::from(reserve) + u64::from(need) {
             // Fills kept this long have lost their reader (or it reads slowly and will find
             // them in the cache file): their room goes to readahead.
@@ -807,6 +809,11 @@ impl Fetcher {
             .map_err(|_| FetchError::QueueTimeout(self.policy.queue_timeout))?
             .map_err(|_| FetchError::Abandoned)?;
         let got = fill.filled();
+        if got >= len {
+            // The last body broke or stalled after its last byte: nothing is missing (and an
+            // empty range is no request).
+            return Ok(());
+        }
         let mut body = self
             .origin
             .get_range(&o.key, &o.etag, start + got, len - got)
