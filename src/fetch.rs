@@ -25,7 +25,7 @@
 //! So fill memory is bounded by configuration, not by object sizes or the number of readers.
 //! A fill that completes before its reader has read it to the end is kept, with its memory, for
 //! that reader ([`ahead`]; at most a quarter of the budget, and only while fills take at most
-//! half of it), and given up when a reader's fill wants the room. A fill holds its bytes in
+//! three quarters of it), and given up when a reader's fill wants the room. A fill holds its bytes in
 //! page-aligned segments ([`SEGMENT`]), so the kernel's reads and the commit's O_DIRECT writes
 //! take them without another copy.
 //!
@@ -638,10 +638,12 @@ impl Fetcher {
                 match self.store.put_chunk(&key, key.len(), fill.pieces()).await {
                     Ok(c) => {
                         tracing::debug!(outcome = ?c, "chunk committed");
-                        // Kept only while fills take at most half the budget: many readers
-                        // must not grow the process beyond what their fills alone would take.
+                        // Kept only while fills leave readers' own quarter of the budget
+                        // free (as readahead does): many readers must not grow the process
+                        // beyond what their fills alone would take. (At a half, a reader's
+                        // 16-chunk window kept nothing: 40% of its reads went to the disk.)
                         let calm = self.memory.available_permits() as u64
-                            >= u64::from(self.memory_permits / 2);
+                            >= u64::from(self.memory_permits / 4);
                         if calm && !fill.read_to_end.load(Ordering::Relaxed) {
                             self.ahead.keep(id, fill.clone());
                         }
