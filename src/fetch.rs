@@ -17,17 +17,18 @@
 //! changed) are final. A semaphore caps concurrent origin GETs per host (with a queue timeout).
 //!
 //! Memory: every fill holds permits for its length from one budget (`memory_limit`) until it is
-//! committed and dropped. A reader's fill waits for room; readahead takes at most three quarters
-//! of the budget and is skipped beyond that. A sequential reader's readahead window starts small and
-//! doubles each time the reader enters a chunk still being filled (`readahead_chunks` up to
-//! `readahead_max_chunks`): a remote origin gives each connection a share of its bandwidth, so
-//! long reads from it need many GETs in flight, while a fast origin keeps ahead with a few.
+//! committed and dropped. A reader's fill waits for room; readahead takes at most three
+//! quarters of the budget and is skipped beyond that. A sequential reader's readahead window
+//! starts small and doubles each time the reader enters a chunk still being filled
+//! (`readahead_chunks` up to `readahead_max_chunks`): a remote origin gives each connection a
+//! share of its bandwidth, so long reads from it need many GETs in flight, while a fast origin
+//! keeps ahead with a few.
 //! So fill memory is bounded by configuration, not by object sizes or the number of readers.
 //! A fill that completes before its reader has read it to the end is kept, with its memory, for
 //! that reader ([`ahead`]; at most a quarter of the budget, and only while fills take at most
-//! three quarters of it), and given up when a reader's fill wants the room. A fill holds its bytes in
-//! page-aligned segments ([`SEGMENT`]), so the kernel's reads and the commit's O_DIRECT writes
-//! take them without another copy.
+//! three quarters of it), and given up when a reader's fill wants the room. A fill holds its
+//! bytes in page-aligned segments ([`SEGMENT`]), so the kernel's reads and the commit's O_DIRECT
+//! writes take them without another copy.
 //!
 //! Must not know about inodes or FUSE.
 
@@ -187,6 +188,13 @@ impl Fetcher {
 
     fn permits_for(&self, len: u64) -> u32 {
         (len.div_ceil(PERMIT_BYTES) as u32).clamp(1, self.memory_permits)
+    }
+
+    /// The permits that readahead and kept fills leave free for readers' own fills: a quarter
+    /// of the budget, so one reader's window of 16 chunks fits the default budget (a remote
+    /// origin needs that many GETs in flight: bench row 1e).
+    fn readers_reserve(&self) -> u32 {
+        self.memory_permits / 4
     }
 
     fn inflight(&self) -> MutexGuard<'_, HashMap<ChunkId, Arc<Fill>>> {
@@ -492,12 +500,10 @@ impl Fetcher {
         if self.inflight().contains_key(&id) {
             return true;
         }
-        // Readahead leaves a quarter of the budget (none when it holds a single chunk) to
-        // readers' own fills: many readers' windows together never make a read wait long for
-        // room, and one reader's window of 16 chunks fits the default budget (a remote origin
-        // needs that many GETs in flight: bench row 1e).
+        // Readahead leaves readers' reserve (none when the budget holds a single chunk) to
+        // their own fills: many readers' windows together never make a read wait long for room.
         let need = self.permits_for(key.len());
-        let reserve = (self.memory_permits / 4).min(self.memory_permits - need);
+        let reserve = self.readers_reserve().min(self.memory_permits - need);
         while (self.memory.available_permits() as u64) < u64::from(reserve) + u64::from(need) {
             // Fills kept this long have lost their reader (or it reads slowly and will find
             // them in the cache file): their room goes to readahead.
@@ -638,12 +644,12 @@ impl Fetcher {
                 match self.store.put_chunk(&key, key.len(), fill.pieces()).await {
                     Ok(c) => {
                         tracing::debug!(outcome = ?c, "chunk committed");
-                        // Kept only while fills leave readers' own quarter of the budget
-                        // free (as readahead does): many readers must not grow the process
-                        // beyond what their fills alone would take. (At a half, a reader's
-                        // 16-chunk window kept nothing: 40% of its reads went to the disk.)
+                        // Kept only while fills leave readers' reserve free (as readahead
+                        // does): many readers must not grow the process beyond what their
+                        // fills alone would take. (With a larger reserve than readahead's, a
+                        // reader's full window kept nothing: 40% of its reads went to disk.)
                         let calm = self.memory.available_permits() as u64
-                            >= u64::from(self.memory_permits / 4);
+                            >= u64::from(self.readers_reserve());
                         if calm && !fill.read_to_end.load(Ordering::Relaxed) {
                             self.ahead.keep(id, fill.clone());
                         }
@@ -806,16 +812,17 @@ impl Fetcher {
         len: u64,
         fill: &Fill,
     ) -> Result<(), FetchError> {
+        // Only this fill's own attempts push into it, one at a time: `got` holds while we wait.
+        let got = fill.filled();
+        if got >= len {
+            // The last body broke or stalled after its last byte: nothing is missing (and an
+            // empty range is no request), so no origin slot either.
+            return Ok(());
+        }
         let _slot = tokio::time::timeout(self.policy.queue_timeout, self.origin_slots.acquire())
             .await
             .map_err(|_| FetchError::QueueTimeout(self.policy.queue_timeout))?
             .map_err(|_| FetchError::Abandoned)?;
-        let got = fill.filled();
-        if got >= len {
-            // The last body broke or stalled after its last byte: nothing is missing (and an
-            // empty range is no request).
-            return Ok(());
-        }
         let mut body = self
             .origin
             .get_range(&o.key, &o.etag, start + got, len - got)
@@ -858,8 +865,9 @@ fn backoff(attempt: u32) -> Duration {
 /// read inside a segment is a slice of it (the FUSE reply, a page-aligned buffer, costs no second
 /// copy), and a commit hands whole aligned blocks to O_DIRECT as they are (no staging copy). The
 /// pieces themselves (slices of the HTTP client's read buffers, of any size and alignment) are
-/// let go at once instead of pinning those buffers for as long as the fill lives.
-const SEGMENT: u64 = 1 << 20;
+/// let go at once instead of pinning those buffers for as long as the fill lives. It is the size
+/// `pagebuf` recycles, so segments come from its free list.
+const SEGMENT: u64 = pagebuf::RECYCLED as u64;
 
 /// A chunk being fetched: its bytes in order, readable while more arrive.
 pub struct Fill {

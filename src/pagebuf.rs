@@ -23,7 +23,7 @@ const PAGE: usize = 4096;
 pub type PageVec = AVec<u8, ConstAlign<PAGE>>;
 
 /// The size of a recycled buffer: a fill segment, a kernel read of a cached megabyte.
-const RECYCLED: usize = 1 << 20;
+pub const RECYCLED: usize = 1 << 20;
 
 /// At most this many idle buffers are kept (16 MiB); the rest go back to the allocator.
 const KEPT_IDLE: usize = 16;

@@ -125,9 +125,7 @@ impl FsMount {
 
     /// The last lines of the process's log, for error messages.
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
+        self.last_log_lines(|_| true)
     }
 
     /// Runs `f` while a watchdog kills the server if `f` takes longer than
@@ -161,11 +159,13 @@ impl FsMount {
 
     /// The last 20 lines of the log that are not INFO or DEBUG.
     fn log_warnings(&self) -> String {
+        self.last_log_lines(|l| !l.contains(" INFO ") && !l.contains(" DEBUG "))
+    }
+
+    /// The last 20 lines of the log that `keep` keeps.
+    fn last_log_lines(&self, keep: impl Fn(&str) -> bool) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text
-            .lines()
-            .filter(|l| !l.contains(" INFO ") && !l.contains(" DEBUG "))
-            .collect();
+        let lines: Vec<&str> = text.lines().filter(|l| keep(l)).collect();
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
