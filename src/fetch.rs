@@ -637,6 +637,11 @@ impl Fetcher {
             },
             None => self.fill_from_origin(&key, &fill).await,
         };
+        if result.is_err() {
+            // Out of the map before it reports: a reader that comes after the failure starts
+            // a new fill instead of joining this one only to get its error.
+            self.inflight().remove(&id);
+        }
         fill.finish(result.clone());
         match result {
             Ok(()) => {
@@ -656,13 +661,13 @@ impl Fetcher {
                     }
                     Err(e) => tracing::warn!(error = %e, "could not commit chunk"),
                 }
+                self.inflight().remove(&id);
             }
             Err(e) => {
                 Metrics::inc(&self.metrics.fills_failed);
                 tracing::warn!(error = %e, "chunk fill failed");
             }
         }
-        self.inflight().remove(&id);
     }
 
     /// Streams the chunk from the cache store into the fill; true when it is complete.

@@ -1773,6 +1773,7 @@ fn write_staged(obj: &Obj, direct: &File, pieces: &[Bytes], at: u64) -> io::Resu
             }
         }
         if let Err(e) = direct.write_all_at(&stage, at + done) {
+            pagebuf::recycle(stage);
             if e.raw_os_error() != Some(libc::EINVAL) {
                 return Err(e);
             }
@@ -1780,6 +1781,7 @@ fn write_staged(obj: &Obj, direct: &File, pieces: &[Bytes], at: u64) -> io::Resu
         }
         done += want as u64;
     }
+    pagebuf::recycle(stage);
     // The short last block, if any.
     let tail = pieces.iter().enumerate().skip(i);
     let tail = tail.map(|(j, p)| if j == i { &p[off..] } else { &p[..] });

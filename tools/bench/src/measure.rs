@@ -8,7 +8,7 @@ use crate::error::{Context, Result};
 use crate::fs::Fs;
 use crate::origin::{BIG_DIR_FILLERS, KERNEL_FIRST_READ};
 use crate::paced;
-use crate::phases::{self, Bench, Phase, NO_PASSTHROUGH};
+use crate::phases::{self, Bench, ColdSeq, Phase, NO_PASSTHROUGH};
 use crate::reads;
 use crate::report::{Goal, PeerBaselines, PeerRow, Quantity, Report, Row, Target};
 use crate::seq_rows::{self, CachedMedians, CachedRound, ColdRound, L_MOUNTPOINT, L_S3FS};
@@ -57,6 +57,16 @@ pub fn issue_goals() -> (String, Vec<Goal>) {
     ("#13".into(), goals)
 }
 
+/// Mountpoint's cold read without its cache (row 1c), in a fresh cache directory deleted after.
+fn mountpoint_cold(bench: &mut Bench) -> std::result::Result<ColdSeq, String> {
+    let nocache = Fs::MountpointNoCache;
+    let cold = bench.cold_seq(nocache).map_err(|e| e.to_string());
+    if let Err(e) = bench.forget_cache(nocache) {
+        eprintln!("orcafs-bench: {e}");
+    }
+    cold
+}
+
 /// Every orcafs metric, in the order of the issue; failures become rows.
 pub fn measure_orcafs(bench: &mut Bench, report: &mut Report) -> Baselines {
     let rounds = bench.knobs.repeat;
@@ -74,16 +84,24 @@ pub fn measure_orcafs(bench: &mut Bench, report: &mut Report) -> Baselines {
         {
             report.details.push(format!(
                 "Memory when the cold rounds started: {free:.1} GiB free of {total:.1}, \
-                 {cached:.1} GiB page cache (the puts fill it; the pages a cold read needs, for \
-                 the reader and for a cache file, are reclaimed from it, at a CPU cost to the \
-                 process that asks)."
+                 {cached:.1} GiB page cache (where free memory runs short, the pages a cold \
+                 read needs, for the reader and for a cache file, are reclaimed from the page \
+                 cache, at a CPU cost to the process that asks)."
             ));
         }
+        let what = match knobs.mountpoint_cold {
+            true => format!("{what}, Mountpoint's without its cache"),
+            false => what,
+        };
         let cold = repeated(rounds, &what, || {
             Ok(ColdRound {
                 plain: bench.plain_get().context("plain GET")?,
                 parallel: bench.plain_parallel_get().context("parallel ranged GETs")?,
                 orcafs: bench.cold_seq(Fs::Orcafs)?,
+                mountpoint: match knobs.mountpoint_cold {
+                    true => Some(mountpoint_cold(bench)),
+                    false => None,
+                },
             })
         });
         out.plain_mibps = cold
@@ -350,40 +368,6 @@ pub fn measure_peers(bench: &mut Bench, report: &mut Report, b: Baselines) {
                 nocache.name(),
                 nocache.describe(&bench.env)
             ));
-            // As many rounds as orcafs's (median): one cold read swings by a fifth here.
-            let rounds = bench.knobs.repeat;
-            let what = format!("{}: cold sequential read", nocache.name());
-            let cold = repeated(rounds, &what, || {
-                let c = bench.cold_seq(nocache);
-                if let Err(e) = bench.forget_cache(nocache) {
-                    eprintln!("orcafs-bench: {e}");
-                }
-                c
-            });
-            if let Ok(v) = &cold {
-                report.details.push(format!(
-                    "{} cold sequential rounds (MiB/s): {}.",
-                    nocache.name(),
-                    listed(v.iter().map(|c| c.mibps))
-                ));
-                let size = bench.data.main_size;
-                if let Some(cpu) = seq_rows::cpu_per_gib(v.iter().map(|c| c.cpu), size) {
-                    report.details.push(format!(
-                        "CPU seconds per GiB of {}'s cold rounds (medians), origin server / \
-                         client: {:.2} / {:.2} (its process) + {:.2} (the bench process reading \
-                         it).",
-                        nocache.name(),
-                        cpu.server,
-                        cpu.fs,
-                        cpu.bench
-                    ));
-                }
-            }
-            let cold = cold.map(|v| median_of(v.iter().map(|c| c.mibps)));
-            report.replace_row(
-                L_MOUNTPOINT,
-                seq_rows::mountpoint_row(b.orcafs_cold_mibps, &cold),
-            );
         }
         rows.push(row);
     }

@@ -39,6 +39,8 @@ pub struct Knobs {
     pub paced_mibps: u64,
     /// Whether the paced rounds read through Mountpoint too (`--with-peers`, `mount-s3` on PATH).
     pub mountpoint_paced: bool,
+    /// Mountpoint without its cache is read in the cold rounds, beside orcafs (row 1c).
+    pub mountpoint_cold: bool,
 }
 
 /// The orcafs measurements, as `--only` names them.

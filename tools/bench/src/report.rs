@@ -571,8 +571,8 @@ ones.
    8 (`--parallel-gets`) ranged `GetObject`s of contiguous ranges at once, each body copied into
    its part of one buffer, timed from sending them to the last byte of the last one, SHA-256
    checked: what the server gives one client that asks for everything at once. 1c: vs
-   Mountpoint (`mount-s3`) without `--cache`, the same cold read, as many rounds as orcafs's
-   (median), in the peer run; not measured without `--with-peers` or without `mount-s3` on PATH
+   Mountpoint (`mount-s3`) without `--cache`, the same cold read in the same rounds, each right
+   after orcafs's (median); not measured without `--with-peers` or without `mount-s3` on PATH
    (Mountpoint has no Debian package: build it from its public source, outside this
    repository). The CPU time that the origin server's process, the filesystem's process and
    the bench process (the reader, or the plain client) use during each of these reads is read
@@ -674,7 +674,7 @@ Caveats of this setup:
   compete, which lowers the cold and concurrent numbers of every filesystem alike, and anything
   else running (builds) disturbs every number: see the load averages under the details.
 - The rclone, s3fs and Mountpoint read cells (with `--with-peers`) are one round each; row 1c
-  is the median of as many rounds of Mountpoint as orcafs has, and row 5e alternates rounds of
+  reads Mountpoint in each cold round right after orcafs, and row 5e alternates rounds of
   orcafs and s3fs.
 - The goals table restates the rows: a goal is met only when every row of it that has a target
   was measured in this run and met it.

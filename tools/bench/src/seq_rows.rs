@@ -10,13 +10,15 @@ use crate::report::{Quantity, Report, Row, Target};
 use crate::MIB;
 
 /// One round of the cold sequential read and its baselines.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ColdRound {
     /// One plain GET.
     pub plain: Speed,
     /// Parallel ranged GETs of the object.
     pub parallel: Speed,
     pub orcafs: ColdSeq,
+    /// Mountpoint without its cache, right after orcafs (row 1c), when it is measured.
+    pub mountpoint: Option<std::result::Result<ColdSeq, String>>,
 }
 
 /// One round of the cached reads: the default mount, a `--no-passthrough` mount, the local copy.
@@ -90,11 +92,8 @@ pub fn cold_rows(
         &format!("{parallel} plain ranged GETs at once, warm connections"),
         PARALLEL_TARGET,
     ));
-    report.rows.push(Row::not_measured(
-        M_MOUNTPOINT,
-        "needs `--with-peers` and `mount-s3` on PATH",
-        MOUNTPOINT_TARGET,
-    ));
+    let mountpoint = mountpoint_rounds_row(report, v, cold, size);
+    report.rows.push(mountpoint);
     report.details.push(format!(
         "Cold sequential rounds (MiB/s): plain GET {}; {parallel} parallel ranged GETs {}; orcafs \
          cold {}. Origin bytes / size of the cold reads: {}.",
@@ -110,6 +109,43 @@ pub fn cold_rows(
         report.details.push(line);
     }
     Some(cold)
+}
+
+/// Row 1c from Mountpoint's cold reads in the same rounds as orcafs's, each right after
+/// orcafs's: a cold read swings by a fifth between rounds here, with the server's state and the
+/// machine's, so only reads made back to back compare.
+fn mountpoint_rounds_row(report: &mut Report, v: &[ColdRound], cold: f64, size: u64) -> Row {
+    let Some(rounds) = v
+        .iter()
+        .map(|r| r.mountpoint.clone())
+        .collect::<Option<Vec<_>>>()
+    else {
+        return Row::not_measured(
+            M_MOUNTPOINT,
+            "needs `--with-peers` and `mount-s3` on PATH",
+            MOUNTPOINT_TARGET,
+        );
+    };
+    let rounds = match rounds
+        .into_iter()
+        .collect::<std::result::Result<Vec<_>, _>>()
+    {
+        Ok(r) => r,
+        Err(e) => return mountpoint_row(Some(cold), &Err(crate::error::Error::msg(e))),
+    };
+    report.details.push(format!(
+        "Mountpoint without its cache, cold sequential rounds (MiB/s), each right after \
+         orcafs's: {}.",
+        listed(rounds.iter().map(|c| c.mibps))
+    ));
+    if let Some(cpu) = cpu_per_gib(rounds.iter().map(|c| c.cpu), size) {
+        report.details.push(format!(
+            "CPU seconds per GiB of Mountpoint's cold rounds without its cache (medians), origin \
+             server / client: {:.2} / {:.2} (its process) + {:.2} (the bench process reading it).",
+            cpu.server, cpu.fs, cpu.bench
+        ));
+    }
+    mountpoint_row(Some(cold), &Ok(median_of(rounds.iter().map(|c| c.mibps))))
 }
 
 /// The medians of some reads' CPU, per GiB of a `size`-byte object; None when a read has no
@@ -163,7 +199,7 @@ pub fn mountpoint_row(orcafs_cold: Option<f64>, mountpoint: &Result<f64>) -> Row
             M_MOUNTPOINT,
             Quantity::MibPerSec(cold),
             Quantity::MibPerSec(*mp),
-            "mount-s3 without `--cache`, median of rounds",
+            "mount-s3 without `--cache`, median of the same rounds",
             MOUNTPOINT_TARGET,
         ),
         (_, Err(e)) => Row::failed(M_MOUNTPOINT, &format!("mount-s3: {e}"), MOUNTPOINT_TARGET),

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use crate::error::{Context, Result};
 
@@ -13,6 +14,28 @@ pub fn drop_caches() -> Result<()> {
     unsafe { libc::sync() };
     std::fs::write("/proc/sys/vm/drop_caches", "3")
         .context("dropping the page cache (echo 3 > /proc/sys/vm/drop_caches; run as root)")
+}
+
+/// The share of one core under which a server counts as idle.
+pub const IDLE_SHARE: f64 = 0.05;
+
+/// Drops the page cache, then waits (at most two minutes) until the server process `pid` uses
+/// under [`IDLE_SHARE`] of a core for a second; how long that took (None without a process).
+pub fn settle(pid: Option<u32>) -> Result<Option<Duration>> {
+    drop_caches()?;
+    let Some(pid) = pid else { return Ok(None) };
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(120) {
+        let Some(before) = cpu_seconds(pid) else {
+            break;
+        };
+        std::thread::sleep(Duration::from_secs(1));
+        let Some(after) = cpu_seconds(pid) else { break };
+        if after - before < IDLE_SHARE {
+            break;
+        }
+    }
+    Ok(Some(started.elapsed()))
 }
 
 /// Whether `path` (absolute) is a mount point listed in /proc/self/mountinfo.
