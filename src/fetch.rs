@@ -44,7 +44,7 @@ use futures::StreamExt;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
-use crate::cachestore::{collect, CacheStore, ChunkStream, LocalFile, StoreError};
+use crate::cachestore::{collect, BlockCrcs, CacheStore, ChunkStream, LocalFile, StoreError};
 use crate::chunk::{self, chunk_count, ChunkId, ChunkKey, ObjectVersion};
 use crate::metrics::Metrics;
 use crate::origin::{Origin, OriginError};
@@ -597,7 +597,8 @@ impl Fetcher {
         route: Route,
         store_checked: bool,
     ) -> Arc<Fill> {
-        let fill = Arc::new(Fill::new(key.len(), Some(memory)));
+        let crcs = BlockCrcs::for_chunk(&key);
+        let fill = Arc::new(Fill::new(key.len(), Some(memory)).with_crcs(crcs));
         map.insert(id, fill.clone());
         Metrics::inc(&self.metrics.fills_started);
         let span = tracing::debug_span!("fill", bucket = %key.object.bucket, key = %key.object.key, chunk = key.index);
@@ -646,7 +647,12 @@ impl Fetcher {
         match result {
             Ok(()) => {
                 // Commit after serve: readers already have their bytes.
-                match self.store.put_chunk(&key, key.len(), fill.pieces()).await {
+                let (pieces, len) = (fill.pieces(), key.len());
+                let committed = match fill.take_crcs() {
+                    Some(crcs) => self.store.put_chunk_summed(&key, len, pieces, crcs).await,
+                    None => self.store.put_chunk(&key, len, pieces).await,
+                };
+                match committed {
                     Ok(c) => {
                         tracing::debug!(outcome = ?c, "chunk committed");
                         // Kept only while fills leave readers' reserve free (as readahead
@@ -891,6 +897,8 @@ struct Segments {
     /// The segment being filled, after the last of `done`.
     open: pagebuf::PageVec,
     filled: u64,
+    /// The blocks' CRCs for the disk cache, summed as the bytes come (a chunk fill's).
+    crcs: Option<BlockCrcs>,
 }
 
 #[derive(Clone, Default)]
@@ -907,11 +915,23 @@ impl Fill {
                 done: Vec::new(),
                 open: pagebuf::with_capacity(0),
                 filled: 0,
+                crcs: None,
             }),
             progress: watch::Sender::new(Progress::default()),
             read_to_end: AtomicBool::new(false),
             _memory: memory,
         }
+    }
+
+    /// The fill sums its blocks' CRCs as its bytes come, for the commit to hand the store.
+    fn with_crcs(mut self, crcs: BlockCrcs) -> Fill {
+        self.bytes.get_mut().unwrap_or_else(|p| p.into_inner()).crcs = Some(crcs);
+        self
+    }
+
+    /// The CRCs summed so far (all of them once the fill is complete); None after the first call.
+    fn take_crcs(&self) -> Option<BlockCrcs> {
+        self.lock().crcs.take()
     }
 
     fn lock(&self) -> MutexGuard<'_, Segments> {
@@ -940,6 +960,10 @@ impl Fill {
                 }
                 let take = rest.len().min((seg_start + seg_len - s.filled) as usize);
                 s.open.extend_from_slice(&rest[..take]);
+                // While these bytes are still in the CPU's cache.
+                if let Some(crcs) = s.crcs.as_mut() {
+                    crcs.add(&rest[..take]);
+                }
                 s.filled += take as u64;
                 rest = &rest[take..];
                 if s.filled == seg_start + seg_len {
@@ -1091,6 +1115,27 @@ mod tests {
         assert_eq!(lens, [s, s, 10_000]);
         assert!(pieces.iter().all(|p| p.as_ptr() as usize % 4096 == 0));
         assert_eq!(pieces.concat(), data);
+    }
+
+    #[test]
+    fn a_chunk_fill_sums_the_crcs_of_what_it_holds() {
+        let k = crate::cachestore::layout::test_key("e", 3 * SEGMENT + 5000, 4 << 20, 0);
+        let data: Vec<u8> = (0..k.len()).map(|i| (i * 31 + i / 4099) as u8).collect();
+        let fill = Fill::new(k.len(), None).with_crcs(BlockCrcs::for_chunk(&k));
+        // Pieces of odd sizes, across blocks and segments, and more than the fill holds.
+        for piece in data.chunks(70_001) {
+            fill.push(Bytes::copy_from_slice(piece));
+        }
+        fill.push(Bytes::from_static(b"beyond the end"));
+        let block = crate::cachestore::layout::block_size_for(k.chunk_size);
+        let want = crate::cachestore::layout::block_crcs(&fill.pieces(), block);
+        assert_eq!(want.len() as u64, k.len().div_ceil(block));
+        assert_eq!(fill.take_crcs().unwrap().finish(), want);
+        assert!(fill.take_crcs().is_none(), "taken once");
+        assert!(
+            Fill::new(3, None).take_crcs().is_none(),
+            "a block fill sums none"
+        );
     }
 
     #[tokio::test]

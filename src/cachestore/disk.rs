@@ -40,7 +40,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use lru::LruCache;
 
-use super::layout::{self, DirKind, MapHeader, Role};
+use super::layout::{self, BlockCrcs, DirKind, MapHeader, Role};
 use super::{
     check_put, once, read_after_write, CacheStore, ChunkStream, Committed, Info, LocalFile,
     StoreError,
@@ -1085,6 +1085,22 @@ impl DiskStore {
         self.write_blocks(key, 0, pieces)
     }
 
+    /// [`Self::write`] with the blocks' CRCs already computed; they are taken when they are of
+    /// this chunk's blocks (its block size, its number of blocks), else computed here.
+    pub fn write_summed(
+        &self,
+        key: &ChunkKey,
+        pieces: &[Bytes],
+        crcs: BlockCrcs,
+    ) -> Result<(), DiskError> {
+        let len: u64 = pieces.iter().map(|p| p.len() as u64).sum();
+        let block = layout::block_size_for(key.chunk_size);
+        let crcs = (crcs.block() == block)
+            .then(|| crcs.finish())
+            .filter(|c| c.len() as u64 == len.div_ceil(block));
+        self.write_blocks_with(key, 0, pieces, crcs.as_deref())
+    }
+
     /// Stores bytes of a chunk starting at `offset` inside it, a block boundary; they must end
     /// at a block boundary or at the chunk's end. What a random read fetched is kept this way.
     pub fn write_blocks(
@@ -1093,21 +1109,33 @@ impl DiskStore {
         offset: u64,
         pieces: &[Bytes],
     ) -> Result<(), DiskError> {
+        self.write_blocks_with(key, offset, pieces, None)
+    }
+
+    /// [`Self::write_blocks`], with the blocks' CRCs when they are known (else computed).
+    fn write_blocks_with(
+        &self,
+        key: &ChunkKey,
+        offset: u64,
+        pieces: &[Bytes],
+        crcs: Option<&[u32]>,
+    ) -> Result<(), DiskError> {
         // Files removed while this writer held them (a racing delete or eviction) lost what it
         // wrote: write again into new files, once.
-        if !self.write_blocks_once(key, offset, pieces)? {
+        if !self.write_blocks_once(key, offset, pieces, crcs)? {
             self.forget_object(&key.version());
-            self.write_blocks_once(key, offset, pieces)?;
+            self.write_blocks_once(key, offset, pieces, crcs)?;
         }
         Ok(())
     }
 
-    /// [`Self::write_blocks`]; false when the files were unlinked meanwhile.
+    /// [`Self::write_blocks_with`]; false when the files were unlinked meanwhile.
     fn write_blocks_once(
         &self,
         key: &ChunkKey,
         offset: u64,
         pieces: &[Bytes],
+        crcs: Option<&[u32]>,
     ) -> Result<bool, DiskError> {
         let v = key.version();
         let len: u64 = pieces.iter().map(|p| p.len() as u64).sum();
@@ -1128,10 +1156,13 @@ impl DiskStore {
         let data_path = layout::data_path(&self.root, &v);
         let sharing = obj.writing.read().unwrap_or_else(|p| p.into_inner());
         write_data(&obj, pieces, key.start() + offset).map_err(io_err(&data_path))?;
-        let crcs: Vec<Option<u32>> = layout::block_crcs(pieces, block)
-            .into_iter()
-            .map(Some)
-            .collect();
+        let crcs: Vec<Option<u32>> = match crcs {
+            Some(known) => known.iter().copied().map(Some).collect(),
+            None => layout::block_crcs(pieces, block)
+                .into_iter()
+                .map(Some)
+                .collect(),
+        };
         let first = (key.start() + offset) / block;
         obj.set_entries(first, &crcs)
             .map_err(io_err(&layout::map_path(&self.root, &v)))?;
@@ -1574,6 +1605,33 @@ impl DiskDriver {
     }
 }
 
+impl DiskDriver {
+    async fn put(
+        &self,
+        key: &ChunkKey,
+        size: u64,
+        data: Vec<Bytes>,
+        crcs: Option<BlockCrcs>,
+    ) -> Result<Committed, StoreError> {
+        check_put(key, size, &data)?;
+        if self.0.contains(key) {
+            return Ok(Committed::AlreadyThere);
+        }
+        let k = key.clone();
+        self.blocking(move |d| {
+            match crcs {
+                Some(crcs) => d.write_summed(&k, &data, crcs)?,
+                None => d.write(&k, &data)?,
+            }
+            d.seal_if_whole(&k);
+            Ok(())
+        })
+        .await?
+        .map_err(store_err)?;
+        Ok(Committed::Stored)
+    }
+}
+
 #[async_trait::async_trait]
 impl CacheStore for DiskDriver {
     fn name(&self) -> &str {
@@ -1606,19 +1664,17 @@ impl CacheStore for DiskDriver {
         size: u64,
         data: Vec<Bytes>,
     ) -> Result<Committed, StoreError> {
-        check_put(key, size, &data)?;
-        if self.0.contains(key) {
-            return Ok(Committed::AlreadyThere);
-        }
-        let k = key.clone();
-        self.blocking(move |d| {
-            d.write(&k, &data)?;
-            d.seal_if_whole(&k);
-            Ok(())
-        })
-        .await?
-        .map_err(store_err)?;
-        Ok(Committed::Stored)
+        self.put(key, size, data, None).await
+    }
+
+    async fn put_chunk_summed(
+        &self,
+        key: &ChunkKey,
+        size: u64,
+        data: Vec<Bytes>,
+        crcs: BlockCrcs,
+    ) -> Result<Committed, StoreError> {
+        self.put(key, size, data, Some(crcs)).await
     }
 
     async fn stat(&self, key: &ChunkKey) -> Result<Option<Info>, StoreError> {
@@ -1823,6 +1879,42 @@ mod tests {
             }
         }
         assert!(h.all(5, 4), "an empty range is held");
+    }
+
+    #[test]
+    fn crcs_summed_by_the_fill_are_the_ones_kept_when_they_fit_the_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), 1 << 30);
+        let size = 3 * BLOCK as usize + 100;
+        let d = data(size);
+        let pieces = vec![Bytes::from(d.clone())];
+        let summed = |block| {
+            let mut c = BlockCrcs::new(block);
+            c.add(&d);
+            c
+        };
+        // Right ones: stored, and the data reads back checked against them.
+        let k = key("e", size as u64, 4 << 20, 0);
+        s.write_summed(&k, &pieces, summed(BLOCK)).unwrap();
+        assert_eq!(s.read(&k, 0, size as u64).unwrap().unwrap(), d);
+        // Of another block size: not taken, the store sums its own.
+        let k = key("f", size as u64, 4 << 20, 0);
+        s.write_summed(&k, &pieces, summed(2 * BLOCK)).unwrap();
+        assert_eq!(s.read(&k, 0, size as u64).unwrap().unwrap(), d);
+        // Of this block size but other bytes: taken as given, so the block they do not match
+        // is never served (these are the CRCs the cache checks reads against).
+        let k = key("g", size as u64, 4 << 20, 0);
+        let mut other = d.clone();
+        other[BLOCK as usize + 1] ^= 1;
+        let mut wrong = BlockCrcs::new(BLOCK);
+        wrong.add(&other);
+        s.write_summed(&k, &pieces, wrong).unwrap();
+        assert!(s.read(&k, 0, BLOCK).unwrap().is_some(), "block 0 matches");
+        assert!(
+            s.read(&k, BLOCK, BLOCK).unwrap().is_none(),
+            "block 1 does not"
+        );
+        assert!(s.metrics.disk_corrupt.get() >= 1);
     }
 
     #[test]

@@ -566,26 +566,65 @@ pub fn read_entries(file: &File, h: &MapHeader) -> io::Result<Vec<Option<u32>>> 
 
 /// CRC32C of each `block` bytes of the data, computed across piece boundaries.
 pub fn block_crcs(pieces: &[Bytes], block: u64) -> Vec<u32> {
-    let data_len: u64 = pieces.iter().map(|p| p.len() as u64).sum();
-    let mut crcs = Vec::with_capacity(data_len.div_ceil(block) as usize);
-    let (mut crc, mut in_block) = (0u32, 0u64);
-    for piece in pieces {
-        let mut rest: &[u8] = piece;
-        while !rest.is_empty() {
-            let take = ((block - in_block) as usize).min(rest.len());
-            crc = crc32c::crc32c_append(crc, &rest[..take]);
-            in_block += take as u64;
-            rest = &rest[take..];
-            if in_block == block {
-                crcs.push(crc);
-                (crc, in_block) = (0, 0);
+    let mut crcs = BlockCrcs::new(block);
+    pieces.iter().for_each(|p| crcs.add(p));
+    crcs.finish()
+}
+
+/// The CRC32C of each block of a chunk's data, computed as its bytes come in order. A fill
+/// computes them while each piece is still in the CPU's cache; reading the chunk again for them
+/// at commit, after O_DIRECT wrote it past the cache, was a tenth of a cold read's CPU.
+#[derive(Debug, Clone)]
+pub struct BlockCrcs {
+    block: u64,
+    done: Vec<u32>,
+    /// The CRC of the block being summed, and how many of its bytes it covers.
+    crc: u32,
+    in_block: u64,
+}
+
+impl BlockCrcs {
+    pub fn new(block: u64) -> BlockCrcs {
+        BlockCrcs {
+            block: block.max(1),
+            done: Vec::new(),
+            crc: 0,
+            in_block: 0,
+        }
+    }
+
+    /// For the data of `key`'s chunk from its first byte, in the blocks the disk keeps.
+    pub fn for_chunk(key: &ChunkKey) -> BlockCrcs {
+        let mut crcs = BlockCrcs::new(block_size_for(key.chunk_size));
+        crcs.done.reserve(key.len().div_ceil(crcs.block) as usize);
+        crcs
+    }
+
+    /// The next bytes of the data.
+    pub fn add(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let take = ((self.block - self.in_block) as usize).min(bytes.len());
+            self.crc = crc32c::crc32c_append(self.crc, &bytes[..take]);
+            self.in_block += take as u64;
+            bytes = &bytes[take..];
+            if self.in_block == self.block {
+                self.done.push(self.crc);
+                (self.crc, self.in_block) = (0, 0);
             }
         }
     }
-    if in_block > 0 {
-        crcs.push(crc);
+
+    pub fn block(&self) -> u64 {
+        self.block
     }
-    crcs
+
+    /// Every block's CRC, the last (shorter) block's included.
+    pub fn finish(mut self) -> Vec<u32> {
+        if self.in_block > 0 {
+            self.done.push(self.crc);
+        }
+        self.done
+    }
 }
 
 /// True when every block of `key`'s chunk is in the cache at `root`, going by its map alone
@@ -640,7 +679,7 @@ impl<'a> Reader<'a> {
 
 /// A chunk key for tests of the cache's files.
 #[cfg(test)]
-pub(super) fn test_key(etag: &str, size: u64, chunk_size: u64, index: u64) -> ChunkKey {
+pub(crate) fn test_key(etag: &str, size: u64, chunk_size: u64, index: u64) -> ChunkKey {
     let object = ObjectVersion {
         origin_id: "http://o".into(),
         bucket: "bkt".into(),
@@ -730,6 +769,11 @@ mod tests {
         assert_eq!(whole, split);
         assert_eq!(whole.len(), 3);
         assert_eq!(whole[2], crc32c::crc32c(&d[2 * BLOCK as usize..]));
+        // Bytes added a few at a time, across block boundaries, sum the same.
+        let mut bit_by_bit = BlockCrcs::new(BLOCK);
+        d.chunks(999).for_each(|c| bit_by_bit.add(c));
+        assert_eq!(bit_by_bit.finish(), whole);
+        assert!(BlockCrcs::new(BLOCK).finish().is_empty());
     }
 
     #[test]

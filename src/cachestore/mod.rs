@@ -26,6 +26,7 @@ pub mod replica;
 pub mod s3;
 
 pub use disk::DiskStore;
+pub use layout::BlockCrcs;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
@@ -81,6 +82,18 @@ pub trait CacheStore: Send + Sync + 'static {
         size: u64,
         data: Vec<Bytes>,
     ) -> Result<Committed, StoreError>;
+
+    /// [`Self::put_chunk`] with the CRC32C of each of the data's blocks, computed as it came,
+    /// for a store that keeps them (the disk) to take instead of reading the data again.
+    async fn put_chunk_summed(
+        &self,
+        key: &ChunkKey,
+        size: u64,
+        data: Vec<Bytes>,
+        _crcs: BlockCrcs,
+    ) -> Result<Committed, StoreError> {
+        self.put_chunk(key, size, data).await
+    }
 
     /// What the store knows of the chunk, `None` when absent.
     async fn stat(&self, key: &ChunkKey) -> Result<Option<Info>, StoreError>;

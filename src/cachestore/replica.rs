@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::{collect, once, CacheStore, ChunkStream, Committed, Info, LocalFile, StoreError};
+use super::{
+    collect, once, BlockCrcs, CacheStore, ChunkStream, Committed, Info, LocalFile, StoreError,
+};
 use crate::chunk::{ChunkKey, ObjectVersion};
 use crate::metrics::Metrics;
 
@@ -93,6 +95,52 @@ pub struct Replica {
 }
 
 impl Replica {
+    /// Stores the chunk in every synchronous store (with its blocks' CRCs where known) and
+    /// queues it for the asynchronous ones.
+    async fn put(
+        &self,
+        key: &ChunkKey,
+        size: u64,
+        data: Vec<Bytes>,
+        crcs: Option<BlockCrcs>,
+    ) -> Result<Committed, StoreError> {
+        let mut lost = !self.sync.is_empty();
+        for store in &self.sync {
+            let put = match &crcs {
+                Some(c) => store.put_chunk_summed(key, size, data.clone(), c.clone()),
+                None => store.put_chunk(key, size, data.clone()),
+            };
+            if put.await? == Committed::Stored {
+                lost = false;
+            }
+        }
+        if lost {
+            // Already stored here, so it was queued for the other tiers when first stored.
+            Metrics::inc(&self.metrics.commit_lost);
+            return Ok(Committed::AlreadyThere);
+        }
+        for t in &self.tiers {
+            t.depth.fetch_add(1, Ordering::Relaxed);
+            match t.queue.try_send(key.clone()) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    // The store is slower than the reads: this write-behind is lost, the chunk
+                    // is still committed here.
+                    t.depth.fetch_sub(1, Ordering::Relaxed);
+                    Metrics::inc(&self.metrics.shared_writes_dropped);
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    t.depth.fetch_sub(1, Ordering::Relaxed);
+                    return Err(StoreError::Other(format!(
+                        "{} writer stopped",
+                        t.store.name()
+                    )));
+                }
+            }
+        }
+        Ok(Committed::Stored)
+    }
+
     /// Starts one writer task per asynchronous store; call inside a tokio runtime.
     pub fn new(
         sync: Vec<Arc<dyn CacheStore>>,
@@ -366,37 +414,17 @@ impl CacheStore for Replica {
         size: u64,
         data: Vec<Bytes>,
     ) -> Result<Committed, StoreError> {
-        let mut lost = !self.sync.is_empty();
-        for store in &self.sync {
-            if store.put_chunk(key, size, data.clone()).await? == Committed::Stored {
-                lost = false;
-            }
-        }
-        if lost {
-            // Already stored here, so it was queued for the other tiers when first stored.
-            Metrics::inc(&self.metrics.commit_lost);
-            return Ok(Committed::AlreadyThere);
-        }
-        for t in &self.tiers {
-            t.depth.fetch_add(1, Ordering::Relaxed);
-            match t.queue.try_send(key.clone()) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    // The store is slower than the reads: this write-behind is lost, the chunk
-                    // is still committed here.
-                    t.depth.fetch_sub(1, Ordering::Relaxed);
-                    Metrics::inc(&self.metrics.shared_writes_dropped);
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    t.depth.fetch_sub(1, Ordering::Relaxed);
-                    return Err(StoreError::Other(format!(
-                        "{} writer stopped",
-                        t.store.name()
-                    )));
-                }
-            }
-        }
-        Ok(Committed::Stored)
+        self.put(key, size, data, None).await
+    }
+
+    async fn put_chunk_summed(
+        &self,
+        key: &ChunkKey,
+        size: u64,
+        data: Vec<Bytes>,
+        crcs: BlockCrcs,
+    ) -> Result<Committed, StoreError> {
+        self.put(key, size, data, Some(crcs)).await
     }
 
     async fn stat(&self, key: &ChunkKey) -> Result<Option<Info>, StoreError> {
