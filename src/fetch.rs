@@ -710,12 +710,23 @@ impl Fetcher {
     ) -> Result<(), PeerError> {
         let mut stream = peers.fetch(peer, key).await?;
         let len = key.len();
+        // A peer streams the chunk from its first byte; the fill may already hold some (what a
+        // shared store sent before it broke off): those are skipped, never appended again.
+        let mut skip = fill.filled();
         loop {
             let next = tokio::time::timeout(self.policy.stall_timeout, stream.next())
                 .await
                 .map_err(|_| PeerError::Timeout(self.policy.stall_timeout))?;
             let Some(piece) = next else { break };
-            let piece = piece.map_err(|e| PeerError::Body(e.to_string()))?;
+            let mut piece = piece.map_err(|e| PeerError::Body(e.to_string()))?;
+            if skip > 0 {
+                let n = skip.min(piece.len() as u64);
+                skip -= n;
+                piece = piece.slice(n as usize..);
+                if piece.is_empty() {
+                    continue;
+                }
+            }
             if fill.filled() + piece.len() as u64 > len {
                 return Err(PeerError::Body("more bytes than the chunk holds".into()));
             }

@@ -320,14 +320,15 @@ async fn reads_across_chunk_boundaries_and_the_tail() {
     assert_eq!(r.origin.get_bytes(), 2 * CHUNK + 123);
 }
 
-/// A coordinator peer that streams the first `cut` bytes of the chunk, then breaks.
-struct BreakingPeer {
+/// A coordinator peer that streams the chunk from its first byte, in uneven pieces, and breaks
+/// after `cut` bytes when given one.
+struct TestPeer {
     data: Bytes,
-    cut: usize,
+    cut: Option<usize>,
 }
 
 #[async_trait::async_trait]
-impl orcafs::fetch::Peers for BreakingPeer {
+impl orcafs::fetch::Peers for TestPeer {
     fn coordinator_for(&self, _key: &ChunkKey) -> Option<orcafs::peer::PeerAddr> {
         Some(orcafs::peer::PeerAddr::new("127.0.0.1:9"))
     }
@@ -337,14 +338,22 @@ impl orcafs::fetch::Peers for BreakingPeer {
         _peer: &orcafs::peer::PeerAddr,
         key: &ChunkKey,
     ) -> Result<orcafs::cachestore::ChunkStream, orcafs::peer::PeerError> {
-        let start = key.start() as usize;
-        let first = self.data.slice(start..start + self.cut);
-        let pieces: Vec<Result<Bytes, orcafs::cachestore::StoreError>> = vec![
-            Ok(first),
-            Err(orcafs::cachestore::StoreError::Transient(
-                "peer died".into(),
-            )),
-        ];
+        let chunk = self
+            .data
+            .slice(key.start() as usize..(key.start() + key.len()) as usize);
+        let pieces: Vec<Result<Bytes, orcafs::cachestore::StoreError>> = match self.cut {
+            Some(cut) => vec![
+                Ok(chunk.slice(..cut)),
+                Err(orcafs::cachestore::StoreError::Transient(
+                    "peer died".into(),
+                )),
+            ],
+            None => [0, 30_000, 100_000]
+                .iter()
+                .zip([30_000, 100_000, chunk.len()])
+                .map(|(&a, b)| Ok(chunk.slice(a..b)))
+                .collect(),
+        };
         Ok(Box::pin(futures::stream::iter(pieces)))
     }
 }
@@ -352,9 +361,9 @@ impl orcafs::fetch::Peers for BreakingPeer {
 #[tokio::test]
 async fn a_peer_that_breaks_mid_chunk_is_completed_from_the_origin_at_its_offset() {
     let r = rig(CHUNK, policy());
-    r.fetch.set_peers(Arc::new(BreakingPeer {
+    r.fetch.set_peers(Arc::new(TestPeer {
         data: r.data.clone(),
-        cut: 100_000,
+        cut: Some(100_000),
     }));
     assert_eq!(r.read(0, CHUNK).await.unwrap(), r.data);
     assert_eq!(r.origin.gets(), 1);
@@ -409,4 +418,109 @@ async fn a_random_read_fetches_its_blocks_once_and_a_sequential_one_whole_chunks
         .await;
     assert_eq!(got.unwrap(), r.expect(inside, 4096));
     assert_eq!(r.origin.gets(), 3);
+}
+
+/// A shared store that, asked for a chunk the first time, sends its first `cut` bytes and then
+/// breaks off; after that it is an ordinary store of what was committed.
+struct CutStore {
+    inner: MemoryStore,
+    data: Bytes,
+    cut: usize,
+    broke: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl CacheStore for CutStore {
+    fn name(&self) -> &str {
+        "cut"
+    }
+
+    async fn get_chunk(
+        &self,
+        key: &ChunkKey,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<orcafs::cachestore::ChunkStream>, orcafs::cachestore::StoreError> {
+        if self.broke.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return self.inner.get_chunk(key, offset, len).await;
+        }
+        let start = key.start() as usize;
+        let pieces: Vec<Result<Bytes, orcafs::cachestore::StoreError>> = vec![
+            Ok(self.data.slice(start..start + self.cut)),
+            Err(orcafs::cachestore::StoreError::Transient(
+                "store broke off".into(),
+            )),
+        ];
+        Ok(Some(Box::pin(futures::stream::iter(pieces))))
+    }
+
+    async fn put_chunk(
+        &self,
+        key: &ChunkKey,
+        size: u64,
+        data: Vec<Bytes>,
+    ) -> Result<orcafs::cachestore::Committed, orcafs::cachestore::StoreError> {
+        self.inner.put_chunk(key, size, data).await
+    }
+
+    async fn stat(
+        &self,
+        key: &ChunkKey,
+    ) -> Result<Option<orcafs::cachestore::Info>, orcafs::cachestore::StoreError> {
+        self.inner.stat(key).await
+    }
+
+    async fn delete(&self, key: &ChunkKey) -> Result<(), orcafs::cachestore::StoreError> {
+        self.inner.delete(key).await
+    }
+
+    async fn self_test(&self) -> Result<(), orcafs::cachestore::StoreError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_shared_store_that_breaks_off_is_completed_by_the_peer_from_the_same_offset() {
+    let r = rig(CHUNK, policy());
+    let cut = 70_000;
+    let store = Arc::new(CutStore {
+        inner: MemoryStore::new(1 << 30),
+        data: r.data.clone(),
+        cut,
+        broke: Default::default(),
+    });
+    let fetch = Fetcher::new(
+        r.origin.clone(),
+        store.clone(),
+        policy(),
+        Arc::new(Metrics::default()),
+    );
+    fetch.set_peers(Arc::new(TestPeer {
+        data: r.data.clone(),
+        cut: None,
+    }));
+    // Readahead asks the store first (it starts fills without looking): the store sends 70,000
+    // bytes and breaks off, and the chunk's coordinator peer streams the whole chunk.
+    let key = ChunkKey::new(r.object.clone(), CHUNK, 0);
+    assert!(fetch.prefetch(key.clone()));
+    for _ in 0..1000 {
+        if fetch.fills_in_flight() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(fetch.fills_in_flight(), 0);
+    let committed = store.inner.get_chunk(&key, 0, CHUNK).await.unwrap();
+    let committed = orcafs::cachestore::collect(committed.expect("committed"))
+        .await
+        .unwrap();
+    assert!(
+        committed == r.data,
+        "the peer's bytes continue at the store's offset, not from its start again"
+    );
+    assert_eq!(r.origin.gets(), 0, "the peer had every missing byte");
+    assert_eq!(
+        fetch.read_object(&r.object, 0, CHUNK).await.unwrap(),
+        r.data
+    );
 }

@@ -361,15 +361,20 @@ fn run_in(args: &Args, work: &Path, started: Instant) -> Result<bool> {
     report
         .details
         .push(format!("Putting every object took {put_secs:.0} s."));
+    let idle_share = sys::IDLE_SHARE * 100.0;
     report.details.push(match settled {
-        Some(s) => format!(
-            "Then the page cache was dropped and the origin server left to finish its work: \
-             measuring started {:.0} s later, once it used under {:.0}% of a core for a \
-             second.",
-            s.as_secs_f64(),
-            sys::IDLE_SHARE * 100.0
+        sys::Settled::Idle(s) => format!(
+            "Then the origin server was left to finish its work ({:.0} s, until it used under \
+             {idle_share:.0}% of a core for a second) and the page cache was dropped.",
+            s.as_secs_f64()
         ),
-        None => "Then the page cache was dropped.".into(),
+        sys::Settled::Busy(s) => format!(
+            "Then the origin server was left to finish its work, but after {:.0} s it still \
+             used over {idle_share:.0}% of a core; the page cache was dropped and measuring \
+             started anyway.",
+            s.as_secs_f64()
+        ),
+        sys::Settled::Unknown => "Then the page cache was dropped.".into(),
     });
     let baselines = measure::measure_orcafs(&mut bench, &mut report);
     if args.with_peers && args.only.is_empty() {

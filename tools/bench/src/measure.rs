@@ -321,8 +321,9 @@ fn rss_rows(report: &mut Report, r: &Result<phases::Rss>, size: u64, readers: us
 }
 
 /// rclone, s3fs and Mountpoint: cold read, warm re-read, cached random 4 KiB reads,
-/// shared-object origin bytes, and `ls -l` of one page cold and warm; Mountpoint's cold read
-/// without its cache too (row 1c), and s3fs's random reads beside orcafs's FUSE path (row 5e).
+/// shared-object origin bytes, and `ls -l` of one page cold and warm, and s3fs's random reads
+/// beside orcafs's FUSE path (row 5e). (Mountpoint without its cache, row 1c, is read in the
+/// cold rounds.)
 pub fn measure_peers(bench: &mut Bench, report: &mut Report, b: Baselines) {
     report.peer_baselines = PeerBaselines {
         plain_mibps: b.plain_mibps,

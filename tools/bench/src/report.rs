@@ -453,7 +453,7 @@ impl Report {
         };
         let b = self.peer_baselines;
         md.push_str(
-            "Same objects, same origin, same procedure as the orcafs rows above (orcafs: medians of the rounds above; the others: one round each of the reads, the rounds of row 12 for `ls -l`; rows 1c and 5e have rounds of their own, listed under the details). \
+            "Same objects, same origin, same procedure as the orcafs rows above (orcafs: medians of the rounds above; the others: one round each of the reads, the rounds of row 12 for `ls -l`; row 1c is read in the cold rounds and row 5e has rounds of its own, listed under the details). \
              `orcafs` is the default mount (FUSE passthrough where the kernel allows it), `orcafs --no-passthrough` the same reads through orcafs's own read handler. \
              Ratios: cold read / plain GET, warm re-read / local file, cached random 4 KiB reads / the same reads of the local file, origin bytes / object size, \
              cold `ls -l` / one plain LIST page, warm `ls -l` / local `ls -l`.\n\n",

@@ -19,23 +19,39 @@ pub fn drop_caches() -> Result<()> {
 /// The share of one core under which a server counts as idle.
 pub const IDLE_SHARE: f64 = 0.05;
 
-/// Drops the page cache, then waits (at most two minutes) until the server process `pid` uses
-/// under [`IDLE_SHARE`] of a core for a second; how long that took (None without a process).
-pub fn settle(pid: Option<u32>) -> Result<Option<Duration>> {
-    drop_caches()?;
-    let Some(pid) = pid else { return Ok(None) };
+/// How [`settle`] found the server.
+pub enum Settled {
+    /// It used under [`IDLE_SHARE`] of a core for a second, this long after the wait began.
+    Idle(Duration),
+    /// It was still busy when the wait gave up.
+    Busy(Duration),
+    /// There is no server process to watch (or its CPU time cannot be read).
+    Unknown,
+}
+
+/// Waits (at most two minutes) until the server process `pid` uses under [`IDLE_SHARE`] of a
+/// core for a second, then drops the page cache (after: what the server wrote while finishing
+/// its work is dropped too).
+pub fn settle(pid: Option<u32>) -> Result<Settled> {
     let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(120) {
+    let mut settled = Settled::Unknown;
+    while let Some(pid) = pid {
         let Some(before) = cpu_seconds(pid) else {
             break;
         };
         std::thread::sleep(Duration::from_secs(1));
         let Some(after) = cpu_seconds(pid) else { break };
         if after - before < IDLE_SHARE {
+            settled = Settled::Idle(started.elapsed());
+            break;
+        }
+        if started.elapsed() >= Duration::from_secs(120) {
+            settled = Settled::Busy(started.elapsed());
             break;
         }
     }
-    Ok(Some(started.elapsed()))
+    drop_caches()?;
+    Ok(settled)
 }
 
 /// Whether `path` (absolute) is a mount point listed in /proc/self/mountinfo.
