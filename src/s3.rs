@@ -159,6 +159,38 @@ const RETRYABLE_CODES: &[&str] = &[
     "ServiceUnavailable",
 ];
 
+/// Checks `Content-Range: bytes A-B/TOTAL` against the bytes `[start, end)` that were asked
+/// for (and TOTAL against the object's size, when known): a server or gateway that answers
+/// another range must not have its bytes taken for these. A server that leaves the header out
+/// is trusted on Content-Length alone.
+pub fn check_range(
+    header: Option<&str>,
+    start: u64,
+    end: u64,
+    total: Option<u64>,
+) -> Result<(), String> {
+    let Some(h) = header else {
+        return Ok(());
+    };
+    let parsed = h.strip_prefix("bytes ").and_then(|r| {
+        let (span, size) = r.split_once('/')?;
+        let (a, b) = span.split_once('-')?;
+        Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?, size))
+    });
+    let size_ok = |size: &str| total.is_none_or(|t| size == t.to_string());
+    match parsed {
+        Some((a, b, size)) if a == start && b + 1 == end && size_ok(size) => Ok(()),
+        Some((_, _, size)) if !size_ok(size) => Err(format!(
+            "the object holds {size} bytes, not {}",
+            total.unwrap_or_default()
+        )),
+        _ => Err(format!(
+            "asked for bytes {start}-{}, the server answers {h:?}",
+            end - 1
+        )),
+    }
+}
+
 /// Classifies any SDK failure of any S3 operation.
 pub fn classify<E, R>(err: &SdkError<E, R>) -> Failure
 where

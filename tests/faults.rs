@@ -236,6 +236,27 @@ fn a_spent_retry_budget_fails_with_eio_instead_of_hanging() {
 }
 
 #[test]
+fn an_origin_that_answers_another_range_is_never_served_or_cached() {
+    let s = Scratch::new();
+    let o = origin(&s, BUCKET);
+    let data = pattern(3 * CHUNK, 10);
+    o.put_object(BUCKET, "moved.bin", data.clone());
+    let m = mounted(&s, &o, &["--readahead-chunks", "0"]);
+    // A gateway that answers bytes 4096 further on: same length, an honest Content-Range.
+    o.faults().shift_next_ranges(100, 4096);
+    let Err(err) = direct_read(&m.path("moved.bin")) else {
+        panic!("the shifted bytes were taken for the ones asked for");
+    };
+    assert!(err.contains("Input/output error"), "EIO, got {err}");
+    assert_eq!(chunk_files(&s.path("cache")), 0, "nothing committed");
+    o.faults().clear();
+    assert!(
+        read_all(&m.path("moved.bin")) == data,
+        "the object's own bytes"
+    );
+}
+
+#[test]
 fn forbidden_is_not_retried() {
     let s = Scratch::new();
     let o = origin(&s, BUCKET);

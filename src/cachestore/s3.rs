@@ -454,7 +454,7 @@ impl CacheStore for S3Store {
         }
         let checked =
             check_meta(&self.key, key, out.metadata(), out.last_modified()).and_then(|meta| {
-                check_range(out.content_range(), span_start, span_end, klen)?;
+                crate::s3::check_range(out.content_range(), span_start, span_end, Some(klen))?;
                 let got = out.content_length().unwrap_or(-1);
                 if got != (span_end - span_start) as i64 {
                     return Err(format!(
@@ -856,29 +856,6 @@ fn check_meta(
     })
 }
 
-/// Checks `Content-Range: bytes A-B/TOTAL` against what was asked; a server that leaves the
-/// header out is trusted on Content-Length alone.
-fn check_range(header: Option<&str>, start: u64, end: u64, total: u64) -> Result<(), String> {
-    let Some(h) = header else {
-        return Ok(());
-    };
-    let parsed = h.strip_prefix("bytes ").and_then(|r| {
-        let (span, size) = r.split_once('/')?;
-        let (a, b) = span.split_once('-')?;
-        Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?, size))
-    });
-    match parsed {
-        Some((a, b, size)) if a == start && b + 1 == end && size == total.to_string() => Ok(()),
-        Some((_, _, size)) if size != total.to_string() => {
-            Err(format!("object holds {size} bytes, the chunk has {total}"))
-        }
-        _ => Err(format!(
-            "asked for bytes {start}-{}, the store answers {h:?}",
-            end - 1
-        )),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1051,10 +1028,13 @@ mod tests {
 
     #[test]
     fn content_range_checks() {
-        assert!(check_range(None, 0, 10, 10).is_ok());
-        assert!(check_range(Some("bytes 0-9/10"), 0, 10, 10).is_ok());
-        assert!(check_range(Some("bytes 0-9/11"), 0, 10, 10).is_err());
-        assert!(check_range(Some("bytes 1-9/10"), 0, 10, 10).is_err());
-        assert!(check_range(Some("junk"), 0, 10, 10).is_err());
+        use crate::s3::check_range;
+        assert!(check_range(None, 0, 10, Some(10)).is_ok());
+        assert!(check_range(Some("bytes 0-9/10"), 0, 10, Some(10)).is_ok());
+        assert!(check_range(Some("bytes 0-9/11"), 0, 10, Some(10)).is_err());
+        assert!(check_range(Some("bytes 0-9/11"), 0, 10, None).is_ok());
+        assert!(check_range(Some("bytes 1-9/10"), 0, 10, Some(10)).is_err());
+        assert!(check_range(Some("bytes 1-10/10"), 0, 10, None).is_err());
+        assert!(check_range(Some("junk"), 0, 10, None).is_err());
     }
 }

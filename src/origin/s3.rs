@@ -173,6 +173,16 @@ impl Origin for S3Origin {
                 "asked for {len} bytes at {start}, origin answers {got}"
             )));
         }
+        // Bytes from another place in the object would be served and cached as these: the
+        // range must be the one asked for, and a body that says neither where it starts nor how
+        // long it is must start at the object's first byte (a server that ignored the range).
+        crate::s3::check_range(out.content_range(), start, start + len, None)
+            .map_err(OriginError::Other)?;
+        if out.content_range().is_none() && got < 0 && start > 0 {
+            return Err(OriginError::Other(format!(
+                "asked for bytes from {start}, the origin says neither which bytes it sends nor how many"
+            )));
+        }
         let metrics = self.metrics.clone();
         // A broken body ends the stream after its error.
         let body = futures::stream::unfold(Some(out.body), move |body| {

@@ -15,6 +15,8 @@ pub struct Faults {
     fail_percent: AtomicU32,
     fail_percent_status: AtomicU16,
     cut_next: AtomicU64,
+    shift_next: AtomicU64,
+    shift_by: AtomicU64,
     stall: Mutex<StallRule>,
     get_delay_nanos: AtomicU64,
     rng: AtomicU64,
@@ -39,8 +41,13 @@ pub(crate) struct Stall {
 pub(crate) enum GetPlan {
     /// Answer with this status and an S3 XML error, without calling s3s.
     Fail(StatusCode),
-    /// Serve it through s3s, possibly damaging the body.
-    Serve { cut: bool, stall: Option<Stall> },
+    /// Serve it through s3s, possibly damaging the body, or answering a range `shift` bytes
+    /// further on than the one asked for.
+    Serve {
+        cut: bool,
+        stall: Option<Stall>,
+        shift: u64,
+    },
 }
 
 /// Fixed seed so that fractional failures are reproducible from run to run.
@@ -54,6 +61,8 @@ impl Default for Faults {
             fail_percent: AtomicU32::new(0),
             fail_percent_status: AtomicU16::new(503),
             cut_next: AtomicU64::new(0),
+            shift_next: AtomicU64::new(0),
+            shift_by: AtomicU64::new(0),
             stall: Mutex::new(StallRule::default()),
             get_delay_nanos: AtomicU64::new(0),
             rng: AtomicU64::new(RNG_SEED),
@@ -95,6 +104,14 @@ impl Faults {
         self.cut_next.store(n, Ordering::SeqCst);
     }
 
+    /// The next `n` ranged GetObject requests are answered with the range `by` bytes further on
+    /// (same length, honest `Content-Range`, the object's ETag): a gateway that serves the wrong
+    /// bytes.
+    pub fn shift_next_ranges(&self, n: u64, by: u64) {
+        self.shift_by.store(by, Ordering::SeqCst);
+        self.shift_next.store(n, Ordering::SeqCst);
+    }
+
     /// The next `n` GetObject responses send `after_bytes` of body, then
     /// sleep `stall` before sending the rest.
     pub fn stall_next_bodies(&self, n: u64, after_bytes: u64, stall: Duration) {
@@ -117,6 +134,7 @@ impl Faults {
         self.fail_next.store(0, Ordering::SeqCst);
         self.fail_percent.store(0, Ordering::SeqCst);
         self.cut_next.store(0, Ordering::SeqCst);
+        self.shift_next.store(0, Ordering::SeqCst);
         *self.stall_rule() = StallRule::default();
         self.get_delay_nanos.store(0, Ordering::SeqCst);
     }
@@ -140,6 +158,10 @@ impl Faults {
         GetPlan::Serve {
             cut: take_one(&self.cut_next),
             stall: self.take_stall(),
+            shift: match take_one(&self.shift_next) {
+                true => self.shift_by.load(Ordering::SeqCst),
+                false => 0,
+            },
         }
     }
 
@@ -207,6 +229,7 @@ mod tests {
         let f = Faults::default();
         f.fail_next_gets(1, 500);
         f.cut_next_bodies(1);
+        f.shift_next_ranges(1, 7);
         assert_eq!(
             f.plan_get(),
             GetPlan::Fail(StatusCode::INTERNAL_SERVER_ERROR)
@@ -215,14 +238,16 @@ mod tests {
             f.plan_get(),
             GetPlan::Serve {
                 cut: true,
-                stall: None
+                stall: None,
+                shift: 7
             }
         );
         assert_eq!(
             f.plan_get(),
             GetPlan::Serve {
                 cut: false,
-                stall: None
+                stall: None,
+                shift: 0
             }
         );
     }

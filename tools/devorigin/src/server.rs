@@ -150,13 +150,19 @@ async fn handle_get_object(
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    let (cut, stall) = match shared.faults.plan_get() {
+    let (cut, stall, shift) = match shared.faults.plan_get() {
         GetPlan::Fail(status) => return Ok(fault_response(status, req.uri().path())),
-        GetPlan::Serve { cut, stall } => (cut, stall),
+        GetPlan::Serve { cut, stall, shift } => (cut, stall, shift),
     };
+    let path = req.uri().path().to_owned();
     let resp = shared.s3.call(req).await?;
     if !resp.status().is_success() {
         return Ok(resp.map(OriginBody::passthrough));
+    }
+    if shift > 0 {
+        if let Some(moved) = shifted(&shared.root, &path, resp.headers(), shift) {
+            return Ok(moved);
+        }
     }
     let faults = BodyFaults {
         cut_at: cut.then(|| content_length(&resp) / 2),
@@ -164,6 +170,38 @@ async fn handle_get_object(
     };
     let stats = Arc::clone(&shared.stats);
     Ok(resp.map(|body| OriginBody::metered(body, stats, faults)))
+}
+
+/// The answer of a gateway that serves another range than the one asked for: the response's
+/// headers (its ETag) with the bytes `by` further on in the object's file, and a Content-Range
+/// that says so. (The request itself cannot be changed: its Range header is signed.) None when
+/// the response is not a range or the shifted one would pass the object's end.
+fn shifted(
+    root: &Path,
+    path: &str,
+    headers: &http::HeaderMap,
+    by: u64,
+) -> Option<Response<OriginBody>> {
+    let range = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
+    let (span, total) = range.strip_prefix("bytes ")?.split_once('/')?;
+    let (a, b) = span.split_once('-')?;
+    let (a, b, total) = (
+        a.parse::<u64>().ok()? + by,
+        b.parse::<u64>().ok()? + by,
+        total.parse::<u64>().ok()?,
+    );
+    if b >= total {
+        return None;
+    }
+    let file = std::fs::File::open(root.join(path.trim_start_matches('/'))).ok()?;
+    let mut bytes = vec![0u8; (b - a + 1) as usize];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut bytes, a).ok()?;
+    let mut resp = Response::new(OriginBody::fixed(Bytes::from(bytes)));
+    *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+    *resp.headers_mut() = headers.clone();
+    let moved = HeaderValue::from_str(&format!("bytes {a}-{b}/{total}")).ok()?;
+    resp.headers_mut().insert(header::CONTENT_RANGE, moved);
+    Some(resp)
 }
 
 fn content_length<B>(resp: &Response<B>) -> u64 {
