@@ -12,14 +12,6 @@ use common::*;
 
 const BUCKET: &str = "bkt";
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// GET over TLS against a host's internal listener, as a scraper does; returns the body.
 fn http_get(addr: &str, path: &str) -> String {
     https_get(addr, path)

@@ -385,14 +385,6 @@ fn chunks_that_cannot_be_read_are_named_and_the_next_run_retries_them() {
     assert_eq!(m.unmount(), 0);
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// One host of a two-host cluster on 127.0.0.1 (the `[cluster]` of tests/cluster.rs, minimal).
 fn cluster_host(s: &Scratch, o: &DevOrigin, name: &str, port: u16, ports: [u16; 2]) -> Mount {
     let dir = s.path(name);

@@ -83,8 +83,26 @@ pub fn reset_stats_when_quiet(o: &DevOrigin) {
 
 /// A loopback address nobody listens on right now (a `--metrics-addr`, a dead endpoint).
 pub fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
+    format!("127.0.0.1:{}", free_port())
+}
+
+/// A loopback port nobody listens on right now, for a listener that starts later. It is taken
+/// below the kernel's ephemeral range: a port from that range (what binding port 0 gives) may
+/// meanwhile become the source port of some process's outgoing connection, and then the
+/// listener cannot bind it (a host of a test cluster exited before mounting).
+pub fn free_port() -> u16 {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768)
+        .clamp(2048, 61000);
+    let below = 1024..low;
+    loop {
+        let port = fastrand::u16(below.clone());
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// One sample of a mount's plain-HTTP `/metrics` (`name` with its labels, as written), if any.
