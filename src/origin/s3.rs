@@ -18,6 +18,10 @@ use crate::s3::{self, ClientSettings, HasStatus, Kind};
 
 pub struct S3Origin {
     client: aws_sdk_s3::Client,
+    /// The same client (and connection pool) with the SDK's retries off, for ranged GETs: fetch
+    /// owns their retry policy (budget, resume). Built once instead of a config override on
+    /// every request.
+    gets: aws_sdk_s3::Client,
     bucket: String,
     metrics: Arc<Metrics>,
 }
@@ -25,8 +29,14 @@ pub struct S3Origin {
 impl S3Origin {
     /// The origin `bucket` through a client built from `settings`; sends no request.
     pub async fn new(settings: &ClientSettings, bucket: &str, metrics: Arc<Metrics>) -> S3Origin {
+        let client = s3::client(settings).await;
+        let once = client
+            .config()
+            .to_builder()
+            .retry_config(RetryConfig::disabled());
         S3Origin {
-            client: s3::client(settings).await,
+            gets: aws_sdk_s3::Client::from_conf(once.build()),
+            client,
             bucket: bucket.to_string(),
             metrics,
         }
@@ -140,17 +150,12 @@ impl Origin for S3Origin {
         debug_assert!(len > 0);
         Metrics::inc(&self.metrics.origin_get_requests);
         let out = self
-            .client
+            .gets
             .get_object()
             .bucket(&self.bucket)
             .key(key)
             .if_match(etag)
             .range(format!("bytes={}-{}", start, start + len - 1))
-            // fetch owns the retry policy of GETs (budget, resume), so the SDK tries once.
-            .customize()
-            .config_override(
-                aws_sdk_s3::config::Builder::default().retry_config(RetryConfig::disabled()),
-            )
             .send()
             .await
             .map_err(|e| match self.classify(e, key) {
