@@ -1093,11 +1093,7 @@ impl DiskStore {
         pieces: &[Bytes],
         crcs: BlockCrcs,
     ) -> Result<(), DiskError> {
-        let len: u64 = pieces.iter().map(|p| p.len() as u64).sum();
-        let block = layout::block_size_for(key.chunk_size);
-        let crcs = (crcs.block() == block)
-            .then(|| crcs.finish())
-            .filter(|c| c.len() as u64 == len.div_ceil(block));
+        let crcs = (crcs.block() == layout::block_size_for(key.chunk_size)).then(|| crcs.finish());
         self.write_blocks_with(key, 0, pieces, crcs.as_deref())
     }
 
@@ -1112,7 +1108,8 @@ impl DiskStore {
         self.write_blocks_with(key, offset, pieces, None)
     }
 
-    /// [`Self::write_blocks`], with the blocks' CRCs when they are known (else computed).
+    /// [`Self::write_blocks`], with the blocks' CRCs when they are known (else computed; also
+    /// when there are not as many as the bytes have blocks).
     fn write_blocks_with(
         &self,
         key: &ChunkKey,
@@ -1156,13 +1153,15 @@ impl DiskStore {
         let data_path = layout::data_path(&self.root, &v);
         let sharing = obj.writing.read().unwrap_or_else(|p| p.into_inner());
         write_data(&obj, pieces, key.start() + offset).map_err(io_err(&data_path))?;
-        let crcs: Vec<Option<u32>> = match crcs {
-            Some(known) => known.iter().copied().map(Some).collect(),
-            None => layout::block_crcs(pieces, block)
-                .into_iter()
-                .map(Some)
-                .collect(),
+        let summed;
+        let crcs = match crcs {
+            Some(known) if known.len() as u64 == len.div_ceil(block) => known,
+            _ => {
+                summed = layout::block_crcs(pieces, block);
+                &summed
+            }
         };
+        let crcs: Vec<Option<u32>> = crcs.iter().copied().map(Some).collect();
         let first = (key.start() + offset) / block;
         obj.set_entries(first, &crcs)
             .map_err(io_err(&layout::map_path(&self.root, &v)))?;

@@ -33,25 +33,29 @@ pub enum Settled {
 /// core for a second, then drops the page cache (after: what the server wrote while finishing
 /// its work is dropped too).
 pub fn settle(pid: Option<u32>) -> Result<Settled> {
-    let started = Instant::now();
-    let mut settled = Settled::Unknown;
-    while let Some(pid) = pid {
-        let Some(before) = cpu_seconds(pid) else {
-            break;
-        };
-        std::thread::sleep(Duration::from_secs(1));
-        let Some(after) = cpu_seconds(pid) else { break };
-        if after - before < IDLE_SHARE {
-            settled = Settled::Idle(started.elapsed());
-            break;
-        }
-        if started.elapsed() >= Duration::from_secs(120) {
-            settled = Settled::Busy(started.elapsed());
-            break;
-        }
-    }
+    let settled = pid.map_or(Settled::Unknown, wait_idle);
     drop_caches()?;
     Ok(settled)
+}
+
+/// [`settle`]'s wait.
+fn wait_idle(pid: u32) -> Settled {
+    let started = Instant::now();
+    loop {
+        let Some(before) = cpu_seconds(pid) else {
+            return Settled::Unknown;
+        };
+        std::thread::sleep(Duration::from_secs(1));
+        let Some(after) = cpu_seconds(pid) else {
+            return Settled::Unknown;
+        };
+        if after - before < IDLE_SHARE {
+            return Settled::Idle(started.elapsed());
+        }
+        if started.elapsed() >= Duration::from_secs(120) {
+            return Settled::Busy(started.elapsed());
+        }
+    }
 }
 
 /// Whether `path` (absolute) is a mount point listed in /proc/self/mountinfo.
