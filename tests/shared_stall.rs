@@ -75,9 +75,9 @@ impl Drop for Proxy {
     }
 }
 
-/// A host of the site; `adaptive` lets the store's first-byte deadline adapt (`first_byte_floor`
-/// 20 ms) instead of the default fixed 200 ms: tests that count on reads from the store keep the
-/// default, which a loaded machine does not miss.
+/// A host of the site; `adaptive` lets a read's patience with the store adapt down to 20 ms
+/// (`first_byte_floor`); otherwise it is fixed at 200 ms, which a loaded machine does not miss,
+/// for tests that count on reads from the store.
 fn host(
     s: &Scratch,
     o: &DevOrigin,
@@ -99,7 +99,7 @@ fn host(
             if adaptive {
                 "first_byte_floor = \"20ms\"\n"
             } else {
-                ""
+                "first_byte_floor = \"200ms\"\n"
             }
         ),
     )

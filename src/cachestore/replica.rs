@@ -9,15 +9,19 @@
 //!
 //! Reads ask the synchronous stores and take the first success. When they all miss, the
 //! asynchronous stores are read through (the default tiering: local disk sync + shared s3 async)
-//! and a hit is copied back to the synchronous stores. A tier read must start answering within
-//! its deadline and finish within `whole`; a store that fails or does not is skipped for a while
-//! (10 s, doubling while it keeps failing, up to 5 min), so a slow, hung or dead shared store costs
-//! at most one deadline per period and never fails a read: the caller sees a miss and fills from
-//! the origin. The deadline is [`FIRST_BYTE_FACTOR`] times the store's usual time to answer (a
-//! moving average, seeded at mount by [`Replica::sample_first_byte`]), at least `floor` and at
-//! most `first_byte`: with a floor of 20 ms, a store that answers in 2 ms is given up on after
-//! 20 ms, not after the ceiling (`floor == first_byte`, the default, fixes it).
+//! and a hit is copied back to the synchronous stores. A tier read has two deadlines. Past the
+//! *patience* deadline ([`FIRST_BYTE_FACTOR`] times the store's usual time to answer, a moving
+//! average seeded at mount by [`Replica::sample_first_byte`]; at least `floor`, at most
+//! `first_byte`) the read stops waiting and is a miss, filled from the origin, while the store's
+//! answer is still awaited in the background until `first_byte`: a store that answers by then is
+//! slow, not down (its average grows, nothing is skipped); one that does not, or fails, is
+//! skipped for a while (10 s, doubling while it keeps failing, up to 5 min). While a read is
+//! overdue, other reads skip the store at once. So a hung or dead shared store costs one patience
+//! deadline (not the ceiling) per skip period, a busy one costs the chunks it answers late, and
+//! neither ever fails a read. A tier read that has started answering must finish within `whole`.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -36,15 +40,19 @@ const RETRY_AFTER: Duration = Duration::from_secs(10);
 /// The longest it is skipped while it keeps failing.
 const RETRY_AFTER_MAX: Duration = Duration::from_secs(300);
 
-/// A tier read's first-byte deadline, in times the tier's usual time to answer.
+/// A tier read's patience deadline, in times the tier's usual time to answer.
 pub const FIRST_BYTE_FACTOR: u32 = 8;
+
+/// A store read that has not answered yet: boxed so that it can outlive the reader that gave up.
+type Opening = Pin<Box<dyn Future<Output = Result<Option<ChunkStream>, StoreError>> + Send>>;
 
 /// How long a read of an asynchronous tier may take.
 #[derive(Debug, Clone, Copy)]
 pub struct TierTimeouts {
-    /// Until the store answers (the stream of the chunk is open): the ceiling of the deadline.
+    /// Until the store answers (the stream of the chunk is open), or it is skipped for a while:
+    /// also the ceiling of the patience deadline.
     pub first_byte: Duration,
-    /// The shortest deadline, whatever the usual time (scheduling noise on a busy host).
+    /// The shortest patience deadline, whatever the usual time (scheduling noise on a busy host).
     pub floor: Duration,
     /// Until the whole chunk has arrived.
     pub whole: Duration,
@@ -56,12 +64,16 @@ struct AsyncTier {
     depth: Arc<AtomicU64>,
     error: Arc<Mutex<Option<String>>>,
     down: Mutex<Down>,
+    /// Reads past their patience deadline whose answer is still awaited: while any is, the
+    /// store is skipped.
+    overdue: AtomicU64,
+    metrics: Arc<Metrics>,
     /// Moving average of the store's time to answer a read, in µs (0: none seen yet).
     usual_us: AtomicU64,
 }
 
 impl AsyncTier {
-    /// How long a read waits for the store's answer.
+    /// How long a read waits for the store's answer before it fills from elsewhere.
     fn first_byte_deadline(&self, t: &TierTimeouts) -> Duration {
         match self.usual_us.load(Ordering::Relaxed) {
             0 => t.first_byte,
@@ -78,6 +90,58 @@ impl AsyncTier {
         let new = if old == 0 { us } else { (old * 7 + us) / 8 };
         self.usual_us.store(new.max(1), Ordering::Relaxed);
     }
+
+    fn down(&self) -> std::sync::MutexGuard<'_, Down> {
+        self.down.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Skipped: failed lately, or a read of it is overdue.
+    fn skipped(&self) -> bool {
+        self.overdue.load(Ordering::Relaxed) > 0
+            || self
+                .down()
+                .until
+                .is_some_and(|until| Instant::now() < until)
+    }
+
+    fn mark_down(&self, why: &str) {
+        let pause = {
+            let mut d = self.down();
+            let pause = d.next_pause.max(RETRY_AFTER);
+            d.until = Some(Instant::now() + pause);
+            d.next_pause = (pause * 2).min(RETRY_AFTER_MAX);
+            pause
+        };
+        tracing::warn!(
+            store = self.store.name(),
+            error = why,
+            ?pause,
+            "shared store degraded; reads skip it for a while"
+        );
+        Metrics::inc(&self.metrics.shared_errors);
+    }
+
+    fn mark_up(&self) {
+        let mut d = self.down();
+        if d.next_pause > Duration::ZERO {
+            *d = Down::default();
+        }
+    }
+
+    /// Awaits the answer of a read that was given up on, until `left` passes: a late answer
+    /// only slows the patience deadline, none (or a failure) skips the store for a while.
+    fn await_overdue(self: &Arc<Self>, opening: Opening, started: Instant, left: Duration) {
+        self.overdue.fetch_add(1, Ordering::Relaxed);
+        let t = self.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(left, opening).await {
+                Ok(Ok(_)) | Ok(Err(StoreError::Corrupt(_))) => t.answered_in(started.elapsed()),
+                Ok(Err(e)) => t.mark_down(&e.to_string()),
+                Err(_) => t.mark_down(&format!("no answer within {:?}", started.elapsed())),
+            }
+            t.overdue.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
 }
 
 /// When a failing tier is read again, and how long the next failure skips it.
@@ -89,7 +153,7 @@ struct Down {
 
 pub struct Replica {
     sync: Vec<Arc<dyn CacheStore>>,
-    tiers: Vec<AsyncTier>,
+    tiers: Vec<Arc<AsyncTier>>,
     timeouts: TierTimeouts,
     metrics: Arc<Metrics>,
 }
@@ -151,7 +215,14 @@ impl Replica {
     ) -> Replica {
         let tiers = asynchronous
             .into_iter()
-            .map(|store| start_tier(store, sync.clone(), queue_len.max(1), metrics.clone()))
+            .map(|store| {
+                Arc::new(start_tier(
+                    store,
+                    sync.clone(),
+                    queue_len.max(1),
+                    metrics.clone(),
+                ))
+            })
             .collect();
         Replica {
             sync,
@@ -228,80 +299,60 @@ impl Replica {
         }
     }
 
-    fn down(t: &AsyncTier) -> std::sync::MutexGuard<'_, Down> {
-        t.down.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn is_down(t: &AsyncTier) -> bool {
-        Self::down(t)
-            .until
-            .is_some_and(|until| Instant::now() < until)
-    }
-
-    fn mark_down(&self, t: &AsyncTier, why: &str) {
-        let pause = {
-            let mut d = Self::down(t);
-            let pause = d.next_pause.max(RETRY_AFTER);
-            d.until = Some(Instant::now() + pause);
-            d.next_pause = (pause * 2).min(RETRY_AFTER_MAX);
-            pause
-        };
-        tracing::warn!(
-            store = t.store.name(),
-            error = why,
-            ?pause,
-            "shared store degraded; reads skip it for a while"
-        );
-        Metrics::inc(&self.metrics.shared_errors);
-    }
-
-    fn mark_up(t: &AsyncTier) {
-        let mut d = Self::down(t);
-        if d.next_pause > Duration::ZERO {
-            *d = Down::default();
-        }
-    }
-
     /// Reads the whole chunk from an asynchronous tier, within the tier timeouts.
-    async fn read_tier(&self, t: &AsyncTier, key: &ChunkKey) -> Option<Bytes> {
-        if Self::is_down(t) {
+    async fn read_tier(&self, t: &Arc<AsyncTier>, key: &ChunkKey) -> Option<Bytes> {
+        if t.skipped() {
             return None;
         }
-        let whole = self.timeouts.whole;
-        let first_byte = t.first_byte_deadline(&self.timeouts);
-        let read = async {
-            let started = Instant::now();
-            let opened = tokio::time::timeout(first_byte, t.store.get_chunk(key, 0, key.len()))
-                .await
-                .map_err(|_| StoreError::Transient(format!("no answer within {first_byte:?}")))?;
-            if opened.is_ok() {
-                t.answered_in(started.elapsed());
+        let patience = t.first_byte_deadline(&self.timeouts);
+        let started = Instant::now();
+        let (store, k) = (t.store.clone(), key.clone());
+        let mut opening: Opening = Box::pin(async move { store.get_chunk(&k, 0, k.len()).await });
+        let opened = match tokio::time::timeout(patience, &mut opening).await {
+            Ok(opened) => opened,
+            Err(_) => {
+                // A miss for this reader, which fills from elsewhere now; whether the store is
+                // down is decided by its answer, awaited in the background up to the ceiling.
+                match self.timeouts.first_byte.checked_sub(patience) {
+                    Some(left) if !left.is_zero() => t.await_overdue(opening, started, left),
+                    _ => t.mark_down(&format!("no answer within {patience:?}")),
+                }
+                return None;
             }
+        };
+        if opened.is_ok() {
+            t.answered_in(started.elapsed());
+        }
+        let whole = self.timeouts.whole.saturating_sub(started.elapsed());
+        let read = async {
             match opened? {
                 Some(stream) => collect(stream).await.map(Some),
                 None => Ok(None),
             }
         };
-        let result = tokio::time::timeout(whole, read)
-            .await
-            .unwrap_or_else(|_| Err(StoreError::Transient(format!("read took over {whole:?}"))));
+        let result = tokio::time::timeout(whole, read).await.unwrap_or_else(|_| {
+            Err(StoreError::Transient(format!(
+                "read took over {:?}",
+                self.timeouts.whole
+            )))
+        });
         match result {
             Ok(Some(bytes)) if bytes.len() as u64 == key.len() => {
-                Self::mark_up(t);
+                t.mark_up();
                 Some(bytes)
             }
             Ok(Some(_)) => {
-                self.mark_down(t, "short chunk");
+                t.mark_down("short chunk");
                 None
             }
             Ok(None) => {
-                Self::mark_up(t);
+                t.mark_up();
                 None
             }
             // A corrupt object is one bad chunk (the driver deletes it), not a broken store.
             Err(StoreError::Corrupt(_)) => None,
             Err(e) => {
-                self.mark_down(t, &e.to_string());
+                t.mark_down(&e.to_string());
                 None
             }
         }
@@ -341,8 +392,9 @@ fn start_tier(
     let (tx, mut rx) = mpsc::channel::<ChunkKey>(queue_len);
     let depth = Arc::new(AtomicU64::new(0));
     let error = Arc::new(Mutex::new(None));
-    let (s, d, e) = (store.clone(), depth.clone(), error.clone());
+    let (s, d, e, m) = (store.clone(), depth.clone(), error.clone(), metrics.clone());
     tokio::spawn(async move {
+        let metrics = m;
         while let Some(key) = rx.recv().await {
             let result = match read_back(&sync, &key).await {
                 Some(bytes) => s.put_chunk(&key, key.len(), vec![bytes]).await,
@@ -370,6 +422,8 @@ fn start_tier(
         depth,
         error,
         down: Mutex::new(Down::default()),
+        overdue: AtomicU64::new(0),
+        metrics,
         usual_us: AtomicU64::new(0),
     }
 }
@@ -508,10 +562,21 @@ mod tests {
     use crate::cachestore::memory::MemoryStore;
     use crate::cachestore::probe_key;
 
-    /// A memory store that can be made to hang: its reads then never answer.
+    /// A memory store that can be made to hang (its reads then never answer) or to answer late.
     struct Hanging {
         inner: MemoryStore,
         hung: AtomicBool,
+        late_ms: AtomicU64,
+    }
+
+    impl Hanging {
+        fn new() -> Arc<Hanging> {
+            Arc::new(Hanging {
+                inner: MemoryStore::new(1 << 30),
+                hung: AtomicBool::new(false),
+                late_ms: AtomicU64::new(0),
+            })
+        }
     }
 
     #[async_trait::async_trait]
@@ -528,6 +593,8 @@ mod tests {
             if self.hung.load(Ordering::Relaxed) {
                 std::future::pending::<()>().await;
             }
+            let late = self.late_ms.load(Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(late)).await;
             self.inner.get_chunk(key, offset, len).await
         }
         async fn put_chunk(
@@ -575,10 +642,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_store_that_answered_fast_then_hangs_is_given_up_on_long_before_the_ceiling() {
-        let shared = Arc::new(Hanging {
-            inner: MemoryStore::new(1 << 30),
-            hung: AtomicBool::new(false),
-        });
+        let shared = Hanging::new();
         let r = replica(shared.clone(), Duration::from_millis(20));
         r.sample_first_byte().await;
         let deadline = r.first_byte_deadlines()[0].1;
@@ -589,17 +653,47 @@ mod tests {
             took < CEILING / 2,
             "gave up after {took:?}, not at the ceiling"
         );
-        // Skipped meanwhile: the next read does not wait at all.
+        // Skipped meanwhile: the next read does not wait at all, neither while the answer is
+        // still awaited nor once the ceiling has passed without one.
         assert!(miss_time(&r).await < Duration::from_millis(50));
+        tokio::time::sleep(CEILING).await;
+        assert_eq!(r.metrics.shared_errors.get(), 1, "down once");
+        assert!(miss_time(&r).await < Duration::from_millis(50));
+    }
+
+    #[tokio::test]
+    async fn a_store_that_answers_late_but_within_the_ceiling_is_slow_not_down() {
+        let shared = Hanging::new();
+        let r = replica(shared.clone(), Duration::from_millis(20));
+        r.sample_first_byte().await;
+        let (key, bytes) = probe_key("late");
+        shared
+            .put_chunk(&key, key.len(), vec![bytes.clone()])
+            .await
+            .unwrap();
+        shared.late_ms.store(150, Ordering::Relaxed);
+        // This reader does not wait for the late answer: a miss, filled elsewhere.
+        let started = Instant::now();
+        assert!(r.get_chunk(&key, 0, key.len()).await.unwrap().is_none());
+        assert!(started.elapsed() < Duration::from_millis(140));
+        let before = r.first_byte_deadlines()[0].1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The answer came within the ceiling: counted into the usual time, the store not skipped.
+        assert!(r.first_byte_deadlines()[0].1 > before);
+        assert_eq!(r.metrics.shared_errors.get(), 0);
+        shared.late_ms.store(0, Ordering::Relaxed);
+        let got = r
+            .get_chunk(&key, 0, key.len())
+            .await
+            .unwrap()
+            .expect("a hit");
+        assert_eq!(collect(got).await.unwrap(), bytes);
     }
 
     #[tokio::test]
     async fn without_an_answer_seen_or_with_a_fixed_deadline_the_ceiling_holds() {
         for (sample, floor) in [(false, Duration::from_millis(20)), (true, CEILING)] {
-            let shared = Arc::new(Hanging {
-                inner: MemoryStore::new(1 << 30),
-                hung: AtomicBool::new(false),
-            });
+            let shared = Hanging::new();
             let r = replica(shared.clone(), floor);
             if sample {
                 r.sample_first_byte().await;

@@ -13,9 +13,12 @@ use crate::s3::{ClientSettings, Credentials};
 
 /// Per-request timeout when none is configured.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a read waits for the store to start answering, when not configured: an in-datacenter
-/// store answers in milliseconds, and a read waiting longer is a read the origin serves faster.
+/// How long the store may take to start answering before it is skipped for a while, when not
+/// configured: an in-datacenter store answers in milliseconds.
 pub const DEFAULT_FIRST_BYTE_TIMEOUT: Duration = Duration::from_millis(200);
+/// The shortest time a read waits for the store before it fills from elsewhere, when not
+/// configured: several times an in-datacenter answer, a small part of a chunk's transfer time.
+pub const DEFAULT_FIRST_BYTE_FLOOR: Duration = Duration::from_millis(50);
 /// Attempts per shared-store request, the first included: a dead store must answer fast.
 const ATTEMPTS: u32 = 2;
 
@@ -37,13 +40,12 @@ pub struct SharedCacheConfig {
     pub max_age: Option<Duration>,
     /// Per-request timeout.
     pub timeout: Duration,
-    /// A read-through of a chunk that has not started answering by then is skipped (and the
-    /// store with it, for a while); at most `timeout`. The ceiling of an adaptive deadline:
-    /// 8x the store's usual time to answer, at least `first_byte_floor`.
+    /// A store that has not started answering a read-through by then is skipped for a while;
+    /// at most `timeout`. Also the ceiling of a read's patience: 8x the store's usual time to
+    /// answer, at least `first_byte_floor`; a read past its patience fills from elsewhere while
+    /// the store's answer is still awaited (a late one only slows the patience).
     pub first_byte_timeout: Duration,
-    /// The shortest first-byte deadline; at most `first_byte_timeout`, and by default equal to
-    /// it (a fixed deadline: a late answer skips the store for a while, so adapting is a choice
-    /// between a hung store's one wait and a busy store's skipped periods).
+    /// The shortest patience; at most `first_byte_timeout` (equal to it: a fixed deadline).
     pub first_byte_floor: Duration,
     /// The file whose secret authenticates every object (`secret_file`, else `[cluster]
     /// secret_file`; relative to the config file). Always set once a mount's config is resolved.
@@ -130,7 +132,7 @@ impl TryFrom<Section> for SharedCacheConfig {
             first_byte_timeout,
             first_byte_floor: s
                 .first_byte_floor
-                .unwrap_or(first_byte_timeout)
+                .unwrap_or(DEFAULT_FIRST_BYTE_FLOOR)
                 .min(first_byte_timeout),
             secret_file: s.secret_file,
         })
@@ -160,7 +162,7 @@ impl SharedCacheConfig {
             max_age: None,
             timeout: DEFAULT_TIMEOUT,
             first_byte_timeout: DEFAULT_FIRST_BYTE_TIMEOUT,
-            first_byte_floor: DEFAULT_FIRST_BYTE_TIMEOUT,
+            first_byte_floor: DEFAULT_FIRST_BYTE_FLOOR,
             secret_file: None,
         })
     }
@@ -239,8 +241,8 @@ mod tests {
         assert!(f.shared_cache.required);
         assert_eq!(f.shared_cache.timeout, DEFAULT_TIMEOUT);
         assert_eq!(f.shared_cache.secret_file, None);
-        // A fixed first-byte deadline unless a floor lets it adapt; neither above `timeout`.
-        assert_eq!(f.shared_cache.first_byte_floor, DEFAULT_FIRST_BYTE_TIMEOUT);
+        // The patience adapts above its floor; neither it nor the ceiling above `timeout`.
+        assert_eq!(f.shared_cache.first_byte_floor, DEFAULT_FIRST_BYTE_FLOOR);
         let f: File = toml::from_str(
             "[shared_cache]\nbucket = \"b\"\ntimeout = \"100ms\"\nfirst_byte_floor = \"20ms\"\n",
         )
