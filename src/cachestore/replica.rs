@@ -215,14 +215,7 @@ impl Replica {
     ) -> Replica {
         let tiers = asynchronous
             .into_iter()
-            .map(|store| {
-                Arc::new(start_tier(
-                    store,
-                    sync.clone(),
-                    queue_len.max(1),
-                    metrics.clone(),
-                ))
-            })
+            .map(|store| start_tier(store, sync.clone(), queue_len.max(1), metrics.clone()))
             .collect();
         Replica {
             sync,
@@ -388,13 +381,13 @@ fn start_tier(
     sync: Vec<Arc<dyn CacheStore>>,
     queue_len: usize,
     metrics: Arc<Metrics>,
-) -> AsyncTier {
+) -> Arc<AsyncTier> {
     let (tx, mut rx) = mpsc::channel::<ChunkKey>(queue_len);
     let depth = Arc::new(AtomicU64::new(0));
     let error = Arc::new(Mutex::new(None));
-    let (s, d, e, m) = (store.clone(), depth.clone(), error.clone(), metrics.clone());
+    let tier_metrics = metrics.clone();
+    let (s, d, e) = (store.clone(), depth.clone(), error.clone());
     tokio::spawn(async move {
-        let metrics = m;
         while let Some(key) = rx.recv().await {
             let result = match read_back(&sync, &key).await {
                 Some(bytes) => s.put_chunk(&key, key.len(), vec![bytes]).await,
@@ -416,16 +409,16 @@ fn start_tier(
             }
         }
     });
-    AsyncTier {
+    Arc::new(AsyncTier {
         store,
         queue: tx,
         depth,
         error,
         down: Mutex::new(Down::default()),
         overdue: AtomicU64::new(0),
-        metrics,
+        metrics: tier_metrics,
         usual_us: AtomicU64::new(0),
-    }
+    })
 }
 
 #[async_trait::async_trait]
