@@ -33,9 +33,6 @@
 //! Must not know about inodes or FUSE.
 
 mod ahead;
-mod ramp;
-
-pub use ramp::Ramp;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -466,22 +463,27 @@ impl Fetcher {
         }
     }
 
-    /// A new run of sequential reads from `offset`, with the smallest readahead window.
-    pub fn start_ramp(&self, offset: u64) -> Ramp {
-        Ramp::new(self.policy.readahead_chunks, offset, Instant::now())
-    }
-
-    /// The reader of `ramp`, now at `offset`, caught up with its fills (entered a chunk still
-    /// being filled): its next window, within the policy's bound (see [`ramp`]).
-    pub fn caught_up(&self, ramp: &mut Ramp, offset: u64) -> u64 {
-        let p = &self.policy;
-        ramp.caught_up(offset, Instant::now(), p.readahead_max_chunks, p.chunk_size)
+    /// The window a sequential reader's readahead has after it caught up with it (entered a
+    /// chunk still being filled): double the last, within the policy's bounds. A remote origin
+    /// gives each connection a share of its bandwidth, so a long read from it needs many chunk
+    /// GETs in flight; a read that readahead keeps ahead of, or a short one, should not hold
+    /// their memory.
+    pub fn next_window(&self, window: u64) -> u64 {
+        window.saturating_mul(2).clamp(
+            self.policy.readahead_chunks,
+            self.policy.readahead_max_chunks,
+        )
     }
 
     /// True while chunk `index` of the object is being filled on this host.
     pub fn is_filling(&self, object: &Arc<ObjectVersion>, index: u64) -> bool {
         let key = ChunkKey::new(object.clone(), self.policy.chunk_size, index);
         self.inflight().contains_key(&key.id())
+    }
+
+    /// The window a sequential reader starts with.
+    pub fn first_window(&self) -> u64 {
+        self.policy.readahead_chunks
     }
 
     /// Starts filling `key` in the background unless it is cached or already filling.

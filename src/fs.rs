@@ -22,7 +22,7 @@ use fuser::{
 };
 
 use crate::chunk::ObjectVersion;
-use crate::fetch::{Access, FetchError, Fetcher, Ramp};
+use crate::fetch::{Access, FetchError, Fetcher};
 use crate::metrics::OpLatency;
 use crate::namespace::{
     Attr, DirEntry, DirHandle, Kind, Local, Namespace, NsError, OpenedObject, Read,
@@ -55,11 +55,8 @@ struct OpenFile {
     whole_chunks: AtomicBool,
     /// The last read was taken as sequential.
     sequential: AtomicBool,
-    /// Readahead window in chunks (0 until a sequential run starts), as `ramp` last set it.
+    /// Readahead window in chunks (0 until a sequential run starts; see `Fetcher::next_window`).
     window: AtomicU64,
-    /// How the window of this run of sequential reads grows (see [`crate::fetch::Ramp`]);
-    /// touched only when a run starts and when the reader catches up with its fills.
-    ramp: Mutex<Option<Ramp>>,
     /// The chunk the last sequential read was in (u64::MAX before any): entering another one
     /// while it is still being filled grows the window.
     chunk: AtomicU64,
@@ -70,10 +67,6 @@ struct OpenFile {
 pub const IOC_WHOLE_CHUNKS: u32 = 0x4f01;
 
 impl OpenFile {
-    fn ramp(&self) -> MutexGuard<'_, Option<Ramp>> {
-        self.ramp.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Sequential when the read starts at 0 or where the previous one ended, or, while the
     /// handle reads sequentially, near that (the kernel's concurrent readahead reads arrive, and
     /// are answered, a little out of order); random otherwise. A random reader turns sequential
@@ -977,7 +970,6 @@ impl Opener {
                 whole_chunks: AtomicBool::new(false),
                 sequential: AtomicBool::new(true),
                 window: AtomicU64::new(0),
-                ramp: Mutex::new(None),
                 chunk: AtomicU64::new(u64::MAX),
             }),
         );
@@ -1002,19 +994,10 @@ fn readahead(fetch: &Arc<Fetcher>, file: &OpenFile, offset: u64, size: u64) {
     }
     let index = offset / fetch.chunk_size();
     let entered = file.chunk.swap(index, Ordering::Relaxed) != index;
-    // Entering a chunk whose fill still runs: readahead did not keep ahead.
-    let caught_up = entered && fetch.is_filling(&file.object, index);
     let window = match file.window.load(Ordering::Relaxed) {
-        0 => {
-            let ramp = fetch.start_ramp(offset);
-            let w = ramp.window();
-            *file.ramp() = Some(ramp);
-            w
-        }
-        w if caught_up => file
-            .ramp()
-            .as_mut()
-            .map_or(w, |ramp| fetch.caught_up(ramp, offset)),
+        0 => fetch.first_window(),
+        // Entering a chunk whose fill still runs: readahead did not keep ahead, widen it.
+        w if entered && fetch.is_filling(&file.object, index) => fetch.next_window(w),
         w => w,
     };
     file.window.store(window, Ordering::Relaxed);

@@ -290,6 +290,21 @@ async fn a_budget_of_one_chunk_still_reads_ahead() {
     assert!(r.stored(1));
 }
 
+#[test]
+fn the_readahead_window_doubles_within_its_bounds() {
+    let mut p = policy();
+    p.readahead_chunks = 3;
+    p.readahead_max_chunks = 20;
+    let f = rig(CHUNK, p).fetch;
+    let mut w = f.first_window();
+    let mut seen = vec![w];
+    for _ in 0..5 {
+        w = f.next_window(w);
+        seen.push(w);
+    }
+    assert_eq!(seen, [3, 6, 12, 20, 20, 20]);
+}
+
 #[tokio::test]
 async fn reads_across_chunk_boundaries_and_the_tail() {
     let r = rig(3 * CHUNK + 123, policy());
