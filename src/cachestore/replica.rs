@@ -313,7 +313,9 @@ impl Replica {
                 return None;
             }
         };
-        if opened.is_ok() {
+        // A corrupt object is an answer too (as in `await_overdue`): the store is up and this is
+        // how long it took.
+        if matches!(opened, Ok(_) | Err(StoreError::Corrupt(_))) {
             t.answered_in(started.elapsed());
         }
         let whole = self.timeouts.whole.saturating_sub(started.elapsed());
@@ -555,11 +557,13 @@ mod tests {
     use crate::cachestore::memory::MemoryStore;
     use crate::cachestore::probe_key;
 
-    /// A memory store that can be made to hang (its reads then never answer) or to answer late.
+    /// A memory store that can be made to hang (its reads then never answer), to answer late, or
+    /// to answer that every chunk is corrupt.
     struct Hanging {
         inner: MemoryStore,
         hung: AtomicBool,
         late_ms: AtomicU64,
+        corrupt: AtomicBool,
     }
 
     impl Hanging {
@@ -568,6 +572,7 @@ mod tests {
                 inner: MemoryStore::new(1 << 30),
                 hung: AtomicBool::new(false),
                 late_ms: AtomicU64::new(0),
+                corrupt: AtomicBool::new(false),
             })
         }
     }
@@ -588,6 +593,9 @@ mod tests {
             }
             let late = self.late_ms.load(Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(late)).await;
+            if self.corrupt.load(Ordering::Relaxed) {
+                return Err(StoreError::Corrupt("fails its check".into()));
+            }
             self.inner.get_chunk(key, offset, len).await
         }
         async fn put_chunk(
@@ -681,6 +689,35 @@ mod tests {
             .unwrap()
             .expect("a hit");
         assert_eq!(collect(got).await.unwrap(), bytes);
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_answer_is_an_answer_whether_early_or_late() {
+        // Unsampled, the patience is the ceiling and 40 ms is within it; sampled fast (floor
+        // 20 ms), 150 ms is past it and awaited in the background.
+        for (sample, late_ms) in [(false, 40), (true, 150)] {
+            let shared = Hanging::new();
+            let r = replica(shared.clone(), Duration::from_millis(20));
+            if sample {
+                r.sample_first_byte().await;
+            }
+            let usual = || r.tiers[0].usual_us.load(Ordering::Relaxed);
+            let before = usual();
+            shared.corrupt.store(true, Ordering::Relaxed);
+            shared.late_ms.store(late_ms, Ordering::Relaxed);
+            let (key, _) = probe_key("corrupt");
+            assert!(r.get_chunk(&key, 0, key.len()).await.unwrap().is_none());
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            // Counted into the usual time; not a failure, so the store is not skipped.
+            assert!(usual() > before, "{late_ms} ms: {before} -> {} µs", usual());
+            assert_eq!(r.metrics.shared_errors.get(), 0, "{late_ms} ms");
+            shared.corrupt.store(false, Ordering::Relaxed);
+            shared.late_ms.store(0, Ordering::Relaxed);
+            assert!(
+                miss_time(&r).await < Duration::from_millis(50),
+                "{late_ms} ms"
+            );
+        }
     }
 
     #[tokio::test]
