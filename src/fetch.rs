@@ -65,6 +65,11 @@ impl FetchError {
     pub fn is_etag_changed(&self) -> bool {
         matches!(self, FetchError::Origin(OriginError::EtagChanged { .. }))
     }
+
+    /// The version read is no longer the object at the origin: replaced or deleted.
+    pub fn is_version_gone(&self) -> bool {
+        self.is_etag_changed() || matches!(self, FetchError::Origin(OriginError::NotFound(_)))
+    }
 }
 
 /// How fills talk to the origin and how much they may hold.

@@ -153,6 +153,31 @@ pub struct OrcaFs {
     latency: Arc<OpLatency>,
     passthrough: Arc<Passthrough>,
     readahead_knob: Arc<ReadaheadKnob>,
+    kernel_names: Arc<KernelNames>,
+}
+
+/// The kernel's cache of names: told to forget a name whose version a read found gone at the
+/// origin, so that the next `stat` or `open` of the name looks it up again at once instead of
+/// after the entry's TTL. Attached once the session exists (the notifier comes from it).
+#[derive(Default)]
+pub struct KernelNames {
+    notifier: OnceLock<fuser::Notifier>,
+}
+
+impl KernelNames {
+    pub fn attach(&self, notifier: fuser::Notifier) {
+        let _ = self.notifier.set(notifier);
+    }
+
+    /// Makes the kernel drop `name` in directory `parent`. Blocks on the kernel (it takes the
+    /// directory's lock): call it off the FUSE threads.
+    fn forget(&self, parent: u64, name: &str) {
+        let Some(n) = self.notifier.get() else { return };
+        // ENOENT: the kernel has no such entry cached, which is as good.
+        if let Err(e) = n.inval_entry(INodeNo(parent), std::ffi::OsStr::new(name)) {
+            tracing::debug!(parent, name, error = %e, "kernel kept no entry to forget");
+        }
+    }
 }
 
 /// The kernel reads ahead of a FUSE file by at most its device's `read_ahead_kb` (128 KiB unless
@@ -231,6 +256,11 @@ impl OrcaFs {
         self.readahead_knob.clone()
     }
 
+    /// Where the session's notifier goes once the session exists (see [`KernelNames`]).
+    pub fn kernel_names(&self) -> Arc<KernelNames> {
+        self.kernel_names.clone()
+    }
+
     pub fn new(
         ns: Arc<Namespace>,
         fetch: Arc<Fetcher>,
@@ -252,6 +282,7 @@ impl OrcaFs {
             dirs: Dirs::default(),
             next_fh: AtomicU64::new(1),
             readahead_knob: Arc::default(),
+            kernel_names: Arc::default(),
             latency,
         }
     }
@@ -412,6 +443,7 @@ impl Filesystem for OrcaFs {
         }
         let fetch = self.fetch.clone();
         let ns = self.ns.clone();
+        let names = self.kernel_names.clone();
         let latency = self.latency.clone();
         self.rt.spawn(async move {
             let timer = Timer(&latency, "read", started);
@@ -422,8 +454,14 @@ impl Filesystem for OrcaFs {
                 Ok(bytes) => reply.data(&bytes),
                 Err(e) => {
                     tracing::warn!(bucket = %file.object.bucket, key = %file.object.key, offset, error = %e, "read failed");
-                    if e.is_etag_changed() {
-                        ns.invalidate(file.ino);
+                    // The name is another version now, or none: forgotten here and in the
+                    // kernel before the reader hears of it, so its next `stat` or `open` of
+                    // the name finds what the origin has.
+                    if e.is_version_gone() {
+                        if let Some((parent, name)) = ns.invalidate(file.ino) {
+                            let forget = move || names.forget(parent, &name);
+                            let _ = tokio::task::spawn_blocking(forget).await;
+                        }
                     }
                     return reply.error(errno_of_fetch(&e));
                 }

@@ -204,7 +204,9 @@ pub fn run(cfg: Config, notifier: &mut dyn ReadyNotifier) -> Result<(), MountErr
     );
 
     let knob = fs.readahead_knob();
+    let names = fs.kernel_names();
     let mounted = mount_fuse(fs, &mountpoint, &cfg)?;
+    names.attach(mounted.session.notifier());
     match mount_device(&mountpoint) {
         Some(device) => knob.set(format!("/sys/class/bdi/{device}/read_ahead_kb").into()),
         None => tracing::info!("the new mount is not in /proc/self/mountinfo: the kernel's readahead stays at its default"),

@@ -264,7 +264,8 @@ fn forbidden_is_not_retried() {
     let m = mounted(&s, &o, &["--readahead-chunks", "0"]);
     o.reset_stats();
     o.faults().fail_next_gets(1, 403);
-    assert!(direct_read(&m.path("no.bin")).is_err());
+    let err = direct_read(&m.path("no.bin")).expect_err("403");
+    assert!(err.contains("Permission denied"), "EACCES, got {err}");
     assert_eq!(o.stats().get_requests, 1, "403 is final");
 }
 

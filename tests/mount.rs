@@ -707,3 +707,75 @@ fn a_long_sequential_read_widens_its_readahead_window_up_to_the_bound() {
         "the window doubled from 2 to 12: {widening:?}"
     );
 }
+
+/// The attributes, `statfs` and `ioctl` answers that docs/semantics.md promises.
+#[test]
+fn attributes_statfs_and_ioctl_are_as_documented() {
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::io::AsRawFd;
+    let s = Scratch::new();
+    let o = origin(&s, BUCKET);
+    let data = pattern(100_001, 5);
+    o.put_object(BUCKET, "d/f.bin", data.clone());
+    let m = mounted(
+        &s,
+        &o,
+        &[
+            "--uid",
+            "1234",
+            "--gid",
+            "5678",
+            "--file-mode",
+            "0640",
+            "--dir-mode",
+            "0750",
+        ],
+    );
+    let f = std::fs::metadata(m.path("d/f.bin")).unwrap();
+    assert!(f.is_file());
+    assert_eq!(f.size(), data.len() as u64);
+    assert_eq!(f.blocks(), (data.len() as u64).div_ceil(512));
+    assert_eq!(f.blksize(), 128 * 1024);
+    assert_eq!((f.uid(), f.gid()), (1234, 5678));
+    assert_eq!(f.mode() & 0o7777, 0o640);
+    assert_eq!(f.nlink(), 1);
+    // mtime is the object's LastModified: s3s-fs takes it from its file's mtime.
+    let at_origin = std::fs::metadata(o.root().join(BUCKET).join("d/f.bin")).unwrap();
+    assert!(
+        (f.mtime() - at_origin.mtime()).abs() <= 1,
+        "mtime {} vs LastModified {}",
+        f.mtime(),
+        at_origin.mtime()
+    );
+    let d = std::fs::metadata(m.path("d")).unwrap();
+    assert!(d.is_dir());
+    assert_eq!((d.uid(), d.gid()), (1234, 5678));
+    assert_eq!(d.mode() & 0o7777, 0o750);
+    assert_eq!(d.nlink(), 2);
+    assert_eq!(d.size(), 0);
+
+    // statfs: 2^40 blocks of 4 KiB, none free; 2^32 inodes, none free; names up to 255 bytes.
+    let mnt = std::ffi::CString::new(m.mnt.to_str().unwrap()).unwrap();
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(mnt.as_ptr(), &mut st) }, 0);
+    assert_eq!(st.f_blocks as u64 * st.f_frsize as u64, (1u64 << 40) * 4096);
+    assert_eq!((st.f_bfree, st.f_bavail), (0, 0));
+    assert_eq!((st.f_files as u64, st.f_ffree as u64), (1 << 32, 0));
+    assert_eq!(st.f_namemax, 255);
+
+    // ioctl: orcafs's own request works, anything else is ENOTTY.
+    let file = std::fs::File::open(m.path("d/f.bin")).unwrap();
+    let fd = file.as_raw_fd();
+    assert_eq!(
+        unsafe { libc::ioctl(fd, orcafs::fs::IOC_WHOLE_CHUNKS as _) },
+        0
+    );
+    assert_eq!(unsafe { libc::ioctl(fd, 0x4f02 as _) }, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::ENOTTY)
+    );
+    let mut all = Vec::new();
+    (&file).read_to_end(&mut all).unwrap();
+    assert!(all == data, "reads after the ioctl");
+}

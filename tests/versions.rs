@@ -94,3 +94,133 @@ fn a_handle_keeps_its_version_when_a_new_reader_came_first() {
 fn a_handle_keeps_its_version_when_it_reads_on_first() {
     handle_keeps_its_version(false);
 }
+
+/// A read on an old handle that needs the origin after the object was replaced gets ESTALE
+/// (not EIO, not B's bytes); the name is B for the next `stat` and `open` at once, without
+/// waiting for the metadata TTL (300 s here).
+#[test]
+fn after_a_stale_read_the_name_is_the_new_version_at_once() {
+    let s = Scratch::new();
+    let o = origin(&s, BUCKET);
+    let a = pattern(2 * CHUNK, 40);
+    let b = pattern(CHUNK + 4096 * 3 + 777, 41);
+    o.put_object(BUCKET, "r.bin", a.clone());
+    let m = Mount::start(
+        &Target::of(&o),
+        BUCKET,
+        &s.path("mnt"),
+        &s.path("cache"),
+        &["--metadata-ttl", "300s", "--readahead-chunks", "0"],
+    );
+    let path = m.path("r.bin");
+    let p1 = std::fs::File::open(&path).unwrap();
+    let mut buf = vec![0u8; 4096];
+    p1.read_exact_at(&mut buf, 0).unwrap();
+    assert!(buf == a[..4096], "A's first bytes");
+    assert_eq!(std::fs::metadata(&path).unwrap().size(), a.len() as u64);
+
+    o.put_object(BUCKET, "r.bin", b.clone());
+    // Chunk 1 is not cached: the origin has only B, and the handle must not get B's bytes.
+    let err = p1
+        .read_exact_at(&mut buf, CHUNK as u64 + 4096)
+        .expect_err("A's chunk 1 is gone from the origin");
+    assert_eq!(err.raw_os_error(), Some(libc::ESTALE), "{err}");
+    assert_eq!(
+        p1.metadata().unwrap().size(),
+        a.len() as u64,
+        "fstat: A's size"
+    );
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().size(),
+        b.len() as u64,
+        "stat of the name sees B at once"
+    );
+    assert_eq!(
+        sha256sum(&path),
+        sha256_hex(&b),
+        "a new open reads B at once"
+    );
+    // The old handle still reads what is cached of A.
+    p1.read_exact_at(&mut buf, 0).unwrap();
+    assert!(buf == a[..4096], "A's cached bytes");
+}
+
+/// A handle on an object deleted at the origin reads what is cached and ENOENT for the rest;
+/// the read that found it gone makes the name disappear at once (TTL 300 s here).
+#[test]
+fn a_deleted_object_reads_what_is_cached_then_enoent_and_its_name_goes_at_once() {
+    let s = Scratch::new();
+    let o = origin(&s, BUCKET);
+    let a = pattern(2 * CHUNK, 42);
+    o.put_object(BUCKET, "d.bin", a.clone());
+    o.put_object(BUCKET, "stays.txt", b"here".to_vec());
+    let m = Mount::start(
+        &Target::of(&o),
+        BUCKET,
+        &s.path("mnt"),
+        &s.path("cache"),
+        &["--metadata-ttl", "300s", "--readahead-chunks", "0"],
+    );
+    let path = m.path("d.bin");
+    assert_eq!(names(&m), ["d.bin", "stays.txt"]);
+    let p1 = std::fs::File::open(&path).unwrap();
+    let mut buf = vec![0u8; 4096];
+    p1.read_exact_at(&mut buf, 0).unwrap();
+    o.delete_object(BUCKET, "d.bin");
+    let err = p1
+        .read_exact_at(&mut buf, CHUNK as u64 + 4096)
+        .expect_err("chunk 1 is gone from the origin");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{err}");
+    p1.read_exact_at(&mut buf, 0).unwrap();
+    assert!(buf == a[..4096], "A's cached bytes");
+    let gone = std::fs::metadata(&path).expect_err("deleted");
+    assert_eq!(gone.raw_os_error(), Some(libc::ENOENT), "{gone}");
+    assert_eq!(names(&m), ["stays.txt"]);
+    drop(p1);
+}
+
+/// The staleness table: with no read to notice them, a new object, a name found missing and a
+/// deleted object all show within the TTLs (1 s each here).
+#[test]
+fn changes_at_the_origin_show_within_the_ttls() {
+    let s = Scratch::new();
+    let o = origin(&s, BUCKET);
+    o.put_object(BUCKET, "old.txt", b"old".to_vec());
+    o.put_object(BUCKET, "d/x.txt", b"x".to_vec());
+    let m = Mount::start(
+        &Target::of(&o),
+        BUCKET,
+        &s.path("mnt"),
+        &s.path("cache"),
+        &["--metadata-ttl", "1s", "--negative-ttl", "1s"],
+    );
+    assert_eq!(names(&m), ["d", "old.txt"]);
+    let missing = std::fs::metadata(m.path("new.txt")).expect_err("not there yet");
+    assert_eq!(missing.raw_os_error(), Some(libc::ENOENT));
+    assert_eq!(std::fs::read(m.path("old.txt")).unwrap(), b"old");
+    o.put_object(BUCKET, "new.txt", b"new".to_vec());
+    o.put_object(BUCKET, "d/y.txt", b"y".to_vec());
+    o.delete_object(BUCKET, "old.txt");
+    std::thread::sleep(Duration::from_millis(1300));
+    assert_eq!(std::fs::read(m.path("new.txt")).unwrap(), b"new");
+    assert_eq!(std::fs::read(m.path("d/y.txt")).unwrap(), b"y");
+    let gone = std::fs::metadata(m.path("old.txt")).expect_err("deleted");
+    assert_eq!(gone.raw_os_error(), Some(libc::ENOENT), "{gone}");
+    assert_eq!(names(&m), ["d", "new.txt"]);
+    let mut d: Vec<String> = std::fs::read_dir(m.path("d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    d.sort();
+    assert_eq!(d, ["x.txt", "y.txt"]);
+}
+
+/// The names in the mount's root, sorted.
+fn names(m: &Mount) -> Vec<String> {
+    let mut n: Vec<String> = std::fs::read_dir(m.path(""))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    n.sort();
+    n
+}

@@ -261,10 +261,10 @@ impl State {
 
     /// Marks a node as an older version: no longer fresh, no longer the name's node, and its
     /// directory's listing (which may name it) dropped, so the next lookup asks the origin.
-    fn supersede(&mut self, ino: u64) {
-        let Some(n) = self.nodes.get_mut(&ino) else {
-            return;
-        };
+    /// Marks `ino` as an older version, forgets its name and its directory's listing; the
+    /// `(parent, name)` it stood under, for the kernel to forget too.
+    fn supersede(&mut self, ino: u64) -> Option<(u64, String)> {
+        let n = self.nodes.get_mut(&ino)?;
         n.fresh_until = Instant::now();
         n.superseded = true;
         let key = (n.parent, n.name.clone());
@@ -272,9 +272,9 @@ impl State {
             self.by_name.remove(&key);
         }
         self.drop_listing(key.0);
+        Some(key)
     }
 
-    /// Stores a complete listing of directory `ino` (prefix `prefix`), numbering its entries.
     /// Stores a complete listing of directory `ino` (prefix `prefix`, entries sorted by name),
     /// numbering its entries, within the budget of all cached listings.
     fn keep_listing(
@@ -678,9 +678,10 @@ impl Namespace {
     }
 
     /// The inode's object changed at the origin: the inode keeps standing for its version, and
-    /// the name's next lookup asks the origin (and finds the new version's inode).
-    pub fn invalidate(&self, ino: u64) {
-        self.lock().supersede(ino);
+    /// the name's next lookup asks the origin (and finds the new version's inode). Returns the
+    /// `(parent, name)` the inode stood under.
+    pub fn invalidate(&self, ino: u64) -> Option<(u64, String)> {
+        self.lock().supersede(ino)
     }
 
     /// Opens directory `ino` for reading: its cached listing while fresh, else a listing that
