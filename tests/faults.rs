@@ -15,13 +15,7 @@ use common::*;
 const BUCKET: &str = "bkt";
 
 fn mounted(s: &Scratch, o: &DevOrigin, extra: &[&str]) -> Mount {
-    Mount::start(
-        &Target::of(o),
-        BUCKET,
-        &s.path("mnt"),
-        &s.path("cache"),
-        extra,
-    )
+    mount_in(s, o, BUCKET, extra)
 }
 
 fn chunk_files(cache: &Path) -> usize {

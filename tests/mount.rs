@@ -13,13 +13,7 @@ use common::*;
 const BUCKET: &str = "bkt";
 
 fn mounted(scratch: &Scratch, o: &DevOrigin, extra: &[&str]) -> Mount {
-    Mount::start(
-        &Target::of(o),
-        BUCKET,
-        &scratch.path("mnt"),
-        &scratch.path("cache"),
-        extra,
-    )
+    mount_in(scratch, o, BUCKET, extra)
 }
 
 #[test]

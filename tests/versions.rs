@@ -38,13 +38,7 @@ fn handle_keeps_its_version(new_reader_first: bool) {
     o.put_object(BUCKET, "v.bin", a.clone());
     // No readahead: the chunks after chunk 0 are not fetched for A, so a read of them on the
     // A-handle after the replacement really meets B at the origin.
-    let m = Mount::start(
-        &Target::of(&o),
-        BUCKET,
-        &s.path("mnt"),
-        &s.path("cache"),
-        &["--metadata-ttl", "1s", "--readahead-chunks", "0"],
-    );
+    let m = mounted(&s, &o, &["--metadata-ttl", "1s", "--readahead-chunks", "0"]);
     let path = m.path("v.bin");
     let p1 = std::fs::File::open(&path).unwrap();
     let mut first = vec![0u8; CHUNK];
@@ -105,11 +99,9 @@ fn after_a_stale_read_the_name_is_the_new_version_at_once() {
     let a = pattern(2 * CHUNK, 40);
     let b = pattern(CHUNK + 4096 * 3 + 777, 41);
     o.put_object(BUCKET, "r.bin", a.clone());
-    let m = Mount::start(
-        &Target::of(&o),
-        BUCKET,
-        &s.path("mnt"),
-        &s.path("cache"),
+    let m = mounted(
+        &s,
+        &o,
         &["--metadata-ttl", "300s", "--readahead-chunks", "0"],
     );
     let path = m.path("r.bin");
@@ -154,15 +146,13 @@ fn a_deleted_object_reads_what_is_cached_then_enoent_and_its_name_goes_at_once()
     let a = pattern(2 * CHUNK, 42);
     o.put_object(BUCKET, "d.bin", a.clone());
     o.put_object(BUCKET, "stays.txt", b"here".to_vec());
-    let m = Mount::start(
-        &Target::of(&o),
-        BUCKET,
-        &s.path("mnt"),
-        &s.path("cache"),
+    let m = mounted(
+        &s,
+        &o,
         &["--metadata-ttl", "300s", "--readahead-chunks", "0"],
     );
     let path = m.path("d.bin");
-    assert_eq!(names(&m), ["d.bin", "stays.txt"]);
+    assert_eq!(names_in(&m.mnt), ["d.bin", "stays.txt"]);
     let p1 = std::fs::File::open(&path).unwrap();
     let mut buf = vec![0u8; 4096];
     p1.read_exact_at(&mut buf, 0).unwrap();
@@ -175,7 +165,7 @@ fn a_deleted_object_reads_what_is_cached_then_enoent_and_its_name_goes_at_once()
     assert!(buf == a[..4096], "A's cached bytes");
     let gone = std::fs::metadata(&path).expect_err("deleted");
     assert_eq!(gone.raw_os_error(), Some(libc::ENOENT), "{gone}");
-    assert_eq!(names(&m), ["stays.txt"]);
+    assert_eq!(names_in(&m.mnt), ["stays.txt"]);
     drop(p1);
 }
 
@@ -187,14 +177,8 @@ fn changes_at_the_origin_show_within_the_ttls() {
     let o = origin(&s, BUCKET);
     o.put_object(BUCKET, "old.txt", b"old".to_vec());
     o.put_object(BUCKET, "d/x.txt", b"x".to_vec());
-    let m = Mount::start(
-        &Target::of(&o),
-        BUCKET,
-        &s.path("mnt"),
-        &s.path("cache"),
-        &["--metadata-ttl", "1s", "--negative-ttl", "1s"],
-    );
-    assert_eq!(names(&m), ["d", "old.txt"]);
+    let m = mounted(&s, &o, &["--metadata-ttl", "1s", "--negative-ttl", "1s"]);
+    assert_eq!(names_in(&m.mnt), ["d", "old.txt"]);
     let missing = std::fs::metadata(m.path("new.txt")).expect_err("not there yet");
     assert_eq!(missing.raw_os_error(), Some(libc::ENOENT));
     assert_eq!(std::fs::read(m.path("old.txt")).unwrap(), b"old");
@@ -206,21 +190,20 @@ fn changes_at_the_origin_show_within_the_ttls() {
     assert_eq!(std::fs::read(m.path("d/y.txt")).unwrap(), b"y");
     let gone = std::fs::metadata(m.path("old.txt")).expect_err("deleted");
     assert_eq!(gone.raw_os_error(), Some(libc::ENOENT), "{gone}");
-    assert_eq!(names(&m), ["d", "new.txt"]);
-    let mut d: Vec<String> = std::fs::read_dir(m.path("d"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    d.sort();
-    assert_eq!(d, ["x.txt", "y.txt"]);
+    assert_eq!(names_in(&m.mnt), ["d", "new.txt"]);
+    assert_eq!(names_in(&m.path("d")), ["x.txt", "y.txt"]);
 }
 
-/// The names in the mount's root, sorted.
-fn names(m: &Mount) -> Vec<String> {
-    let mut n: Vec<String> = std::fs::read_dir(m.path(""))
+/// The names in directory `dir`, sorted.
+fn names_in(dir: &std::path::Path) -> Vec<String> {
+    let mut n: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     n.sort();
     n
+}
+
+fn mounted(s: &Scratch, o: &DevOrigin, extra: &[&str]) -> Mount {
+    mount_in(s, o, BUCKET, extra)
 }

@@ -167,6 +167,17 @@ pub fn mount_command(
     c
 }
 
+/// `source` of `o` mounted at the scratch's `mnt` with its cache in `cache`.
+pub fn mount_in(scratch: &Scratch, o: &DevOrigin, source: &str, extra: &[&str]) -> Mount {
+    Mount::start(
+        &Target::of(o),
+        source,
+        &scratch.path("mnt"),
+        &scratch.path("cache"),
+        extra,
+    )
+}
+
 pub fn is_mounted(p: &Path) -> bool {
     let abs = p.canonicalize().unwrap_or_else(|_| p.to_owned());
     orcafs::mount::is_mount_point(&abs)
