@@ -773,3 +773,47 @@ fn attributes_statfs_and_ioctl_are_as_documented() {
     (&file).read_to_end(&mut all).unwrap();
     assert!(all == data, "reads after the ioctl");
 }
+
+/// A source with a prefix (`bkt/team/data/`) makes the prefix the mount's root: only the keys
+/// under it show, at their names below it, and nothing outside it can be reached.
+#[test]
+fn a_prefix_source_is_the_root() {
+    let s = Scratch::new();
+    let o = origin(&s, BUCKET);
+    o.put_object(BUCKET, "team/data/a.txt", b"a".to_vec());
+    o.put_object(BUCKET, "team/data/sub/b.txt", b"b".to_vec());
+    o.put_object(BUCKET, "team/other.txt", b"other".to_vec());
+    o.put_object(BUCKET, "top.txt", b"top".to_vec());
+    let m = mount_in(&s, &o, &format!("{BUCKET}/team/data/"), &[]);
+    assert_eq!(names_in(&m.mnt), ["a.txt", "sub"]);
+    assert_eq!(read_all(&m.path("a.txt")), b"a");
+    assert_eq!(read_all(&m.path("sub/b.txt")), b"b");
+    for outside in ["top.txt", "other.txt", "team", "data"] {
+        let e = std::fs::metadata(m.path(outside)).expect_err(outside);
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{outside}: {e}");
+    }
+}
+
+/// The page cache outlives a close while the ETag is unchanged: reading a file again in a new
+/// open asks orcafs nothing (FUSE path, so that passthrough does not answer instead).
+#[test]
+fn a_reopened_unchanged_file_is_read_from_the_page_cache() {
+    let s = Scratch::new();
+    let o = origin(&s, BUCKET);
+    let data = pattern(2 * CHUNK + 5, 8);
+    o.put_object(BUCKET, "k.bin", data.clone());
+    let metrics = free_addr();
+    let m = mounted(&s, &o, &["--no-passthrough", "--metrics-addr", &metrics]);
+    let reads = || metric_sample(&metrics, "orcafs_fuse_op_seconds_count{op=\"read\"}");
+    assert!(read_all(&m.path("k.bin")) == data);
+    // A reply reaches the reader a moment before its latency is counted.
+    std::thread::sleep(Duration::from_millis(100));
+    let after_first = reads().expect("reads were counted");
+    assert!(after_first > 0.0);
+    assert!(read_all(&m.path("k.bin")) == data);
+    assert_eq!(
+        reads(),
+        Some(after_first),
+        "the second open's reads reached orcafs"
+    );
+}

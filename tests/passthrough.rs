@@ -376,3 +376,43 @@ fn a_sequential_reader_costs_one_read_request_per_mebibyte() {
     );
     assert_eq!(m.unmount(), 0);
 }
+
+/// A passthrough handle never gets ESTALE or ENOENT: all its bytes are local, whatever happens
+/// to the object at the origin (replaced, then deleted), and page cache dropped or not.
+#[test]
+fn a_passthrough_handle_reads_its_version_after_replace_and_delete() {
+    if !kernel_has_passthrough() {
+        return;
+    }
+    let s = Scratch::new();
+    let o = origin(&s, BUCKET);
+    let a = pattern(3 * CHUNK + 99, 63);
+    let b = pattern(CHUNK, 64);
+    o.put_object(BUCKET, "v.bin", a.clone());
+    let cache = s.path("cache");
+    let m = mount_in(&s, &o, BUCKET, &["--metadata-ttl", "1s"]);
+    assert_eq!(sha256sum(&m.path("v.bin")), sha256_hex(&a));
+    wait_until("A's 4 chunks committed", Duration::from_secs(10), || {
+        cached_chunks(&cache) >= 4
+    });
+    let f = std::fs::File::open(m.path("v.bin")).unwrap();
+    assert_eq!(status_counter(&m, "passthrough_opens"), 1);
+    let read_whole = |f: &std::fs::File| {
+        // Out of the page cache first, so the kernel reads the cache's file again.
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: a plain advice call on an open descriptor.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        let mut buf = vec![0u8; a.len()];
+        f.read_exact_at(&mut buf, 0).unwrap();
+        buf
+    };
+    o.put_object(BUCKET, "v.bin", b.clone());
+    std::thread::sleep(Duration::from_millis(1300));
+    assert!(read_whole(&f) == a, "A's bytes after the replacement");
+    assert_eq!(sha256sum(&m.path("v.bin")), sha256_hex(&b), "a new open: B");
+    o.delete_object(BUCKET, "v.bin");
+    std::thread::sleep(Duration::from_millis(1300));
+    assert!(read_whole(&f) == a, "A's bytes after the deletion");
+    let gone = std::fs::metadata(m.path("v.bin")).expect_err("deleted");
+    assert_eq!(gone.raw_os_error(), Some(libc::ENOENT), "{gone}");
+}

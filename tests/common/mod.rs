@@ -178,6 +178,16 @@ pub fn mount_in(scratch: &Scratch, o: &DevOrigin, source: &str, extra: &[&str]) 
     )
 }
 
+/// The names in directory `dir`, sorted.
+pub fn names_in(dir: &Path) -> Vec<String> {
+    let mut n: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    n.sort();
+    n
+}
+
 pub fn is_mounted(p: &Path) -> bool {
     let abs = p.canonicalize().unwrap_or_else(|_| p.to_owned());
     orcafs::mount::is_mount_point(&abs)

@@ -93,7 +93,7 @@ impl DevOrigin {
             stats: Arc::clone(&stats),
             faults: Arc::clone(&faults),
             synthetic: Arc::clone(&synthetic),
-            deletes: tokio::sync::RwLock::new(()),
+            writes: tokio::sync::RwLock::new(()),
         });
         let (shutdown, shutdown_rx) = oneshot::channel();
         let handle = runtime.handle().clone();

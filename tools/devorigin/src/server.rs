@@ -33,10 +33,14 @@ pub(crate) struct Shared {
     pub stats: Arc<Stats>,
     pub faults: Arc<Faults>,
     pub synthetic: Arc<crate::synthetic::Synthetic>,
-    /// Held exclusively by each DELETE while s3s-fs handles it, shared by every other request:
-    /// s3s-fs checks that a file exists, then opens or removes it, so a request racing a
-    /// DELETE of its key could answer 500 where S3 answers 200, 204 or 404.
-    pub deletes: tokio::sync::RwLock<()>,
+    /// Held exclusively by each PUT and DELETE while s3s-fs handles it, shared by every other
+    /// request until its answer's head: S3 changes an object atomically, s3s-fs does not.
+    /// It checks that a file exists, then opens or removes it, so a request racing a DELETE of
+    /// its key could answer 500 where S3 answers 200, 204 or 404; and a PUT renames the new
+    /// data into place before it stores the new ETag, so a GET or HEAD racing it could answer
+    /// the new bytes or size with the old ETag (a reader pinned to the old version would take
+    /// them as its own).
+    pub writes: tokio::sync::RwLock<()>,
 }
 
 /// The s3s-fs service over `root`, with SigV4 auth for the fixed test keys.
@@ -88,11 +92,11 @@ async fn handle(
     let kind = classify(req.method(), req.uri());
     shared.stats.count_request(kind);
     let req = req.map(s3s::Body::from);
-    let (_deleting, _not_deleting);
-    if req.method() == http::Method::DELETE {
-        _deleting = shared.deletes.write().await;
+    let (_writing, _reading);
+    if req.method() == http::Method::DELETE || kind == RequestKind::Put {
+        _writing = shared.writes.write().await;
     } else {
-        _not_deleting = shared.deletes.read().await;
+        _reading = shared.writes.read().await;
     }
     if kind == RequestKind::GetObject {
         return handle_get_object(&shared, req).await;
