@@ -285,6 +285,46 @@ fn writes_are_refused_with_erofs() {
     rofs(std::fs::create_dir(m.path("dir")));
     rofs(std::fs::remove_file(m.path("f.txt")));
     rofs(std::fs::rename(m.path("f.txt"), m.path("g.txt")));
+    rofs(std::fs::hard_link(m.path("f.txt"), m.path("h.txt")));
+    rofs(std::os::unix::fs::symlink("f.txt", m.path("l.txt")));
+    rofs(std::fs::set_permissions(
+        m.path("f.txt"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    ));
+    o.put_object(BUCKET, "d/x.txt", b"x".to_vec());
+    rofs(std::fs::remove_dir(m.path("d")));
+    // The calls std has no wrapper for: truncate, O_TRUNC, chown, utimes, xattrs, mknod.
+    let c = |name: &str| std::ffi::CString::new(m.path(name).to_str().unwrap()).unwrap();
+    let f = c("f.txt");
+    let sys = |rc: libc::c_int| {
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    // SAFETY: plain system calls on a NUL-terminated path and constant arguments.
+    unsafe {
+        rofs(sys(libc::truncate(f.as_ptr(), 0)));
+        rofs(sys(libc::open(f.as_ptr(), libc::O_RDONLY | libc::O_TRUNC)));
+        rofs(sys(libc::chown(f.as_ptr(), 1, 1)));
+        rofs(sys(libc::utimensat(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            std::ptr::null(),
+            0,
+        )));
+        let name = c"user.x";
+        rofs(sys(libc::setxattr(
+            f.as_ptr(),
+            name.as_ptr(),
+            b"v".as_ptr().cast(),
+            1,
+            0,
+        )));
+        rofs(sys(libc::removexattr(f.as_ptr(), name.as_ptr())));
+        rofs(sys(libc::mknod(c("n").as_ptr(), libc::S_IFIFO | 0o644, 0)));
+    }
     assert_eq!(read_all(&m.path("f.txt")), b"data");
     let df =
         String::from_utf8(run("stat", &["-f", "-c", "%T %l", m.mnt.to_str().unwrap()])).unwrap();
