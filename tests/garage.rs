@@ -311,3 +311,20 @@ fn garage_object_replaced_while_open() {
     );
     assert_eq!(m.unmount(), 0);
 }
+
+/// The churn test of tests/versions.rs against Garage, which (unlike s3s-fs) honours If-Match
+/// and changes objects atomically: opens never fail, reads are one whole version.
+#[test]
+fn open_never_fails_with_estale_while_the_object_keeps_changing() {
+    let s = Scratch::new();
+    let Some(g) = garage_or_skip(&s.path("garage")) else {
+        return;
+    };
+    let g = std::sync::Arc::new(g);
+    let versions = churn_versions();
+    g.put_object(BUCKET, "churn.bin", versions[0].clone());
+    let m = mounted(&s, &g, &["--metadata-ttl", "200ms"]);
+    let writer = g.clone();
+    let put = move |v: &[u8]| writer.put_object(BUCKET, "churn.bin", v.to_vec());
+    open_and_read_while_replaced(&m.path("churn.bin"), &versions, put);
+}

@@ -199,65 +199,15 @@ fn mounted(s: &Scratch, o: &DevOrigin, extra: &[&str]) -> Mount {
 }
 
 /// `open` never hands ESTALE to a program, however often the object is replaced (here every
-/// 150 ms for 3 s, TTL 200 ms): an open that finds a newer version behind the name's inode makes
-/// the kernel look the name up again. Every read gives one whole version or ESTALE (replaced
-/// between the open and the read), never a mix.
+/// 150 ms for 3 s, TTL 200 ms), and every read is one whole version: see
+/// [`open_and_read_while_replaced`] (the same against Garage in tests/garage.rs).
 #[test]
 fn open_never_fails_with_estale_while_the_object_keeps_changing() {
     let s = Scratch::new();
     let o = std::sync::Arc::new(origin(&s, BUCKET));
-    let versions: Vec<Vec<u8>> = (0..20)
-        .map(|i| pattern(3 * CHUNK + i * 1000, 70 + i as u64))
-        .collect();
+    let versions = churn_versions();
     o.put_object(BUCKET, "churn.bin", versions[0].clone());
     let m = mounted(&s, &o, &["--metadata-ttl", "200ms"]);
-    let path = m.path("churn.bin");
-    let writer = {
-        let (o, versions) = (o.clone(), versions.clone());
-        std::thread::spawn(move || {
-            for v in &versions[1..] {
-                std::thread::sleep(Duration::from_millis(150));
-                o.put_object(BUCKET, "churn.bin", v.clone());
-            }
-        })
-    };
-    let (mut opens, mut whole, mut stale) = (0, 0, 0);
-    while !writer.is_finished() {
-        let mut f = std::fs::File::open(&path).expect("open never fails");
-        opens += 1;
-        let mut got = Vec::new();
-        match std::io::Read::read_to_end(&mut f, &mut got) {
-            Ok(_) => {
-                assert!(versions.contains(&got), "{}", describe_mix(&got, &versions));
-                whole += 1;
-            }
-            Err(e) => {
-                assert_eq!(e.raw_os_error(), Some(libc::ESTALE), "{e}");
-                stale += 1;
-            }
-        }
-    }
-    writer.join().unwrap();
-    eprintln!("{opens} opens: {whole} whole versions, {stale} ESTALE reads");
-    assert!(opens >= 20 && whole >= 10, "{opens} opens, {whole} whole");
-}
-
-/// What a read that is no single version is made of: its length, and per 4 KiB block which
-/// versions it matches.
-fn describe_mix(got: &[u8], versions: &[Vec<u8>]) -> String {
-    let sized: Vec<usize> = (0..versions.len())
-        .filter(|&i| versions[i].len() == got.len())
-        .collect();
-    let mut runs: Vec<(usize, Vec<usize>)> = Vec::new();
-    for (b, block) in got.chunks(4096).enumerate() {
-        let at = b * 4096;
-        let from: Vec<usize> = (0..versions.len())
-            .filter(|&i| versions[i].get(at..at + block.len()) == Some(block))
-            .collect();
-        match runs.last_mut() {
-            Some((_, f)) if *f == from => {}
-            _ => runs.push((at, from)),
-        }
-    }
-    format!("read {} bytes (versions of that size: {sized:?}); blocks from offset: which versions match: {runs:?}", got.len())
+    let put = move |v: &[u8]| o.put_object(BUCKET, "churn.bin", v.to_vec());
+    open_and_read_while_replaced(&m.path("churn.bin"), &versions, put);
 }

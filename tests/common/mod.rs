@@ -493,3 +493,73 @@ pub fn cached_data_files(cache: &Path) -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+/// Twenty versions of a 3-chunk object, each a different size.
+pub fn churn_versions() -> Vec<Vec<u8>> {
+    (0..20)
+        .map(|i| pattern(3 * CHUNK + i * 1000, 70 + i as u64))
+        .collect()
+}
+
+/// Replaces the object at `path` with each of `versions[1..]` in turn (one every 150 ms,
+/// through `put`) while this thread opens and reads it whole in a loop. Every `open` must
+/// succeed (one that finds a newer version behind the name's inode makes the kernel look the
+/// name up again), and every read must give one whole version, or ESTALE when the object was
+/// replaced between the open and the read: never a mix.
+pub fn open_and_read_while_replaced(
+    path: &Path,
+    versions: &[Vec<u8>],
+    put: impl Fn(&[u8]) + Send + 'static,
+) {
+    let writer = {
+        let versions = versions.to_vec();
+        std::thread::spawn(move || {
+            for v in &versions[1..] {
+                std::thread::sleep(Duration::from_millis(150));
+                put(v);
+            }
+        })
+    };
+    let (mut opens, mut whole, mut stale) = (0, 0, 0);
+    while !writer.is_finished() {
+        let mut f = std::fs::File::open(path).expect("open never fails");
+        opens += 1;
+        let mut got = Vec::new();
+        match f.read_to_end(&mut got) {
+            Ok(_) => {
+                assert!(versions.contains(&got), "{}", describe_mix(&got, versions));
+                whole += 1;
+            }
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::ESTALE), "{e}");
+                stale += 1;
+            }
+        }
+    }
+    writer.join().unwrap();
+    eprintln!("{opens} opens: {whole} whole versions, {stale} ESTALE reads");
+    assert!(opens >= 20 && whole >= 10, "{opens} opens, {whole} whole");
+}
+
+/// What a read that is no single version is made of: its length, and per run of 4 KiB blocks
+/// which versions it matches.
+fn describe_mix(got: &[u8], versions: &[Vec<u8>]) -> String {
+    let sized: Vec<usize> = (0..versions.len())
+        .filter(|&i| versions[i].len() == got.len())
+        .collect();
+    let mut runs: Vec<(usize, Vec<usize>)> = Vec::new();
+    for (b, block) in got.chunks(4096).enumerate() {
+        let at = b * 4096;
+        let from: Vec<usize> = (0..versions.len())
+            .filter(|&i| versions[i].get(at..at + block.len()) == Some(block))
+            .collect();
+        match runs.last_mut() {
+            Some((_, f)) if *f == from => {}
+            _ => runs.push((at, from)),
+        }
+    }
+    format!(
+        "read {} bytes, the size of versions {sized:?}; (offset, versions it matches from there): {runs:?}",
+        got.len()
+    )
+}
