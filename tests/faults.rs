@@ -328,3 +328,34 @@ fn a_tiny_memory_budget_applies_back_pressure_without_deadlock() {
         assert_eq!(r.join().unwrap(), sha256_hex(&objects[i]));
     }
 }
+
+/// An origin that goes away under a running mount: a read that needs it fails with EIO within
+/// the retry budget (no hang), and what is cached still reads.
+#[test]
+fn an_origin_gone_after_mount_fails_uncached_reads_with_eio_and_serves_cached_ones() {
+    let s = Scratch::new();
+    let o = origin(&s, BUCKET);
+    let (kept, lost) = (pattern(CHUNK, 10), pattern(CHUNK, 11));
+    o.put_object(BUCKET, "kept.bin", kept.clone());
+    o.put_object(BUCKET, "lost.bin", lost);
+    let m = mounted(
+        &s,
+        &o,
+        &["--origin-max-attempts", "2", "--readahead-chunks", "0"],
+    );
+    assert_eq!(read_all(&m.path("kept.bin")), kept);
+    assert!(
+        m.path("lost.bin").is_file(),
+        "known while the origin was up"
+    );
+    drop(o);
+    let started = Instant::now();
+    let err = direct_read(&m.path("lost.bin")).expect_err("the origin is gone");
+    assert!(err.contains("Input/output error"), "EIO, got {err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "failed after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(direct_read(&m.path("kept.bin")).unwrap(), kept);
+}

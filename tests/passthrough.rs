@@ -416,3 +416,41 @@ fn a_passthrough_handle_reads_its_version_after_replace_and_delete() {
     let gone = std::fs::metadata(m.path("v.bin")).expect_err("deleted");
     assert_eq!(gone.raw_os_error(), Some(libc::ENOENT), "{gone}");
 }
+
+/// One mode per inode: an open joins the mode of the handles already open. A file that becomes
+/// whole while a handle reads it through orcafs stays with orcafs for every open until all its
+/// handles are closed; the next open then is passthrough.
+#[test]
+fn an_open_joins_the_mode_of_the_handles_already_open() {
+    if !kernel_has_passthrough() {
+        return;
+    }
+    let s = Scratch::new();
+    let o = origin(&s, BUCKET);
+    let data = pattern(3 * CHUNK + 11, 65);
+    o.put_object(BUCKET, "j.bin", data.clone());
+    let cache = s.path("cache");
+    let m = mount_in(&s, &o, BUCKET, &[]);
+    let path = m.path("j.bin");
+    // Cold: this handle is served by orcafs, and its reads make the file whole.
+    let first = std::fs::File::open(&path).unwrap();
+    let mut all = vec![0u8; data.len()];
+    first.read_exact_at(&mut all, 0).unwrap();
+    assert!(all == data);
+    wait_until("4 chunks committed", Duration::from_secs(10), || {
+        cached_chunks(&cache) >= 4
+    });
+    // Whole now, but `first` is open through orcafs: a second open joins it.
+    let second = std::fs::File::open(&path).unwrap();
+    assert_eq!(status_counter(&m, "passthrough_opens"), 0);
+    let mut buf = vec![0u8; 5000];
+    second.read_exact_at(&mut buf, 2 * CHUNK as u64).unwrap();
+    assert!(buf == data[2 * CHUNK..2 * CHUNK + 5000]);
+    drop((first, second));
+    // All closed (the kernel tells orcafs a moment after `close` returns): opens are
+    // passthrough again.
+    wait_until("a passthrough open", Duration::from_secs(5), || {
+        assert_eq!(sha256sum(&path), sha256_hex(&data));
+        status_counter(&m, "passthrough_opens") >= 1
+    });
+}
