@@ -436,6 +436,28 @@ fn cache_stays_under_its_max_size() {
         used >= 3 * CHUNK as u64,
         "cache still holds recent chunks: {used}"
     );
+
+    // Restarts with the cache full: what it holds (the 3 chunks read last) reads without the
+    // origin, and new reads keep evicting within the bound.
+    let (small, other) = (pattern(3 * CHUNK, 13), pattern(16 * CHUNK, 12));
+    o.put_object(BUCKET, "small.bin", small.clone());
+    o.put_object(BUCKET, "other.bin", other.clone());
+    let bounded = ["--cache-max-size", &max.to_string()];
+    let m = mounted(&s, &o, &bounded);
+    assert_eq!(sha256sum(&m.path("small.bin")), sha256_hex(&small));
+    assert_eq!(m.unmount(), 0);
+    let m = mounted(&s, &o, &bounded);
+    o.reset_stats();
+    assert_eq!(sha256sum(&m.path("small.bin")), sha256_hex(&small));
+    assert_eq!(
+        o.stats().get_requests,
+        0,
+        "the chunks read last need no GET"
+    );
+    assert_eq!(sha256sum(&m.path("other.bin")), sha256_hex(&other));
+    assert_eq!(m.unmount(), 0);
+    let used = cache_stats(&s.path("cache")).bytes;
+    assert!(used <= max, "after the restart: {used} bytes, bound {max}");
 }
 
 #[test]
