@@ -67,6 +67,18 @@ struct OpenFile {
 pub const IOC_WHOLE_CHUNKS: u32 = 0x4f01;
 
 impl OpenFile {
+    fn new(object: Arc<ObjectVersion>, ino: u64) -> OpenFile {
+        OpenFile {
+            object,
+            ino,
+            next_offset: AtomicU64::new(0),
+            whole_chunks: AtomicBool::new(false),
+            sequential: AtomicBool::new(true),
+            window: AtomicU64::new(0),
+            chunk: AtomicU64::new(u64::MAX),
+        }
+    }
+
     /// Sequential when the read starts at 0 or where the previous one ended, or, while the
     /// handle reads sequentially, near that (the kernel's concurrent readahead reads arrive, and
     /// are answered, a little out of order); random otherwise. A random reader turns sequential
@@ -999,18 +1011,7 @@ impl Opener {
     }
 
     fn answer(self, reply: ReplyOpen, object: Arc<ObjectVersion>, flags: FopenFlags, mode: Mode) {
-        lock_handles(&self.handles).insert(
-            self.fh,
-            Arc::new(OpenFile {
-                object,
-                ino: self.ino,
-                next_offset: AtomicU64::new(0),
-                whole_chunks: AtomicBool::new(false),
-                sequential: AtomicBool::new(true),
-                window: AtomicU64::new(0),
-                chunk: AtomicU64::new(u64::MAX),
-            }),
-        );
+        lock_handles(&self.handles).insert(self.fh, Arc::new(OpenFile::new(object, self.ino)));
         match mode {
             Mode::Orcafs => reply.opened(FileHandle(self.fh), flags),
             Mode::Backing(id) => {
@@ -1040,4 +1041,59 @@ fn readahead(fetch: &Arc<Fetcher>, file: &OpenFile, offset: u64, size: u64) {
     };
     file.window.store(window, Ordering::Relaxed);
     fetch.readahead(&file.object, index, window);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handle() -> OpenFile {
+        let object = ObjectVersion {
+            origin_id: "o".into(),
+            bucket: "b".into(),
+            key: "k".into(),
+            etag: "\"e\"".into(),
+            size: 1 << 40,
+        };
+        OpenFile::new(Arc::new(object), 2)
+    }
+
+    const MIB: u64 = 1 << 20;
+
+    /// The thresholds docs/semantics.md states: 2 MiB from 0 before any read was answered,
+    /// 17 MiB from where the last read ended while the handle reads sequentially, exact
+    /// continuation to turn a random reader sequential.
+    #[test]
+    fn sequential_and_random_reads_are_told_apart_as_documented() {
+        use Access::{Random, Sequential};
+        let f = handle();
+        assert_eq!(f.access(2 * MIB), Sequential, "near 0 before any answer");
+        let f = handle();
+        assert_eq!(
+            f.access(2 * MIB + 1),
+            Random,
+            "far from 0 before any answer"
+        );
+        let f = handle();
+        f.next_offset.store(100 * MIB, Ordering::Relaxed);
+        assert_eq!(f.access(100 * MIB + 17 * MIB), Sequential, "within 17 MiB");
+        assert_eq!(f.access(100 * MIB + 17 * MIB + 1), Random, "past 17 MiB");
+        assert_eq!(
+            f.access(100 * MIB + 4096),
+            Random,
+            "near, but the handle is random now"
+        );
+        assert_eq!(
+            f.access(100 * MIB),
+            Sequential,
+            "exactly where the last read ended"
+        );
+        assert_eq!(f.access(0), Sequential, "offset 0 always");
+        f.whole_chunks.store(true, Ordering::Relaxed);
+        assert_eq!(
+            f.access(900 * MIB),
+            Sequential,
+            "IOC_WHOLE_CHUNKS: always whole chunks"
+        );
+    }
 }
