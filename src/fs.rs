@@ -171,23 +171,61 @@ pub struct OrcaFs {
 /// The kernel's cache of names: told to forget a name whose version a read found gone at the
 /// origin, so that the next `stat` or `open` of the name looks it up again at once instead of
 /// after the entry's TTL. Attached once the session exists (the notifier comes from it).
+///
+/// The kernel takes the directory's lock for it, which lookups and readdirs in that directory
+/// hold while they wait for us (as long as an origin retry budget): so the notifications go out
+/// from one thread of their own, never a FUSE or runtime thread, and a read waits for its
+/// notification at most [`FORGET_WAIT`] before it replies anyway.
 #[derive(Default)]
 pub struct KernelNames {
-    notifier: OnceLock<fuser::Notifier>,
+    queue: OnceLock<std::sync::mpsc::Sender<Forget>>,
+}
+
+/// How long a failed read waits for the kernel to drop the name before it replies.
+const FORGET_WAIT: Duration = Duration::from_millis(100);
+
+struct Forget {
+    parent: u64,
+    name: String,
+    done: tokio::sync::oneshot::Sender<()>,
 }
 
 impl KernelNames {
+    /// Starts the thread that sends the notifications through `notifier`.
     pub fn attach(&self, notifier: fuser::Notifier) {
-        let _ = self.notifier.set(notifier);
+        let (tx, rx) = std::sync::mpsc::channel::<Forget>();
+        let sender = move || {
+            for f in rx {
+                // fuser takes the kernel's ENOENT (no such entry cached) as success.
+                let name = std::ffi::OsStr::new(&f.name);
+                if let Err(e) = notifier.inval_entry(INodeNo(f.parent), name) {
+                    tracing::debug!(parent = f.parent, name = %f.name, error = %e, "kernel entry not dropped");
+                }
+                let _ = f.done.send(());
+            }
+        };
+        match std::thread::Builder::new()
+            .name("orcafs-names".into())
+            .spawn(sender)
+        {
+            Ok(_) => {
+                let _ = self.queue.set(tx);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no thread for kernel name notifications; names follow the TTL")
+            }
+        }
     }
 
-    /// Makes the kernel drop `name` in directory `parent`. Blocks on the kernel (it takes the
-    /// directory's lock): call it off the FUSE threads.
-    fn forget(&self, parent: u64, name: &str) {
-        let Some(n) = self.notifier.get() else { return };
-        // ENOENT: the kernel has no such entry cached, which is as good.
-        if let Err(e) = n.inval_entry(INodeNo(parent), std::ffi::OsStr::new(name)) {
-            tracing::debug!(parent, name, error = %e, "kernel kept no entry to forget");
+    /// Has the kernel drop `name` in directory `parent`; waits at most [`FORGET_WAIT`].
+    async fn forget(&self, parent: u64, name: String) {
+        let Some(queue) = self.queue.get() else {
+            return;
+        };
+        let (done, sent) = tokio::sync::oneshot::channel();
+        let asked = Forget { parent, name, done };
+        if queue.send(asked).is_ok() {
+            let _ = tokio::time::timeout(FORGET_WAIT, sent).await;
         }
     }
 }
@@ -471,8 +509,7 @@ impl Filesystem for OrcaFs {
                     // the name finds what the origin has.
                     if e.is_version_gone() {
                         if let Some((parent, name)) = ns.invalidate(file.ino) {
-                            let forget = move || names.forget(parent, &name);
-                            let _ = tokio::task::spawn_blocking(forget).await;
+                            names.forget(parent, name).await;
                         }
                     }
                     return reply.error(errno_of_fetch(&e));

@@ -261,18 +261,23 @@ impl State {
 
     /// Marks a node as an older version: no longer fresh, no longer the name's node, and its
     /// directory's listing (which may name it) dropped, so the next lookup asks the origin.
-    /// Marks `ino` as an older version, forgets its name and its directory's listing; the
-    /// `(parent, name)` it stood under, for the kernel to forget too.
+    /// Returns the `(parent, name)` it stood under for the kernel to forget too, unless a newer
+    /// version already has the name (the kernel's entry is that one's).
     fn supersede(&mut self, ino: u64) -> Option<(u64, String)> {
         let n = self.nodes.get_mut(&ino)?;
         n.fresh_until = Instant::now();
         n.superseded = true;
         let key = (n.parent, n.name.clone());
-        if self.by_name.get(&key) == Some(&ino) {
-            self.by_name.remove(&key);
-        }
+        let newer = match self.by_name.get(&key) {
+            Some(&named) if named == ino => {
+                self.by_name.remove(&key);
+                false
+            }
+            Some(_) => true,
+            None => false,
+        };
         self.drop_listing(key.0);
-        Some(key)
+        (!newer).then_some(key)
     }
 
     /// Stores a complete listing of directory `ino` (prefix `prefix`, entries sorted by name),

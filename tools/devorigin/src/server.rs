@@ -92,14 +92,14 @@ async fn handle(
     let kind = classify(req.method(), req.uri());
     shared.stats.count_request(kind);
     let req = req.map(s3s::Body::from);
+    if kind == RequestKind::GetObject {
+        return handle_get_object(&shared, req).await;
+    }
     let (_writing, _reading);
     if req.method() == http::Method::DELETE || kind == RequestKind::Put {
         _writing = shared.writes.write().await;
     } else {
         _reading = shared.writes.read().await;
-    }
-    if kind == RequestKind::GetObject {
-        return handle_get_object(&shared, req).await;
     }
     let bucket = bucket_of(req.uri().path());
     if kind == RequestKind::List {
@@ -159,7 +159,10 @@ async fn handle_get_object(
         GetPlan::Serve { cut, stall, shift } => (cut, stall, shift),
     };
     let path = req.uri().path().to_owned();
+    // Only now: a delayed GET must not hold up writes while it sleeps.
+    let reading = shared.writes.read().await;
     let resp = shared.s3.call(req).await?;
+    drop(reading);
     if !resp.status().is_success() {
         return Ok(resp.map(OriginBody::passthrough));
     }
