@@ -169,6 +169,41 @@ fn a_deleted_object_reads_what_is_cached_then_enoent_and_its_name_goes_at_once()
     drop(p1);
 }
 
+/// The kernel takes a directory's lock to drop a name, and a lookup in that directory holds it
+/// while orcafs waits on a slow origin. A read that met a replaced object still gets its ESTALE
+/// promptly (it waits for the kernel at most 100 ms), not when the slow lookup ends.
+#[test]
+fn a_stale_read_is_answered_while_a_lookup_in_its_directory_waits_on_the_origin() {
+    let s = Scratch::new();
+    let o = origin(&s, BUCKET);
+    o.put_object(BUCKET, "s.bin", pattern(2 * CHUNK, 43));
+    let m = mounted(&s, &o, &["--metadata-ttl", "1s", "--readahead-chunks", "0"]);
+    let p1 = std::fs::File::open(m.path("s.bin")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    p1.read_exact_at(&mut buf, 0).unwrap();
+    o.put_object(BUCKET, "s.bin", pattern(2 * CHUNK, 44));
+    // Past the TTL, so a lookup of a new name asks the origin, which now takes 5 s to answer.
+    std::thread::sleep(Duration::from_millis(1100));
+    o.faults().set_meta_delay(Duration::from_secs(5));
+    let lookup = {
+        let path = m.path("elsewhere.txt");
+        std::thread::spawn(move || std::fs::metadata(path).is_err())
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let err = p1
+        .read_exact_at(&mut buf, CHUNK as u64 + 4096)
+        .expect_err("A's chunk 1 is gone from the origin");
+    let took = started.elapsed();
+    assert_eq!(err.raw_os_error(), Some(libc::ESTALE), "{err}");
+    assert!(
+        took < Duration::from_millis(2500),
+        "the stale read waited {took:?} for the slow lookup"
+    );
+    assert!(lookup.join().unwrap(), "there is no elsewhere.txt");
+    o.faults().clear();
+}
+
 /// The staleness table: with no read to notice them, a new object, a name found missing and a
 /// deleted object all show within the TTLs (1 s each here).
 #[test]

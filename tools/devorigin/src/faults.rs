@@ -19,6 +19,7 @@ pub struct Faults {
     shift_by: AtomicU64,
     stall: Mutex<StallRule>,
     get_delay_nanos: AtomicU64,
+    meta_delay_nanos: AtomicU64,
     rng: AtomicU64,
 }
 
@@ -65,6 +66,7 @@ impl Default for Faults {
             shift_by: AtomicU64::new(0),
             stall: Mutex::new(StallRule::default()),
             get_delay_nanos: AtomicU64::new(0),
+            meta_delay_nanos: AtomicU64::new(0),
             rng: AtomicU64::new(RNG_SEED),
         }
     }
@@ -129,6 +131,13 @@ impl Faults {
         self.get_delay_nanos.store(nanos, Ordering::SeqCst);
     }
 
+    /// Latency added before the answer to every HeadObject and ListObjects request: a slow
+    /// metadata path (`Duration::ZERO` = none).
+    pub fn set_meta_delay(&self, d: Duration) {
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.meta_delay_nanos.store(nanos, Ordering::SeqCst);
+    }
+
     /// Turns every fault off.
     pub fn clear(&self) {
         self.fail_next.store(0, Ordering::SeqCst);
@@ -137,6 +146,12 @@ impl Faults {
         self.shift_next.store(0, Ordering::SeqCst);
         *self.stall_rule() = StallRule::default();
         self.get_delay_nanos.store(0, Ordering::SeqCst);
+        self.meta_delay_nanos.store(0, Ordering::SeqCst);
+    }
+
+    /// The configured HeadObject and ListObjects latency.
+    pub(crate) fn meta_delay(&self) -> Duration {
+        Duration::from_nanos(self.meta_delay_nanos.load(Ordering::SeqCst))
     }
 
     /// The configured GetObject latency.

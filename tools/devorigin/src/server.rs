@@ -95,6 +95,12 @@ async fn handle(
     if kind == RequestKind::GetObject {
         return handle_get_object(&shared, req).await;
     }
+    if matches!(kind, RequestKind::HeadObject | RequestKind::List) {
+        let delay = shared.faults.meta_delay();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+    }
     let (_writing, _reading);
     if req.method() == http::Method::DELETE || kind == RequestKind::Put {
         _writing = shared.writes.write().await;
