@@ -518,6 +518,8 @@ pub fn open_and_read_while_replaced(
                 std::thread::sleep(Duration::from_millis(150));
                 put(v);
             }
+            // Handed back, not dropped: it may own the origin, which the last reads still need.
+            put
         })
     };
     let (mut opens, mut whole, mut stale) = (0, 0, 0);
@@ -536,7 +538,7 @@ pub fn open_and_read_while_replaced(
             }
         }
     }
-    writer.join().unwrap();
+    drop(writer.join().unwrap());
     eprintln!("{opens} opens: {whole} whole versions, {stale} ESTALE reads");
     assert!(opens >= 20 && whole >= 10, "{opens} opens, {whole} whole");
 }
