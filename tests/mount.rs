@@ -880,3 +880,81 @@ fn a_reopened_unchanged_file_is_read_from_the_page_cache() {
         "the second open's reads reached orcafs"
     );
 }
+
+/// The POSIX table of docs/semantics.md beyond reads: lseek's data and holes, fsync, a shared
+/// writable mmap refused, flock between processes, entry types in readdir.
+#[test]
+fn posix_calls_beside_read_behave_as_documented() {
+    use std::os::unix::io::AsRawFd;
+    let s = Scratch::new();
+    let o = origin(&s, BUCKET);
+    let data = pattern(3 * CHUNK + 10, 14);
+    o.put_object(BUCKET, "p.bin", data.clone());
+    o.put_object(BUCKET, "sub/x.txt", b"x".to_vec());
+    let m = mounted(&s, &o, &[]);
+    let f = std::fs::File::open(m.path("p.bin")).unwrap();
+    let fd = f.as_raw_fd();
+    let len = data.len() as i64;
+    // SAFETY: plain system calls on a descriptor this test owns.
+    unsafe {
+        assert_eq!(libc::lseek(fd, 0, libc::SEEK_DATA), 0, "data from 0");
+        assert_eq!(
+            libc::lseek(fd, 100, libc::SEEK_HOLE),
+            len,
+            "the only hole is the end"
+        );
+        assert_eq!(libc::lseek(fd, 0, libc::SEEK_END), len);
+        assert_eq!(libc::fsync(fd), 0);
+        assert_eq!(libc::fdatasync(fd), 0);
+        let shared = libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        );
+        assert_eq!(shared, libc::MAP_FAILED, "a writable shared mapping");
+        assert_eq!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::EACCES)
+        );
+        let private = libc::mmap(
+            std::ptr::null_mut(),
+            data.len(),
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            fd,
+            0,
+        );
+        assert_ne!(private, libc::MAP_FAILED);
+        let mapped = std::slice::from_raw_parts(private as *const u8, data.len());
+        assert!(mapped == &data[..], "the mapping holds the object");
+        libc::munmap(private, data.len());
+        // flock: held here, so another process cannot take it; free again after unlock.
+        assert_eq!(libc::flock(fd, libc::LOCK_EX), 0);
+    }
+    let path = m.path("p.bin");
+    let other = || {
+        run_output("flock", &["-n", "-s", path.to_str().unwrap(), "true"])
+            .status
+            .success()
+    };
+    assert!(!other(), "another process takes a lock held here");
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::flock(fd, libc::LOCK_UN) }, 0);
+    assert!(other(), "free after unlock");
+    let mut kinds: Vec<(String, bool)> = std::fs::read_dir(&m.mnt)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name, e.file_type().unwrap().is_dir())
+        })
+        .collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [("p.bin".to_string(), false), ("sub".to_string(), true)]
+    );
+}
