@@ -41,14 +41,6 @@ fn direct_read(path: &Path) -> Result<Vec<u8>, String> {
     }
 }
 
-fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(25));
-    }
-}
-
 #[test]
 fn first_bytes_reach_the_reader_while_the_fill_runs_and_commit_follows() {
     let s = Scratch::new();

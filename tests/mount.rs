@@ -574,13 +574,7 @@ fn a_cache_dir_holding_other_files_keeps_them_and_the_cache_is_private() {
         std::fs::write(p, b"not orcafs's").unwrap();
     }
     let log = s.dir.path().join("logs/orcafs.log");
-    let m = Mount::start(
-        &Target::of(&o),
-        BUCKET,
-        &s.path("mnt"),
-        &cache,
-        &["--log-file", log.to_str().unwrap()],
-    );
+    let m = mount_in(&s, &o, BUCKET, &["--log-file", log.to_str().unwrap()]);
     assert_eq!(sha256sum(&m.path("p.bin")), sha256_hex(&data));
     assert_eq!(m.unmount(), 0);
 

@@ -52,17 +52,6 @@ fn pread_within(path: &std::path::Path, at: u64, len: usize, wait: Duration) -> 
     rx.recv_timeout(wait).ok().map(|r| r.unwrap())
 }
 
-fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + limit;
-    while !cond() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn a_whole_cached_object_is_read_by_the_kernel_without_orcafs() {
     if !kernel_has_passthrough() {
@@ -74,7 +63,7 @@ fn a_whole_cached_object_is_read_by_the_kernel_without_orcafs() {
     o.put_object(BUCKET, "p.bin", data.clone());
     o.put_object(BUCKET, "partial.bin", pattern(3 * CHUNK, 62));
     let cache = s.path("cache");
-    let m = Mount::start(&Target::of(&o), BUCKET, &s.path("mnt"), &cache, &[]);
+    let m = mount_in(&s, &o, BUCKET, &[]);
     // Cold: read through orcafs, filled, committed.
     assert_eq!(sha256sum(&m.path("p.bin")), sha256_hex(&data));
     wait_until(
@@ -144,7 +133,7 @@ fn a_whole_cached_object_is_read_by_the_kernel_without_orcafs() {
 
     // Checked, flushed and stamped: the next process hands it to the kernel without reading it
     // through first.
-    let m = Mount::start(&Target::of(&o), BUCKET, &s.path("mnt"), &cache, &[]);
+    let m = mount_in(&s, &o, BUCKET, &[]);
     assert_eq!(sha256sum(&m.path("p.bin")), sha256_hex(&data));
     assert_eq!(status_counter(&m, "passthrough_opens"), 1);
     assert_eq!(
@@ -165,8 +154,7 @@ fn a_cache_file_damaged_while_unmounted_is_never_handed_to_the_kernel() {
     let data = pattern(3 * CHUNK + 5, 63);
     o.put_object(BUCKET, "d.bin", data.clone());
     let cache = s.path("cache");
-    let t = Target::of(&o);
-    let m = Mount::start(&t, BUCKET, &s.path("mnt"), &cache, &[]);
+    let m = mount_in(&s, &o, BUCKET, &[]);
     assert_eq!(sha256sum(&m.path("d.bin")), sha256_hex(&data));
     wait_until("4 chunks committed", Duration::from_secs(10), || {
         cached_chunks(&cache) >= 4
@@ -188,7 +176,7 @@ fn a_cache_file_damaged_while_unmounted_is_never_handed_to_the_kernel() {
     drop(f);
 
     o.reset_stats();
-    let m = Mount::start(&t, BUCKET, &s.path("mnt"), &cache, &[]);
+    let m = mount_in(&s, &o, BUCKET, &[]);
     // The write moved the file's change time past its stamp, so the check before the first
     // passthrough open reads it through, finds the byte and drops the chunk; the open goes
     // through orcafs, which refetches it.
@@ -217,13 +205,7 @@ fn no_passthrough_keeps_every_read_in_orcafs() {
     let data = pattern(2 * CHUNK, 64);
     o.put_object(BUCKET, "n.bin", data.clone());
     let cache = s.path("cache");
-    let m = Mount::start(
-        &Target::of(&o),
-        BUCKET,
-        &s.path("mnt"),
-        &cache,
-        &["--no-passthrough"],
-    );
+    let m = mount_in(&s, &o, BUCKET, &["--no-passthrough"]);
     assert_eq!(sha256sum(&m.path("n.bin")), sha256_hex(&data));
     wait_until("2 chunks committed", Duration::from_secs(10), || {
         cached_chunks(&cache) >= 2
@@ -252,14 +234,7 @@ fn random_reads_fetch_blocks_not_chunks_and_keep_them() {
     let data = pattern(size, 65);
     o.put_object(BUCKET, "r.bin", data.clone());
     let cache = s.path("cache");
-    let t = Target::of(&o);
-    let m = Mount::start(
-        &t,
-        BUCKET,
-        &s.path("mnt"),
-        &cache,
-        &["--chunk-size", "8MiB"],
-    );
+    let m = mount_in(&s, &o, BUCKET, &["--chunk-size", "8MiB"]);
     let offsets = scattered(40, size as u64);
     o.reset_stats();
     let f = std::fs::File::open(m.path("r.bin")).unwrap();
@@ -286,13 +261,7 @@ fn random_reads_fetch_blocks_not_chunks_and_keep_them() {
 
     // A restart finds the blocks in the cache: the same reads cost nothing at the origin.
     o.reset_stats();
-    let m = Mount::start(
-        &t,
-        BUCKET,
-        &s.path("mnt"),
-        &cache,
-        &["--chunk-size", "8MiB"],
-    );
+    let m = mount_in(&s, &o, BUCKET, &["--chunk-size", "8MiB"]);
     let f = std::fs::File::open(m.path("r.bin")).unwrap();
     for at in &offsets {
         f.read_exact_at(&mut buf, *at).unwrap();
@@ -324,11 +293,10 @@ fn a_sequential_reader_costs_one_read_request_per_mebibyte() {
     o.put_object(BUCKET, "seq.bin", data.clone());
     let cache = s.path("cache");
     // One chunk: each request is one cache read, whatever its size.
-    let m = Mount::start(
-        &Target::of(&o),
+    let m = mount_in(
+        &s,
+        &o,
         BUCKET,
-        &s.path("mnt"),
-        &cache,
         &["--no-passthrough", "--chunk-size", "8MiB"],
     );
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();

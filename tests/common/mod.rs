@@ -178,6 +178,15 @@ pub fn mount_in(scratch: &Scratch, o: &DevOrigin, source: &str, extra: &[&str]) 
     )
 }
 
+/// Polls `cond` every 20 ms until it holds; panics naming `what` once `limit` has passed.
+pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The names in directory `dir`, sorted.
 pub fn names_in(dir: &Path) -> Vec<String> {
     let mut n: Vec<String> = std::fs::read_dir(dir)
