@@ -268,16 +268,12 @@ impl State {
         n.fresh_until = Instant::now();
         n.superseded = true;
         let key = (n.parent, n.name.clone());
-        let newer = match self.by_name.get(&key) {
-            Some(&named) if named == ino => {
-                self.by_name.remove(&key);
-                false
-            }
-            Some(_) => true,
-            None => false,
-        };
+        let named = self.by_name.get(&key).copied();
+        if named == Some(ino) {
+            self.by_name.remove(&key);
+        }
         self.drop_listing(key.0);
-        (!newer).then_some(key)
+        named.is_none_or(|named| named == ino).then_some(key)
     }
 
     /// Stores a complete listing of directory `ino` (prefix `prefix`, entries sorted by name),

@@ -18,9 +18,24 @@ pub struct Faults {
     shift_next: AtomicU64,
     shift_by: AtomicU64,
     stall: Mutex<StallRule>,
-    get_delay_nanos: AtomicU64,
-    meta_delay_nanos: AtomicU64,
+    get_delay: Delay,
+    meta_delay: Delay,
     rng: AtomicU64,
+}
+
+/// An added latency, settable while requests run (zero: none).
+#[derive(Debug, Default)]
+struct Delay(AtomicU64);
+
+impl Delay {
+    fn set(&self, d: Duration) {
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.0.store(nanos, Ordering::SeqCst);
+    }
+
+    fn get(&self) -> Duration {
+        Duration::from_nanos(self.0.load(Ordering::SeqCst))
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -65,8 +80,8 @@ impl Default for Faults {
             shift_next: AtomicU64::new(0),
             shift_by: AtomicU64::new(0),
             stall: Mutex::new(StallRule::default()),
-            get_delay_nanos: AtomicU64::new(0),
-            meta_delay_nanos: AtomicU64::new(0),
+            get_delay: Delay::default(),
+            meta_delay: Delay::default(),
             rng: AtomicU64::new(RNG_SEED),
         }
     }
@@ -127,15 +142,13 @@ impl Faults {
     /// Latency added before the response headers of every GetObject
     /// (`Duration::ZERO` = none).
     pub fn set_get_delay(&self, d: Duration) {
-        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        self.get_delay_nanos.store(nanos, Ordering::SeqCst);
+        self.get_delay.set(d);
     }
 
     /// Latency added before the answer to every HeadObject and ListObjects request: a slow
     /// metadata path (`Duration::ZERO` = none).
     pub fn set_meta_delay(&self, d: Duration) {
-        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        self.meta_delay_nanos.store(nanos, Ordering::SeqCst);
+        self.meta_delay.set(d);
     }
 
     /// Turns every fault off.
@@ -145,18 +158,18 @@ impl Faults {
         self.cut_next.store(0, Ordering::SeqCst);
         self.shift_next.store(0, Ordering::SeqCst);
         *self.stall_rule() = StallRule::default();
-        self.get_delay_nanos.store(0, Ordering::SeqCst);
-        self.meta_delay_nanos.store(0, Ordering::SeqCst);
+        self.get_delay.set(Duration::ZERO);
+        self.meta_delay.set(Duration::ZERO);
     }
 
     /// The configured HeadObject and ListObjects latency.
     pub(crate) fn meta_delay(&self) -> Duration {
-        Duration::from_nanos(self.meta_delay_nanos.load(Ordering::SeqCst))
+        self.meta_delay.get()
     }
 
     /// The configured GetObject latency.
     pub(crate) fn get_delay(&self) -> Duration {
-        Duration::from_nanos(self.get_delay_nanos.load(Ordering::SeqCst))
+        self.get_delay.get()
     }
 
     /// Decides (and consumes one-shot faults for) one GetObject request.

@@ -96,10 +96,7 @@ async fn handle(
         return handle_get_object(&shared, req).await;
     }
     if matches!(kind, RequestKind::HeadObject | RequestKind::List) {
-        let delay = shared.faults.meta_delay();
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
+        pause(shared.faults.meta_delay()).await;
     }
     let (_writing, _reading);
     if req.method() == http::Method::DELETE || kind == RequestKind::Put {
@@ -151,15 +148,19 @@ async fn list_with_etags(
     ))
 }
 
+/// Sleeps for an injected latency; not at all when there is none.
+async fn pause(delay: Duration) {
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+}
+
 async fn handle_get_object(
     shared: &Shared,
     req: Request<s3s::Body>,
 ) -> Result<Response<OriginBody>, HttpError> {
     let _in_flight = shared.stats.get_in_flight();
-    let delay = shared.faults.get_delay();
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
-    }
+    pause(shared.faults.get_delay()).await;
     let (cut, stall, shift) = match shared.faults.plan_get() {
         GetPlan::Fail(status) => return Ok(fault_response(status, req.uri().path())),
         GetPlan::Serve { cut, stall, shift } => (cut, stall, shift),
